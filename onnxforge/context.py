@@ -1,0 +1,51 @@
+"""Settings and per-run collectors shared by the passes of one pipeline run.
+
+A fresh ``PassContext`` is made for every run; passes keep no state of their own
+between runs, so the same pass object can serve many pipelines at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .model import Model
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """Why a rule matched a candidate but did not rewrite it (printed by --explain)."""
+
+    rule: str
+    reason: str
+    nodes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        where = ", ".join(self.nodes) if self.nodes else "-"
+        return f"{self.rule}: {self.reason} [{where}]"
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass may read (settings) and append to (refusals, warnings)."""
+
+    model: Model | None = None
+    provider: str = "cpu"
+    input_shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # Constant folding refuses to materialise tensors larger than this (bytes).
+    fold_size_limit: int = 16 << 20
+    explain: bool = False
+    seed: int = 0
+    refusals: list[Refusal] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def option(self, pass_name: str, key: str, default: Any = None) -> Any:
+        return self.options.get(pass_name, {}).get(key, default)
+
+    def refuse(self, refusal: Refusal) -> None:
+        if refusal not in self.refusals:
+            self.refusals.append(refusal)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)

@@ -1,0 +1,116 @@
+"""The pass API: ``Pass.run(graph, ctx) -> PassResult`` and rule-based passes.
+
+A ``Rule`` is three steps, after onnxscript's rewriter:
+  * ``match(graph, node)`` looks at structure only and mutates nothing; it
+    returns a ``Match`` (the nodes and tensors involved) or None;
+  * ``check(graph, match, ctx)`` decides whether the rewrite is exact here and
+    returns None (go) or a ``Refusal`` with a reason and node names;
+  * ``rewrite(graph, match, ctx)`` changes the graph.
+
+``RulePass`` runs a family of rules over the graph and every subgraph
+(If/Loop/Scan bodies), counts rewrites per rule and hands refusals to the
+context so ``--explain`` can print them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import onnx_graphsurgeon as gs
+
+from onnxforge.context import PassContext, Refusal
+from onnxforge.model import iter_graphs
+
+
+@dataclasses.dataclass
+class PassResult:
+    changed: bool
+    stats: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int]) -> "PassResult":
+        counts = {k: v for k, v in counts.items() if v}
+        return cls(bool(counts), counts)
+
+
+class Pass:
+    """Base class. Subclasses set ``name`` and implement ``run``.
+
+    ``tolerance`` is (rtol, atol) the numeric verifier allows for this pass:
+    (0, 0) for passes that must be bit-exact up to float reassociation.
+    ``lossless`` passes never change results beyond float rounding.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    tolerance: ClassVar[tuple[float, float]] = (1e-5, 1e-6)
+    lossless: ClassVar[bool] = True
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+@dataclasses.dataclass
+class Match:
+    """The nodes a rule matched (``nodes[0]`` is the anchor) and anything it wants to remember."""
+
+    nodes: list[gs.Node]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.nodes if n.name)
+
+
+class Rule:
+    name: ClassVar[str] = ""
+    # Op types the anchor node may have; the rule pass only offers those nodes.
+    anchor_ops: ClassVar[tuple[str, ...]] = ()
+
+    def match(self, graph: gs.Graph, node: gs.Node) -> Match | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
+        return None
+
+    def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def refusal(self, reason: str, match: Match) -> Refusal:
+        return Refusal(self.name, reason, match.names)
+
+
+class RulePass(Pass):
+    """Applies each rule of ``rules`` wherever it matches and its check passes."""
+
+    rules: ClassVar[tuple[type[Rule], ...]] = ()
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        counts: dict[str, int] = {}
+        for g in list(iter_graphs(graph)):
+            for rule_cls in self.rules:
+                counts[rule_cls.name] = counts.get(rule_cls.name, 0) + self._apply(rule_cls(), g, ctx)
+            g.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult.from_counts(counts)
+
+    @staticmethod
+    def _apply(rule: Rule, graph: gs.Graph, ctx: PassContext) -> int:
+        fired = 0
+        consumed: set[int] = set()
+        for node in list(graph.nodes):
+            if id(node) in consumed or (rule.anchor_ops and node.op not in rule.anchor_ops):
+                continue
+            match = rule.match(graph, node)
+            if match is None or any(id(n) in consumed for n in match.nodes):
+                continue
+            refusal = rule.check(graph, match, ctx)
+            if refusal is not None:
+                ctx.refuse(refusal)
+                continue
+            rule.rewrite(graph, match, ctx)
+            consumed.update(id(n) for n in match.nodes)
+            fired += 1
+        return fired

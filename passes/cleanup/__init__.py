@@ -1,0 +1,2 @@
+"""Lossless cleanup passes."""
+PASSES: tuple = ()

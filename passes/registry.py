@@ -1,0 +1,79 @@
+"""Where passes are found by name, and which pipeline each -O level names.
+
+Each pass module lists its passes in a module-level ``PASSES`` tuple (immutable);
+``all_passes()`` builds the name -> class table on every call, so nothing here is
+mutable global state. User-defined passes are given by import path
+(``mypkg.passes:FuseMyOp``) and resolved by ``resolve``.
+"""
+from __future__ import annotations
+
+import importlib
+
+from onnxforge.errors import OptionError
+
+from .base import Pass
+
+PASS_MODULES = (
+    "onnxforge.passes.cleanup",
+    "onnxforge.passes.fusion",
+)
+
+CLEANUP_PIPELINE = (
+    "constant-to-initializer",
+    "eliminate-identity",
+    "eliminate-noop",
+    "fold-constants",
+    "collapse-chains",
+    "eliminate-common-subexpressions",
+    "merge-duplicate-initializers",
+    "eliminate-dead-code",
+)
+
+
+def all_passes() -> dict[str, type[Pass]]:
+    table: dict[str, type[Pass]] = {}
+    for module_name in PASS_MODULES:
+        module = importlib.import_module(module_name)
+        for cls in getattr(module, "PASSES", ()):
+            table[cls.name] = cls
+    return table
+
+
+def level_pipeline(level: int, provider: str = "cpu") -> list[str]:
+    """Pass names of an optimization level: O0 nothing, O1 cleanup, O2 + exact
+    provider-neutral fusions, O3 + the provider's preferred fusions."""
+    if level not in (0, 1, 2, 3):
+        raise OptionError(f"optimization level -O{level} does not exist", hint="use -O0, -O1, -O2 or -O3")
+    if level == 0:
+        return []
+    names = list(CLEANUP_PIPELINE)
+    if level >= 2:
+        fusion = importlib.import_module("onnxforge.passes.fusion")
+        names += [n for n in getattr(fusion, "NEUTRAL_PIPELINE", ()) if n not in names]
+    if level >= 3:
+        from onnxforge.runtime.providers import provider_fusions
+
+        names += [n for n in provider_fusions(provider) if n not in names]
+    available = all_passes()
+    return [n for n in names if n in available]
+
+
+def resolve(name: str) -> Pass:
+    """A pass instance from a registered name or an import path ``module:Class``."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise OptionError(f"pass {name!r}: cannot import it ({exc})") from exc
+        if not (isinstance(obj, type) and issubclass(obj, Pass)):
+            raise OptionError(f"pass {name!r}: {attr} is not a subclass of onnxforge Pass")
+        return obj()
+    table = all_passes()
+    if name not in table:
+        close = [n for n in table if name.split("-")[0] in n]
+        raise OptionError(
+            f"unknown pass {name!r}",
+            hint=f"did you mean {', '.join(close[:3])}?" if close else "`onnxforge passes` lists them",
+        )
+    return table[name]()

@@ -1,0 +1,2 @@
+"""cpu provider profile."""
+FUSIONS: tuple[str, ...] = ()

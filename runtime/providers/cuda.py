@@ -1,0 +1,2 @@
+"""cuda provider profile."""
+FUSIONS: tuple[str, ...] = ()

@@ -1,0 +1,2 @@
+"""tensorrt provider profile."""
+FUSIONS: tuple[str, ...] = ()
