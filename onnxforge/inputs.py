@@ -1,0 +1,184 @@
+"""Model inputs: seeded synthetic feeds that respect dtypes and value ranges, and
+real feeds from ``.npz`` / ``.npy`` files.
+
+Synthetic integer inputs that index an embedding table (Gather on an initializer)
+stay below the table's size, so token ids never fall outside the vocabulary;
+``*mask*`` inputs are ones; other integers are small non-negative values.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import DataError, OptionError
+
+DEFAULT_DIM = 1
+DEFAULT_SEQUENCE = 16
+UNNAMED_TRAILING_DIM = 256
+IMAGE_SIDE = 224
+
+
+def parse_shape_specs(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """``["x:1x3x224x224", "ids:1x128"]`` -> {"x": (1, 3, 224, 224), "ids": (1, 128)}.
+    A scalar is written ``name:`` (empty shape)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition(":")
+        if not sep or not name:
+            raise OptionError(f"--input-shape {spec!r}: expected NAME:DxDxD, e.g. input:1x3x224x224")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+        except ValueError:
+            raise OptionError(f"--input-shape {spec!r}: dims must be integers separated by 'x'") from None
+        if any(d <= 0 for d in shape):
+            raise OptionError(f"--input-shape {spec!r}: dims must be positive")
+        shapes[name] = shape
+    return shapes
+
+
+def _graph_of(model) -> gs.Graph:
+    if isinstance(model, gs.Graph):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return gs.import_onnx(model)
+    return model.graph  # onnxforge Model
+
+
+def resolve_shape(tensor: gs.Variable, pinned: Mapping[str, tuple[int, ...]] | None) -> tuple[int, ...]:
+    if pinned and tensor.name in pinned:
+        return tuple(pinned[tensor.name])
+    shape = tensor.shape
+    if shape is None:
+        return ()
+    dims = []
+    for i, d in enumerate(shape):
+        if isinstance(d, int) and d >= 0:
+            dims.append(d)
+        else:
+            dims.append(_default_dim(i, d, shape))
+    return tuple(dims)
+
+
+def _default_dim(index: int, name, shape) -> int:
+    """A value for a dynamic dim: batch-like 1, sequence-like a short length,
+    image sides 224, an unnamed trailing dim (audio samples, features) 256."""
+    lname = str(name or "").lower()
+    if len(shape) == 4 and index >= 2:  # image-like NCHW: a size CNN strides divide
+        return IMAGE_SIDE
+    if any(k in lname for k in ("seq", "len", "token", "time", "frame")):
+        return DEFAULT_SEQUENCE
+    if index == 0 or "batch" in lname or index < len(shape) - 1:
+        return DEFAULT_DIM
+    return UNNAMED_TRAILING_DIM if not lname else DEFAULT_SEQUENCE
+
+
+def index_bounds(graph: gs.Graph) -> dict[str, int]:
+    """Graph input name -> exclusive upper bound, for inputs used as Gather indices
+    into a constant table (embeddings, lookup tables)."""
+    bounds: dict[str, int] = {}
+    for inp in graph.inputs:
+        for consumer in _consumers_through_casts(inp):
+            if consumer.op == "Gather" and len(consumer.inputs) > 1 and consumer.inputs[0] is not None:
+                table = consumer.inputs[0]
+                axis = consumer.attrs.get("axis", 0)
+                if table.shape is not None and isinstance(table.shape[axis], int):
+                    size = int(table.shape[axis])
+                    bounds[inp.name] = min(bounds.get(inp.name, size), size)
+    return bounds
+
+
+def _consumers_through_casts(tensor, depth: int = 3) -> Iterator[gs.Node]:
+    for node in tensor.outputs:
+        yield node
+        if node.op in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Clip") and depth > 0:
+            for out in node.outputs:
+                yield from _consumers_through_casts(out, depth - 1)
+
+
+def seeded_feeds(
+    model, input_shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """One seeded feed dict for ``model`` (Model, ModelProto or gs.Graph)."""
+    graph = _graph_of(model)
+    bounds = index_bounds(graph)
+    feeds = {}
+    for inp in graph.inputs:
+        rng = np.random.default_rng([seed, zlib.crc32(inp.name.encode())])
+        shape = resolve_shape(inp, input_shapes)
+        dtype = np.dtype(inp.dtype) if inp.dtype is not None else np.dtype(np.float32)
+        feeds[inp.name] = _values(inp.name, shape, dtype, bounds.get(inp.name), rng)
+    return feeds
+
+
+def _values(name: str, shape, dtype: np.dtype, bound: int | None, rng) -> np.ndarray:
+    lname = name.lower()
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        if "mask" in lname:
+            return np.ones(shape, dtype=dtype)
+        if bound is not None:
+            high = bound
+        elif "type" in lname or "segment" in lname:
+            high = 2
+        elif lname in ("sr", "sample_rate", "sampling_rate"):
+            return np.full(shape, 16000, dtype=dtype)
+        else:
+            high = 2
+        return rng.integers(0, max(high, 1), size=shape).astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        if "mask" in lname:
+            return np.ones(shape, dtype=dtype)
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind in ("U", "S", "O"):
+        return np.array(["onnxforge"] * int(np.prod(shape)), dtype=object).reshape(shape)
+    return np.zeros(shape, dtype=dtype)
+
+
+def load_feeds(path: str | os.PathLike, input_names: list[str] | None = None, limit: int | None = None) -> list[dict]:
+    """Feed dicts from a folder of ``.npz`` files (one feed dict each), one ``.npz``
+    file, or ``.npy`` files named after the inputs (a single feed)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such data file or folder")
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    npz = [f for f in files if f.suffix == ".npz"]
+    npy = [f for f in files if f.suffix == ".npy"]
+    feeds: list[dict] = []
+    if npz:
+        for f in npz[:limit] if limit else npz:
+            try:
+                with np.load(f, allow_pickle=False) as data:
+                    feeds.append({k: data[k] for k in data.files})
+            except Exception as exc:
+                raise DataError(f"{f}: not a readable .npz file ({exc})") from exc
+    elif npy:
+        try:
+            feeds.append({f.stem: np.load(f, allow_pickle=False) for f in npy})
+        except Exception as exc:
+            raise DataError(f"{path}: unreadable .npy file ({exc})") from exc
+    if not feeds:
+        raise DataError(f"{path}: holds no .npz or .npy files")
+    if input_names is not None:
+        for i, feed in enumerate(feeds):
+            missing = [n for n in input_names if n not in feed]
+            if missing:
+                raise DataError(f"{path}: feed {i} lacks input(s) {', '.join(missing)}; it has {', '.join(feed)}")
+    return feeds
+
+
+def iter_feed_files(path: str | os.PathLike) -> Iterator[dict]:
+    """Stream feed dicts one at a time (calibration over many files never holds them all)."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.suffix == ".npz") if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: holds no .npz files")
+    for f in files:
+        with np.load(f, allow_pickle=False) as data:
+            yield {k: data[k] for k in data.files}
