@@ -1,0 +1,277 @@
+"""The ``onnxforge`` command line.
+
+Every error the user can fix prints one line (what, where) and a hint, and
+exits with 2; failed verification exits with 3; internal errors exit with 1.
+No traceback unless ``--debug``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import InputError, ModelSaveError, OnnxForgeError
+
+# Subcommands that live beside their feature: (module, function adding the parser).
+PLUGIN_COMMANDS = (
+    ("onnxforge.runtime.commands", "add_env_parser"),
+    ("onnxforge.bench.commands", "add_bench_parser"),
+    ("onnxforge.runtime.commands", "add_tune_parser"),
+    ("onnxforge.passes.quant.commands", "add_quantize_parser"),
+    ("onnxforge.passes.quant.commands", "add_fp16_parser"),
+    ("onnxforge.passes.prune.commands", "add_prune_parser"),
+    ("onnxforge.pipeline_commands", "add_run_parser"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad usage is a one-line error with exit code 2 like everything else."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"error: {message}\nhint: run `{self.prog} --help`\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except OnnxForgeError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: one line, traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: internal error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        print("hint: rerun with --debug for the traceback and report it", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxforge", description="Optimize, verify and benchmark ONNX models.")
+    parser.add_argument("--version", action="version", version=f"onnxforge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_optimize(sub)
+    _add_inspect(sub)
+    _add_compare(sub)
+    _add_passes(sub)
+    _add_demo(sub)
+    for module_name, func_name in PLUGIN_COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # that feature is not part of this build
+            raise
+        getattr(module, func_name)(sub)
+    # Global flags are accepted after the subcommand too.
+    for choice in sub.choices.values():
+        if not any("--debug" in a.option_strings for a in choice._actions):
+            choice.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+# ------------------------------------------------------------------ optimize
+
+
+def _add_optimize(sub) -> None:
+    p = sub.add_parser("optimize", help="optimize a model with a pass pipeline, verified")
+    p.add_argument("input", help="model .onnx")
+    p.add_argument("-o", "--output", required=True, help="where to write the optimized model")
+    p.add_argument("-O", dest="level", type=int, default=2, choices=[0, 1, 2, 3],
+                   help="0 nothing, 1 cleanup, 2 + exact fusions (default), 3 + provider fusions")
+    p.add_argument("--provider", default="cpu", help="target execution provider: cpu, cuda, tensorrt")
+    p.add_argument("--passes", help="comma-separated pass names (or module:Class) instead of the level's pipeline")
+    p.add_argument("--disable", default="", help="comma-separated pass names to skip")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="pin a dynamic input, e.g. x:1x3x224x224")
+    p.add_argument("--verify", default="numeric", choices=["none", "structural", "numeric"])
+    p.add_argument("--data", help="inputs for numeric verification: folder of .npz feed dicts or .npy files")
+    p.add_argument("--strict", action="store_true", help="stop when verification fails instead of rolling back")
+    p.add_argument("--explain", action="store_true", help="list fusion candidates that did not fuse, and why")
+    p.add_argument("--report", help="write the report as JSON here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
+    p.add_argument("--max-iterations", type=int, default=10)
+    p.add_argument("--debug-dir", help="where to save models around a failing pass")
+    p.add_argument("--tune", action="store_true", help="tune session options for --provider and write OUTPUT's profile")
+    p.set_defaults(func=cmd_optimize)
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _progress():
+    """A spinner on a terminal, nothing otherwise (logs stay clean in CI)."""
+    if not sys.stderr.isatty():
+        return None, None
+    from rich.console import Console
+
+    status = Console(stderr=True).status("optimizing")
+    status.start()
+    return status, lambda msg: status.update(f"optimizing: {msg}")
+
+
+def cmd_optimize(args) -> int:
+    from .api import optimize
+    from .inputs import load_feeds, parse_shape_specs
+    from .io import load, save
+    from .report import render, write_json
+
+    output = Path(args.output)
+    _check_output_path(output)
+    shapes = parse_shape_specs(args.input_shape)
+    model = load(args.input)
+    feeds = load_feeds(args.data, [t.name for t in model.graph.inputs], limit=8) if args.data else None
+    status, progress = _progress()
+    try:
+        result, report = optimize(
+            model, level=args.level, passes=_split(args.passes) or None, disable=_split(args.disable),
+            provider=args.provider, input_shapes=shapes, verify=args.verify, strict=args.strict, feeds=feeds,
+            explain=args.explain, max_iterations=args.max_iterations, debug_dir=args.debug_dir, progress=progress,
+        )
+    finally:
+        if status:
+            status.stop()
+    save(result, output, external_data=True if args.external_data else None)
+    report.output = str(output)
+    report.before["file_bytes"] = _file_bytes(Path(args.input))
+    report.after["file_bytes"] = _file_bytes(output)
+    if args.tune:
+        _tune_after_optimize(output, args)
+    if args.report:
+        write_json(report.as_dict(), args.report)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        render(report, explain=args.explain)
+        print(f"wrote {output}")
+    return 0
+
+
+def _tune_after_optimize(output: Path, args) -> None:
+    try:
+        tune = importlib.import_module("onnxforge.runtime.tune")
+    except ImportError:
+        raise InputError("--tune needs onnxforge.runtime.tune, which this build lacks") from None
+    tune.tune_and_save(output, provider=args.provider)
+
+
+def _file_bytes(path: Path) -> int:
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        total += data.stat().st_size
+    return total
+
+
+def _check_output_path(output: Path) -> None:
+    if output.is_dir():
+        raise ModelSaveError(f"{output}: is a folder; give a file name such as {output / 'model.onnx'}")
+    if not output.parent.exists():
+        raise ModelSaveError(f"{output.parent}: the output folder does not exist")
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="opsets, inputs/outputs, op histogram, parameters, size, FLOPs")
+    p.add_argument("model")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args) -> int:
+    from .inputs import parse_shape_specs
+    from .inspect_model import inspect_model, render_inspection
+
+    info = inspect_model(args.model, parse_shape_specs(args.input_shape))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        render_inspection(info)
+    return 0
+
+
+# ------------------------------------------------------------------ compare
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="numerical diff of two models on seeded or given inputs")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--data", help="folder of .npz feed dicts or .npy files")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--samples", type=int, default=4, help="seeded feeds (or files) to compare on")
+    p.add_argument("--rtol", type=float, help="fail (exit 3) when an output's relative error exceeds this")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare_models, render_comparison
+    from .inputs import parse_shape_specs
+
+    result = compare_models(args.a, args.b, data=args.data, input_shapes=parse_shape_specs(args.input_shape),
+                            samples=args.samples, rtol=args.rtol)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        render_comparison(result)
+    return 3 if args.rtol is not None and not result["ok"] else 0
+
+
+# ------------------------------------------------------------------ passes, demo
+
+
+def _add_passes(sub) -> None:
+    p = sub.add_parser("passes", help="list the available passes and the -O levels")
+    p.add_argument("--provider", default="cpu")
+    p.set_defaults(func=cmd_passes)
+
+
+def cmd_passes(args) -> int:
+    from .passes.registry import all_passes, level_pipeline
+
+    table = all_passes()
+    for name in sorted(table):
+        cls = table[name]
+        doc = cls.description or (cls.__doc__ or "").strip().splitlines()[0:1]
+        print(f"{name:36s} {doc if isinstance(doc, str) else ' '.join(doc)}")
+    for level in (1, 2, 3):
+        print(f"-O{level} ({args.provider}): {', '.join(level_pipeline(level, args.provider))}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="build a small CNN and transformer encoder, optimize them, print the reports")
+    p.add_argument("--out", default=None, help="folder for the demo models (default: a temporary folder)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

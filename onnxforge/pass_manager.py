@@ -1,0 +1,269 @@
+"""Runs a pipeline of passes to a fixpoint, verifies the result, and finds and
+rolls back the pass responsible when verification fails.
+
+Every pass that changed the graph is recorded as a step. When the final model
+fails verification, the steps are replayed from a snapshot of the input and
+bisected to the first step whose result fails; the models before and after it
+are saved for the user, and that pass is either disabled and the pipeline rerun
+(default, reported as a warning) or the run stops with ``VerificationError``
+(``strict``). A pass that raises is handled the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .context import PassContext
+from .errors import OptionError, PassError, VerificationError
+from .model import ExternalValues, Model, constants
+from .report import OptimizeReport, PassRecord, model_stats
+from .verify import MODES, Verification, numeric_check, reference_outputs, structural_check
+
+log = logging.getLogger("onnxforge")
+
+DEFAULT_MAX_ITERATIONS = 10
+DEFAULT_TOLERANCE = (1e-5, 1e-6)
+
+
+@dataclasses.dataclass
+class Step:
+    index: int  # position of the pass in the pipeline
+    record: PassRecord
+
+
+class PassFailure(Exception):
+    def __init__(self, pass_index: int, error: BaseException):
+        super().__init__(str(error))
+        self.pass_index = pass_index
+        self.error = error
+        self.trace = traceback.format_exc()
+
+
+class PassManager:
+    """``PassManager(passes).run(model)`` -> (optimized model, OptimizeReport).
+
+    ``verify``: "none", "structural" or "numeric" (default). ``feeds``: inputs for
+    numeric verification (seeded from the model when None). ``debug_dir``: where
+    models around a failing pass are saved (a temporary folder when None).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence,
+        *,
+        max_iterations: int = DEFAULT_MAX_ITERATIONS,
+        verify: str = "numeric",
+        strict: bool = False,
+        feeds: Sequence[dict] | None = None,
+        debug_dir: str | Path | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
+        if verify not in MODES:
+            raise OptionError(f"--verify {verify!r}: choose one of {', '.join(MODES)}")
+        self.passes = list(passes)
+        self.max_iterations = max_iterations
+        self.verify = verify
+        self.strict = strict
+        self.feeds = list(feeds) if feeds is not None else None
+        self.debug_dir = Path(debug_dir) if debug_dir else None
+        self.progress = progress or (lambda _msg: None)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, model: Model, ctx: PassContext | None = None) -> tuple[Model, OptimizeReport]:
+        start = time.perf_counter()
+        ctx = ctx or PassContext()
+        apply_input_shapes(model, ctx.input_shapes)
+        report = OptimizeReport(before=model_stats(model))
+        original = snapshot(model)
+        feeds, reference = self._reference(original, ctx)
+        disabled: set[int] = set()
+        current = model
+        while True:
+            try:
+                steps, iterations = self._run_pipeline(current, ctx, disabled, report)
+                verification = self._check(current, feeds, reference, steps)
+            except PassFailure as failure:
+                name = self.passes[failure.pass_index].name
+                if self.strict:
+                    raise PassError(f"pass {name} failed: {failure.error}") from failure.error
+                log.debug(failure.trace)
+                disabled.add(failure.pass_index)
+                report.rolled_back.append({"pass": name, "reason": f"raised {type(failure.error).__name__}: {failure.error}"})
+                current, ctx = self._restart(original, ctx, report)
+                continue
+            if verification.ok:
+                break
+            culprit, saved = self._bisect(original, ctx, steps, feeds, reference)
+            name = self.passes[culprit].name
+            where = f"models before and after it saved in {saved}"
+            if self.strict:
+                raise VerificationError(
+                    f"pass {name} breaks {verification.mode} verification ({verification.detail}); {where}",
+                    hint="rerun without --strict to roll it back, or --disable " + name,
+                )
+            disabled.add(culprit)
+            report.rolled_back.append({"pass": name, "reason": f"{verification.detail} ({where})"})
+            current, ctx = self._restart(original, ctx, report)
+        report.iterations = iterations
+        report.verification = verification.as_dict() if self.verify != "none" else None
+        report.after = model_stats(current)
+        report.warnings = list(dict.fromkeys(current.notes + ctx.warnings))
+        report.refusals = [dataclasses.asdict(r) for r in ctx.refusals]
+        report.seconds = time.perf_counter() - start
+        return current, report
+
+    def _restart(self, original: Model, ctx: PassContext, report: OptimizeReport) -> tuple[Model, PassContext]:
+        report.records.clear()
+        fresh = snapshot(original)
+        return fresh, dataclasses.replace(ctx, model=fresh, refusals=[], warnings=list(ctx.warnings))
+
+    # ------------------------------------------------------------------ pipeline
+
+    def _run_pipeline(self, model: Model, ctx: PassContext, disabled: set[int], report: OptimizeReport):
+        ctx.model = model
+        steps: list[Step] = []
+        for iteration in range(1, self.max_iterations + 1):
+            changed_now = []
+            for index, p in enumerate(self.passes):
+                if index in disabled:
+                    continue
+                self.progress(f"iteration {iteration}: {p.name}")
+                record = self._run_pass(index, p, model, ctx, iteration)
+                report.records.append(record)
+                if record.changed:
+                    steps.append(Step(index, record))
+                    changed_now.append(p.name)
+            if not changed_now:
+                return steps, iteration
+        raise PassError(
+            f"no fixpoint after {self.max_iterations} iterations; still changing the graph: "
+            f"{', '.join(dict.fromkeys(changed_now))}",
+            hint="report this pipeline; meanwhile --disable one of these passes",
+        )
+
+    @staticmethod
+    def _run_pass(index: int, p, model: Model, ctx: PassContext, iteration: int) -> PassRecord:
+        t0 = time.perf_counter()
+        try:
+            result = p.run(model.graph, ctx)
+        except (VerificationError, OptionError):
+            raise
+        except Exception as exc:
+            raise PassFailure(index, exc) from exc
+        return PassRecord(p.name, iteration, bool(result.changed), dict(result.stats), time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ verification
+
+    def _reference(self, original: Model, ctx: PassContext):
+        if self.verify != "numeric":
+            return None, None
+        from .inputs import seeded_feeds
+
+        feeds = self.feeds or [seeded_feeds(original, ctx.input_shapes, seed=ctx.seed)]
+        return feeds, reference_outputs(original, feeds)
+
+    def _tolerance(self, steps: Sequence[Step]) -> tuple[float, float]:
+        tol = DEFAULT_TOLERANCE
+        for step in steps:
+            rtol, atol = self.passes[step.index].tolerance
+            tol = (max(tol[0], rtol), max(tol[1], atol))
+        return tol
+
+    def _check(self, model: Model, feeds, reference, steps: Sequence[Step]) -> Verification:
+        if self.verify == "none":
+            return Verification("none", True)
+        structural = structural_check(model)
+        if self.verify == "structural" or not structural.ok:
+            return structural
+        names = [t.name for t in model.graph.outputs]
+        return numeric_check(model, feeds, reference, names, self._tolerance(steps))
+
+    def _bisect(self, original: Model, ctx: PassContext, steps: Sequence[Step], feeds, reference):
+        """First step whose replayed prefix fails; saves the models around it."""
+
+        def replay(k: int) -> Model:
+            m = snapshot(original)
+            scratch = dataclasses.replace(ctx, model=m, refusals=[], warnings=[])
+            for step in steps[:k]:
+                try:
+                    self.passes[step.index].run(m.graph, scratch)
+                except Exception:
+                    pass  # the failing prefix is found either way
+            return m
+
+        lo, hi = 0, len(steps)  # prefix lo passes, prefix hi fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._check(replay(mid), feeds, reference, steps[:mid]).ok:
+                lo = mid
+            else:
+                hi = mid
+        culprit = steps[hi - 1].index if steps else 0
+        saved = self._save_pair(replay(hi - 1), replay(hi), self.passes[culprit].name)
+        return culprit, saved
+
+    def _save_pair(self, before: Model, after: Model, name: str) -> Path:
+        from .io import save
+
+        folder = self.debug_dir or Path(tempfile.mkdtemp(prefix="onnxforge-failed-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        for label, m in (("before", before), ("after", after)):
+            try:
+                save(m, folder / f"{label}_{name}.onnx")
+            except Exception as exc:  # saving is a courtesy; the verdict stands
+                log.warning("could not save %s model: %s", label, exc)
+        return folder
+
+
+def snapshot(model: Model) -> Model:
+    """An independent copy: serialized and re-imported, so no pass can mutate the
+    original's arrays in place. External weights stay on disk and are re-attached."""
+    external = {}
+    for const in constants(model.graph):
+        values = const._values
+        if isinstance(values, ExternalValues):
+            external[_external_key(values.tensor)] = values
+    copy = Model.from_proto(model.to_proto(), model.source)
+    copy.notes = list(model.notes)
+    for const in constants(copy.graph):
+        tensor = getattr(const._values, "tensor", None)
+        if tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            src = external.get(_external_key(tensor))
+            if src is not None:
+                const._values = ExternalValues(tensor, src.path, src.offset, src.length)
+    return copy
+
+
+def _external_key(tensor: onnx.TensorProto) -> tuple[str, str]:
+    info = {e.key: e.value for e in tensor.external_data}
+    return info.get("location", ""), info.get("offset", "0")
+
+
+def apply_input_shapes(model: Model, shapes: dict[str, tuple]) -> None:
+    """Pin graph input shapes (``--input-shape``) so folding can resolve Shape chains."""
+    if not shapes:
+        return
+    inputs = {t.name: t for t in model.graph.inputs}
+    unknown = [n for n in shapes if n not in inputs]
+    if unknown:
+        raise OptionError(
+            f"--input-shape names {', '.join(unknown)}, which the model does not have",
+            hint=f"the inputs are {', '.join(inputs)}",
+        )
+    for name, dims in shapes.items():
+        tensor = inputs[name]
+        if tensor.shape is not None and len(tensor.shape) != len(dims):
+            raise OptionError(f"--input-shape {name}: rank {len(dims)} but the model's input has rank {len(tensor.shape)}")
+        for have, want in zip(tensor.shape or [], dims):
+            if isinstance(have, int) and have >= 0 and have != want:
+                raise OptionError(f"--input-shape {name}: dim {have} is fixed in the model, cannot pin it to {want}")
+        tensor.shape = list(dims)

@@ -1,0 +1,193 @@
+"""Checking that an optimized model still is the model the user had.
+
+``structural``: the onnx checker with full_check (strict shape inference).
+``numeric``: both models run on onnxruntime's CPU provider with graph
+optimizations disabled (so onnxruntime's own rewrites cannot hide or cause a
+difference) on the same feeds; every output is compared against a tolerance.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import DataError, VerificationError
+from .model import Model, external_values
+
+MODES = ("none", "structural", "numeric")
+
+
+@dataclasses.dataclass
+class OutputDiff:
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    ok: bool
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Verification:
+    mode: str
+    ok: bool
+    detail: str = ""
+    diffs: list[OutputDiff] = dataclasses.field(default_factory=list)
+    tolerance: tuple[float, float] = (0.0, 0.0)
+
+    def as_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "ok": self.ok,
+            "detail": self.detail,
+            "tolerance": {"rtol": self.tolerance[0], "atol": self.tolerance[1]},
+            "outputs": [d.as_dict() for d in self.diffs],
+        }
+
+
+# ------------------------------------------------------------------ sessions
+
+
+@contextlib.contextmanager
+def session_for(model: Model | onnx.ModelProto, *, optimize: bool = False, threads: int = 0) -> Iterator:
+    """An onnxruntime CPU session for an in-memory model. Models whose weights live
+    in external data (or exceed 2 GB) are written to a temporary folder first."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    if isinstance(model, Model) and any(True for _ in external_values(model.graph)):
+        from .io import save
+
+        with tempfile.TemporaryDirectory(prefix="onnxforge-verify-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save(model, path, external_data=True)
+            yield ort.InferenceSession(str(path), options, providers=providers)
+        return
+    proto = model.to_proto() if isinstance(model, Model) else model
+    yield ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+
+
+def run_outputs(model: Model | onnx.ModelProto, feeds: Sequence[dict]) -> list[list[np.ndarray]]:
+    with session_for(model) as sess:
+        names = [i.name for i in sess.get_inputs()]
+        return [sess.run(None, {n: f[n] for n in names if n in f}) for f in feeds]
+
+
+# ------------------------------------------------------------------ comparison
+
+
+def compare_arrays(name: str, ref: np.ndarray, out: np.ndarray, rtol: float, atol: float) -> OutputDiff:
+    ref, out = np.asarray(ref), np.asarray(out)
+    if ref.shape != out.shape or ref.dtype != out.dtype:
+        return OutputDiff(name, float("inf"), float("inf"), 0.0, False)
+    if ref.dtype.kind not in "fc":
+        equal = bool(np.array_equal(ref, out))
+        return OutputDiff(name, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"), 1.0 if equal else 0.0, equal)
+    r, o = ref.astype(np.float64), out.astype(np.float64)
+    both_nan = np.isnan(r) & np.isnan(o)
+    diff = np.where(both_nan, 0.0, np.abs(r - o))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.nanmax(np.abs(r))) if r.size and not np.all(np.isnan(r)) else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    cosine = _cosine(r, o)
+    ok = max_abs <= atol + rtol * scale
+    return OutputDiff(name, max_abs, max_rel, cosine, bool(ok))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.nan_to_num(a.ravel()), np.nan_to_num(b.ravel())
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def merge_diffs(per_feed: Iterable[list[OutputDiff]]) -> list[OutputDiff]:
+    """Worst case over feeds, per output."""
+    merged: dict[str, OutputDiff] = {}
+    for diffs in per_feed:
+        for d in diffs:
+            m = merged.get(d.name)
+            merged[d.name] = d if m is None else OutputDiff(
+                d.name, max(m.max_abs, d.max_abs), max(m.max_rel, d.max_rel), min(m.cosine, d.cosine), m.ok and d.ok
+            )
+    return list(merged.values())
+
+
+# ------------------------------------------------------------------ checks
+
+
+def structural_check(model: Model) -> Verification:
+    proto = model.to_proto()
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnxforge-check-") as tmp:
+            if any(True for _ in external_values(model.graph)):
+                from .io import save
+
+                path = Path(tmp) / "model.onnx"
+                save(model, path, external_data=True)
+                onnx.checker.check_model(str(path), full_check=True)
+            else:
+                onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        return Verification("structural", False, _first_line(exc))
+    except Exception as exc:  # the checker raises bare errors for some custom-domain ops
+        return Verification("structural", False, f"{type(exc).__name__}: {_first_line(exc)}")
+    return Verification("structural", True)
+
+
+def reference_outputs(model: Model, feeds: Sequence[dict]) -> list[list[np.ndarray]]:
+    """Outputs of the unoptimized model; a model that cannot run on the feeds is bad input."""
+    try:
+        return run_outputs(model, feeds)
+    except Exception as exc:
+        raise DataError(
+            f"the original model does not run on the verification inputs: {_first_line(exc)}",
+            hint="give real inputs with --data DIR, or pin dynamic dims with --input-shape NAME:1x3x224x224",
+        ) from exc
+
+
+def numeric_check(
+    candidate: Model, feeds: Sequence[dict], reference: list[list[np.ndarray]], output_names: list[str],
+    tolerance: tuple[float, float],
+) -> Verification:
+    rtol, atol = tolerance
+    try:
+        outputs = run_outputs(candidate, feeds)
+    except Exception as exc:
+        return Verification("numeric", False, f"onnxruntime cannot run the optimized model: {_first_line(exc)}",
+                            tolerance=tolerance)
+    per_feed = [
+        [compare_arrays(n, r, o, rtol, atol) for n, r, o in zip(output_names, refs, outs)]
+        for refs, outs in zip(reference, outputs)
+    ]
+    diffs = merge_diffs(per_feed)
+    bad = [d for d in diffs if not d.ok]
+    detail = "; ".join(f"{d.name}: max abs {d.max_abs:.3g}, rel {d.max_rel:.3g}" for d in bad)
+    return Verification("numeric", not bad, detail, diffs, tolerance)
+
+
+def assert_ok(verification: Verification) -> None:
+    if not verification.ok:
+        raise VerificationError(f"{verification.mode} verification failed: {verification.detail}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [l for l in str(exc).strip().splitlines() if l.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
