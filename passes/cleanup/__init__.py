@@ -1,2 +1,20 @@
-"""Lossless cleanup passes."""
-PASSES: tuple = ()
+"""Lossless cleanup passes (run in ``registry.CLEANUP_PIPELINE`` order)."""
+from .chains import CollapseChains
+from .constants import ConstantToInitializer
+from .cse import EliminateCommonSubexpressions
+from .dead_code import EliminateDeadCode
+from .dedup import MergeDuplicateInitializers
+from .fold import FoldConstants
+from .identity import EliminateIdentity
+from .noop import EliminateNoop
+
+PASSES: tuple = (
+    ConstantToInitializer,
+    EliminateIdentity,
+    EliminateNoop,
+    FoldConstants,
+    CollapseChains,
+    EliminateCommonSubexpressions,
+    MergeDuplicateInitializers,
+    EliminateDeadCode,
+)

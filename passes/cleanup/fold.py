@@ -1,0 +1,253 @@
+"""fold-constants: nodes whose inputs are all constants become constants.
+
+Identity: a deterministic op applied to constants gives the same tensor on every
+run, so its output can be stored. Values come from onnxruntime's CPU provider
+itself (a one-node model, all graph optimizations off): the stored tensor is bit
+for bit what the runtime would have computed, which a numpy re-implementation
+(onnxsim's pain) cannot promise.
+
+Shape(x) and Size(x) are constants when the dims they read are static after onnx
+shape inference (with data propagation, on the model with its stale value_info
+dropped); dynamic dims stay dynamic, no value is ever guessed. Folding them lets
+the Shape -> Gather -> Unsqueeze -> Concat -> Reshape chains fold away.
+
+Preconditions:
+  * default-domain op with at least one input, no subgraph attribute, not random
+    (Random*, Multinomial, Bernoulli);
+  * no output is a graph output (an initializer cannot take its place);
+  * the constant inputs total at most ``ctx.fold_size_limit`` bytes (bigger ones,
+    such as external weights, are never loaded);
+  * size rule: output bytes <= max(input bytes, 64 KiB) and <= ``fold_size_limit``.
+    Folding swaps a node's inputs for its outputs in the file; outputs no larger
+    than the inputs (or small) cannot bloat it, while ConstantOfShape / Expand /
+    Tile / Range / a dequantizing Cast of int8 weights would multiply it. For those
+    generator ops the size is computed from the shape before anything runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnxforge.context import PassContext, Refusal
+from onnxforge.model import ExternalValues
+from onnxforge.passes.base import Pass, PassResult
+
+from .common import (
+    DEFAULT_DOMAINS,
+    NONDETERMINISTIC_OPS,
+    GraphIndex,
+    TypeTable,
+    const_nbytes,
+    finish,
+    has_subgraph,
+    infer_types,
+    remove_node,
+    replace_uses,
+    shared_placement_ok,
+)
+
+SMALL_OUTPUT_BYTES = 64 << 10
+# Ops whose output can be far larger than their inputs; their size must be known before running.
+GENERATOR_OPS = frozenset(
+    {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot", "EyeLike", "MatMul", "Gemm"}
+)
+
+
+class FoldConstants(Pass):
+    name = "fold-constants"
+    description = "evaluate constant subgraphs and static Shape/Size with onnxruntime CPU; store the results"
+    tolerance = (0.0, 0.0)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        counts = {"folded_shape": 0, "folded_node": 0}
+        types = infer_types(graph, ctx)
+        index = GraphIndex(graph)
+        for g in index.graphs:
+            counts["folded_shape"] += fold_static_shapes(g, types, index, ctx)
+        evaluator = Evaluator(ctx)
+        for g in index.graphs:
+            g.toposort(recurse_subgraphs=False)
+            counts["folded_node"] += fold_graph(g, index, evaluator, ctx)
+        finish(graph)
+        return PassResult.from_counts(counts)
+
+
+# -------------------------------------------------------------------- Shape / Size
+
+
+def shape_value(node: gs.Node, types: TypeTable) -> np.ndarray | None:
+    """The constant Shape/Size would return, when every dim it reads is static."""
+    shape = types.shape(node.inputs[0])
+    if shape is None:
+        return None
+    if node.op == "Size":
+        return None if any(d is None for d in shape) else np.array(int(np.prod(shape, dtype=np.int64)), np.int64)
+    rank = len(shape)
+    start = int(node.attrs.get("start", 0))
+    end = int(node.attrs.get("end", rank))
+    start = min(max(start + rank if start < 0 else start, 0), rank)
+    end = min(max(end + rank if end < 0 else end, 0), rank)
+    dims = shape[start:end]
+    if any(d is None for d in dims):
+        return None
+    return np.array(dims, dtype=np.int64)
+
+
+def fold_static_shapes(graph: gs.Graph, types: TypeTable, index: GraphIndex, ctx: PassContext) -> int:
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op not in ("Shape", "Size") or node.domain not in DEFAULT_DOMAINS or len(node.inputs) != 1:
+            continue
+        value = shape_value(node, types)
+        if value is None:
+            continue
+        out = node.outputs[0]
+        if index.is_graph_output(out):
+            ctx.refuse(Refusal("folded_shape", "its output is a graph output", (node.name,)))
+            continue
+        remove_node(node, graph)
+        replace_uses(out, gs.Constant(out.name, value), index)
+        folded += 1
+    return folded
+
+
+# ------------------------------------------------------------------ general folding
+
+
+def fold_graph(graph: gs.Graph, index: GraphIndex, evaluator: "Evaluator", ctx: PassContext) -> int:
+    folded = 0
+    for node in list(graph.nodes):
+        if not foldable(node):
+            continue
+        reason = evaluator.fold(node, graph, index)
+        if reason is None:
+            folded += 1
+        else:
+            ctx.refuse(Refusal("folded_node", reason, (node.name or node.op,)))
+    return folded
+
+
+def foldable(node: gs.Node) -> bool:
+    """Structure only: a deterministic default-domain op whose inputs are all constants."""
+    if node.domain not in DEFAULT_DOMAINS or node.op in NONDETERMINISTIC_OPS or node.op == "Constant":
+        return False
+    inputs = [t for t in node.inputs if not t.is_empty()]
+    if not inputs or has_subgraph(node):
+        return False
+    return all(isinstance(t, gs.Constant) for t in inputs)
+
+
+class Evaluator:
+    """Evaluates one node at a time on onnxruntime CPU with optimizations off."""
+
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
+        meta = ctx.model.meta if ctx.model is not None else None
+        self.ir_version = meta.ir_version if meta is not None and meta.ir_version else 8
+        self.opsets = list(meta.opset_import) if meta is not None else []
+
+    def fold(self, node: gs.Node, graph: gs.Graph, index: GraphIndex) -> str | None:
+        """Replace the node's outputs by constants; return None, or why not."""
+        limit = self.ctx.fold_size_limit
+        outputs = [t for t in node.outputs if not t.is_empty()]
+        if any(index.is_graph_output(t) for t in outputs):
+            return "an output is a graph output"
+        inputs = [t for t in node.inputs if not t.is_empty()]
+        in_bytes = sum(const_nbytes(t) for t in inputs)
+        if in_bytes > limit:
+            return f"constant inputs of {in_bytes} bytes exceed fold_size_limit ({limit}); not loaded"
+        allowed = min(max(in_bytes, SMALL_OUTPUT_BYTES), limit)
+        model = self.one_node_model(node, graph)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception:
+            inferred = model
+        predicted = predicted_bytes(inferred, [t.name for t in outputs])
+        if predicted is None and node.op in GENERATOR_OPS:
+            return "output size unknown before running it (may be large)"
+        if predicted is not None and predicted > allowed:
+            return f"output of {predicted} bytes would exceed {allowed} bytes (max(inputs, 64 KiB), fold_size_limit)"
+        try:
+            results = self.evaluate(inferred, [t.name for t in outputs])
+        except Exception as exc:
+            return f"onnxruntime cannot evaluate it: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
+        arrays = []
+        for array in results:
+            if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+                return "an output is not a numeric tensor"
+            arrays.append(np.asarray(array))
+        total = sum(a.nbytes for a in arrays)
+        if total > allowed:
+            return f"output of {total} bytes exceeds {allowed} bytes (max(inputs, 64 KiB), fold_size_limit)"
+        if any(not shared_placement_ok(t, graph, index, a.nbytes) for t, a in zip(outputs, arrays)):
+            return "read by other (sub)graphs and too large to copy into each"
+        remove_node(node, graph)
+        for tensor, array in zip(outputs, arrays):
+            replace_uses(tensor, gs.Constant(tensor.name, array), index)
+        return None
+
+    def one_node_model(self, node: gs.Node, graph: gs.Graph) -> onnx.ModelProto:
+        initializers = []
+        seen = set()
+        for tensor in node.inputs:
+            if tensor.is_empty() or tensor.name in seen:
+                continue
+            seen.add(tensor.name)
+            initializers.append(tensor_proto(tensor))
+        outputs = [onnx.helper.make_empty_tensor_value_info(t.name) for t in node.outputs if not t.is_empty()]
+        g = onnx.helper.make_graph([OnnxExporter.export_node(node)], "fold", [], outputs, initializers)
+        opsets = self.opsets or [onnx.helper.make_opsetid("", graph.opset)]
+        model = onnx.helper.make_model(g, opset_imports=opsets)
+        model.ir_version = self.ir_version
+        return model
+
+    @staticmethod
+    def evaluate(model: onnx.ModelProto, names: list[str]) -> list:
+        import onnxruntime as ort
+
+        for out in model.graph.output:
+            if not out.type.HasField("tensor_type"):
+                raise ValueError("output type unknown")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 4
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(names, {})
+
+
+def tensor_proto(tensor: gs.Constant) -> onnx.TensorProto:
+    """The constant as a self-contained TensorProto (external bytes read; it is small)."""
+    values = tensor._values
+    if isinstance(values, LazyValues) and not isinstance(values, ExternalValues):
+        proto = onnx.TensorProto()
+        proto.CopyFrom(values.tensor)
+        proto.name = tensor.name
+        return proto
+    return onnx.numpy_helper.from_array(np.asarray(tensor.values), tensor.name)
+
+
+def predicted_bytes(model: onnx.ModelProto, names: list[str]) -> int | None:
+    """Total output bytes from the one-node model's inferred shapes, None when unknown."""
+    infos = {v.name: v for v in list(model.graph.output) + list(model.graph.value_info)}
+    total = 0
+    for name in names:
+        info = infos.get(name)
+        if info is None or not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+            return None
+        tt = info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if any(d is None for d in dims) or tt.elem_type == 0:
+            return None
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            return None
+        total += int(np.prod(dims, dtype=np.int64)) * itemsize
+    return total
+
+
+PASSES: tuple[type[Pass], ...] = (FoldConstants,)
