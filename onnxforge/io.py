@@ -6,86 +6,103 @@ resolved, not a hard link, a regular file, and ``offset + length`` within it.
 Weights in external files stay on disk (``ExternalValues``) so a 2 GB model is
 never held twice; saving copies their bytes in chunks into a fresh data file.
 
-Saving writes into a temporary file or folder beside the target and renames it
-into place, refuses to overwrite the input model or its data files, and never
-appends to an existing data file.
+Saving writes into a temporary folder beside the target and renames into place,
+refuses to overwrite the input model or its data files, and never appends to an
+existing data file. With external data two files are replaced: the data first,
+then the model, each by one rename; a crash between the two renames (not a
+failure while writing, which leaves the old target untouched) would pair the old
+model file with the new data file.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import onnx
+import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, EncodeError
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .errors import ModelLoadError, ModelSaveError, UnsafeModelError
-from .model import ExternalValues, Model, constants, samefile
+from .model import ExternalValues, Model, constants, external_values, tensor_header
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Keep headroom below protobuf's hard limit: graph structure is serialized too.
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000
 ALIGNMENT = 4096
+EXTERNAL = onnx.TensorProto.EXTERNAL
 
 
 # ----------------------------------------------------------------------------- load
 
 
 def load(path: str | os.PathLike, *, check: bool = True, cap_versions: bool = True) -> Model:
-    """Load an ONNX model, validating external data before anything reads it."""
+    """Load an ONNX model, validating external data before anything reads it.
+
+    ``check`` runs onnx's checker; ``cap_versions`` lowers ir_version and opset to
+    what the installed onnxruntime reads (recorded in ``model.notes``)."""
     path = Path(path)
     proto = _read_proto(path)
     _check_header(proto, path)
-    base = path.resolve().parent
+    base = Path(os.path.abspath(path)).parent
     locations = _validate_external_data(proto, base)
-    if check and not locations:
-        _run_checker(proto, path)
-    try:
-        model = Model.from_proto(proto, source=path)
-    except Exception as exc:  # gs raises plain exceptions on malformed graphs
-        raise ModelLoadError(f"{path}: cannot import the graph: {exc}") from exc
-    _attach_external_values(model, locations)
+    if check:
+        _run_checker(proto, path, has_external=bool(locations))
+    notes: list[str] = []
     if cap_versions:
-        from .versions import cap_model_versions
+        from . import versions
 
-        cap_model_versions(model)
+        capped, notes = versions.cap_proto_versions(proto)
+        if capped is not proto:  # a converted copy: its tensors are new objects
+            proto, locations = capped, _validate_external_data(capped, base)
+    model = _import(proto, path)
+    _attach_external_values(model, locations)
+    model.notes.extend(notes)
     return model
 
 
 def _read_proto(path: Path) -> onnx.ModelProto:
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file")
-    if path.is_dir():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise ModelLoadError(f"{path}: is a folder, not a model file")
-    size = path.stat().st_size
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelLoadError(f"{path}: is not a regular file")
+    if st.st_size == 0:
         raise ModelLoadError(f"{path}: the file is empty")
-    if size > PROTOBUF_LIMIT:
+    if st.st_size > PROTOBUF_LIMIT:
         raise ModelLoadError(
-            f"{path}: a single-file model of {size / 1e9:.2f} GB exceeds protobuf's 2 GB limit",
+            f"{path}: a single-file model of {st.st_size / 1e9:.2f} GB exceeds protobuf's 2 GB limit",
             hint="re-export it with external data (weights in a separate file beside the model)",
         )
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read: {exc.strerror}") from exc
+        raise ModelLoadError(f"{path}: cannot read: {exc.strerror}") from None
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as exc:
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{path}: not a valid ONNX protobuf (a string field is not UTF-8)") from None
+    except (DecodeError, RuntimeError, ValueError, RecursionError) as exc:
         raise ModelLoadError(
-            f"{path}: not a valid ONNX protobuf (corrupted or truncated): {_first_line(exc)}"
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise ModelLoadError(f"{path}: not a valid ONNX protobuf (bad string encoding)") from exc
+            f"{path}: not a valid ONNX protobuf (corrupted, truncated or another format): {_first_line(exc)}"
+        ) from None
     return proto
 
 
 def _check_header(proto: onnx.ModelProto, path: Path) -> None:
-    if not proto.HasField("graph") or proto.ir_version == 0:
+    if not proto.HasField("graph") or not proto.HasField("ir_version"):
         raise ModelLoadError(f"{path}: not an ONNX model (no graph or no ir_version)")
     if proto.ir_version > onnx.IR_VERSION:
         raise ModelLoadError(
@@ -102,70 +119,116 @@ def _check_header(proto: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(f"{path}: the model declares no opset_import")
 
 
-def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
+def _run_checker(proto: onnx.ModelProto, path: Path, has_external: bool) -> None:
     try:
-        onnx.checker.check_model(proto)
+        if has_external:
+            # The in-memory checker resolves locations against the working folder;
+            # by path it uses the model's folder (already validated above) and
+            # only checks that the files exist, without reading them.
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise ModelLoadError(
             f"{path}: the ONNX checker rejects the model: {_first_line(exc)}",
             hint="fix the exporter output, or pass check=False (CLI: --no-check) to load it anyway",
-        ) from exc
+        ) from None
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: the ONNX checker cannot read the model: {_first_line(exc)}") from None
+
+
+def _import(proto: onnx.ModelProto, path: Path) -> Model:
+    try:
+        return Model.from_proto(proto, source=path)
+    except Exception as exc:  # gs raises bare exceptions (and UnicodeDecodeError) on malformed graphs
+        raise ModelLoadError(f"{path}: cannot import the graph: {_first_line(exc)}") from None
 
 
 # --------------------------------------------------------------- external data checks
 
 
-def iter_tensor_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto that can carry data: initializers, Constant attributes, sparse
-    values, in the graph, its subgraphs and the model's functions."""
+def iter_tensor_protos(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """Every TensorProto that can carry data, with where it sits: ``graph``
+    (initializers and Constant attributes of the graph and its subgraphs),
+    ``sparse`` (sparse tensors' parts) or ``function`` (model-local functions)."""
 
-    def from_graph(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-        yield from graph.initializer
+    def from_graph(graph: onnx.GraphProto, where: str) -> Iterator[tuple[onnx.TensorProto, str]]:
+        for tensor in graph.initializer:
+            yield tensor, where
         for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            yield from from_nodes([node])
+            yield sparse.values, "sparse"
+            yield sparse.indices, "sparse"
+        yield from from_nodes(graph.node, where)
 
-    def from_nodes(nodes) -> Iterator[onnx.TensorProto]:
+    def from_nodes(nodes, where: str) -> Iterator[tuple[onnx.TensorProto, str]]:
         for node in nodes:
             for attr in node.attribute:
                 if attr.HasField("t"):
-                    yield attr.t
+                    yield attr.t, where
                 if attr.HasField("sparse_tensor"):
-                    yield attr.sparse_tensor.values
-                    yield attr.sparse_tensor.indices
-                yield from attr.tensors
+                    yield attr.sparse_tensor.values, "sparse"
+                    yield attr.sparse_tensor.indices, "sparse"
+                for tensor in attr.tensors:
+                    yield tensor, "list"
+                for sparse in attr.sparse_tensors:
+                    yield sparse.values, "sparse"
+                    yield sparse.indices, "sparse"
                 if attr.HasField("g"):
-                    yield from from_graph(attr.g)
+                    yield from from_graph(attr.g, where)
                 for sub in attr.graphs:
-                    yield from from_graph(sub)
+                    yield from from_graph(sub, where)
 
-    yield from from_graph(proto.graph)
+    yield from from_graph(proto.graph, "graph")
     for func in proto.functions:
-        yield from from_nodes(func.node)
+        yield from from_nodes(func.node, "function")
 
 
-def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
+_UNTRACKED = {
+    "sparse": "a sparse tensor",
+    "function": "a model-local function",
+    "list": "a tensor-list attribute",
+}
 
 
 def _validate_external_data(proto: onnx.ModelProto, base: Path) -> dict[int, tuple]:
-    """Check every external reference; return id(tensor) -> (tensor, path, offset, length).
+    """Check every external reference; return id(tensor) -> (tensor, path, offset, length, identity).
 
-    The tensor itself is kept in the value: protobuf wrappers are cached only while
-    alive, so holding them keeps ``id()`` stable until gs has imported them."""
+    Keeping the tensor in the value keeps its protobuf wrapper alive, and a live
+    wrapper is what the protobuf runtime hands out again for the same message,
+    so gs's LazyValues.tensor is that same object and ``id()`` identifies it."""
     found: dict[int, tuple] = {}
-    for tensor in iter_tensor_protos(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+    for tensor, where in iter_tensor_protos(proto):
+        if tensor.data_location != EXTERNAL:
             continue
-        found[id(tensor)] = (tensor, *check_external_location(tensor, base))
+        checked = check_external_location(tensor, base)
+        if where in _UNTRACKED:
+            raise ModelLoadError(
+                f"tensor {tensor.name or '<unnamed>'!r}: external data inside {_UNTRACKED[where]} is not supported",
+                hint="load the model with onnx.load and save it as a single file, then run onnxforge on that",
+            )
+        found[id(tensor)] = (tensor, *checked)
     return found
 
 
-def check_external_location(tensor: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    """The tensor's external_data as a dict; a key given twice is ambiguous and refused."""
+    entries: dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key in entries:
+            raise UnsafeModelError(
+                f"tensor {tensor.name or '<unnamed>'!r}: external data gives {entry.key!r} twice"
+            )
+        entries[entry.key] = entry.value
+    return entries
+
+
+def check_external_location(tensor: onnx.TensorProto, base: Path) -> tuple[Path, int, int, tuple[int, int]]:
+    """Validate one external reference; return (real path, offset, length, (st_dev, st_ino))."""
     name = tensor.name or "<unnamed>"
-    info = external_info(tensor)
+    info = external_entries(tensor)
     location = info.get("location", "")
 
     def refuse(why: str) -> UnsafeModelError:
@@ -173,52 +236,60 @@ def check_external_location(tensor: onnx.TensorProto, base: Path) -> tuple[Path,
 
     if not location:
         raise refuse("has no location")
-    if "\x00" in location or os.path.isabs(location) or location.startswith(("/", "\\")) or (
-        len(location) > 1 and location[1] == ":"
+    if "\x00" in location or os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(
+        r"^[A-Za-z]:", location
     ):
         raise refuse("is not a relative path")
-    base_real = base.resolve()
-    target = (base / location).resolve()
-    if base_real != target and base_real not in target.parents:
+    base_real = os.path.realpath(base)
+    target = os.path.realpath(os.path.join(base, location))
+    if os.path.commonpath([base_real, target]) != base_real or target == base_real:
         raise refuse("resolves outside the model's folder")
     try:
-        st = os.stat(target)
+        st = os.lstat(target)  # target is fully resolved: no link left to follow
     except OSError:
-        raise refuse("does not exist")
+        raise refuse("does not exist") from None
     if not stat.S_ISREG(st.st_mode):
         raise refuse("is not a regular file")
     if st.st_nlink > 1:
         raise refuse("is a hard link (it could alias a file outside the model's folder)")
-    try:
-        offset = int(info.get("offset", "0"))
-        length = int(info["length"]) if "length" in info else st.st_size - offset
-    except ValueError:
-        raise refuse("has a non-integer offset or length")
-    if offset < 0 or length < 0 or offset + length > st.st_size:
+    offset, length = _offset_and_length(info, st.st_size, refuse)
+    if offset + length > st.st_size:
         raise refuse(f"offset {offset} + length {length} lies beyond the file's {st.st_size} bytes")
-    expected = _expected_nbytes(tensor)
+    expected = expected_nbytes(tensor)
     if expected is not None and length < expected:
-        raise refuse(f"holds {length} bytes but the tensor needs {expected}")
-    return target, offset, length
+        raise refuse(f"holds {length} bytes but the tensor's dims need {expected}")
+    return Path(target), offset, length, (st.st_dev, st.st_ino)
 
 
-def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+def _offset_and_length(info: dict[str, str], size: int, refuse) -> tuple[int, int]:
+    for key in ("offset", "length"):
+        if key in info and not _DIGITS.fullmatch(info[key]):
+            raise refuse(f"has a {key} that is not a non-negative integer: {info[key]!r}")
+    offset = int(info.get("offset", "0"))
+    length = int(info["length"]) if "length" in info else max(size - offset, 0)
+    return offset, length
+
+
+def expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's dims and type need, or None when the type has no fixed size."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, TypeError, ValueError):
         return None
-    if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
-        return None
     count = 1
     for d in tensor.dims:
-        count *= d
+        count *= max(d, 0)
     if tensor.data_type in _SUBBYTE_TYPES:
         return (count + 1) // 2
     return count * itemsize
 
 
 _SUBBYTE_TYPES = {
-    getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)
+    getattr(onnx.TensorProto, n)
+    for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, n)
 }
 
 
@@ -226,22 +297,26 @@ def _attach_external_values(model: Model, locations: dict[int, tuple]) -> None:
     """Swap gs's LazyValues of external tensors for ExternalValues reading validated paths."""
     if not locations:
         return
-    attached = 0
+    attached: set[int] = set()
     for const in constants(model.graph):
         tensor = getattr(const._values, "tensor", None)
-        if tensor is not None and id(tensor) in locations:
-            _, path, offset, length = locations[id(tensor)]
-            const._values = ExternalValues(tensor, path, offset, length)
-            attached += 1
-    if attached < len(locations):
-        raise UnsafeModelError(
-            f"{len(locations) - attached} external tensors sit where onnxforge cannot track them "
-            "(function bodies or sparse tensors)",
-            hint="load the data into the model with onnx.load and save it as a single file first",
+        entry = locations.get(id(tensor))
+        if entry is not None and entry[0] is tensor:
+            const._values = ExternalValues(*entry)
+            attached.add(id(tensor))
+    if len(attached) < len(locations):
+        missing = [t.name or "<unnamed>" for key, (t, *_) in locations.items() if key not in attached]
+        raise ModelLoadError(
+            f"{len(missing)} external tensors (first: {missing[0]!r}) are not where onnxforge tracks weights",
+            hint="load the model with onnx.load and save it as a single file, then run onnxforge on that",
         )
 
 
 # ----------------------------------------------------------------------------- save
+
+
+class _TooLarge(Exception):
+    """The serialized model would exceed protobuf's 2 GB limit."""
 
 
 def save(
@@ -253,142 +328,263 @@ def save(
 ) -> Path:
     """Write ``model`` atomically to ``path``.
 
-    ``external_data``: True writes weights to ``<name>.data`` beside the model,
-    False forbids it, None decides (external when the input had external data or
-    the model would exceed protobuf's 2 GB limit).
+    ``external_data``: True writes every tensor of at least ``size_threshold``
+    bytes to ``<name>.data`` beside the model, False writes one file, None decides
+    (external when the input had external data or the weights approach
+    protobuf's 2 GB limit, and when a single file turns out too large).
     """
     path = Path(path)
-    if isinstance(model, onnx.ModelProto):
-        model = Model.from_proto(model)
-    _refuse_overwriting_inputs(model, path)
-    if path.is_dir():
-        raise ModelSaveError(f"{path}: is a folder; give a file name such as {path / 'model.onnx'}")
-    if not path.parent.exists():
-        raise ModelSaveError(f"{path.parent}: the output folder does not exist")
-
-    proto = model.to_proto()
-    has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensor_protos(proto))
-    if external_data is None:
-        external_data = has_external or _payload_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-    if not external_data and has_external:
-        raise ModelSaveError(
-            f"{path}: the model's weights live in external data and exceed what one file can hold",
-            hint="save with external data (CLI: --external-data)",
-        )
-    if external_data:
-        _save_external(model, proto, path, size_threshold)
-    else:
-        try:
-            data = proto.SerializeToString()
-        except (EncodeError, ValueError) as exc:
+    model = _as_model(model)
+    _check_output_folder(path)
+    external = external_data if external_data is not None else _needs_external(model)
+    try:
+        _write(model, path, external, size_threshold)
+    except _TooLarge:
+        if external_data is not None:
             raise ModelSaveError(
-                f"{path}: the model exceeds protobuf's 2 GB limit", hint="save with external data"
-            ) from exc
-        _atomic_write_bytes(path, data)
+                f"{path}: the model exceeds protobuf's 2 GB limit for a single file",
+                hint="save with external data (CLI: --external-data)",
+            ) from None
+        _write(model, path, True, size_threshold)
     return path
 
 
-def _payload_bytes(proto: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in iter_tensor_protos(proto)) + 1_000_000
+def _as_model(model: Model | onnx.ModelProto) -> Model:
+    if isinstance(model, Model):
+        return model
+    if any(t.data_location == EXTERNAL for t, _ in iter_tensor_protos(model)):
+        raise ModelSaveError(
+            "a ModelProto with external-data references cannot be saved: its data folder is unknown",
+            hint="load it with onnxforge.io.load(path) instead",
+        )
+    return Model.from_proto(model)
 
 
-def _refuse_overwriting_inputs(model: Model, path: Path) -> None:
-    data_path = path.with_name(path.name + ".data")
-    for source in model.source_files:
-        for target in (path, data_path):
-            if target.exists() and samefile(source, target):
-                raise ModelSaveError(
-                    f"{target}: refusing to overwrite the input model or its external data",
-                    hint="write the output to another path",
-                )
+def _needs_external(model: Model) -> bool:
+    if any(True for _ in external_values(model.graph)):
+        return True
+    return _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _weight_bytes(model: Model) -> int:
+    # meta holds the model-local functions and their Constant attributes.
+    return sum(_const_nbytes(c) for c in constants(model.graph)) + model.meta.ByteSize()
+
+
+def _const_nbytes(const: gs.Constant) -> int:
+    values = const._values
+    if isinstance(values, ExternalValues):
+        return values.length
+    if isinstance(values, LazyValues):
+        return int(values.tensor.ByteSize())
+    return int(getattr(values, "nbytes", 0))
+
+
+def _check_output_folder(path: Path) -> None:
+    if path.is_dir():
+        raise ModelSaveError(f"{path}: is a folder; give a file name such as {path / 'model.onnx'}")
+    if not path.parent.is_dir():
+        raise ModelSaveError(f"{path.parent}: the output folder does not exist")
+
+
+def _refuse_overwriting_inputs(model: Model, targets: list[Path]) -> None:
+    sources = model.source_files
+    for target in targets:
+        if not os.path.lexists(target):
+            continue
+        if any(_samefile(source, target) for source in sources):
+            raise ModelSaveError(
+                f"{target}: refusing to overwrite the input model or its external data",
+                hint="write the output to another path",
+            )
+
+
+def _samefile(a: Path, b: Path) -> bool:
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(Path(tmp))
-        raise
+        return os.path.samefile(a, b)
+    except OSError:  # a dangling link or a vanished source: compare the paths
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _save_external(model: Model, proto: onnx.ModelProto, path: Path, threshold: int) -> None:
-    source_by_tensor = _source_lookup(model)
+def _write(model: Model, path: Path, external: bool, threshold: int) -> None:
     data_name = path.name + ".data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _refuse_overwriting_inputs(model, [path, path.with_name(data_name)] if external else [path])
     try:
-        tmp_data = tmpdir / data_name
-        with open(tmp_data, "wb") as out:
-            for tensor in iter_tensor_protos(proto):
-                _write_tensor(tensor, out, data_name, threshold, source_by_tensor)
-            out.flush()
-            os.fsync(out.fileno())
-        tmp_model = tmpdir / path.name
-        with open(tmp_model, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        # Data first: a model file on disk always has its complete data beside it.
-        os.replace(tmp_data, path.with_name(data_name))
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise ModelSaveError(f"{path.parent}: cannot write there: {exc.strerror}") from None
+    try:
+        tmp_model, tmp_data = tmpdir / path.name, tmpdir / data_name
+        if external:
+            with open(tmp_data, "wb") as out:
+                with _externalized(model, out, data_name, threshold):
+                    proto = model.to_proto()
+                _sync(out)
+        else:
+            with _inlined(model):
+                proto = model.to_proto()
+        _write_proto(proto, tmp_model)
+        del proto
+        # Data first: the model file that lands is never without its data.
+        if external:
+            os.replace(tmp_data, path.with_name(data_name))
         os.replace(tmp_model, path)
+        _sync_folder(path.parent)
+    except OSError as exc:
+        raise ModelSaveError(f"{path}: cannot write: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _source_lookup(model: Model) -> dict[tuple[str, str, str], ExternalValues]:
-    """(location, offset, length) of the source reference -> the values reading it."""
-    table = {}
-    for const in constants(model.graph):
-        values = const._values
-        if isinstance(values, ExternalValues):
-            info = external_info(values.tensor)
-            table[(info.get("location", ""), str(values.offset), str(values.length))] = values
-    return table
+def _write_proto(proto: onnx.ModelProto, target: Path) -> None:
+    if proto.ByteSize() > PROTOBUF_LIMIT:
+        raise _TooLarge()
+    try:
+        data = proto.SerializeToString()
+    except (EncodeError, ValueError) as exc:
+        raise _TooLarge() from exc
+    with open(target, "wb") as f:
+        f.write(data)
+        _sync(f)
 
 
-def _write_tensor(tensor, out, data_name: str, threshold: int, sources) -> None:
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = external_info(tensor)
-        values = _find_source(sources, info)
-        if values is None:
-            raise ModelSaveError(f"tensor {tensor.name!r}: its external data source is unknown")
-        offset = _pad(out)
-        for block in values.read_bytes():
-            out.write(block)
-        _set_external(tensor, data_name, offset, values.length)
+def _sync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
         return
-    if not tensor.HasField("raw_data"):
-        # Typed fields (float_data, ...): normalise to raw bytes when large.
-        if _typed_size(tensor) < threshold:
-            return
-        array = onnx.numpy_helper.to_array(tensor)
-        tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
-    if len(tensor.raw_data) < threshold:
-        return
-    offset = _pad(out)
-    raw = tensor.raw_data
-    out.write(raw)
-    length = len(raw)
-    tensor.ClearField("raw_data")
-    _set_external(tensor, data_name, offset, length)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot sync a folder; the renames are done either way
+    finally:
+        os.close(fd)
 
 
-def _find_source(sources, info):
-    offset = str(int(info.get("offset", "0")))
-    for (location, off, length), values in sources.items():
-        if location == info.get("location", "") and off == offset:
-            return values
-    return None
+# ------------------------------------------------------------ staging tensors for export
 
 
-def _typed_size(tensor) -> int:
-    return 4 * (
-        len(tensor.float_data) + len(tensor.int32_data) + 2 * len(tensor.int64_data) + 2 * len(tensor.double_data)
-    )
+class _Staged(LazyValues):
+    """Values swapped in while exporting: gs's exporter uses ``tensor`` as is."""
+
+    def __init__(self, tensor: onnx.TensorProto, shape, dtype):  # no super(): gs rejects some dtypes
+        self.tensor, self.shape, self.dtype, self.nbytes = tensor, shape, dtype, 0
+
+
+@contextlib.contextmanager
+def _swapped() -> Iterator[list]:
+    """Collects (constant, values, data_location) swaps and undoes them on exit."""
+    swaps: list = []
+    try:
+        yield swaps
+    finally:
+        for const, values, location in reversed(swaps):
+            const._values, const.data_location = values, location
+
+
+def _stage(swaps: list, const: gs.Constant, tensor: onnx.TensorProto | None, location) -> None:
+    swaps.append((const, const._values, const.data_location))
+    if tensor is not None:
+        const._values = _Staged(tensor, const.shape, const.dtype)
+    const.data_location = location
+
+
+@contextlib.contextmanager
+def _externalized(model: Model, out, data_name: str, threshold: int) -> Iterator[None]:
+    """Write every constant of ``threshold`` bytes or more to ``out`` and stage
+    a data-less TensorProto pointing there in its place."""
+    written: dict[int, tuple[int, int]] = {}  # id(values) -> (offset, length): shared values once
+    with _swapped() as swaps:
+        for const in constants(model.graph):
+            values = const._values
+            if isinstance(values, SparseValues):
+                continue
+            if _const_nbytes(const) < threshold:
+                _stage_inline(swaps, const)
+                continue
+            parts = _export_parts(const)
+            if parts is None:  # a type onnx cannot write as raw bytes: leave it inline
+                continue
+            header, payload = parts
+            if id(values) not in written:
+                offset = _pad(out)
+                length = 0
+                for block in payload:
+                    out.write(block)
+                    length += len(block)
+                written[id(values)] = (offset, length)
+            del payload
+            _set_external(header, data_name, *written[id(values)])
+            _stage(swaps, const, header, EXTERNAL)
+        yield
+
+
+@contextlib.contextmanager
+def _inlined(model: Model) -> Iterator[None]:
+    """Stage every externally stored constant as an in-memory TensorProto."""
+    with _swapped() as swaps:
+        for const in constants(model.graph):
+            if not isinstance(const._values, SparseValues):
+                _stage_inline(swaps, const)
+        yield
+
+
+def _stage_inline(swaps: list, const: gs.Constant) -> None:
+    values = const._values
+    if isinstance(values, ExternalValues):
+        tensor = tensor_header(values.tensor, const.name)
+        tensor.raw_data = b"".join(values.read_bytes())
+        _stage(swaps, const, tensor, None)
+    elif isinstance(values, LazyValues):
+        if values.tensor.data_location == EXTERNAL:
+            raise ModelSaveError(f"tensor {const.name!r}: its external data was never validated; its source is unknown")
+    elif const.data_location == EXTERNAL:
+        _stage(swaps, const, None, None)  # materialized by a pass: its bytes are in memory now
+
+
+def _export_parts(const: gs.Constant) -> tuple[onnx.TensorProto, Iterable[bytes]] | None:
+    """(data-less TensorProto, raw little-endian bytes) of a constant, holding at
+    most one tensor's bytes in memory; None for types onnx cannot write raw."""
+    values = const._values
+    if isinstance(values, ExternalValues):
+        return tensor_header(values.tensor, const.name), values.read_bytes()
+    if isinstance(values, LazyValues):
+        tensor = values.tensor
+        if tensor.data_location == EXTERNAL:
+            raise ModelSaveError(f"tensor {const.name!r}: its external data was never validated; its source is unknown")
+        if tensor.HasField("raw_data"):
+            return tensor_header(tensor, const.name), (tensor.raw_data,)
+        converted = _typed_to_raw(tensor)  # float_data, int32_data, ...
+    else:
+        converted = _numpy_tensor(const)
+    if converted is None:
+        return None
+    raw = converted.raw_data
+    return tensor_header(converted, const.name), (raw,)
+
+
+def _typed_to_raw(tensor: onnx.TensorProto) -> onnx.TensorProto | None:
+    try:
+        converted = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor))
+    except (ValueError, TypeError, KeyError):
+        return None
+    converted.data_type = tensor.data_type
+    return converted if converted.HasField("raw_data") else None
+
+
+def _numpy_tensor(const: gs.Constant) -> onnx.TensorProto | None:
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    try:
+        tensor = OnnxExporter.export_tensor_proto(const)
+    except (ValueError, TypeError, KeyError):
+        return None
+    return tensor if tensor.HasField("raw_data") else None
 
 
 def _pad(out) -> int:
@@ -401,17 +597,10 @@ def _pad(out) -> int:
 
 def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
     del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.data_location = EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -20,23 +21,79 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+# Types whose raw bytes numpy reads directly (little-endian, one element per item).
+_PLAIN_TYPES = {
+    getattr(onnx.TensorProto, n)
+    for n in (
+        "FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64",
+        "UINT8", "UINT16", "UINT32", "UINT64", "BOOL", "COMPLEX64", "COMPLEX128",
+    )
+}
+# Fields of a TensorProto that hold or locate its data (everything else is header).
+DATA_FIELDS = frozenset(
+    ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+     "uint64_data", "external_data", "data_location")
+)
+
+
+def copy_fields(source, target, skip: frozenset[str] | set[str]) -> None:
+    """Copy every set field of protobuf message ``source`` except ``skip`` into ``target``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        repeated = getattr(field, "is_repeated", None)  # protobuf >= 5; older ones have label
+        if repeated is None:
+            repeated = field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def tensor_header(tensor: onnx.TensorProto, name: str | None = None) -> onnx.TensorProto:
+    """A copy of ``tensor`` without its data (name, dims, type, doc string, ...)."""
+    header = onnx.TensorProto()
+    copy_fields(tensor, header, DATA_FIELDS)
+    if name is not None:
+        header.name = name
+    return header
+
 
 class ExternalValues(LazyValues):
     """Lazy values of a tensor stored in an external data file.
 
     ``path`` is the validated absolute path of the data file; the tensor proto
     keeps its original relative location so exporting never loads the bytes.
+    ``identity`` is the (st_dev, st_ino) seen when the path was validated: every
+    open checks the file is still that regular file, so swapping it for a link
+    after loading is caught.
     """
 
-    def __init__(self, tensor: onnx.TensorProto, path: Path, offset: int, length: int):
+    def __init__(self, tensor: onnx.TensorProto, path: Path, offset: int, length: int,
+                 identity: tuple[int, int] | None = None):
         super().__init__(tensor)
-        self.path = path
+        self.path = Path(path)
         self.offset = offset
         self.length = length
+        self.identity = identity
+
+    def _open(self):
+        f = open(self.path, "rb")
+        st = os.fstat(f.fileno())
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_size < self.offset + self.length
+            or (self.identity is not None and (st.st_dev, st.st_ino) != self.identity)
+        ):
+            f.close()
+            raise OSError(f"{self.path} changed since the model was loaded")
+        f.seek(self.offset)
+        return f
 
     def read_bytes(self, chunk: int = 64 << 20) -> Iterator[bytes]:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
+        with self._open() as f:
             left = self.length
             while left > 0:
                 block = f.read(min(chunk, left))
@@ -46,12 +103,19 @@ class ExternalValues(LazyValues):
                 yield block
 
     def load(self) -> np.ndarray:
-        from onnx_graphsurgeon.importers.onnx_importer import get_numpy_type
-
-        dtype = np.dtype(get_numpy_type(self.dtype))
+        data_type = self.tensor.data_type
         count = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-        arr = np.fromfile(self.path, dtype=dtype, count=count, offset=self.offset)
-        return arr.reshape(self.shape)
+        if data_type in _PLAIN_TYPES:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).newbyteorder("<")
+            with self._open() as f:
+                arr = np.fromfile(f, dtype=dtype, count=count)
+            if arr.size != count:
+                raise OSError(f"unexpected end of {self.path}")
+            return arr.astype(dtype.newbyteorder("="), copy=False).reshape(self.shape)
+        # bfloat16, float8, 4-bit types: let onnx decode the raw bytes.
+        inline = tensor_header(self.tensor)
+        inline.raw_data = b"".join(self.read_bytes())
+        return np.array(onnx.numpy_helper.to_array(inline))
 
     def __str__(self) -> str:
         return f"ExternalValues(shape={self.shape}, dtype={self.dtype}, file={self.path.name})"
@@ -103,27 +167,40 @@ class Model:
         return Model(self.graph.copy(), meta, self.source, list(self.notes))
 
     def to_proto(self) -> onnx.ModelProto:
-        """Export to a ModelProto; external tensors stay references, nothing is loaded."""
+        """Export to a ModelProto; external tensors stay references, nothing is loaded.
+
+        The exported graph is kept and the model fields are merged into it from
+        ``meta`` (copying the graph instead would hold in-memory weights twice)."""
         graph = self.graph
         graph.toposort(recurse_subgraphs=True)
-        exported = gs.export_onnx(graph, do_type_check=False)
-        proto = onnx.ModelProto()
-        proto.CopyFrom(self.meta)
-        proto.graph.CopyFrom(exported.graph)
-        # gs may add opset domains for ops it saw; keep the user's plus any new ones.
-        have = {imp.domain for imp in proto.opset_import}
-        for imp in exported.opset_import:
-            if imp.domain not in have and imp.domain not in ("", "ai.onnx"):
-                proto.opset_import.append(imp)
+        proto = gs.export_onnx(graph, do_type_check=False)
+        added = [imp for imp in proto.opset_import if self.opset(imp.domain) is None]
+        for field, _ in proto.ListFields():
+            if field.name != "graph":
+                proto.ClearField(field.name)
+        proto.MergeFrom(self.meta)  # meta has no graph: only the model fields are set
+        # Domains the graph uses but meta does not declare (a pass added a node of a
+        # new domain without calling ensure_domain) are declared at version 1.
+        for imp in added:
+            if imp.domain not in ("", "ai.onnx") and imp.domain not in _function_domains(self.meta):
+                proto.opset_import.append(onnx.helper.make_opsetid(imp.domain, imp.version))
         return proto
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, source: Path | None = None) -> "Model":
         graph = gs.import_onnx(proto)
-        meta = onnx.ModelProto()
-        meta.CopyFrom(proto)
-        meta.ClearField("graph")
-        return cls(graph, meta, source)
+        return cls(graph, model_fields(proto), source)
+
+
+def model_fields(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` without its graph, made without copying the graph first."""
+    meta = onnx.ModelProto()
+    copy_fields(proto, meta, {"graph"})
+    return meta
+
+
+def _function_domains(meta: onnx.ModelProto) -> set[str]:
+    return {f.domain for f in meta.functions}
 
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
