@@ -15,6 +15,8 @@ Identities:
     the same places; negative axes count from the middle tensor's rank in both).
 
 Precondition for removals: the graph output name rule of ``common.bypass``.
+Only the second node is rewritten (the first is read, never changed), so one first
+node can feed several collapses in one sweep.
 """
 from __future__ import annotations
 
@@ -64,17 +66,17 @@ class CollapseTranspose(Rule):
         outer, inner = node.attrs.get("perm"), first.attrs.get("perm")
         if outer is None or inner is None or len(outer) != len(inner):
             return None
-        return Match([node, first], {"perm": [int(inner[i]) for i in outer]})
+        return Match([node], {"first": first, "perm": [int(inner[i]) for i in outer]})
 
     def check(self, graph, match, ctx):
-        second, first = match.nodes
+        second, first = match.nodes[0], match.info["first"]
         if match.info["perm"] == list(range(len(match.info["perm"]))):
             reason = bypass_refusal(second, first.inputs[0], second.outputs[0], self.index)
             return self.refusal(reason, match) if reason else None
         return None
 
     def rewrite(self, graph, match, ctx):
-        second, first = match.nodes
+        second, first = match.nodes[0], match.info["first"]
         perm = match.info["perm"]
         if perm == list(range(len(perm))):
             bypass(second, first.inputs[0], second.outputs[0], self.index)
@@ -91,10 +93,10 @@ class CollapseReshape(Rule):
         first = producer(node.inputs[0], "Reshape")
         if first is None or self.index.graph_of(first) is not graph or len(node.inputs) != 2:
             return None
-        return Match([node, first])
+        return Match([node], {"first": first})
 
     def check(self, graph, match, ctx):
-        second, first = match.nodes
+        second, first = match.nodes[0], match.info["first"]
         target = int_list(second.inputs[1])
         if target is None:
             return self.refusal("the second shape is not a constant", match)
@@ -105,7 +107,7 @@ class CollapseReshape(Rule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        second, first = match.nodes
+        second, first = match.nodes[0], match.info["first"]
         second.inputs[0] = first.inputs[0]
 
 
@@ -117,10 +119,10 @@ class CollapseCast(Rule):
         first = producer(node.inputs[0], "Cast")
         if first is None or self.index.graph_of(first) is not graph:
             return None
-        return Match([node, first])
+        return Match([node], {"first": first})
 
     def check(self, graph, match, ctx):
-        second, first = match.nodes
+        second, first = match.nodes[0], match.info["first"]
         source = self.types.dtype(first.inputs[0])
         middle, target = int(first.attrs["to"]), int(second.attrs["to"])
         if source is None:
@@ -136,7 +138,7 @@ class CollapseCast(Rule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        second, first = match.nodes
+        second, first = match.nodes[0], match.info["first"]
         if int(second.attrs["to"]) == self.types.dtype(first.inputs[0]):
             bypass(second, first.inputs[0], second.outputs[0], self.index)
         else:
@@ -163,15 +165,15 @@ class CancelSqueezePair(Rule):
         axes, first_axes = squeeze_axes(node), squeeze_axes(first)
         if axes is None or first_axes is None or sorted(axes) != sorted(first_axes):
             return None
-        return Match([node, first], {"axes": axes})
+        return Match([node], {"first": first, "axes": axes})
 
     def check(self, graph, match, ctx):
-        second, first = match.nodes
+        second, first = match.nodes[0], match.info["first"]
         reason = bypass_refusal(second, first.inputs[0], second.outputs[0], self.index)
         return self.refusal(reason, match) if reason else None
 
     def rewrite(self, graph, match, ctx):
-        second, first = match.nodes
+        second, first = match.nodes[0], match.info["first"]
         bypass(second, first.inputs[0], second.outputs[0], self.index)
 
 
