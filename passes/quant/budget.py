@@ -1,0 +1,214 @@
+"""Accuracy budget: how far the quantized model may drift from the float one, and
+which nodes to give back to float when it drifts too far.
+
+Metrics (score in [0, 1] where 1 is the float model; the budget holds when
+``score >= 1 - max_drop``):
+  * cosine: mean over validation feeds of the cosine similarity of all float
+    outputs concatenated;
+  * sqnr: the noise-to-signal power ratio N/S of the outputs mapped to
+    score = 1 - N/S (so max_drop 0.01 means SQNR >= 20 dB);
+  * top1: fraction of feeds (and rows) whose argmax over the last axis of the
+    first output agrees with the float model;
+  * a user callable ``metric(reference_outputs, candidate_outputs) -> score``
+    (lists of per-feed output lists).
+
+Sensitivity: one run of the float and quantized models exposes every
+quantized node's output; a node's sensitivity is the noise it *adds*, i.e.
+N/S at its output minus the worst N/S at its inputs, so upstream error is not
+charged twice. The fallback returns the most sensitive nodes to float one
+group at a time until the budget holds, nothing is left, or time runs out,
+keeping the best model evaluated so far.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnxforge.errors import OptionError
+
+METRICS = ("cosine", "sqnr", "top1")
+
+Outputs = list[list[np.ndarray]]  # per feed, per output
+
+
+def run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], names: list[str] | None = None, *, optimize: bool = True) -> Outputs:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    return [session.run(names, {k: v for k, v in feed.items() if k in wanted}) for feed in feeds]
+
+
+def _float_parts(outputs: list[np.ndarray]) -> np.ndarray:
+    parts = [np.asarray(o, dtype=np.float64).ravel() for o in outputs if np.issubdtype(np.asarray(o).dtype, np.floating)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def cosine(reference: Outputs, candidate: Outputs) -> float:
+    values = []
+    for ref, cand in zip(reference, candidate):
+        a, b = _float_parts(ref), _float_parts(cand)
+        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        if na == 0 and nb == 0:
+            values.append(1.0)
+        elif na == 0 or nb == 0:
+            values.append(0.0)
+        else:
+            values.append(float(np.dot(a, b) / (na * nb)))
+    return float(np.mean(values)) if values else 1.0
+
+
+def noise_ratio(a: np.ndarray, b: np.ndarray) -> float:
+    signal = float(np.sum(np.square(a, dtype=np.float64)))
+    noise = float(np.sum(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    return noise / signal if signal > 0 else (0.0 if noise == 0 else 1.0)
+
+
+def sqnr_score(reference: Outputs, candidate: Outputs) -> float:
+    ratios = [noise_ratio(_float_parts(r), _float_parts(c)) for r, c in zip(reference, candidate)]
+    return 1.0 - float(np.mean(ratios)) if ratios else 1.0
+
+
+def top1(reference: Outputs, candidate: Outputs) -> float:
+    agree = total = 0
+    for ref, cand in zip(reference, candidate):
+        a, b = np.asarray(ref[0]), np.asarray(cand[0])
+        ia, ib = a.reshape(-1, a.shape[-1]).argmax(-1), b.reshape(-1, b.shape[-1]).argmax(-1)
+        agree += int(np.sum(ia == ib))
+        total += ia.size
+    return agree / total if total else 1.0
+
+
+def metric_function(metric: str | Callable) -> Callable[[Outputs, Outputs], float]:
+    if callable(metric):
+        return metric
+    table = {"cosine": cosine, "sqnr": sqnr_score, "top1": top1}
+    if metric not in table:
+        raise OptionError(f"unknown metric {metric!r}", hint=f"choose one of {', '.join(METRICS)} or pass a callable")
+    return table[metric]
+
+
+def sqnr_db(score: float) -> float:
+    """SQNR in dB from an sqnr score (1 - N/S)."""
+    ratio = max(1.0 - score, 1e-12)
+    return -10.0 * math.log10(ratio)
+
+
+# ------------------------------------------------------------------ sensitivity
+
+
+def node_sensitivity(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    nodes: Mapping[str, onnx.NodeProto],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+) -> dict[str, float]:
+    """Node name -> noise-to-signal ratio it adds (outputs compared by tensor name)."""
+    quant_values = _value_names(quant_model)
+    wanted = set()
+    for node in nodes.values():
+        wanted.update(t for t in list(node.input) + list(node.output) if t in quant_values)
+    float_values = _value_names(float_model)
+    wanted = sorted(wanted & float_values)
+    if not wanted:
+        return {}
+    ref = _collect(float_model, feeds, wanted)
+    got = _collect(quant_model, feeds, wanted)
+    ratio = {name: float(np.mean([noise_ratio(r, g) for r, g in zip(ref[name], got[name])])) for name in wanted}
+    sensitivity = {}
+    for name, node in nodes.items():
+        outs = [ratio[t] for t in node.output if t in ratio]
+        if not outs:
+            continue
+        ins = [ratio[t] for t in node.input if t in ratio]
+        sensitivity[name] = max(outs) - (max(ins) if ins else 0.0)
+    return sensitivity
+
+
+def _value_names(model: onnx.ModelProto) -> set[str]:
+    names = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        names.update(node.output)
+    return names
+
+
+def _collect(model: onnx.ModelProto, feeds, names: list[str]) -> dict[str, list[np.ndarray]]:
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    have = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    results: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for outputs in run_outputs(exposed, feeds, names, optimize=False):
+        for name, value in zip(names, outputs):
+            if np.issubdtype(value.dtype, np.floating):
+                results[name].append(value)
+    return {k: v for k, v in results.items() if v}
+
+
+# ------------------------------------------------------------------ fallback search
+
+
+@dataclasses.dataclass
+class BudgetStep:
+    excluded: list[str]
+    score: float
+    seconds: float
+
+
+@dataclasses.dataclass
+class BudgetResult:
+    model: onnx.ModelProto
+    score: float
+    met: bool
+    excluded: list[str]
+    steps: list[BudgetStep]
+    timed_out: bool = False
+
+
+def fallback_search(
+    build: Callable[[list[str]], onnx.ModelProto],
+    evaluate: Callable[[onnx.ModelProto], float],
+    ranked: list[str],
+    threshold: float,
+    *,
+    initial: tuple[onnx.ModelProto, float],
+    group_size: int = 0,
+    deadline: float = math.inf,
+) -> BudgetResult:
+    """Return the most sensitive nodes of ``ranked`` to float a group at a time.
+
+    ``build(excluded)`` quantizes with ``excluded`` kept float; ``evaluate`` scores
+    a model. Stops when the score reaches ``threshold``, ``ranked`` is exhausted or
+    ``deadline`` (time.monotonic) passes; the best model so far is returned."""
+    best_model, best_score = initial
+    best_excluded: list[str] = []
+    steps: list[BudgetStep] = []
+    if best_score >= threshold:
+        return BudgetResult(best_model, best_score, True, [], steps)
+    size = group_size or max(1, math.ceil(len(ranked) / 16))
+    excluded: list[str] = []
+    timed_out = False
+    for start in range(0, len(ranked), size):
+        if time.monotonic() > deadline:
+            timed_out = True
+            break
+        began = time.monotonic()
+        excluded = excluded + ranked[start : start + size]
+        model = build(excluded)
+        score = evaluate(model)
+        steps.append(BudgetStep(list(excluded), score, time.monotonic() - began))
+        if score > best_score:
+            best_model, best_score, best_excluded = model, score, list(excluded)
+        if score >= threshold:
+            break
+    return BudgetResult(best_model, best_score, best_score >= threshold, best_excluded, steps, timed_out)

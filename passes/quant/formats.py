@@ -1,0 +1,287 @@
+"""Where Q/DQ go, per execution provider, and how the result is checked.
+
+Quantization identity: x ~= (q - z) * s with q = clamp(round(x / s) + z) in the
+integer type; QDQ writes it as QuantizeLinear -> DequantizeLinear pairs and the
+provider fuses DQ -> op -> Q into an integer kernel when it has one.
+
+  * CPU (onnxruntime MLAS): u8 activations (asymmetric), s8 weights per output
+    channel, int32 bias; DQ->Conv/Gemm/MatMul->Q become QLinearConv, QGemm,
+    QLinearMatMul. Without VNNI, u8 x s8 products saturate in the 16-bit
+    accumulate of VPMADDUBSW, so weights use 7 bits (reduce_range). For
+    transformers the MatMul weights are quantized dynamically (activations
+    quantized per call: DynamicQuantizeMatMul / MatMulInteger), because static
+    ranges of attention activations lose accuracy.
+  * TensorRT / CUDA: symmetric s8 activations and weights (zero point 0),
+    weights per channel, Q/DQ only at the inputs of weighted ops (Conv,
+    ConvTranspose, Gemm, MatMul with a constant weight); never around
+    LayerNormalization, Softmax or activation x activation MatMuls (attention
+    internals), nor tiny GEMMs where the Q/DQ cost exceeds the saving.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from onnxforge.errors import OptionError
+
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+INTEGER_KERNELS = (
+    "QLinearConv", "QGemm", "QLinearMatMul", "QAttention", "MatMulInteger", "ConvInteger",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul",
+    "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearAveragePool", "QLinearSoftmax", "NhwcQLinearConv", "DynamicQuantizeLSTM",
+)
+# Below this many weight elements a GEMM is "tiny": quantizing it costs more
+# (two extra kernels, precision) than the integer product saves.
+TINY_GEMM_ELEMENTS = 4096
+# Static QDQ on CPU: ops with an integer kernel, or data movement that lets
+# Q/DQ propagate through so the integer kernels chain without float round trips.
+CPU_STATIC_OPS = (
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "LeakyRelu", "Sigmoid",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Resize", "Transpose", "Reshape",
+    "Squeeze", "Unsqueeze", "Flatten", "Split", "Pad",
+)
+
+
+def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
+    """True when the CPU has VNNI (AVX512-VNNI, AVX-VNNI) or AMX int8 dot products."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True  # unknown: onnxruntime's default (full range) is what other hosts expect
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatSpec:
+    provider: str
+    activation_type: str  # "u8" | "s8"
+    weight_type: str = "s8"
+    symmetric_activations: bool = False
+    per_channel: bool = True
+    reduce_range: bool = False
+    op_types: tuple[str, ...] = CPU_STATIC_OPS
+    dynamic_matmul: bool = False  # quantize MatMul/Gemm weights dynamically (CPU transformers)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def spec_for(provider: str, model: onnx.ModelProto, mode: str = "auto", vnni: bool | None = None) -> FormatSpec:
+    """The format for ``provider``; ``mode``: auto | static | dynamic (dynamic: CPU only)."""
+    if provider not in PROVIDERS:
+        raise OptionError(f"unknown provider {provider!r}", hint=f"choose one of {', '.join(PROVIDERS)}")
+    if mode not in ("auto", "static", "dynamic"):
+        raise OptionError(f"unknown quantization mode {mode!r}", hint="choose auto, static or dynamic")
+    if provider in ("cuda", "tensorrt"):
+        if mode == "dynamic":
+            raise OptionError(f"dynamic quantization has no {provider} kernels", hint="use static")
+        return FormatSpec(provider, "s8", symmetric_activations=True, op_types=WEIGHTED_OPS)
+    vnni = cpu_has_vnni() if vnni is None else vnni
+    dynamic = mode == "dynamic" or (mode == "auto" and is_transformer(model))
+    return FormatSpec("cpu", "u8", reduce_range=not vnni, dynamic_matmul=dynamic)
+
+
+def is_transformer(model: onnx.ModelProto) -> bool:
+    """Attention-shaped models: Softmax present and weighted MatMuls outnumber Convs."""
+    ops = [n.op_type for n in model.graph.node]
+    initializers = {t.name for t in model.graph.initializer}
+    weighted_matmuls = sum(
+        1 for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in initializers
+    )
+    return "Softmax" in ops and weighted_matmuls > ops.count("Conv")
+
+
+# ------------------------------------------------------------------ exclusions
+
+
+def provider_exclusions(model: onnx.ModelProto, spec: FormatSpec) -> dict[str, str]:
+    """Node name -> why it stays float, for the provider's placement rules."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    excluded: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+            continue
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if weight is None and node.op_type in ("MatMul", "Gemm"):
+            if spec.provider != "cpu":
+                excluded[node.name] = "activation x activation product (attention internals)"
+            continue
+        if spec.provider != "cpu" and weight is not None and int(np.prod(weight.dims)) < TINY_GEMM_ELEMENTS:
+            excluded[node.name] = f"tiny GEMM ({int(np.prod(weight.dims))} weight elements)"
+    return excluded
+
+
+# ------------------------------------------------------------------ quantizers
+
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if name == "u8" else QuantType.QInt8
+
+
+def static_qdq(
+    model: onnx.ModelProto,
+    ranges: Mapping[str, tuple[float, float]],
+    spec: FormatSpec,
+    exclude: list[str] = (),
+    op_types: tuple[str, ...] | None = None,
+) -> onnx.ModelProto:
+    """QDQ model with ``ranges`` as activation ranges (onnxruntime's QDQ placer)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    data = {
+        name: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+        for name, (lo, hi) in ranges.items()
+    }
+    quantizer = QDQQuantizer(
+        _copy(model),
+        spec.per_channel,
+        spec.reduce_range,
+        _qtype(spec.weight_type),
+        _qtype(spec.activation_type),
+        TensorsData(CalibrationMethod.MinMax, data),
+        None,
+        list(exclude),
+        list(op_types if op_types is not None else spec.op_types),
+        {
+            "ActivationSymmetric": spec.symmetric_activations,
+            "WeightSymmetric": True,
+            "AddQDQPairToWeight": False,  # weights stored as int8, no float copy
+        },
+    )
+    quantizer.quantize_model()
+    return _without_unused_initializers(quantizer.model.model)
+
+
+def dynamic_matmul(model: onnx.ModelProto, spec: FormatSpec, exclude: list[str] = ()) -> onnx.ModelProto:
+    """MatMul/Gemm with constant weights quantized dynamically (u8 activations, s8 weights)."""
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.quant_utils import QuantizationMode
+
+    quantizer = ONNXQuantizer(
+        _copy(model),
+        spec.per_channel,
+        spec.reduce_range,
+        QuantizationMode.IntegerOps,
+        False,
+        _qtype("s8"),
+        _qtype("u8"),
+        None,
+        None,
+        list(exclude),
+        ["MatMul", "Gemm"],
+        {"MatMulConstBOnly": True},
+    )
+    quantizer.quantize_model()
+    return _without_unused_initializers(quantizer.model.model)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _without_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop initializers nothing reads: the float originals of quantized weights."""
+    used = {name for node in _all_nodes(model.graph) for name in node.input}
+    used.update(o.name for o in model.graph.output)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return model
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _all_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _all_nodes(sub)
+
+
+# ------------------------------------------------------------------ checks
+
+
+def integer_kernels(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, int]:
+    """Op counts of the graph onnxruntime really runs (its optimized graph): which
+    integer kernels the Q/DQ placement turned into."""
+    from .prepare import ort_offline
+
+    if provider != "cpu":
+        raise OptionError("integer kernel check runs on the CPU provider only")
+    optimized = ort_offline(model, level="extended")
+    counts: dict[str, int] = {}
+    for node in _all_nodes(optimized.graph):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def summarize_kernels(counts: Mapping[str, int]) -> dict[str, int]:
+    return {op: n for op, n in sorted(counts.items()) if op in INTEGER_KERNELS or op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")}
+
+
+def stale_float_weights(model: onnx.ModelProto) -> list[str]:
+    """Float initializers that duplicate a quantized weight (same name stem) or that
+    nothing reads; empty for a clean quantized model."""
+    used = {name for node in _all_nodes(model.graph) for name in node.input}
+    quantized = {t.name[: -len("_quantized")] for t in model.graph.initializer if t.name.endswith("_quantized")}
+    stale = []
+    for t in model.graph.initializer:
+        if t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        if t.name not in used or t.name in quantized:
+            stale.append(t.name)
+    return stale
+
+
+# ------------------------------------------------------------------ TensorRT cache
+
+
+def symmetric_amax(low: float, high: float) -> float:
+    return float(max(abs(low), abs(high)))
+
+
+def write_tensorrt_cache(ranges: Mapping[str, tuple[float, float]], path: str | Path, header: str = "TRT-8601-EntropyCalibration2") -> Path:
+    """TensorRT's calibration cache: one ``name: <float32 scale, big-endian hex>``
+    line per tensor with scale = max(|min|, |max|) / 127, plus ``<path>.json``
+    holding the dynamic ranges (amax) that onnxruntime's TensorRT EP reads."""
+    path = Path(path)
+    lines = [header]
+    amax = {}
+    for name in sorted(ranges):
+        bound = symmetric_amax(*ranges[name])
+        amax[name] = bound
+        scale = bound / 127.0 if bound > 0 else 1.0 / 127.0
+        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
+    path.write_text("\n".join(lines) + "\n")
+    path.with_suffix(path.suffix + ".json").write_text(json.dumps({"dynamic_range": amax}, indent=1, sort_keys=True))
+    return path
+
+
+def read_tensorrt_cache(path: str | Path) -> dict[str, float]:
+    """name -> scale from a TensorRT text calibration cache."""
+    scales = {}
+    for line in Path(path).read_text().splitlines()[1:]:
+        name, _, hexval = line.rpartition(": ")
+        if name:
+            scales[name] = struct.unpack(">f", bytes.fromhex(hexval.strip()))[0]
+    return scales

@@ -1,0 +1,338 @@
+"""The public INT8 entry: ``quantize(model, calib=...) -> (Model, QuantReport)``.
+
+Order of work:
+  1. refuse models that already hold Q/DQ or integer kernels (never quantize
+     twice); int8 weights dequantized by Cast+Mul are reused as they are;
+  2. the float baseline (prepare.float_baseline): cleanup, opset >= 13,
+     BN/bias folded; it is also the reference for accuracy and latency;
+  3. streaming calibration (calibrate.py) unless the format is dynamic;
+  4. provider placement (formats.py);
+  5. the accuracy budget (budget.py): evaluate on validation feeds, and if the
+     budget is missed return the most sensitive nodes to float, group by group,
+     within ``budget_seconds``, keeping the best model;
+  6. the report: int8 / float nodes with reasons, accuracy, latency, kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnxforge.errors import DataError, OptionError
+from onnxforge.model import Model
+
+from . import budget as budget_mod
+from .calibrate import METHODS, calibrate
+from .detect import detect, int8_weights_to_dynamic_matmul
+from .formats import (
+    FormatSpec, dynamic_matmul, integer_kernels, provider_exclusions, spec_for, stale_float_weights,
+    static_qdq, summarize_kernels, symmetric_amax, write_tensorrt_cache,
+)
+from .prepare import float_baseline, lower_constants
+
+RANDOM_WARNING = (
+    "calibrating on RANDOM data (--calib random): the ranges fit noise, not your inputs, "
+    "and the accuracy figures below mean nothing"
+)
+RANDOM_FEEDS = 8
+MAX_VALIDATION_FEEDS = 16
+
+
+@dataclasses.dataclass
+class QuantReport:
+    provider: str
+    format: dict
+    method: str
+    calibration: str
+    calibration_feeds: int
+    validation: str
+    metric: str
+    max_drop: float
+    score: float | None = None
+    score_before_fallback: float | None = None
+    budget_met: bool | None = None
+    budget_timed_out: bool = False
+    int8_nodes: list[str] = dataclasses.field(default_factory=list)
+    float_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why
+    kernels: dict[str, int] = dataclasses.field(default_factory=dict)
+    latency: dict | None = None
+    fallback_steps: list[dict] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.as_dict(), indent=1, default=_jsonable))
+
+    def summary(self) -> str:
+        lines = [
+            f"provider {self.provider}, {'dynamic MatMul' if self.format.get('dynamic_matmul') else 'static QDQ'}, "
+            f"method {self.method}, calibration: {self.calibration} ({self.calibration_feeds} feeds)",
+            f"int8 nodes: {len(self.int8_nodes)}, float nodes: {len(self.float_nodes)}",
+        ]
+        if self.score is not None:
+            lines.append(
+                f"{self.metric} vs float: {self.score:.5f} (budget >= {1 - self.max_drop:.5f}: "
+                f"{'met' if self.budget_met else 'MISSED'}) on {self.validation}"
+            )
+        if self.latency:
+            lat = self.latency
+            lines.append(
+                f"latency {lat['variant_ms']:.3f} ms vs float {lat['base_ms']:.3f} ms: "
+                f"{lat['ratio']:.3f}x [{lat['ci_low']:.3f}, {lat['ci_high']:.3f}]"
+            )
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _jsonable(value: Any):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _as_proto(model: Model | onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, Model):
+        return model.to_proto()
+    from onnxforge.io import load
+
+    return load(model).to_proto()
+
+
+def _feeds(data, proto: onnx.ModelProto, what: str) -> tuple[Iterable[dict], str]:
+    """(feeds, description) from a folder/file path, an iterable of feed dicts, or "random"."""
+    from onnxforge.inputs import iter_feed_files, load_feeds, seeded_feeds
+
+    if isinstance(data, str) and data == "random":
+        return [seeded_feeds(proto, seed=i) for i in range(RANDOM_FEEDS)], "random (seeded)"
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.exists():
+            raise DataError(f"{what} data {path}: no such file or folder")
+        if any(path.glob("*.npz")) or path.suffix == ".npz":
+            return iter_feed_files(path), str(path)
+        return load_feeds(path), str(path)
+    if isinstance(data, Mapping):
+        return [dict(data)], "one feed dict"
+    if isinstance(data, Iterable):
+        return data, "feed dicts (API)"
+    raise DataError(f"{what} data: expected a folder, a file, an iterable of feed dicts or 'random', got {type(data).__name__}")
+
+
+def _validation_feeds(val, calib_list: list[dict] | None, proto, calib_desc: str) -> tuple[list[dict], str]:
+    if val is not None:
+        feeds, desc = _feeds(val, proto, "validation")
+        return _take(feeds, MAX_VALIDATION_FEEDS), desc
+    if calib_list:
+        return calib_list[:MAX_VALIDATION_FEEDS], f"calibration data ({calib_desc}; no separate --val given)"
+    return [], "none"
+
+
+def _take(feeds: Iterable[dict], n: int) -> list[dict]:
+    out = []
+    for feed in feeds:
+        out.append(feed)
+        if len(out) >= n:
+            break
+    return out
+
+
+class _Tee:
+    """Iterates the calibration feeds once, keeping the first few for validation."""
+
+    def __init__(self, feeds: Iterable[dict], keep: int):
+        self.feeds, self.keep, self.kept = feeds, keep, []
+
+    def __iter__(self):
+        for feed in self.feeds:
+            if len(self.kept) < self.keep:
+                self.kept.append(feed)
+            yield feed
+
+
+# ------------------------------------------------------------------ entry
+
+
+def quantize(
+    model: Model | onnx.ModelProto | str | os.PathLike,
+    calib: Any = None,
+    *,
+    provider: str = "cpu",
+    method: str = "minmax",
+    max_drop: float = 0.01,
+    metric: str | Callable = "cosine",
+    val: Any = None,
+    budget_seconds: float = 300.0,
+    mode: str = "auto",
+    measure_latency: bool = True,
+    tensorrt_cache: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Model, QuantReport]:
+    """Quantize ``model`` to INT8 for ``provider``; see the module docstring."""
+    started = time.monotonic()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if method not in METHODS:
+        raise OptionError(f"unknown calibration method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+    if not 0 <= max_drop < 1:
+        raise OptionError(f"--max-drop {max_drop}: must be in [0, 1)")
+    if calib is None:
+        raise DataError(
+            "quantization needs calibration data",
+            hint="pass --calib DIR (a folder of .npz feed dicts), or --calib random to accept meaningless accuracy",
+        )
+    metric_fn = budget_mod.metric_function(metric)
+    original = _as_proto(model)
+    detection = detect(original)
+    if detection.refuses:
+        raise OptionError(
+            f"the model is already quantized: {detection.describe()}; quantizing it again would round "
+            "rounded values a second time",
+            hint="quantize the float model instead",
+        )
+    baseline = float_baseline(original)
+    spec = spec_for(provider, baseline, mode)
+    calib_feeds, calib_desc = _feeds(calib, original, "calibration")
+    report = QuantReport(provider, spec.as_dict(), method, calib_desc, 0, "", metric if isinstance(metric, str) else "user", max_drop)
+    if calib_desc.startswith("random"):
+        report.warnings.append(RANDOM_WARNING)
+        log(f"WARNING: {RANDOM_WARNING}")
+
+    plan = _plan(original, baseline, spec, detection, calib_feeds, method, report, log)
+    val_feeds, report.validation = _validation_feeds(val, plan.kept_feeds, original, calib_desc)
+    if not val_feeds:
+        raise DataError("no validation feeds", hint="pass --val DIR or calibration data with at least one feed")
+
+    reference = budget_mod.run_outputs(baseline, val_feeds)
+    evaluate = lambda m: metric_fn(reference, budget_mod.run_outputs(m, val_feeds))  # noqa: E731
+    first = plan.build([])
+    first_score = evaluate(first)
+    report.score_before_fallback = first_score
+    threshold = 1.0 - max_drop
+    result = budget_mod.BudgetResult(first, first_score, first_score >= threshold, [], [])
+    if first_score < threshold and plan.candidates:
+        log(f"{report.metric} {first_score:.5f} misses the budget {threshold:.5f}: ranking node sensitivity")
+        ranked = _ranked(baseline, first, plan, val_feeds[:4])
+        deadline = started + budget_seconds
+        result = budget_mod.fallback_search(plan.build, evaluate, ranked, threshold, initial=(first, first_score), deadline=deadline)
+    final = result.model
+    report.score, report.budget_met, report.budget_timed_out = result.score, result.met, result.timed_out
+    report.fallback_steps = [{"float": len(s.excluded), "score": s.score, "seconds": round(s.seconds, 2)} for s in result.steps]
+    _fill_nodes(report, baseline, final, plan, result.excluded)
+    _check_clean(final, report)
+    if provider == "cpu":
+        report.kernels = summarize_kernels(integer_kernels(final))
+    if tensorrt_cache is not None and plan.ranges:
+        write_tensorrt_cache(plan.ranges, tensorrt_cache)
+        report.notes.append(f"TensorRT calibration cache written to {tensorrt_cache} (symmetric amax ranges)")
+    if measure_latency and provider == "cpu":
+        from .latency import compare
+
+        report.latency = compare(baseline, final, val_feeds[0]).as_dict()
+    report.seconds = round(time.monotonic() - started, 2)
+    out = Model.from_proto(final)
+    return out, report
+
+
+@dataclasses.dataclass
+class _Plan:
+    build: Callable[[list[str]], onnx.ModelProto]
+    candidates: dict[str, str]  # node name -> op type, nodes that may be int8
+    fixed_float: dict[str, str]  # node name -> why (provider rules)
+    ranges: dict[str, tuple[float, float]]
+    kept_feeds: list[dict]
+
+
+def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log) -> _Plan:
+    tee = _Tee(calib_feeds, MAX_VALIDATION_FEEDS)
+    if detection.weight_only:
+        return _plan_reuse(original, detection, tee, report, log)
+    fixed = provider_exclusions(baseline, spec)
+    if spec.dynamic_matmul:
+        kept = _take(tee, MAX_VALIDATION_FEEDS)
+        report.calibration_feeds = 0
+        report.notes.append("transformer on CPU: MatMul/Gemm weights quantized dynamically (no activation ranges needed)")
+        candidates = _weighted(baseline, ("MatMul", "Gemm"))
+        build = lambda excluded: dynamic_matmul(baseline, spec, list(fixed) + list(excluded))  # noqa: E731
+        return _Plan(build, {k: v for k, v in candidates.items() if k not in fixed}, fixed, {}, kept)
+    log(f"calibrating ({method}) ...")
+    symmetric = spec.symmetric_activations
+    ranges, _hists, count = calibrate(baseline, tee, method, symmetric=symmetric)
+    report.calibration_feeds = count
+    candidates = {n.name: n.op_type for n in baseline.graph.node if n.op_type in spec.op_types and n.name not in fixed}
+    build = lambda excluded: static_qdq(baseline, ranges, spec, list(fixed) + list(excluded))  # noqa: E731
+    return _Plan(build, candidates, fixed, ranges, tee.kept)
+
+
+def _plan_reuse(original, detection, tee, report, log) -> _Plan:
+    message = (
+        f"the model already holds int8 weights ({detection.describe()}); they are not quantized again: "
+        "MatMuls reading them run as DynamicQuantizeMatMul on the same int8 values"
+    )
+    log(message)
+    report.notes.append(message)
+    kept = _take(tee, MAX_VALIDATION_FEEDS)
+    lowered = lower_constants(original)
+    lowered_detection = detect(lowered)
+
+    def build(excluded: list[str]) -> onnx.ModelProto:
+        keep = [w for w in lowered_detection.weight_only if not set(w.consumers) & set(excluded)]
+        rewritten, _names = int8_weights_to_dynamic_matmul(lowered, dataclasses.replace(lowered_detection, weight_only=keep))
+        return float_baseline(rewritten)
+
+    candidates = {c: "MatMul" for w in lowered_detection.weight_only for c in w.consumers}
+    report.calibration_feeds = 0
+    return _Plan(build, candidates, {}, {}, kept)
+
+
+def _weighted(model: onnx.ModelProto, ops: tuple[str, ...]) -> dict[str, str]:
+    inits = {t.name for t in model.graph.initializer}
+    return {n.name: n.op_type for n in model.graph.node if n.op_type in ops and len(n.input) > 1 and n.input[1] in inits}
+
+
+def _ranked(baseline, quantized, plan: _Plan, feeds) -> list[str]:
+    nodes = {n.name: n for n in baseline.graph.node if n.name in plan.candidates}
+    scores = budget_mod.node_sensitivity(baseline, quantized, nodes, feeds)
+    ranked = sorted(scores, key=lambda k: -scores[k])
+    return ranked + [n for n in nodes if n not in scores]
+
+
+def _fill_nodes(report: QuantReport, baseline, final, plan: _Plan, excluded: list[str]) -> None:
+    producers = {o: n for n in final.graph.node for o in n.output}
+    final_nodes = {n.name: n for n in final.graph.node}
+    for name, why in plan.fixed_float.items():
+        report.float_nodes[name] = why
+    for name in excluded:
+        report.float_nodes[name] = "returned to float by the accuracy budget (most sensitive)"
+    for name, op in plan.candidates.items():
+        if name in report.float_nodes:
+            continue
+        node = final_nodes.get(name)
+        if node is None or node.op_type != op:
+            report.int8_nodes.append(name)  # replaced by an integer op
+        elif any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input):
+            report.int8_nodes.append(name)
+        else:
+            report.float_nodes[name] = "no range or no quantizable input (left float by the QDQ placer)"
+
+
+def _check_clean(final: onnx.ModelProto, report: QuantReport) -> None:
+    stale = stale_float_weights(final)
+    if stale:
+        report.warnings.append(f"{len(stale)} float initializers duplicate quantized weights: {', '.join(stale[:5])}")
