@@ -86,6 +86,7 @@ class ModelResult:
     session_rss_mb: float | None
     ratio: RatioCI | None = None
     accuracy: list[dict] | None = None
+    warm_ms: float = 0.0  # median warmup latency
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -150,7 +151,7 @@ def make_feeds(model_path: str | os.PathLike, input_shapes: Mapping | None = Non
 
 
 @dataclass
-class _Live:
+class LiveSession:
     variant: Variant
     runner: Callable[[int], object]
     providers: list[str]
@@ -165,7 +166,7 @@ class _Live:
     accuracy: list[dict] | None = None
 
 
-def _start(variant: Variant, feeds: list[dict], config: BenchConfig) -> _Live:
+def start_session(variant: Variant, feeds: list[dict], config: BenchConfig) -> LiveSession:
     gc.collect()
     rss_before = _status_kb("VmRSS")
     can_track = _reset_peak_rss() and rss_before is not None
@@ -184,12 +185,12 @@ def _start(variant: Variant, feeds: list[dict], config: BenchConfig) -> _Live:
         runner(i + 1)
         warm.append((time.perf_counter() - t0) * 1e3)
     peak = _status_kb("VmHWM") if can_track else None
-    live = _Live(variant, runner, sess.get_providers(), create_ms, first_ms,
+    live = LiveSession(variant, runner, sess.get_providers(), create_ms, first_ms,
                  None if peak is None else (peak - rss_before) / 1024,
                  None if not can_track or rss_created is None else (rss_created - rss_before) / 1024,
                  session=sess)
-    typical = float(np.median(warm)) if warm else first_ms
-    live.iterations = config.iterations or _auto_iterations(typical)
+    live.warm_ms = float(np.median(warm)) if warm else first_ms
+    live.iterations = config.iterations or _auto_iterations(live.warm_ms)
     return live
 
 
@@ -198,7 +199,7 @@ def _auto_iterations(latency_ms: float) -> int:
     return int(min(MAX_ITERATIONS, max(MIN_ITERATIONS, math.ceil(wanted))))
 
 
-def _run_round(live: _Live, offset: int) -> None:
+def _run_round(live: LiveSession, offset: int) -> None:
     times = []
     for k in range(live.iterations):
         t0 = time.perf_counter_ns()
@@ -208,7 +209,7 @@ def _run_round(live: _Live, offset: int) -> None:
     live.round_medians.append(float(np.median(times)))
 
 
-def run_rounds(lives: Sequence[_Live], rounds: int, seed: int, on_round: Callable[[], None] | None = None) -> None:
+def run_rounds(lives: Sequence[LiveSession], rounds: int, seed: int, on_round: Callable[[], None] | None = None) -> None:
     """Interleave: every round runs each model once, in a new shuffled order."""
     order = list(range(len(lives)))
     rng = random.Random(seed)
@@ -226,7 +227,7 @@ def run_rounds(lives: Sequence[_Live], rounds: int, seed: int, on_round: Callabl
             gc.enable()
 
 
-def _result(live: _Live) -> ModelResult:
+def _result(live: LiveSession) -> ModelResult:
     stats = summarize(live.latencies)
     return ModelResult(
         label=live.variant.label, path=str(live.variant.path), profile_source=live.variant.profile_source,
@@ -260,7 +261,7 @@ def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndar
     return rows
 
 
-def _accuracy(reference_path: str, lives: Sequence[_Live], feeds: list[dict]) -> None:
+def _accuracy(reference_path: str, lives: Sequence[LiveSession], feeds: list[dict]) -> None:
     ref_sess = session(reference_path, None)
     names = [o.name for o in ref_sess.get_outputs()]
     ref_inputs = {i.name for i in ref_sess.get_inputs()}
@@ -335,7 +336,7 @@ def run_bench(variants: Sequence[Variant], config: BenchConfig, feeds: list[dict
         feeds = make_feeds(variants[0].path, config.input_shapes, config.data, config.seed)
     if not feeds:
         raise DataError("bench: no input feeds")
-    lives = [_start(v, feeds, config) for v in variants]
+    lives = [start_session(v, feeds, config) for v in variants]
     run_rounds(lives, config.rounds, config.seed, progress)
     if config.reference:
         _accuracy(config.reference, lives, feeds)

@@ -20,7 +20,7 @@ COLUMNS = ("model", "providers", "create_ms", "first_run_ms", "p50_ms", "p90_ms"
 def _accuracy_text(model: ModelResult) -> str:
     if not model.accuracy:
         return ""
-    return "; ".join(f"{a['output']}: max|d|={a['max_abs']:.3g} cos={a['cosine']:.6f}" for a in model.accuracy)
+    return "; ".join(f"{a['output']}: max_abs={a['max_abs']:.3g} cos={a['cosine']:.6f}" for a in model.accuracy)
 
 
 def summary_rows(result: BenchResult) -> list[dict]:
@@ -114,7 +114,7 @@ def render_table(result: BenchResult, console=None) -> None:
 
     console = console or Console()
     if not console.is_terminal:
-        console.print(markdown_table(result), markup=False, highlight=False, soft_wrap=True, end="")
+        console.print(markdown_table(result).rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
         return
     table = Table(title=f"onnxforge bench ({result.config['rounds']} interleaved rounds)")
     for name in ("model", "provider", "create ms", "1st run ms", "p50 ms", "p90 ms", "p99 ms", "mean ms",

@@ -48,9 +48,10 @@ def usable_cores() -> int:
 
 def search_space(static_shapes: bool = True, cores: int | None = None, **_) -> list[Dimension]:
     """Ordered by expected impact: threads first, then spinning, graph level,
-    execution mode, memory planning, denormals. 0 threads = onnxruntime's choice."""
+    execution mode, memory planning, denormals. The first value of each is
+    onnxruntime's default (for threads: its own choice of count)."""
     cores = cores or usable_cores()
-    threads = tuple({"intra_op_num_threads": n} for n in [0, *thread_counts(cores)])
+    threads = ({}, *({"intra_op_num_threads": n} for n in thread_counts(cores)))
     dims = [
         Dimension("intra_op_threads", "session", threads),
         Dimension("spinning", "session", ({}, {"allow_spinning": False})),

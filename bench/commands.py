@@ -1,0 +1,77 @@
+"""CLI subcommand ``onnxforge bench``.
+
+``add_bench_parser(subparsers)`` registers it; ``func(args)`` runs the
+benchmark, prints the table (rich on a terminal, plain text otherwise),
+writes the requested files and returns the exit code.
+"""
+from __future__ import annotations
+
+from onnxforge.runtime.providers import PROVIDERS
+
+
+def add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="latency, throughput and memory of models, interleaved, with ratios to the first",
+        description="Benchmark one or more models in interleaved rounds. MODEL may be written "
+                    "model.onnx@profile.json to run that model with its own profile.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model .onnx (the first is the baseline)")
+    p.add_argument("--provider", default="cpu", choices=PROVIDERS, help="provider when a model has no profile")
+    p.add_argument("--profile", help="profile JSON for every model; 'none' = defaults "
+                                     "(default: each model's MODEL.profile.json if present)")
+    p.add_argument("--input-shape", action="append", metavar="NAME:SHAPE",
+                   help="pin a dynamic input, e.g. x:1x3x224x224 (a MIN-OPT-MAX range runs at OPT)")
+    p.add_argument("--data", help="real inputs: folder of .npz feed dicts or .npy files (cycled)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs per model after the first (default 3)")
+    p.add_argument("--iterations", type=int, help="runs per model per round (default: about 0.15 s worth)")
+    p.add_argument("--threads", type=int, help="intra-op threads for every model (default: the profile's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic inputs and round order")
+    p.add_argument("--reference", help="original model: report max error and cosine per output against it")
+    p.add_argument("--json", help="write the full result (samples, environment) as JSON")
+    p.add_argument("--csv", help="write one summary row per model as CSV")
+    p.add_argument("--markdown", help="write the summary table as Markdown")
+    p.add_argument("--plot", help="write a PNG plot of the latency distributions and ratios")
+    p.set_defaults(func=cmd_bench)
+
+
+def bench_from_args(args, progress=None):
+    """Run the benchmark described by parsed ``args``; returns a BenchResult."""
+    from onnxforge.bench.harness import BenchConfig, load_profile_arg, make_variants, parse_model_spec, run_bench
+    from onnxforge.runtime.shapes import opt_shapes, parse_shape_ranges
+
+    shared_profile = load_profile_arg(args.profile)
+    models, profiles = [], []
+    for spec in args.models:
+        model, own_profile = parse_model_spec(spec)
+        models.append(model)
+        profiles.append(load_profile_arg(own_profile) if own_profile else shared_profile)
+    variants = make_variants(models, profiles, args.provider)
+    config = BenchConfig(rounds=args.rounds, warmup=args.warmup, iterations=args.iterations, threads=args.threads,
+                         seed=args.seed, input_shapes=opt_shapes(parse_shape_ranges(args.input_shape)),
+                         data=args.data, reference=args.reference)
+    return run_bench(variants, config, progress=progress)
+
+
+def cmd_bench(args) -> int:
+    from rich.console import Console
+
+    from onnxforge.bench.outputs import render_table, write_csv, write_json, write_markdown
+    from onnxforge.bench.plot import plot_result
+
+    console = Console(stderr=True)
+    if console.is_terminal:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("bench"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
+                      TimeRemainingColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("rounds", total=args.rounds)
+            result = bench_from_args(args, progress=lambda: bar.advance(task))
+    else:
+        result = bench_from_args(args)
+    render_table(result)
+    for writer, target in ((write_json, args.json), (write_csv, args.csv), (write_markdown, args.markdown),
+                           (plot_result, args.plot)):
+        if target:
+            writer(result, target)
+            console.print(f"wrote {target}", highlight=False)
+    return 0

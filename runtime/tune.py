@@ -1,0 +1,384 @@
+"""Tune a model's deployment profile for one provider within a time budget.
+
+Search: coordinate descent over the provider's dimensions (``search_space()``
+in its profile module, most promising first). For each dimension every
+alternative value races against the incumbent, interleaved in rounds
+(``bench.harness``): after each round a candidate whose 95% interval lies
+above 1 (slower beyond noise) is dropped, and at rounds 3, 6 and 12 the worse
+half by point estimate goes too (successive halving). A candidate replaces the
+incumbent only if its interval lies entirely below 1. A final interleaved
+run of the tuned profile against the defaults keeps the tuning only if it is
+still faster beyond noise; otherwise the defaults are written. So the
+result is never slower than the defaults beyond measurement noise.
+
+Budget: every session creation and every round is started only if the time
+it is expected to take (measured on the baseline) fits before the deadline,
+with a share of the budget reserved for the final confirmation.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import onnx
+
+from onnxforge.bench.harness import BenchConfig, LiveSession, Variant, make_feeds, run_rounds, start_session
+from onnxforge.bench.stats import RatioCI, ratio_ci
+from onnxforge.errors import OnnxForgeError, OptionError
+from onnxforge.runtime.profile import Profile, ProviderEntry, default_profile, profile_path_for, save_profile
+from onnxforge.runtime.providers import profile_module
+from onnxforge.runtime.shapes import ShapeRange, opt_shapes
+from onnxforge.runtime.space import Dimension
+
+CONFIRM_SHARE = 0.25  # of the budget kept for the final tuned-vs-default run
+SAFETY = 0.92  # plan to finish by this fraction of the budget
+MIN_ROUNDS, MAX_ROUNDS = 3, 12
+HALVING_AT = (3, 6, 12)
+CONFIRM_MIN_ROUNDS, CONFIRM_MAX_ROUNDS = 5, 20
+ROUND_TARGET_S = 0.04  # per model per round, when choosing iterations
+
+
+@dataclass
+class Trial:
+    dimension: str
+    candidate: str
+    changes: dict
+    outcome: str  # accepted, not-faster, slower, halved, failed, no-time
+    ratio: dict | None = None  # vs the incumbent of that moment
+    rounds: int = 0
+    note: str = ""
+
+
+@dataclass
+class TuneResult:
+    profile: Profile
+    trials: list[Trial]
+    confirmation: dict | None  # tuned vs default ratio, when run
+    kept_default: bool
+    elapsed_s: float
+    budget_s: float
+    baseline_ms: float
+    path: Path | None = None
+
+    def report(self) -> dict:
+        return {
+            "budget_s": self.budget_s, "elapsed_s": round(self.elapsed_s, 3), "baseline_ms": self.baseline_ms,
+            "kept_default": self.kept_default, "confirmation": self.confirmation,
+            "trials": [asdict(t) for t in self.trials],
+        }
+
+
+@dataclass
+class _Clock:
+    start: float
+    budget_s: float
+    now: Callable[[], float] = time.monotonic
+
+    def elapsed(self) -> float:
+        return self.now() - self.start
+
+    def left(self) -> float:
+        return self.budget_s * SAFETY - self.elapsed()
+
+
+@dataclass
+class _State:
+    model: Path
+    provider: str
+    feeds: list[dict]
+    clock: _Clock
+    iterations: int = 3
+    create_s: float = 0.0  # measured on the baseline
+    round_s: float = 0.0  # one model, one round
+    seed: int = 0
+    trials: list[Trial] = field(default_factory=list)
+
+
+def parse_budget(text: str | float | int) -> float:
+    """``"60s"``, ``"2m"``, ``"90"``, ``1.5`` -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        raw = str(text).strip().lower()
+        scale = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+        unit = next((u for u in ("ms", "min", "s", "m", "h") if raw.endswith(u)), "")
+        try:
+            seconds = float(raw[: len(raw) - len(unit)] if unit else raw) * scale.get(unit, 1.0)
+        except ValueError:
+            raise OptionError(f"--budget {text!r}: expected seconds like 60, 60s, 2m") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise OptionError(f"--budget {text!r}: must be a positive duration")
+    return seconds
+
+
+def model_inputs(path: str | Path) -> dict[str, tuple | None]:
+    """Graph input name -> shape (ints for fixed dims, str/None for dynamic ones)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    shapes = {}
+    for inp in graph.input:
+        if inp.name in initializers:
+            continue
+        tensor = inp.type.tensor_type
+        if not tensor.HasField("shape"):
+            shapes[inp.name] = None
+            continue
+        shapes[inp.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                 for d in tensor.shape.dim)
+    return shapes
+
+
+def _static(inputs: Mapping[str, tuple | None], ranges: Mapping[str, ShapeRange]) -> bool:
+    for name, shape in inputs.items():
+        if name in ranges:
+            if not ranges[name].fixed:
+                return False
+        elif shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
+            # seeded feeds pin dynamic dims to one value, but a deployed model sees others
+            return False
+    return True
+
+
+def _apply(profile: Profile, dim: Dimension, value: dict) -> Profile:
+    entries = [ProviderEntry(e.name, dict(e.options)) for e in profile.providers]
+    session_options = dict(profile.session_options)
+    if dim.section == "session":
+        session_options.update(value)
+    else:
+        entries[0].options.update(value)
+    return Profile(entries, session_options, profile.model).validated()
+
+
+def _differs(profile: Profile, dim: Dimension, value: dict) -> bool:
+    current = profile.session_options if dim.section == "session" else profile.providers[0].options
+    return any(current.get(k) != v for k, v in value.items())
+
+
+def _start(state: _State, profile: Profile, label: str) -> LiveSession:
+    config = BenchConfig(rounds=1, warmup=2, iterations=state.iterations, threads=None, seed=state.seed)
+    return start_session(Variant(label, state.model, profile, "tuning"), state.feeds, config)
+
+
+def _ratio(base: LiveSession, live: LiveSession) -> RatioCI:
+    n = len(live.round_medians)
+    return ratio_ci(base.round_medians[:n], live.round_medians)
+
+
+def _ratio_dict(r: RatioCI) -> dict:
+    return {"ratio": r.ratio, "low": r.low, "high": r.high, "rounds": r.rounds, "verdict": r.verdict}
+
+
+# -------------------------------------------------------------------------- racing
+
+
+def _race(state: _State, dim: Dimension, incumbent: LiveSession, profile: Profile, dim_deadline: float
+          ) -> tuple[LiveSession, Profile] | None:
+    """Race the dimension's alternatives against the incumbent; the winner, if any."""
+    contenders: list[tuple[LiveSession, Profile, Trial]] = []
+    for value in dim.values:
+        if not _differs(profile, dim, value):
+            continue
+        trial = Trial(dim.name, dim.label(dim.values.index(value)), value, "no-time")
+        state.trials.append(trial)
+        if state.clock.elapsed() + state.create_s * 1.5 + state.round_s * MIN_ROUNDS * 2 > dim_deadline:
+            continue
+        try:
+            candidate = _apply(profile, dim, value)
+            live = _start(state, candidate, trial.candidate)
+        except OnnxForgeError as exc:
+            trial.outcome, trial.note = "failed", exc.message
+            continue
+        contenders.append((live, candidate, trial))
+    if not contenders:
+        return None
+    incumbent.round_medians = []
+    for live, _, _ in contenders:
+        live.round_medians = []
+    alive = list(contenders)
+    for round_no in range(1, MAX_ROUNDS + 1):
+        cost = _round_cost(state, [incumbent] + [c[0] for c in alive])
+        if state.clock.elapsed() + cost > dim_deadline:
+            break
+        run_rounds([incumbent] + [c[0] for c in alive], 1, state.seed + round_no)
+        alive = _prune(alive, incumbent, round_no)
+        if not alive:
+            break
+        if len(alive) == 1 and round_no >= MIN_ROUNDS + 2 and _ratio(incumbent, alive[0][0]).high < 1:
+            break  # a lone survivor already wins beyond noise
+    return _pick(alive, incumbent)
+
+
+def _round_cost(state: _State, lives: list[LiveSession]) -> float:
+    return sum(live.iterations * _typical_ms(live) / 1e3 for live in lives) + 0.01 * len(lives)
+
+
+def _typical_ms(live: LiveSession) -> float:
+    medians = live.round_medians or [live.warm_ms]
+    return sorted(medians)[len(medians) // 2]
+
+
+def _prune(alive, incumbent: LiveSession, round_no: int):
+    kept = []
+    for live, prof, trial in alive:
+        r = _ratio(incumbent, live)
+        trial.ratio, trial.rounds = _ratio_dict(r), r.rounds
+        if round_no >= MIN_ROUNDS and r.low > 1.0:
+            trial.outcome, trial.note = "slower", f"slower beyond noise after {round_no} rounds"
+        else:
+            kept.append((live, prof, trial))
+    if round_no in HALVING_AT and len(kept) > 1:
+        kept.sort(key=lambda c: _ratio(incumbent, c[0]).ratio)
+        for _, _, trial in kept[(len(kept) + 1) // 2:]:
+            trial.outcome, trial.note = "halved", f"in the slower half after {round_no} rounds"
+        kept = kept[: (len(kept) + 1) // 2]
+    for _, _, trial in kept:
+        trial.outcome, trial.note = "not-faster", "interval includes 1"
+    return kept
+
+
+def _pick(alive, incumbent: LiveSession):
+    if not alive:
+        return None
+    scored = sorted(alive, key=lambda c: _ratio(incumbent, c[0]).ratio)
+    live, prof, trial = scored[0]
+    r = _ratio(incumbent, live)
+    if r.rounds >= MIN_ROUNDS and r.high < 1.0:
+        trial.outcome, trial.note = "accepted", f"faster beyond noise: {r}"
+        return live, prof
+    return None
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def _baseline(model: Path, provider: str, cache_dir, ranges: Mapping[str, ShapeRange]) -> Profile:
+    prof = default_profile(provider, cache_dir=cache_dir)
+    if provider == "tensorrt" and ranges:
+        trt = profile_module("tensorrt")
+        prof.providers[0].options.update(trt.profile_shape_options(ranges, model_inputs(model)))
+    prof.model = {"file": model.name}
+    return prof.validated()
+
+
+def tune(model: str | Path, provider: str = "cpu", budget_s: float = 60.0, *, output: str | Path | None = None,
+         shape_ranges: Mapping[str, ShapeRange] | None = None, data: str | None = None, seed: int = 0,
+         allow_lossy: bool = False, cache_dir: str | Path | None = None,
+         on_progress: Callable[[str], None] | None = None) -> TuneResult:
+    """Search ``provider``'s space for ``model`` within ``budget_s`` seconds.
+
+    Writes the profile to ``output`` (default: ``model.profile.json`` beside
+    the model; pass ``output=False`` to write nothing) with the report of
+    every trial under its ``tuning`` key. ``shape_ranges`` come from
+    ``--input-shape`` (opt shapes feed the runs; TensorRT also gets them as
+    optimization profiles). ``allow_lossy`` lets FP16/TF32 into the search.
+    """
+    model = Path(model)
+    clock = _Clock(time.monotonic(), float(budget_s))
+    ranges = dict(shape_ranges or {})
+    if provider == "tensorrt" and cache_dir is None:
+        cache_dir = model.with_name(f"{model.stem}.trt_cache")
+    feeds = make_feeds(model, opt_shapes(ranges), data, seed)
+    state = _State(model, provider, feeds, clock, seed=seed)
+    notify = on_progress or (lambda _msg: None)
+
+    default = _baseline(model, provider, cache_dir, ranges)
+    t0 = time.monotonic()
+    baseline = _start(state, default, "default")
+    state.create_s = time.monotonic() - t0
+    typical = _typical_ms(baseline)
+    state.iterations = max(2, min(30, math.ceil(ROUND_TARGET_S * 1e3 / max(typical, 1e-3))))
+    baseline.iterations = state.iterations
+    state.round_s = state.iterations * typical / 1e3
+
+    module = profile_module(provider)
+    dims = [d for d in module.search_space(static_shapes=_static(model_inputs(model), ranges),
+                                            allow_lossy=allow_lossy) if allow_lossy or not d.lossy]
+    incumbent, profile = baseline, default
+    for i, dim in enumerate(dims):
+        dims_left = len(dims) - i
+        # the confirmation reserve is only needed once something could change
+        reserve = CONFIRM_SHARE if profile is not default or dims_left > 1 else 0.0
+        search_end = clock.budget_s * SAFETY * (1 - reserve)
+        dim_deadline = clock.elapsed() + max(0.0, search_end - clock.elapsed()) / dims_left
+        notify(f"{dim.name}: {len(dim.values) - 1} alternative(s), {max(0.0, dim_deadline - clock.elapsed()):.1f}s")
+        winner = _race(state, dim, incumbent, profile, dim_deadline)
+        if winner is not None:
+            incumbent, profile = winner
+
+    confirmation, kept_default = None, True
+    if profile is not default:
+        confirmation, kept_default = _confirm(state, baseline, incumbent)
+    final = default if kept_default else profile
+    final = Profile(final.providers, final.session_options, {"file": model.name})
+    result = TuneResult(final, state.trials, confirmation, kept_default, clock.elapsed(), clock.budget_s,
+                        _typical_ms(baseline))
+    final.tuning = result.report()
+    if output is not False:
+        result.path = save_profile(final, output or profile_path_for(model))
+    return result
+
+
+def _confirm(state: _State, baseline: LiveSession, tuned: LiveSession) -> tuple[dict | None, bool]:
+    """Tuned vs default, interleaved, fresh round medians; keep tuned only if faster beyond noise."""
+    baseline.round_medians, tuned.round_medians = [], []
+    for round_no in range(CONFIRM_MAX_ROUNDS):
+        cost = _round_cost(state, [baseline, tuned])
+        if state.clock.left() < cost:
+            break
+        run_rounds([baseline, tuned], 1, state.seed + 1000 + round_no)
+    if len(tuned.round_medians) < CONFIRM_MIN_ROUNDS:
+        return {"note": f"only {len(tuned.round_medians)} confirmation rounds fit the budget: defaults kept"}, True
+    r = _ratio(baseline, tuned)
+    return _ratio_dict(r), not r.high < 1.0
+
+
+def render_tune(result: TuneResult, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if not console.is_terminal:
+        console.print(tune_text(result), markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"onnxforge tune ({result.elapsed_s:.1f}s of {result.budget_s:.0f}s)")
+    for name in ("dimension", "candidate", "outcome", "ratio vs incumbent [95% CI]", "rounds", "note"):
+        table.add_column(name)
+    for t in result.trials:
+        ratio = "-" if not t.ratio else f"{t.ratio['ratio']:.3f} [{t.ratio['low']:.3f}, {t.ratio['high']:.3f}]"
+        table.add_row(t.dimension, t.candidate, t.outcome, ratio, str(t.rounds), t.note)
+    console.print(table)
+    console.print(_verdict_text(result), markup=False)
+
+
+def _verdict_text(result: TuneResult) -> str:
+    conf = result.confirmation
+    if conf and "ratio" in conf:
+        text = (f"tuned vs default: {conf['ratio']:.3f} [{conf['low']:.3f}, {conf['high']:.3f}] over "
+                f"{conf['rounds']} rounds -> {'defaults kept' if result.kept_default else 'tuned profile kept'}")
+    elif conf:
+        text = conf["note"]
+    else:
+        text = "no candidate was faster beyond noise: defaults kept"
+    return text + (f"\nprofile written to {result.path}" if result.path else "")
+
+
+def tune_text(result: TuneResult) -> str:
+    """Plain-text report: one line per trial, then the verdict."""
+    lines = [f"onnxforge tune: {result.elapsed_s:.1f}s of {result.budget_s:.0f}s budget, "
+             f"baseline {result.baseline_ms:.3f} ms"]
+    for t in result.trials:
+        ratio = "-" if not t.ratio else f"{t.ratio['ratio']:.3f} [{t.ratio['low']:.3f}, {t.ratio['high']:.3f}]"
+        lines.append(f"  {t.dimension:<16} {t.candidate:<48} {t.outcome:<10} {ratio:<24} rounds={t.rounds} {t.note}")
+    lines.append(_verdict_text(result))
+    return "\n".join(lines)
+
+
+
+def tune_and_save(model: str | Path, provider: str = "cpu", budget_s: float | str = 60.0,
+                  output: str | Path | None = None, **options) -> TuneResult:
+    """``tune`` with a budget given as seconds or text ("60s"), writing the profile
+    beside the model (or to ``output``); what ``optimize --tune`` calls."""
+    return tune(model, provider, parse_budget(budget_s), output=output, **options)
