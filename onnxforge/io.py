@@ -98,7 +98,45 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         raise ModelLoadError(
             f"{path}: not a valid ONNX protobuf (corrupted, truncated or another format): {_first_line(exc)}"
         ) from None
+    bad = _non_utf8_string(proto)
+    if bad is not None:
+        raise ModelLoadError(f"{path}: not a valid ONNX protobuf (the {bad} field is not UTF-8 text)")
     return proto
+
+
+def _non_utf8_string(message) -> str | None:
+    """The name of a string field holding bytes that are not UTF-8, or None.
+
+    The protobuf runtime parses such fields without complaint and hands back
+    ``bytes`` instead of ``str``, which breaks much later (when saving). Tensor
+    data is never touched: only a TensorProto's names are looked at."""
+    if isinstance(message, onnx.TensorProto):
+        fields = [(f, getattr(message, f.name)) for f in _TENSOR_TEXT_FIELDS]
+    else:
+        fields = message.ListFields()
+    for field, value in fields:
+        if field.type == field.TYPE_STRING:
+            items = value if isinstance(value, (list, tuple)) or _is_repeated(field) else [value]
+            if any(isinstance(item, bytes) for item in items):
+                return f"{message.DESCRIPTOR.name}.{field.name}"
+        elif field.type == field.TYPE_MESSAGE:
+            for item in value if _is_repeated(field) else [value]:
+                bad = _non_utf8_string(item)
+                if bad is not None:
+                    return bad
+    return None
+
+
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5; older ones have label
+    return field.label == field.LABEL_REPEATED if repeated is None else repeated
+
+
+_TENSOR_TEXT_FIELDS = [
+    onnx.TensorProto.DESCRIPTOR.fields_by_name[n]
+    for n in ("name", "doc_string", "external_data", "metadata_props")
+    if n in onnx.TensorProto.DESCRIPTOR.fields_by_name
+]
 
 
 def _check_header(proto: onnx.ModelProto, path: Path) -> None:

@@ -75,7 +75,7 @@ def write_external_model(folder: Path, location: str = "weights.bin", *, offset:
 
 def constant_node_model(folder: Path, location: str = "const.bin") -> tuple[Path, np.ndarray]:
     """Y = X + C where C comes from a Constant node whose ``value`` is external."""
-    c = weight((2, 8), seed=3)
+    c = weight((4, 128), seed=3)  # 2 KB: above save()'s inline threshold
     value = numpy_helper.from_array(c, "c_value")
     (folder / location).write_bytes(c.tobytes())
     set_external(value, location, 0, c.nbytes)
@@ -85,8 +85,8 @@ def constant_node_model(folder: Path, location: str = "const.bin") -> tuple[Path
             helper.make_node("Add", ["X", "C"], ["Y"], name="add"),
         ],
         "g",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 8])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(c.shape))],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, list(c.shape))],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
