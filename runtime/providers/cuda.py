@@ -5,7 +5,7 @@ binding so inputs and outputs stay on the GPU; searches cuDNN conv algorithm
 selection, NHWC layout, CUDA graphs (static shapes only) and TF32 (lossy, only
 when allowed).
 """
-FUSIONS: tuple[str, ...] = ()
+FUSIONS: tuple[str, ...] = ("fuse-attention", "fuse-causal-attention", "fuse-sdpa", "fuse-gqa-rotary")
 
 # --- session profile (runtime issue); FUSIONS above is filled by the fusion passes.
 from onnxforge.errors import ProviderError

@@ -1,0 +1,260 @@
+"""Self-attention blocks -> com.microsoft MultiHeadAttention / GroupQueryAttention.
+
+Identity: for Q4, K4, V4 the heads of q3, k3, v3 ([B, S, N*D] -> [B, N, S, D]),
+
+    Reshape(Transpose(Softmax(s * Q4 K4^T + M) V4)) == MultiHeadAttention(q3, k3, v3,
+                                                      attention_bias=M', num_heads=N, scale=s)
+
+where M' = Expand(M, [1, 1, S, T]) is the same additive mask with its query axis
+spelled out (the op wants (B|1, N|1, S, T)); the mask keeps its exact meaning, so
+left-padded and holey masks behave as in the original model. Scalar factors on
+q3, Q4, K4^T and the scores are all folded into ``s`` (floating-point
+reassociation only).
+
+Preconditions checked by every rule: softmax over the last axis; every scale
+factor a constant scalar; N and D readable from the head-split Reshape constants
+(N = hidden / D when the constant is -1); the split keeps batch and sequence; the
+final Reshape merges heads back to [B, S, N*D]; no intermediate tensor is used
+outside the block (else fusing would duplicate work); and for the dynamo form,
+the NaN guard ``Where(IsNaN(P), 0, P)`` is dropped only when the mask is a Where
+of two finite constants (a row then never becomes all -inf, so P has no NaN for
+finite inputs).
+
+Which exporter form each pass owns:
+  * ``fuse-attention``: TorchScript BERT / DistilBERT / ViT / Whisper: separate
+    Q/K/V projections, K transposed by perm (0,2,3,1) or (0,1,3,2).
+  * ``fuse-causal-attention``: GPT-2: Q/K/V split from one packed projection,
+    causal (+padding) mask added to the scores.
+  * ``fuse-sdpa``: the dynamo exporter's decomposed scaled_dot_product_attention:
+    sqrt(scale) on Q and K, K transposed through Reshape/Transpose/Reshape, NaN guard.
+  * ``fuse-gqa-rotary`` (attention_gqa.py): Llama.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.context import PassContext, Refusal
+from onnxforge.passes.base import Match, Rule, RulePass
+
+from .attention_match import (
+    Core,
+    HeadSplit,
+    const_value,
+    head_split,
+    match_core,
+    merges_heads,
+    peel_scales,
+    producer,
+    scale_value,
+)
+
+MS_DOMAIN = "com.microsoft"
+
+
+# ------------------------------------------------------------------ shared checks
+
+def softmax_is_last_axis(graph: gs.Graph, softmax: gs.Node) -> bool:
+    default = -1 if (graph.opset or 13) >= 13 else 1
+    return int(softmax.attrs.get("axis", default)) in (-1, 3)
+
+
+def mask_is_finite(bias: gs.Tensor | None) -> bool:
+    """The additive mask is ``Where(c, a, b)`` of two finite constants (the HF/dynamo mask)."""
+    if bias is None:
+        return True
+    where = producer(bias, "Where")
+    if where is None:
+        return False
+    values = [const_value(t) for t in where.inputs[1:]]
+    return all(v is not None and v.size == 1 and np.isfinite(v).all() for v in values)
+
+
+def leaks(match_nodes: list[gs.Node], keep: set[int]) -> list[str]:
+    """Names of block nodes whose outputs are used outside the block (Shape users don't count)."""
+    inside = {id(n) for n in match_nodes}
+    leaked = []
+    for node in match_nodes:
+        if id(node) in keep:
+            continue
+        for out in node.outputs:
+            outside = [u for u in out.outputs if id(u) not in inside and u.op != "Shape"]
+            if outside:
+                leaked.append(node.name)
+    return leaked
+
+
+def peeled_projection(split: HeadSplit) -> tuple[gs.Tensor, list]:
+    """The projection output under scalar constant factors (folded into the scale)."""
+    base, factors = peel_scales(split.x3)
+    if factors and scale_value(factors) is not None and all(_is_scalar(f.factor) for f in factors):
+        return base, factors
+    return split.x3, []
+
+
+def _is_scalar(tensor: gs.Tensor) -> bool:
+    value = const_value(tensor)
+    return value is not None and value.size == 1
+
+
+# ------------------------------------------------------------------ rule base
+
+class AttentionRule(Rule):
+    """Matches the block around a Softmax; subclasses say which exporter form they own."""
+
+    anchor_ops = ("Softmax",)
+
+    def owns(self, core: Core, q: HeadSplit, k: HeadSplit, v: HeadSplit) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+    def match(self, graph: gs.Graph, node: gs.Node) -> Match | None:
+        core = match_core(node)
+        if core is None:
+            return None
+        q = head_split(core.q4, (0, 2, 1, 3))
+        k = core.key.split or head_split(core.key.k4, (0, 2, 1, 3))
+        v = head_split(core.v4, (0, 2, 1, 3))
+        if q is None or k is None or v is None or not self.owns(core, q, k, v):
+            return None
+        nodes = core.nodes + [n for s in (q, k, v) for n in s.nodes]
+        nodes = list({id(n): n for n in nodes}.values())
+        q3, q_factors = peeled_projection(q)
+        k3, k_factors = peeled_projection(k)
+        return Match([node] + [n for n in nodes if n is not node],
+                     {"core": core, "q": q, "k": k, "v": v, "q3": q3, "k3": k3,
+                      "proj_factors": q_factors + k_factors,
+                      "outputs": {t.name for t in graph.outputs}})
+
+    def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
+        core: Core = match.info["core"]
+        q, k, v = match.info["q"], match.info["k"], match.info["v"]
+        if not softmax_is_last_axis(graph, core.softmax):
+            return self.refusal("softmax axis not last", match)
+        if scale_value(core.factors) is None or any(not _is_scalar(f.factor) for f in core.factors):
+            return self.refusal("scale not constant", match)
+        heads, head_size = q.num_heads(), q.head_size
+        if heads is None or head_size is None:
+            return self.refusal("num_heads not derivable from reshape constant", match)
+        if (k.num_heads(), k.head_size) != (heads, head_size):
+            return self.refusal(f"key heads {k.num_heads()}x{k.head_size} differ from query "
+                                f"heads {heads}x{head_size}", match)
+        if v.num_heads() != heads or v.head_size is None:
+            return self.refusal("value heads differ from query heads", match)
+        if not all(s.keeps_batch_and_sequence() for s in (q, k, v)):
+            return self.refusal("head-split reshape does not keep batch and sequence", match)
+        if not merges_heads(core, heads, v.head_size):
+            return self.refusal("output reshape does not merge heads to [B, S, N*D]", match)
+        if core.nan_guard and not mask_is_finite(core.bias):
+            return self.refusal("NaN guard kept: mask is not a Where of finite constants", match)
+        if core.bias is not None and core.bias.shape and len(core.bias.shape) == 4 \
+                and core.bias.shape[1] not in (1, heads) and isinstance(core.bias.shape[1], int):
+            return self.refusal("mask not broadcast over heads", match)
+        keep = {id(core.merge_reshape)}
+        outputs = match.info["outputs"]
+        leaked = leaks(match.nodes, keep)
+        leaked += [n.name for n in match.nodes if id(n) not in keep
+                   and any(o.name in outputs for o in n.outputs)]
+        if leaked:
+            return Refusal(self.name, "intermediate result used outside the attention block",
+                           tuple(dict.fromkeys(leaked)))
+        return None
+
+    def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
+        core: Core = match.info["core"]
+        q, v = match.info["q"], match.info["v"]
+        scale = scale_value(core.factors + match.info["proj_factors"])
+        heads = q.num_heads()
+        q3, k3, v3 = match.info["q3"], match.info["k3"], v.x3
+        prefix = core.softmax.name or core.output.name
+        bias = expanded_mask(graph, core.bias, q3, k3, prefix) if core.bias is not None else None
+        emit_mha(graph, prefix, q3, k3, v3, bias, core.output, heads, scale)
+        core.merge_reshape.outputs.clear()
+        if ctx.model is not None:
+            ctx.model.ensure_domain(MS_DOMAIN, 1)
+
+
+def expanded_mask(graph: gs.Graph, mask: gs.Tensor, q3: gs.Tensor, k3: gs.Tensor, prefix: str) -> gs.Tensor:
+    """Expand(mask, [1, 1, S, T]): the additive mask with query and key axes spelled out."""
+    ones = gs.Constant(f"{prefix}/mask_ones", np.ones(2, dtype=np.int64))
+    index = gs.Constant(f"{prefix}/mask_seq_axis", np.array([1], dtype=np.int64))
+    dims = []
+    for label, tensor in (("q", q3), ("k", k3)):
+        shape = gs.Variable(f"{prefix}/{label}_shape", dtype=np.int64)
+        length = gs.Variable(f"{prefix}/{label}_len", dtype=np.int64)
+        graph.nodes.append(gs.Node("Shape", f"{prefix}/{label}_Shape", inputs=[tensor], outputs=[shape]))
+        graph.nodes.append(gs.Node("Gather", f"{prefix}/{label}_Gather", attrs={"axis": 0},
+                                   inputs=[shape, index], outputs=[length]))
+        dims.append(length)
+    target = gs.Variable(f"{prefix}/mask_shape", dtype=np.int64)
+    graph.nodes.append(gs.Node("Concat", f"{prefix}/mask_Concat", attrs={"axis": 0},
+                               inputs=[ones] + dims, outputs=[target]))
+    out = gs.Variable(f"{prefix}/attention_bias", dtype=mask.dtype)
+    graph.nodes.append(gs.Node("Expand", f"{prefix}/mask_Expand", inputs=[mask, target], outputs=[out]))
+    return out
+
+
+def emit_mha(graph: gs.Graph, prefix: str, q3, k3, v3, bias, output, heads: int, scale: float) -> gs.Node:
+    inputs = [q3, k3, v3]
+    if bias is not None:
+        inputs += [gs.Variable.empty(), gs.Variable.empty(), bias]
+    node = gs.Node("MultiHeadAttention", f"{prefix}/MultiHeadAttention", domain=MS_DOMAIN,
+                   attrs={"num_heads": int(heads), "scale": float(scale)}, inputs=inputs, outputs=[output])
+    graph.nodes.append(node)
+    return node
+
+
+def _from_split(x3: gs.Tensor) -> bool:
+    return producer(x3, "Split") is not None
+
+
+class FuseBertAttention(AttentionRule):
+    """TorchScript BERT/DistilBERT/ViT/Whisper: separate Q, K, V projections."""
+
+    name = "bert-attention"
+
+    def owns(self, core, q, k, v) -> bool:
+        return core.key.form in ("direct", "swap") and not core.nan_guard \
+            and not any(_from_split(s.x3) for s in (q, k, v))
+
+
+class FuseCausalAttention(AttentionRule):
+    """GPT-2: Q, K, V split from one packed (Conv1D) projection; causal mask added to the scores."""
+
+    name = "causal-attention"
+
+    def owns(self, core, q, k, v) -> bool:
+        return core.key.form in ("direct", "swap") and not core.nan_guard \
+            and all(_from_split(s.x3) for s in (q, k, v))
+
+
+class FuseSdpaAttention(AttentionRule):
+    """dynamo's decomposed scaled_dot_product_attention (sqrt-scale on Q and K, NaN guard)."""
+
+    name = "sdpa-attention"
+
+    def owns(self, core, q, k, v) -> bool:
+        return core.key.form == "reshape" or core.nan_guard
+
+
+class FuseAttention(RulePass):
+    name = "fuse-attention"
+    description = "BERT-like self-attention (TorchScript) -> com.microsoft MultiHeadAttention"
+    tolerance = (1e-4, 1e-5)
+    rules = (FuseBertAttention,)
+
+
+class FuseCausalAttentionPass(RulePass):
+    name = "fuse-causal-attention"
+    description = "GPT-2 self-attention with packed QKV projection and causal mask -> MultiHeadAttention"
+    tolerance = (1e-4, 1e-5)
+    rules = (FuseCausalAttention,)
+
+
+class FuseSdpa(RulePass):
+    name = "fuse-sdpa"
+    description = "dynamo-exported scaled_dot_product_attention -> MultiHeadAttention"
+    tolerance = (1e-4, 1e-5)
+    rules = (FuseSdpaAttention,)
+
+
+PASSES = (FuseAttention, FuseCausalAttentionPass, FuseSdpa)
