@@ -60,7 +60,8 @@ def probe_provider(name: str, ort_name: str) -> ProviderStatus:
     so.log_severity_level = 1  # library load failures are logged as errors/warnings
     with captured_output() as log:
         try:
-            sess = ort.InferenceSession(_probe_model(), so, providers=[ort_name, "CPUExecutionProvider"])
+            providers = list(dict.fromkeys([ort_name, "CPUExecutionProvider"]))
+            sess = ort.InferenceSession(_probe_model(), so, providers=providers)
             got = sess.get_providers()
             error = ""
         except Exception as exc:  # onnxruntime raises RuntimeError/Fail subclasses

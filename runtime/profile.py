@@ -107,7 +107,10 @@ def _parse_providers(items, where: str) -> list[ProviderEntry]:
     for item in items:
         if not isinstance(item, Mapping) or set(item) - {"name", "options"} or "name" not in item:
             raise OptionError(f"{where}: each provider is {{\"name\": ..., \"options\": {{...}}}}, got {item!r}")
-        name = provider_name(item["name"])
+        try:
+            name = provider_name(item["name"])
+        except ProviderError as exc:
+            raise ProviderError(f"{where}: {exc.message}", hint=exc.hint) from None
         if any(e.name == name for e in entries):
             raise ProviderError(f"{where}: provider {name!r} listed twice")
         try:
