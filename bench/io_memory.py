@@ -135,7 +135,7 @@ def _markdown(args, result: dict, check: dict | None) -> str:
     lines = [
         "# Model IO memory",
         "",
-        f"Command: `{' '.join(['python', 'bench/io_memory.py', *sys.argv[1:]])}`",
+        f"Command: `{' '.join(['python', 'bench/io_memory.py', *sys.argv[1:]]).replace(str(Path.home()), '~')}`",
         "",
         f"Model: `{Path(args.model).name}`, weights {_gb(result['weight_bytes'])}",
         "",
@@ -156,7 +156,8 @@ def _markdown(args, result: dict, check: dict | None) -> str:
             f"| peak RSS of the parity check (onnxruntime, not part of the figure) | "
             f"{_gb(check['verify_peak_rss_bytes'])} |",
         ]
-    lines += ["", f"Passes and how many runs each needed: {result['pass_rounds'] or 'pipeline skipped'}", ""]
+    lines += ["", "Runs of each pass (repeated until a run changes nothing): "
+              f"{result['pass_rounds'] or 'pipeline skipped'}", ""]
     return "\n".join(lines)
 
 
