@@ -45,6 +45,15 @@ class GraphIndex:
             for node in g.nodes:
                 self.owner[id(node)] = g
 
+    def forget(self, graph: gs.Graph) -> None:
+        """Drop a graph (and its subgraphs) that is no longer part of the model."""
+        gone = {id(g) for g in iter_graphs(graph)}
+        self.graphs = [g for g in self.graphs if id(g) not in gone]
+
+    def adopt(self, nodes: list[gs.Node], graph: gs.Graph) -> None:
+        for node in nodes:
+            self.owner[id(node)] = graph
+
     def graph_of(self, node: gs.Node) -> gs.Graph | None:
         return self.owner.get(id(node))
 

@@ -158,3 +158,28 @@ def test_folds_inside_if_branches():
     assert histogram(model) == {"If": 1, "Mul": 1, "Neg": 1}
     for c in (True, False):
         assert_parity(before, model, {"x": np.array([1.0, -2.0], np.float32), "c": np.array(c)})
+
+
+def test_if_with_constant_condition_becomes_its_branch():
+    model, before, result, _ = folded("""
+    g (float[2] x) => (float[2] y) {
+      c = Constant <value = bool {1}> ()
+      h = Relu(x)
+      r = If(c) <then_branch = g1 () => (float[2] t) { k = Constant <value = float[2] {2.0, 3.0}> () t = Mul(h, k) },
+                 else_branch = g2 () => (float[2] e) { e = Neg(h) }>
+      y = Sqrt(r)
+    }""")
+    assert result.stats == {"inlined_if": 1}
+    assert histogram(model) == {"Relu": 1, "Mul": 1, "Sqrt": 1}
+    assert [i.name for i in model.to_proto().graph.initializer] == ["k"]
+    assert_parity(before, model, {"x": np.array([1.0, -2.0], np.float32)})
+
+
+def test_if_whose_output_is_a_graph_output_is_not_inlined():
+    model, _, result, ctx = folded("""
+    g (float[2] x) => (float[2] y) {
+      c = Constant <value = bool {0}> ()
+      y = If(c) <then_branch = g1 () => (float[2] t) { t = Relu(x) }, else_branch = g2 () => (float[2] e) { e = Neg(x) }>
+    }""")
+    assert not result.changed
+    assert "an If output is a graph output" in refusal_reasons(ctx)
