@@ -1,0 +1,210 @@
+"""How many channels each group loses: a fixed ratio, or a global FLOPs (and parameter) target.
+
+Cost model: a weighted layer with F FLOPs and P weights whose input keeps a
+fraction a and output a fraction b of its channel positions costs F*a*b and P*a*b
+(a depthwise conv: F*a); the rest of the network is counted as fixed.
+
+Global allocation is greedy: channels leave in chunks of ``round_to`` (kept
+counts stay multiples of it, which vectorised CPU kernels need), lowest-importance
+first within each group. Each step takes the chunk with the smallest predicted
+error per FLOP saved, where a group's predicted output error after removing a
+share r of its importance is s_g * r^2 and s_g is its measured sensitivity
+(output error when that group alone loses half its channels; 1 when not measured).
+So groups whose error grows fastest are pruned least.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .groups import ChannelAnalysis, Group
+
+
+@dataclasses.dataclass
+class CostModel:
+    classes: np.ndarray  # dense index -> root id
+    layer_flops: np.ndarray
+    layer_params: np.ndarray
+    in_mult: list[np.ndarray | None]  # per layer: positions per class on the input channel axis
+    out_mult: list[np.ndarray | None]
+    fixed_flops: float
+    fixed_params: float
+
+    def totals(self, keep: np.ndarray) -> tuple[float, float]:
+        flops, params = self.fixed_flops, self.fixed_params
+        for f, p, a, b in zip(self.layer_flops, self.layer_params, self.in_mult, self.out_mult):
+            scale = _fraction(a, keep) * _fraction(b, keep)
+            flops += f * scale
+            params += p * scale
+        return flops, params
+
+
+def _fraction(mult: np.ndarray | None, keep: np.ndarray) -> float:
+    if mult is None:
+        return 1.0
+    total = mult.sum()
+    return float(mult[keep].sum() / total) if total else 1.0
+
+
+def build_cost_model(analysis: ChannelAnalysis, flops: dict[str, int], total_flops: int,
+                     total_params: int) -> CostModel:
+    all_ids = np.arange(len(analysis.uf.parent))
+    roots = analysis.uf.roots(all_ids)
+    classes = np.unique(roots)
+    dense = {int(r): k for k, r in enumerate(classes)}
+
+    def multiplicity(ids):
+        if ids is None:
+            return None
+        idx = [dense[analysis.uf.find(int(i))] for i in ids]
+        return np.bincount(idx, minlength=len(classes)).astype(np.float64)
+
+    layer_flops, layer_params, in_mult, out_mult = [], [], [], []
+    for node, in_ids, out_ids in analysis.weighted:
+        layer_flops.append(float(flops.get(node.name, 0)))
+        layer_params.append(float(np.prod(node.inputs[1].shape)))
+        in_mult.append(multiplicity(in_ids))
+        out_mult.append(multiplicity(out_ids))
+    return CostModel(classes, np.array(layer_flops), np.array(layer_params), in_mult, out_mult,
+                     total_flops - sum(layer_flops), total_params - sum(layer_params))
+
+
+@dataclasses.dataclass
+class Plan:
+    removed: set[int]
+    per_group: dict[int, tuple[int, int]]  # group index -> (kept, size)
+    predicted_flops: float
+    predicted_params: float
+
+
+def _group_order(group: Group, scores: dict[int, float]) -> np.ndarray:
+    """Prunable classes of a group, least important first."""
+    prunable = group.classes[group.prunable]
+    return prunable[np.argsort([scores.get(int(c), 0.0) for c in prunable], kind="stable")]
+
+
+def _max_removable(group: Group, round_to: int, max_ratio: float) -> int:
+    limit = min(int(group.prunable.sum()), int(group.size * max_ratio))
+    limit = min(limit, group.size - round_to)  # keep at least one chunk
+    if limit <= 0:
+        return 0
+    first = group.size % round_to
+    return first + (limit - first) // round_to * round_to if limit >= first else 0
+
+
+def ratio_plan(groups: list[Group], scores: dict[int, float], ratio: float, round_to: int,
+               cost: CostModel) -> Plan:
+    """Every prunable group loses ``ratio`` of its channels (rounded to chunks)."""
+    removed: set[int] = set()
+    per_group = {}
+    for g in groups:
+        order = _group_order(g, scores)
+        want = int(round(g.size * ratio))
+        kept_target = max(round_to, int(np.ceil((g.size - want) / round_to)) * round_to)
+        count = min(max(g.size - kept_target, 0), len(order))
+        removed.update(int(c) for c in order[:count])
+        per_group[g.index] = (g.size - count, g.size)
+    return _finish(removed, per_group, cost)
+
+
+def _finish(removed, per_group, cost) -> Plan:
+    keep = ~np.isin(cost.classes, list(removed))
+    flops, params = cost.totals(keep)
+    return Plan(removed, per_group, flops, params)
+
+
+def global_plan(groups: list[Group], scores: dict[int, float], cost: CostModel, target_flops: float,
+                target_params: float | None, round_to: int, max_ratio: float,
+                sensitivity: dict[int, float] | None = None) -> Plan:
+    """Greedy chunk removal until predicted FLOPs (then parameters) are within the targets."""
+    tally = _Tally(cost)
+    base_flops, base_params = tally.totals()
+    dense = {int(r): k for k, r in enumerate(cost.classes)}
+    state = {g.index: _GroupState(g, _group_order(g, scores), scores, round_to, max_ratio) for g in groups}
+    sens = sensitivity or {}
+    budgets = [("flops", target_flops * base_flops)]
+    if target_params is not None:
+        budgets.append(("params", target_params * base_params))
+    for kind, target in budgets:
+        while tally.totals()[0 if kind == "flops" else 1] > target:
+            best = None
+            for st in state.values():
+                chunk = st.next_chunk()
+                if chunk is None:
+                    continue
+                idx = np.array([dense[int(c)] for c in chunk])
+                saved_flops, saved_params = tally.saving(idx)
+                saved = saved_flops / base_flops if kind == "flops" else saved_params / base_params
+                if saved <= 0:
+                    continue
+                key = sens.get(st.group.index, 1.0) * st.error_increase(chunk) / saved
+                if best is None or key < best[0]:
+                    best = (key, st, chunk, idx)
+            if best is None:
+                break
+            _, st, chunk, idx = best
+            tally.remove(idx)
+            st.take(chunk)
+    removed = {int(c) for st in state.values() for c in st.removed}
+    per_group = {i: (st.group.size - len(st.removed), st.group.size) for i, st in state.items()}
+    flops, params = tally.totals()
+    return Plan(removed, per_group, flops, params)
+
+
+class _Tally:
+    """Kept position counts per layer, updated as chunks leave (the cost model, incrementally)."""
+
+    def __init__(self, cost: CostModel):
+        self.cost = cost
+        n = len(cost.classes)
+        ones = np.ones(n)
+        self.in_total = np.array([m.sum() if m is not None else 1.0 for m in cost.in_mult])
+        self.out_total = np.array([m.sum() if m is not None else 1.0 for m in cost.out_mult])
+        self.in_kept = self.in_total.copy()
+        self.out_kept = self.out_total.copy()
+        self.in_mat = np.stack([m if m is not None else np.zeros(n) for m in cost.in_mult]) if cost.in_mult else ones[None]
+        self.out_mat = np.stack([m if m is not None else np.zeros(n) for m in cost.out_mult]) if cost.out_mult else ones[None]
+
+    def _totals(self, in_kept, out_kept) -> tuple[float, float]:
+        scale = (in_kept / self.in_total) * (out_kept / self.out_total)
+        return (self.cost.fixed_flops + float(self.cost.layer_flops @ scale),
+                self.cost.fixed_params + float(self.cost.layer_params @ scale))
+
+    def totals(self) -> tuple[float, float]:
+        return self._totals(self.in_kept, self.out_kept)
+
+    def saving(self, idx: np.ndarray) -> tuple[float, float]:
+        flops, params = self.totals()
+        f2, p2 = self._totals(self.in_kept - self.in_mat[:, idx].sum(1), self.out_kept - self.out_mat[:, idx].sum(1))
+        return flops - f2, params - p2
+
+    def remove(self, idx: np.ndarray) -> None:
+        self.in_kept = self.in_kept - self.in_mat[:, idx].sum(1)
+        self.out_kept = self.out_kept - self.out_mat[:, idx].sum(1)
+
+
+class _GroupState:
+    def __init__(self, group: Group, order: np.ndarray, scores: dict[int, float], round_to: int, max_ratio: float):
+        self.group = group
+        self.order = order
+        self.scores = np.array([scores.get(int(c), 0.0) for c in order])
+        self.total = float(sum(scores.get(int(c), 0.0) for c in group.classes)) or 1.0
+        self.limit = _max_removable(group, round_to, max_ratio)
+        self.round_to = round_to
+        self.removed: list[int] = []
+
+    def next_chunk(self) -> np.ndarray | None:
+        done = len(self.removed)
+        size = self.group.size % self.round_to if done == 0 and self.group.size % self.round_to else self.round_to
+        if done + size > self.limit:
+            return None
+        return self.order[done:done + size]
+
+    def error_increase(self, chunk: np.ndarray) -> float:
+        before = self.scores[:len(self.removed)].sum() / self.total
+        after = before + self.scores[len(self.removed):len(self.removed) + len(chunk)].sum() / self.total
+        return after ** 2 - before ** 2 + 1e-12
+
+    def take(self, chunk: np.ndarray) -> None:
+        self.removed.extend(int(c) for c in chunk)

@@ -1,0 +1,58 @@
+"""Running a model on calibration feeds and reading intermediate tensors.
+
+Intermediate tensors become extra graph outputs of a copy of the model, so the
+values are exactly what the runtime computes (ORT basic optimisations only:
+constant folding and identity removal never change values).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .flops import to_proto
+
+
+def session(model, extra_outputs: Iterable[str] = (), threads: int = 2) -> ort.InferenceSession:
+    proto = onnx.ModelProto()
+    proto.CopyFrom(to_proto(model))
+    del proto.graph.value_info[:]
+    have = {o.name for o in proto.graph.output}
+    for name in extra_outputs:
+        if name not in have:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            have.add(name)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def iter_outputs(model, feeds: Iterable[dict], names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed dict, the values of ``names`` (intermediate or graph outputs)."""
+    sess = session(model, names)
+    input_names = {i.name for i in sess.get_inputs()}
+    for feed in feeds:
+        values = sess.run(names, {k: v for k, v in feed.items() if k in input_names})
+        yield dict(zip(names, values))
+
+
+def outputs(model, feeds: Iterable[dict]) -> list[list[np.ndarray]]:
+    """Graph outputs for each feed dict."""
+    sess = session(model)
+    input_names = {i.name for i in sess.get_inputs()}
+    return [sess.run(None, {k: v for k, v in feed.items() if k in input_names}) for feed in feeds]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom else float(np.array_equal(a, b))
+
+
+def mean_cosine(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
+    """Mean over samples of the cosine of the first output (per sample, flattened)."""
+    return float(np.mean([cosine(r[0], c[0]) for r, c in zip(reference, candidate)]))
