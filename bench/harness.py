@@ -285,11 +285,10 @@ def _accuracy(reference_path: str, lives: Sequence[LiveSession], feeds: list[dic
 # --------------------------------------------------------------------- public API
 
 
-def default_label(path: Path, taken: set[str]) -> str:
-    label = path.stem
-    n = 2
+def unique_label(name: str, taken: set[str]) -> str:
+    label, n = name, 2
     while label in taken:
-        label = f"{path.stem}#{n}"
+        label = f"{name}#{n}"
         n += 1
     return label
 
@@ -305,8 +304,8 @@ def make_variants(models: Sequence, profiles: Sequence | None = None, provider: 
         if not path.is_file():
             raise DataError(f"{path}: no such model file")
         source = _profile_source(prof, path)
-        label = default_label(path, taken) if source in ("default", "beside") else \
-            default_label(Path(f"{path.stem}@{Path(source).stem}"), taken)
+        name = path.stem if source in ("default", "beside", "given") else f"{path.stem}@{Path(source).stem}"
+        label = unique_label(name, taken)
         taken.add(label)
         variants.append(Variant(label, path, resolve_profile(prof, path, provider), source))
     return variants

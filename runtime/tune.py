@@ -4,7 +4,7 @@ Search: coordinate descent over the provider's dimensions (``search_space()``
 in its profile module, most promising first). For each dimension every
 alternative value races against the incumbent, interleaved in rounds
 (``bench.harness``): after each round a candidate whose 95% interval lies
-above 1 (slower beyond noise) is dropped, and at rounds 3, 6 and 12 the worse
+above 1 (slower beyond noise) is dropped, and at rounds 3, 6, 12 and 24 the worse
 half by point estimate goes too (successive halving). A candidate replaces the
 incumbent only if its interval lies entirely below 1. A final interleaved
 run of the tuned profile against the defaults keeps the tuning only if it is
@@ -35,8 +35,8 @@ from onnxforge.runtime.space import Dimension
 
 CONFIRM_SHARE = 0.25  # of the budget kept for the final tuned-vs-default run
 SAFETY = 0.92  # plan to finish by this fraction of the budget
-MIN_ROUNDS, MAX_ROUNDS = 3, 12
-HALVING_AT = (3, 6, 12)
+MIN_ROUNDS, MAX_ROUNDS = 3, 30
+HALVING_AT = (3, 6, 12, 24)
 CONFIRM_MIN_ROUNDS, CONFIRM_MAX_ROUNDS = 5, 20
 ROUND_TARGET_S = 0.04  # per model per round, when choosing iterations
 
@@ -198,6 +198,8 @@ def _race(state: _State, dim: Dimension, incumbent: LiveSession, profile: Profil
     for live, _, _ in contenders:
         live.round_medians = []
     alive = list(contenders)
+    for _, _, trial in alive:
+        trial.note = "no time for a round"
     for round_no in range(1, MAX_ROUNDS + 1):
         cost = _round_cost(state, [incumbent] + [c[0] for c in alive])
         if state.clock.elapsed() + cost > dim_deadline:
@@ -240,6 +242,7 @@ def _prune(alive, incumbent: LiveSession, round_no: int):
 
 
 def _pick(alive, incumbent: LiveSession):
+    alive = [c for c in alive if len(c[0].round_medians) >= MIN_ROUNDS]
     if not alive:
         return None
     scored = sorted(alive, key=lambda c: _ratio(incumbent, c[0]).ratio)
