@@ -1,0 +1,453 @@
+"""Activation functions written out as several ops -> one op.
+
+Identities (x is the activation input):
+  * exact GELU      0.5 * x * (1 + erf(x / sqrt(2)))                 -> com.microsoft Gelu(x)
+                    with x = a + b, b a constant 1-D bias on the last axis -> com.microsoft BiasGelu(a, b)
+  * tanh GELU       0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) -> com.microsoft FastGelu(x[, b])
+  * QuickGelu/SiLU  x * sigmoid(alpha * x) (SiLU/Swish: alpha = 1)    -> com.microsoft QuickGelu(x, alpha)
+  * HardSwish       x * clip(x + 3, 0, 6) / 6                         -> HardSwish(x) (opset >= 14), else
+                                                                         x * HardSigmoid(x, 1/6, 1/2)
+  * HardSigmoid     clip(a * x + b, 0, h) / h                          -> HardSigmoid(x, a/h, b/h)
+                    x * HardSigmoid(x, 1/6, 1/2)                       -> HardSwish(x) (opset >= 14)
+
+Preconditions: every constant named above is a constant of that value (within 1e-4
+relative: exporters write float32 roundings of sqrt(2) etc.), the Clip bounds are
+constants, no intermediate tensor is read outside the pattern, and for the contrib
+ops the activation input is floating point. The product 0.5 * x * (...) may be
+associated in any order (TorchScript, dynamo, tf2onnx and paddle2onnx each pick
+their own).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.context import PassContext
+from onnxforge.passes.base import Match, RulePass
+
+from ._match import (
+    MS_DOMAIN,
+    FusionRule,
+    const_value,
+    consumer_op,
+    float_dtype,
+    is_const,
+    model_opset,
+    near,
+    need_ms_domain,
+    other_input,
+    producer,
+    producer_op,
+    replace,
+    scalar,
+    split_const,
+)
+
+SQRT2 = math.sqrt(2.0)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _half_x_product(start: gs.Tensor, x: gs.Tensor) -> tuple[list[gs.Node], gs.Tensor, gs.Tensor] | None:
+    """Follow Mul consumers of ``start`` until the product is start * x * c (c constant).
+
+    Returns (nodes, output, c) or None; accepts (start*x)*c, (start*c)*x and start*(x*c)."""
+    need_x, half = True, None
+    nodes: list[gs.Node] = []
+    cur = start
+    for _ in range(2):
+        mul = consumer_op(cur, "Mul")
+        if mul is None:
+            return None
+        other = other_input(mul, cur)
+        inner = producer_op(other, "Mul") if other is not None else None
+        if other is x and need_x:
+            need_x = False
+        elif other is not None and half is None and is_const(other):
+            half = other
+        elif need_x and half is None and inner is not None and other_input(inner, x) is not None:
+            c = other_input(inner, x)
+            if not is_const(c):
+                return None
+            need_x, half = False, c
+            nodes.append(inner)
+        else:
+            return None
+        nodes.append(mul)
+        cur = mul.outputs[0]
+        if not need_x and half is not None:
+            return nodes, cur, half
+    return None
+
+
+def _bias_of(x: gs.Tensor, readers: list[gs.Node]) -> tuple[gs.Node, gs.Tensor, gs.Tensor] | None:
+    """x = a + b with b a constant 1-D vector the size of a's last dim, x read only by
+    ``readers``: (add node, a, b)."""
+    add = producer_op(x, "Add")
+    inside = {id(n) for n in readers}
+    if add is None or any(id(n) not in inside for n in x.outputs):
+        return None
+    split = split_const(add)
+    if split is None:
+        return None
+    a, b = split
+    bias = const_value(b)
+    if bias is None or bias.ndim != 1 or not float_dtype(bias):
+        return None
+    last = _last_dim(a)
+    return (add, a, b) if last == bias.shape[0] else None
+
+
+def _last_dim(tensor: gs.Tensor) -> int | None:
+    if tensor.shape and isinstance(tensor.shape[-1], int) and tensor.shape[-1] > 0:
+        return tensor.shape[-1]
+    mm = producer_op(tensor, "MatMul")
+    if mm is not None:
+        w = const_value(mm.inputs[1])
+        if w is not None and w.ndim >= 2:
+            return int(w.shape[-1])
+    return None
+
+
+def _bias_constant(graph: gs.Graph, b: gs.Tensor) -> gs.Tensor:
+    return b if isinstance(b, gs.Constant) else gs.Constant(f"{b.name}_bias", np.asarray(const_value(b)))
+
+
+class _GeluBase(FusionRule):
+    """Shared rewrite: the Gelu-family op, absorbing a preceding bias Add when it can."""
+
+    fused_op = ""
+    biased_op = ""
+
+    def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
+        need_ms_domain(ctx)
+        x = match.info["x"]
+        bias = _bias_of(x, match.nodes)
+        if bias is not None:
+            add, a, b = bias
+            match.nodes.append(add)
+            op = self.biased_op
+            inputs = [a, _bias_constant(graph, b)]
+        else:
+            op, inputs = self.fused_op, [x]
+        replace(graph, match, op, inputs, domain=MS_DOMAIN)
+
+
+class GeluErf(_GeluBase):
+    """0.5 * x * (1 + erf(x / sqrt(2))) -> Gelu / BiasGelu."""
+
+    name = "gelu-erf"
+    anchor_ops = ("Erf",)
+    fused_op, biased_op = "Gelu", "BiasGelu"
+
+    def match(self, graph, node):
+        scale_node = producer_op(node.inputs[0], "Div", "Mul")
+        if scale_node is None:
+            return None
+        split = split_const(scale_node)
+        if split is None:
+            return None
+        x, scale = split
+        if scale_node.op == "Div" and scale_node.inputs[0] is not x:
+            return None
+        add = consumer_op(node.outputs[0], "Add")
+        if add is None or other_input(add, node.outputs[0]) is None:
+            return None
+        found = _half_x_product(add.outputs[0], x)
+        if found is None:
+            return None
+        nodes, out, half = found
+        return Match([node, scale_node, add, *nodes], {
+            "x": x, "scale": scale, "one": other_input(add, node.outputs[0]), "half": half,
+            "divides": scale_node.op == "Div", "outputs": [out],
+        })
+
+    def preconditions(self, graph, match, ctx):
+        info = match.info
+        target = SQRT2 if info["divides"] else 1.0 / SQRT2
+        if not near(scalar(info["scale"]), target):
+            return f"erf argument is not x / sqrt(2) (scale {scalar(info['scale'])})"
+        if not near(scalar(info["one"]), 1.0):
+            return "erf is not shifted by 1"
+        if not near(scalar(info["half"]), 0.5):
+            return "product is not multiplied by 0.5"
+        return None
+
+
+class GeluTanh(_GeluBase):
+    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) -> FastGelu (with bias when present)."""
+
+    name = "gelu-tanh"
+    anchor_ops = ("Tanh",)
+    fused_op, biased_op = "FastGelu", "FastGelu"
+
+    def match(self, graph, node):
+        outer = producer_op(node.inputs[0], "Mul")
+        split = split_const(outer) if outer is not None else None
+        if split is None:
+            return None
+        inner_sum, k = split
+        add = producer_op(inner_sum, "Add")
+        if add is None:
+            return None
+        for x, cube_t in (tuple(add.inputs), tuple(reversed(add.inputs))):
+            cube = _cube_times_const(x, cube_t)
+            if cube is not None:
+                break
+        else:
+            return None
+        cube_nodes, c = cube
+        plus = consumer_op(node.outputs[0], "Add")
+        if plus is None or other_input(plus, node.outputs[0]) is None:
+            return None
+        found = _half_x_product(plus.outputs[0], x)
+        if found is None:
+            return None
+        nodes, out, half = found
+        return Match([node, outer, add, *cube_nodes, plus, *nodes], {
+            "x": x, "k": k, "c": c, "one": other_input(plus, node.outputs[0]), "half": half, "outputs": [out],
+        })
+
+    def preconditions(self, graph, match, ctx):
+        info = match.info
+        if not near(scalar(info["k"]), SQRT_2_OVER_PI):
+            return "tanh argument is not scaled by sqrt(2/pi)"
+        if not near(scalar(info["c"]), 0.044715):
+            return "cubic coefficient is not 0.044715"
+        if not near(scalar(info["one"]), 1.0) or not near(scalar(info["half"]), 0.5):
+            return "not 0.5 * x * (1 + tanh(...))"
+        return None
+
+
+def _cube_times_const(x: gs.Tensor, t: gs.Tensor) -> tuple[list[gs.Node], gs.Tensor] | None:
+    """Is ``t`` c * x^3, written as Pow(x, 3) * c or as a product of three x and c? -> (nodes, c)."""
+    nodes: list[gs.Node] = []
+    factors: list[gs.Tensor] = []
+    stack = [t]
+    while stack:  # flatten the Mul tree (at most 4 leaves)
+        cur = stack.pop()
+        mul = producer_op(cur, "Mul")
+        if mul is not None and cur is not x and not is_const(cur) and len(nodes) < 4:
+            nodes.append(mul)
+            stack.extend(mul.inputs)
+            continue
+        pow_node = producer_op(cur, "Pow")
+        if pow_node is not None and pow_node.inputs[0] is x:
+            if not near(scalar(pow_node.inputs[1]), 3.0):
+                return None
+            nodes.append(pow_node)
+            factors.extend([x, x, x])
+            continue
+        factors.append(cur)
+    consts = [f for f in factors if f is not x]
+    if sum(f is x for f in factors) != 3 or len(consts) != 1 or not is_const(consts[0]):
+        return None
+    return nodes, consts[0]
+
+
+class QuickGelu(FusionRule):
+    """x * sigmoid(alpha * x) (alpha = 1: SiLU/Swish) -> com.microsoft QuickGelu(alpha)."""
+
+    name = "silu-quickgelu"
+    anchor_ops = ("Sigmoid",)
+
+    def match(self, graph, node):
+        s_in = node.inputs[0]
+        mul = consumer_op(node.outputs[0], "Mul")
+        if mul is None:
+            return None
+        other = other_input(mul, node.outputs[0])
+        if other is s_in:
+            return Match([node, mul], {"x": s_in, "alpha": None, "outputs": [mul.outputs[0]]})
+        scale = producer_op(s_in, "Mul")
+        if scale is not None and other is not None and other_input(scale, other) is not None:
+            alpha = other_input(scale, other)
+            return Match([node, mul, scale], {"x": other, "alpha": alpha, "outputs": [mul.outputs[0]]})
+        return None
+
+    def preconditions(self, graph, match, ctx):
+        alpha = match.info["alpha"]
+        if alpha is not None and scalar(alpha) is None:
+            return "sigmoid scale is not a constant scalar"
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        need_ms_domain(ctx)
+        alpha = 1.0 if match.info["alpha"] is None else scalar(match.info["alpha"])
+        replace(graph, match, "QuickGelu", [match.info["x"]], {"alpha": float(alpha)}, domain=MS_DOMAIN)
+
+
+# ---------------------------------------------------------------- HardSwish / HardSigmoid
+
+
+def clip_bounds(node: gs.Node) -> tuple[float | None, float | None, bool]:
+    """(min, max, constant?) of a Clip in either the attribute (< 11) or input form."""
+    if "min" in node.attrs or "max" in node.attrs:
+        return node.attrs.get("min"), node.attrs.get("max"), True
+    lo = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
+    hi = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    ok = all(t is None or scalar(t) is not None for t in (lo, hi))
+    return (scalar(lo) if lo is not None else None, scalar(hi) if hi is not None else None, ok)
+
+
+def _emit_hardswish(graph: gs.Graph, match: Match, ctx: PassContext) -> None:
+    x = match.info["x"]
+    if model_opset(graph, ctx) >= 14:
+        replace(graph, match, "HardSwish", [x])
+        return
+    hs = gs.Variable(f"{x.name}_hardsigmoid", dtype=x.dtype)
+    graph.nodes.append(gs.Node("HardSigmoid", name=f"{match.nodes[0].name}_HardSigmoid",
+                               attrs={"alpha": 1.0 / 6.0, "beta": 0.5}, inputs=[x], outputs=[hs]))
+    replace(graph, match, "Mul", [x, hs])
+
+
+class HardSwishClip(FusionRule):
+    """x * clip(x + 3, 0, 6) / 6 in any association (Div by 6 or Mul by 1/6) -> HardSwish."""
+
+    name = "hardswish-clip"
+    anchor_ops = ("Clip",)
+
+    def match(self, graph, node):
+        add = producer_op(node.inputs[0], "Add")
+        split = split_const(add) if add is not None else None
+        if split is None:
+            return None
+        x, three = split
+        clipped = node.outputs[0]
+        first = consumer_op(clipped, "Mul", "Div")
+        if first is None:
+            return None
+        if first.op == "Mul" and other_input(first, clipped) is x:  # (x * clip) / 6
+            second = consumer_op(first.outputs[0], "Div", "Mul")
+            if second is None or (second.op == "Div" and second.inputs[0] is not first.outputs[0]):
+                return None
+            six, divides = other_input(second, first.outputs[0]), second.op == "Div"
+        else:  # (clip / 6) * x
+            if first.op == "Div" and first.inputs[0] is not clipped:
+                return None
+            six, divides = other_input(first, clipped), first.op == "Div"
+            second = consumer_op(first.outputs[0], "Mul")
+            if second is None or other_input(second, first.outputs[0]) is not x:
+                return None
+        if six is None:
+            return None
+        return Match([node, add, first, second], {
+            "x": x, "three": three, "six": six, "divides": divides, "outputs": [second.outputs[0]],
+        })
+
+    def preconditions(self, graph, match, ctx):
+        lo, hi, ok = clip_bounds(match.nodes[0])
+        if not ok:
+            return "clip bounds are not constants"
+        six = scalar(match.info["six"])
+        scale = six if match.info["divides"] else (1.0 / six if six else None)
+        if not (near(scalar(match.info["three"]), 3.0) and lo == 0.0 and near(hi, 6.0) and near(scale, 6.0)):
+            return "not x * clip(x + 3, 0, 6) / 6"
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        _emit_hardswish(graph, match, ctx)
+
+
+class HardSigmoidClip(FusionRule):
+    """clip(a*x + b, 0, h) [/ h] -> HardSigmoid(alpha=a/h, beta=b/h) (h = 1 without a division)."""
+
+    name = "hardsigmoid-clip"
+    anchor_ops = ("Clip",)
+
+    def match(self, graph, node):
+        add = producer_op(node.inputs[0], "Add")
+        split = split_const(add) if add is not None else None
+        if split is None:
+            return None
+        scaled, b = split
+        nodes = [node, add]
+        a = None
+        mul = producer_op(scaled, "Mul")
+        if mul is not None and split_const(mul) is not None:
+            x, a = split_const(mul)
+            nodes.append(mul)
+        else:
+            x = scaled
+        out, h = node.outputs[0], None
+        div = consumer_op(out, "Div", "Mul")
+        if div is not None and len(out.outputs) == 1 and div.inputs[0] is out and is_const(div.inputs[1]):
+            h = div
+            nodes.append(div)
+            out = div.outputs[0]
+        elif clip_bounds(node)[1] != 1.0:
+            return None  # a plain clipped ramp (ReLU6-like), not a hard sigmoid
+        return Match(nodes, {"x": x, "a": a, "b": b, "h": h, "outputs": [out]})
+
+    def _params(self, match: Match) -> tuple[float, float] | None:
+        lo, hi, ok = clip_bounds(match.nodes[0])
+        a = 1.0 if match.info["a"] is None else scalar(match.info["a"])
+        b = scalar(match.info["b"])
+        if not ok or lo != 0.0 or hi is None or a is None or b is None:
+            return None
+        h = match.info["h"]
+        if h is None:
+            return (a, b) if hi == 1.0 else None
+        d = scalar(h.inputs[1])
+        d = d if h.op == "Div" else (1.0 / d if d else None)
+        return (a / hi, b / hi) if d is not None and near(d, hi) else None
+
+    def preconditions(self, graph, match, ctx):
+        return None if self._params(match) else "not clip(a*x + b, 0, h) / h with constant a, b, h"
+
+    def rewrite(self, graph, match, ctx):
+        alpha, beta = self._params(match)
+        replace(graph, match, "HardSigmoid", [match.info["x"]], {"alpha": float(alpha), "beta": float(beta)})
+
+
+class HardSwishFromHardSigmoid(FusionRule):
+    """x * HardSigmoid(x, 1/6, 1/2) -> HardSwish(x) (opset >= 14)."""
+
+    name = "hardswish-hardsigmoid"
+    anchor_ops = ("HardSigmoid",)
+
+    def match(self, graph, node):
+        x = node.inputs[0]
+        mul = consumer_op(node.outputs[0], "Mul")
+        if mul is None or other_input(mul, node.outputs[0]) is not x or (graph.opset or 0) < 14:
+            return None  # below opset 14 x * HardSigmoid(x) is already the shortest form
+        return Match([node, mul], {"x": x, "outputs": [mul.outputs[0]]})
+
+    def preconditions(self, graph, match, ctx):
+        node = match.nodes[0]
+        if not (near(node.attrs.get("alpha", 0.2), 1 / 6, 1e-5) and near(node.attrs.get("beta", 0.5), 0.5, 1e-6)):
+            return "hard sigmoid is not alpha=1/6, beta=1/2"
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        replace(graph, match, "HardSwish", [match.info["x"]])
+
+
+class FuseGelu(RulePass):
+    name = "fuse-gelu"
+    description = "exact and tanh GELU (with bias) -> com.microsoft Gelu / BiasGelu / FastGelu"
+    # Gelu/BiasGelu use MLAS's erf and FastGelu its own tanh: not bit-equal to the
+    # written-out form; measured differences are ~1e-6 relative.
+    tolerance = (1e-4, 1e-5)
+    rules = (GeluErf, GeluTanh)
+
+
+class FuseSilu(RulePass):
+    name = "fuse-silu"
+    description = "x * sigmoid(alpha x) (SiLU/Swish, QuickGelu) -> com.microsoft QuickGelu"
+    # QuickGelu uses MLAS's vectorised logistic: a few ulp from Sigmoid+Mul.
+    tolerance = (1e-4, 1e-5)
+    rules = (QuickGelu,)
+
+
+class FuseHardSwish(RulePass):
+    name = "fuse-hardswish"
+    description = "written-out HardSwish / HardSigmoid (Add/Clip/Div/Mul) -> HardSwish / HardSigmoid"
+    # Exact up to rounding (x/6 + 1/2 vs (x + 3)/6), but one-ulp differences grow through
+    # the ~60 convolutions of PP-OCR's detector to ~1.5e-5 relative.
+    tolerance = (1e-4, 1e-5)
+    rules = (HardSwishClip, HardSigmoidClip, HardSwishFromHardSigmoid)
+
+
+PASSES = (FuseGelu, FuseSilu, FuseHardSwish)

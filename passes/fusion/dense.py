@@ -1,0 +1,160 @@
+"""Dense layers: MatMul + Add -> Gemm, Transpose and scalar scales folded into the weights.
+
+  MatMul(A, B) + C = Gemm(A, B, C)               A and B 2-D, C broadcasts to [M, N]
+                                                 unidirectionally (1-D [N], [1, N] or [M, N])
+  Gemm(Transpose(A), B) = Gemm(A, B, transA=!transA)    (perm [1, 0]; same for B)
+  MatMul(A, W) * s = MatMul(A, W * s),  MatMul(A, W) / s = MatMul(A, W / s),
+  MatMul(A * s, W) = MatMul(A, W * s)             W constant, s a constant scalar
+  Gemm(A, B, C) * s = Gemm(A, B, C, alpha * s, beta * s)
+Preconditions: A's rank is known to be 2 for Gemm (Gemm is 2-D only); constants are
+floating point of the weight's type; the intermediate tensor is read only by the pair.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.passes.base import Match, RulePass
+
+from ._match import FusionRule, const_value, fresh_constant, producer, replace, scalar, split_const
+
+
+def _rank(t: gs.Tensor) -> int | None:
+    if isinstance(t, gs.Constant):
+        return len(t.shape)
+    return len(t.shape) if t.shape is not None else None
+
+
+class MatMulAdd(FusionRule):
+    name = "matmul-add"
+    anchor_ops = ("Add",)
+
+    def match(self, graph, node):
+        for y, c in (tuple(node.inputs), tuple(reversed(node.inputs))):
+            mm = producer(y)
+            if mm is not None and mm.op == "MatMul" and not mm.domain:
+                return Match([node, mm], {"mm": mm, "c": c, "outputs": [node.outputs[0]]})
+        return None
+
+    def preconditions(self, graph, match, ctx):
+        mm, c = match.info["mm"], match.info["c"]
+        a, b = mm.inputs
+        if _rank(a) != 2 or _rank(b) != 2:
+            return "MatMul inputs are not known to be 2-D"
+        value = const_value(c)
+        if value is None:
+            return "bias not constant"
+        w = const_value(b)
+        if value.dtype.kind != "f" or (w is not None and w.dtype != value.dtype):
+            return "not a floating-point MatMul"
+        n = b.shape[1] if isinstance(b.shape[1], int) else None
+        if value.ndim > 2 or (value.ndim >= 1 and n is not None and value.shape[-1] not in (1, n)):
+            return "bias does not broadcast to the MatMul output"
+        if value.ndim == 2 and value.shape[0] != 1 and (not isinstance(a.shape[0], int) or a.shape[0] != value.shape[0]):
+            return "bias rows differ from the MatMul output rows"
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        mm, c = match.info["mm"], match.info["c"]
+        bias = c if isinstance(c, gs.Constant) else fresh_constant(graph, f"{c.name}_gemm_bias", const_value(c))
+        replace(graph, match, "Gemm", [*mm.inputs, bias], name=mm.name)
+
+
+class GemmTranspose(FusionRule):
+    name = "gemm-transpose"
+    anchor_ops = ("Gemm",)
+
+    def match(self, graph, node):
+        for index in (0, 1):
+            t = producer(node.inputs[index])
+            if t is not None and t.op == "Transpose" and not t.domain:
+                return Match([node, t], {"index": index, "outputs": [node.outputs[0]]})
+        return None
+
+    def preconditions(self, graph, match, ctx):
+        perm = match.nodes[1].attrs.get("perm")
+        return None if perm is None or list(perm) == [1, 0] else f"transpose perm {perm} is not [1, 0]"
+
+    def rewrite(self, graph, match, ctx):
+        gemm, t = match.nodes
+        key = "transA" if match.info["index"] == 0 else "transB"
+        attrs = dict(gemm.attrs)
+        attrs[key] = 1 - int(attrs.get(key, 0))
+        inputs = list(gemm.inputs)
+        inputs[match.info["index"]] = t.inputs[0]
+        replace(graph, match, "Gemm", inputs, attrs, name=gemm.name)
+
+
+class MatMulScale(FusionRule):
+    """Scalar Mul/Div after (or Mul before) a MatMul/Gemm with constant weights."""
+
+    name = "matmul-scale"
+    anchor_ops = ("Mul", "Div", "MatMul")
+
+    def match(self, graph, node):
+        if node.op == "MatMul":  # MatMul(A * s, W)
+            pre = producer(node.inputs[0])
+            if pre is None or pre.op != "Mul" or split_const(pre) is None:
+                return None
+            a, s = split_const(pre)
+            return Match([node, pre], {"lin": node, "a": a, "s": s, "div": False, "outputs": [node.outputs[0]]})
+        split = split_const(node)
+        if split is None:
+            return None
+        y, s = split
+        lin = producer(y)
+        if lin is None or lin.op not in ("MatMul", "Gemm") or lin.domain:
+            return None
+        if lin.op == "MatMul" and const_value(lin.inputs[1]) is None:
+            return None  # activations times activations (attention scores): nothing to fold into
+        if node.op == "Div" and node.inputs[0] is not y:
+            return None
+        return Match([node, lin], {"lin": lin, "a": lin.inputs[0], "s": s, "div": node.op == "Div",
+                                   "outputs": [node.outputs[0]]})
+
+    def preconditions(self, graph, match, ctx):
+        lin = match.info["lin"]
+        s = const_value(match.info["s"])
+        if s is None or s.size != 1:
+            return "scale is not a constant scalar"
+        if s.ndim > 0 and lin.op == "Gemm" and s.ndim > 2:
+            return "scale would broadcast the output's rank"
+        w = const_value(lin.inputs[1])
+        if lin.op == "MatMul" and w is None:
+            return "weights not constant"
+        if w is not None and (w.dtype.kind != "f" or s.dtype != w.dtype):
+            return "weights and scale are not the same floating type"
+        if lin.op == "MatMul" and s.ndim > max(_rank(lin.inputs[0]) or 0, w.ndim):
+            return "scale would broadcast the output's rank"
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        lin, info = match.info["lin"], match.info
+        s = scalar(info["s"])
+        factor = 1.0 / s if info["div"] else s
+        if lin.op == "Gemm":
+            attrs = dict(lin.attrs)
+            attrs["alpha"] = float(attrs.get("alpha", 1.0)) * factor
+            attrs["beta"] = float(attrs.get("beta", 1.0)) * factor
+            replace(graph, match, "Gemm", list(lin.inputs), attrs, name=lin.name)
+            return
+        w = const_value(lin.inputs[1])
+        w2 = (w.astype(np.float64) * factor).astype(w.dtype)
+        replace(graph, match, "MatMul", [info["a"], fresh_constant(graph, f"{lin.name}_scaled_w", w2)], name=lin.name)
+
+
+class FuseMatMulAdd(RulePass):
+    name = "fuse-matmul-add"
+    description = "2-D MatMul + constant Add -> Gemm; Transpose folded into Gemm's trans flags"
+    tolerance = (1e-5, 1e-6)
+    rules = (MatMulAdd, GemmTranspose)
+
+
+class FoldMatMulScale(RulePass):
+    name = "fold-matmul-scale"
+    description = "constant scalar Mul/Div around a MatMul/Gemm folded into its weights or alpha"
+    tolerance = (1e-5, 1e-6)
+    rules = (MatMulScale,)
+
+
+PASSES = (FuseMatMulAdd, FoldMatMulScale)
