@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .errors import ModelLoadError, ModelSaveError, UnsafeModelError
-from .model import ExternalValues, Model, constants, external_values, tensor_header
+from .model import ExternalValues, Model, constants, copy_fields, external_values, tensor_header
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Keep headroom below protobuf's hard limit: graph structure is serialized too.
@@ -53,7 +53,7 @@ def load(path: str | os.PathLike, *, check: bool = True, cap_versions: bool = Tr
     base = Path(os.path.abspath(path)).parent
     locations = _validate_external_data(proto, base)
     if check:
-        _run_checker(proto, path, has_external=bool(locations))
+        _run_checker(proto, path)
     notes: list[str] = []
     if cap_versions:
         from . import versions
@@ -157,9 +157,9 @@ def _check_header(proto: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(f"{path}: the model declares no opset_import")
 
 
-def _run_checker(proto: onnx.ModelProto, path: Path, has_external: bool) -> None:
+def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
     try:
-        onnx.checker.check_model(_checker_view(proto) if has_external else proto)
+        onnx.checker.check_model(_checker_view(proto))
     except onnx.checker.ValidationError as exc:
         raise ModelLoadError(
             f"{path}: the ONNX checker rejects the model: {_first_line(exc)}",
@@ -169,22 +169,72 @@ def _run_checker(proto: onnx.ModelProto, path: Path, has_external: bool) -> None
         raise ModelLoadError(f"{path}: the ONNX checker cannot read the model: {_first_line(exc)}") from None
 
 
-def _checker_view(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose external tensors are empty inline tensors.
+CHECKER_INLINE_LIMIT = 4096  # tensors up to this size keep their data in the checker's copy
 
-    The checker resolves external locations against the working folder when given
-    a proto, and refuses every symbolic link when given a path; the locations are
-    already validated (more strictly) above, so it checks everything else. Without
-    shape inference, initializer dims are not compared with anything."""
+
+def _checker_view(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for onnx's checker in which external and large tensors are empty.
+
+    The checker serializes what it is given (the weights would be held twice
+    more), resolves external locations against the working folder when given a
+    proto and refuses every symbolic link when given a path. External locations
+    are validated (more strictly) above; without shape inference the checker
+    compares initializer dims with nothing, so ``dims=[0]`` loses no check."""
     view = onnx.ModelProto()
-    view.CopyFrom(proto)  # small: the weights are external
-    for tensor, _ in iter_tensor_protos(view):
-        if tensor.data_location == EXTERNAL:
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
-            del tensor.dims[:]
-            tensor.dims.append(0)
+    _copy_without_weights(proto, view)
     return view
+
+
+def _copy_without_weights(source, target) -> None:
+    for field, value in source.ListFields():
+        repeated = _is_repeated(field)
+        if field.type != field.TYPE_MESSAGE:
+            if repeated:
+                getattr(target, field.name).extend(value)
+            else:
+                setattr(target, field.name, value)
+            continue
+        for item in value if repeated else [value]:
+            into = getattr(target, field.name).add() if repeated else getattr(target, field.name)
+            into.SetInParent()  # an empty message that is set (a scalar's shape) stays set
+            if isinstance(item, onnx.TensorProto):
+                _copy_tensor_for_checker(item, into)
+            elif isinstance(item, onnx.SparseTensorProto):
+                into.CopyFrom(item)  # the checker compares its indices with its dims
+            else:
+                _copy_without_weights(item, into)
+
+
+def _copy_tensor_for_checker(tensor: onnx.TensorProto, into: onnx.TensorProto) -> None:
+    if tensor.data_location != EXTERNAL and tensor.ByteSize() <= CHECKER_INLINE_LIMIT:
+        into.CopyFrom(tensor)
+        return
+    if tensor.data_location != EXTERNAL and tensor.HasField("raw_data"):
+        # The one check the empty copy would lose: raw bytes against the dims.
+        have, need = raw_data_length(tensor), expected_nbytes(tensor)
+        if need is not None and have != need:
+            raise onnx.checker.ValidationError(
+                f"tensor {tensor.name!r} holds {have} bytes of raw data but its dims and type need {need}"
+            )
+    into.CopyFrom(tensor_header(tensor))
+    del into.dims[:]
+    into.dims.append(0)
+
+
+def raw_data_length(tensor: onnx.TensorProto) -> int:
+    """len(tensor.raw_data) without copying the bytes out: the field's share of ByteSize()."""
+    rest = onnx.TensorProto()
+    copy_fields(tensor, rest, {"raw_data"})
+    share = tensor.ByteSize() - rest.ByteSize()  # tag (1 byte) + varint(n) + n
+    for width in range(1, 11):
+        n = share - 1 - width
+        if n >= 0 and _varint_size(n) == width:
+            return n
+    raise ValueError(f"tensor {tensor.name!r}: inconsistent raw_data size")
+
+
+def _varint_size(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 def _import(proto: onnx.ModelProto, path: Path) -> Model:

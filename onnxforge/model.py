@@ -47,6 +47,7 @@ def copy_fields(source, target, skip: frozenset[str] | set[str]) -> None:
         if repeated:
             getattr(target, field.name).extend(value)
         elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).SetInParent()  # keeps an empty but set message set
             getattr(target, field.name).CopyFrom(value)
         else:
             setattr(target, field.name, value)

@@ -175,3 +175,25 @@ def test_unreadable_file(tmp_path):
     path = _write(tmp_path, "m.onnx", matmul_model().SerializeToString())
     path.chmod(0)
     _load_error(path, "cannot read")
+
+
+def test_large_tensor_with_wrong_raw_size_is_a_checker_failure(tmp_path):
+    model = matmul_model(np.ones((64, 64), np.float32))
+    model.graph.initializer[0].raw_data = b"\0" * (64 * 64 * 4 - 8)
+    _load_error(_write(tmp_path, "m.onnx", model.SerializeToString()), "holds 16376 bytes of raw data")
+
+
+def test_the_checker_never_gets_the_weights(tmp_path, monkeypatch):
+    model = matmul_model(np.ones((512, 512), np.float32))  # 1 MB
+    path = _write(tmp_path, "m.onnx", model.SerializeToString())
+    seen = []
+    real_check = onnx.checker.check_model
+
+    def recording_check(proto, *args, **kwargs):
+        seen.append(proto.ByteSize())
+        return real_check(proto, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", recording_check)
+    model = load(path)
+    assert seen and max(seen) < 10_000
+    assert model.graph.tensors()["W"].values.shape == (512, 512)
