@@ -99,10 +99,18 @@ def _is_scalar(tensor: gs.Tensor) -> bool:
 
 # ------------------------------------------------------------------ rule base
 
-class AttentionRule(Rule):
-    """Matches the block around a Softmax; subclasses say which exporter form they own."""
+class BlockRule(Rule):
+    """A rule anchored on the Softmax of an attention block."""
 
     anchor_ops = ("Softmax",)
+
+    def refusal(self, reason: str, match: Match) -> Refusal:
+        # The softmax and the two attention MatMuls locate the block; the full list is noise.
+        return Refusal(self.name, reason, match.names[:3])
+
+
+class AttentionRule(BlockRule):
+    """Matches the block around a Softmax; subclasses say which exporter form they own."""
 
     def owns(self, core: Core, q: HeadSplit, k: HeadSplit, v: HeadSplit) -> bool:  # pragma: no cover
         raise NotImplementedError
@@ -156,7 +164,7 @@ class AttentionRule(Rule):
                    and any(o.name in outputs for o in n.outputs)]
         if leaked:
             return Refusal(self.name, "intermediate result used outside the attention block",
-                           tuple(dict.fromkeys(leaked)))
+                           match.names[:1] + tuple(dict.fromkeys(leaked)))
         return None
 
     def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:

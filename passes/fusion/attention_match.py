@@ -22,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 INT64_MAX = np.iinfo(np.int64).max
+UNKNOWN = "?"  # a shape entry computed at runtime from something other than a Shape
 
 
 def producer(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
@@ -142,7 +143,7 @@ def shape_entries(tensor: gs.Tensor, source_rank: int = 4) -> list[Any] | None:
         shape = producer(gather.inputs[0], "Shape") if gather is not None else None
         index = const_scalar(gather.inputs[1]) if gather is not None else None
         if shape is None or index is None:
-            return None
+            return [UNKNOWN]  # a runtime scalar made into one entry
         dims = _shape_node_dims(shape, source_rank)
         return [dims[int(index)]] if -len(dims) <= int(index) < len(dims) else None
     return _shape_dims(tensor, source_rank)

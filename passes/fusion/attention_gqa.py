@@ -1,0 +1,405 @@
+"""Llama self-attention -> com.microsoft RotaryEmbedding + GroupQueryAttention.
+
+Identities (x4 = heads of x3 in BNSH, h = D/2, cos/sin of shape [B|1, S, D]):
+
+  rotate_half:  x4 * cos + Concat(-x4[..., h:], x4[..., :h]) * sin
+                == heads of RotaryEmbedding(x3, pos, cos_cache, sin_cache)
+  when cos[..., :h] == cos[..., h:] (true when cos = f(Concat(a, a)) elementwise),
+  with cos_cache = Reshape(Expand(cos, [B, 1, 1])[..., :h], [B*S, h]) and
+  pos[b, s] = b*S + s: row b*S + s of the cache is the model's own cos for that
+  batch row and position, whatever positions the model used.
+
+  repeat_kv:    Reshape(Expand(Unsqueeze(k4, 2), [B, Nkv, r, T, D]), [B, Nkv*r, T, D])
+                gives query head n the kv head n // r, exactly GroupQueryAttention's grouping.
+
+  GroupQueryAttention(q, k, v, seqlens_k = T-1, total_sequence_length = T,
+                      attention_bias = Expand(M, [1, 1, S, T]), causal=0)
+                == Softmax(scale * Q K^T + M) V  (no KV cache; the mask, causal and
+  padding, is the model's own additive mask, so left padding and holes keep their meaning).
+
+Preconditions (checked): those of ``attention.py``; rotate_half slice bounds
+evaluate to D/2 and D; cos and sin have equal halves; the repeat Expand has r =
+N / Nkv at axis 2 and keeps the other axes; the merge Reshape keeps B, T and D.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.context import PassContext, Refusal
+from onnxforge.passes.base import Match, RulePass
+
+from .attention import (
+    MS_DOMAIN,
+    BlockRule,
+    _is_scalar,
+    expanded_mask,
+    leaks,
+    mask_is_finite,
+    softmax_is_last_axis,
+)
+from .attention_match import (
+    INT64_MAX,
+    Core,
+    Dim,
+    HeadSplit,
+    const_scalar,
+    const_value,
+    head_split,
+    match_core,
+    merges_heads,
+    producer,
+    scale_value,
+    shape_entries,
+)
+
+
+# ------------------------------------------------------------------ small evaluator
+
+def eval_int(tensor: gs.Tensor, x4: gs.Tensor, head_size: int) -> int | None:
+    """Value of a scalar/1-element integer expression over Shape(x4) (x4 has last dim ``head_size``)."""
+    value = const_value(tensor)
+    if value is not None:
+        return int(value.reshape(-1)[0]) if value.size == 1 else None
+    node = producer(tensor)
+    if node is None:
+        return None
+    if node.op in ("Unsqueeze", "Cast", "Squeeze", "Identity"):
+        return eval_int(node.inputs[0], x4, head_size)
+    if node.op == "Gather":
+        shape = producer(node.inputs[0], "Shape")
+        index = const_scalar(node.inputs[1])
+        if shape is None or shape.inputs[0] is not x4 or shape.attrs or index is None:
+            return None
+        return head_size if int(index) in (3, -1) else None
+    if node.op in ("Div", "Mul", "Add", "Sub"):
+        a, b = (eval_int(t, x4, head_size) for t in node.inputs)
+        if a is None or b is None:
+            return None
+        if node.op == "Div":
+            return a // b if b else None
+        return {"Mul": a * b, "Add": a + b, "Sub": a - b}[node.op]
+    return None
+
+
+# ------------------------------------------------------------------ rotary
+
+@dataclasses.dataclass
+class Rotary:
+    x4: gs.Tensor
+    cos: gs.Tensor  # [B|1, S, D] before the Unsqueeze over heads
+    sin: gs.Tensor
+    first_half: gs.Node
+    second_half: gs.Node
+    nodes: list[gs.Node]
+
+
+def _unsqueezed_heads(tensor: gs.Tensor) -> gs.Tensor | None:
+    """``Unsqueeze(t, axes=[1])`` -> t."""
+    node = producer(tensor, "Unsqueeze")
+    if node is None:
+        return None
+    axes = const_value(node.inputs[1]) if len(node.inputs) > 1 else np.array(node.attrs.get("axes", []))
+    return node.inputs[0] if axes is not None and axes.reshape(-1).tolist() == [1] else None
+
+
+def _split_mul(node: gs.Node | None, x: gs.Tensor | None = None):
+    """Mul(a, b) -> (main, factor) with main == x when x is given, else the non-Unsqueeze operand."""
+    if node is None or node.op != "Mul":
+        return None
+    a, b = node.inputs
+    for main, factor in ((a, b), (b, a)):
+        if (x is not None and main is x) or (x is None and producer(main, "Concat")):
+            return main, factor
+    return None
+
+
+def match_rotary(tensor: gs.Tensor) -> Rotary | None:
+    add = producer(tensor, "Add")
+    if add is None:
+        return None
+    for direct_t, rotated_t in (add.inputs, add.inputs[::-1]):
+        rot_mul = producer(rotated_t, "Mul")
+        rot = _split_mul(rot_mul)
+        if rot is None:
+            continue
+        concat = producer(rot[0], "Concat")
+        if concat is None or len(concat.inputs) != 2 or int(concat.attrs.get("axis", 0)) not in (-1, 3):
+            continue
+        neg = producer(concat.inputs[0], "Neg")
+        second = producer(neg.inputs[0], "Slice") if neg is not None else None
+        first = producer(concat.inputs[1], "Slice")
+        if second is None or first is None or second.inputs[0] is not first.inputs[0]:
+            continue
+        x4 = first.inputs[0]
+        direct_mul = producer(direct_t, "Mul")
+        direct = _split_mul(direct_mul, x4)
+        if direct is None:
+            continue
+        cos, sin = _unsqueezed_heads(direct[1]), _unsqueezed_heads(rot[1])
+        if cos is None or sin is None:
+            continue
+        # The cos/sin Unsqueezes are shared by every layer: inputs of the block, not part of it.
+        nodes = [add, rot_mul, direct_mul, concat, neg, first, second]
+        return Rotary(x4, cos, sin, first, second, nodes)
+    return None
+
+
+def slices_halves(rotary: Rotary, head_size: int) -> bool:
+    """first = x[..., 0:D/2], second = x[..., D/2:] along the last axis."""
+    half = head_size // 2
+
+    def bounds(node):
+        starts, ends = (eval_int(t, rotary.x4, head_size) for t in node.inputs[1:3])
+        axes = const_value(node.inputs[3]) if len(node.inputs) > 3 else None
+        steps = const_value(node.inputs[4]) if len(node.inputs) > 4 else None
+        if axes is None or axes.reshape(-1).tolist() not in ([3], [-1]):
+            return None
+        if steps is not None and steps.reshape(-1).tolist() != [1]:
+            return None
+        return starts, ends
+
+    first, second = bounds(rotary.first_half), bounds(rotary.second_half)
+    if first is None or second is None or head_size % 2:
+        return False
+    return first[0] == 0 and first[1] == half and second[0] == half and second[1] is not None \
+        and (second[1] >= head_size or second[1] == INT64_MAX)
+
+
+def halves_equal(tensor: gs.Tensor) -> bool:
+    """tensor = elementwise f(Concat(a, a)) along the last axis, so both halves are equal."""
+    for _ in range(8):
+        node = producer(tensor)
+        if node is None:
+            return False
+        if node.op == "Concat":
+            return (len(node.inputs) == 2 and node.inputs[0] is node.inputs[1]
+                    and int(node.attrs.get("axis", 0)) == -1)
+        if node.op in ("Cos", "Sin", "Cast", "Identity"):
+            tensor = node.inputs[0]
+        elif node.op in ("Mul", "Div") and _is_scalar(node.inputs[1]):
+            tensor = node.inputs[0]
+        elif node.op == "Mul" and _is_scalar(node.inputs[0]):
+            tensor = node.inputs[1]
+        else:
+            return False
+    return False
+
+
+# ------------------------------------------------------------------ repeat_kv
+
+@dataclasses.dataclass
+class Repeat:
+    x4: gs.Tensor
+    expand: gs.Node
+    reshape: gs.Node
+    nodes: list[gs.Node]
+
+
+def match_repeat(tensor: gs.Tensor) -> Repeat | None:
+    reshape = producer(tensor, "Reshape")
+    expand = producer(reshape.inputs[0], "Expand") if reshape is not None else None
+    unsqueeze = producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
+    if unsqueeze is None:
+        return None
+    axes = const_value(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else np.array(unsqueeze.attrs.get("axes", []))
+    if axes is None or axes.reshape(-1).tolist() != [2]:
+        return None
+    return Repeat(unsqueeze.inputs[0], expand, reshape, [reshape, expand, unsqueeze])
+
+
+def _expand_entries(tensor: gs.Tensor) -> list | None:
+    """Expand targets as torch writes them: Where(Equal(s, -1), ones, s) and Reshape(s, [-1])."""
+    where = producer(tensor, "Where")
+    if where is not None:
+        equal = producer(where.inputs[0], "Equal")
+        if equal is None or where.inputs[2] is not equal.inputs[0]:
+            return None
+        tensor = where.inputs[2]
+    reshape = producer(tensor, "Reshape")
+    if reshape is not None and (v := const_value(reshape.inputs[1])) is not None and v.reshape(-1).tolist() == [-1]:
+        tensor = reshape.inputs[0]
+    return shape_entries(tensor, 4)
+
+
+def repeat_is_exact(repeat: Repeat, n_rep: int) -> bool:
+    """Expand to [B, Nkv, r, T, D] (other axes kept or 1) and merge axes 1, 2 keeping B, T, D."""
+    entries = _expand_entries(repeat.expand.inputs[1])
+    if entries is None or len(entries) != 5 or entries[2] != n_rep:
+        return False
+    for entry, axis in zip(entries[:2] + entries[3:], (0, 1, 2, 3)):
+        if entry != 1 and not (isinstance(entry, Dim) and entry.source is repeat.x4 and entry.index == axis):
+            return False
+    merged = shape_entries(repeat.reshape.inputs[1], 4)
+    if merged is None or len(merged) != 4:
+        return False
+    for entry, axis in ((merged[0], 0), (merged[2], 2), (merged[3], 3)):
+        if not (isinstance(entry, Dim) and entry.source is repeat.x4 and entry.index == axis):
+            return False
+    return True
+
+
+# ------------------------------------------------------------------ the rule
+
+class FuseGqaRotaryRule(BlockRule):
+    """Llama (TorchScript): rotate_half rotary on Q and K, repeat_kv on K and V, additive mask."""
+
+    name = "gqa-rotary-attention"
+
+    def match(self, graph: gs.Graph, node: gs.Node) -> Match | None:
+        core = match_core(node)
+        if core is None or core.key.form != "swap":
+            return None
+        q_rot = match_rotary(core.q4)
+        k_rep, v_rep = match_repeat(core.key.k4), match_repeat(core.v4)
+        if q_rot is None or k_rep is None or v_rep is None:
+            return None
+        k_rot = match_rotary(k_rep.x4)
+        q = head_split(q_rot.x4, (0, 2, 1, 3))
+        k = head_split(k_rot.x4, (0, 2, 1, 3)) if k_rot is not None else None
+        v = head_split(v_rep.x4, (0, 2, 1, 3))
+        if q is None or k is None or v is None:
+            return None
+        parts = core.nodes + q_rot.nodes + k_rot.nodes + k_rep.nodes + v_rep.nodes + q.nodes + k.nodes + v.nodes
+        unique = list({id(n): n for n in parts if n is not None}.values())
+        nodes = [node] + [n for n in unique if n is not node]
+        return Match(nodes, {"core": core, "q": q, "k": k, "v": v, "q_rot": q_rot, "k_rot": k_rot,
+                             "k_rep": k_rep, "v_rep": v_rep, "outputs": {t.name for t in graph.outputs}})
+
+    def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
+        core: Core = match.info["core"]
+        q: HeadSplit = match.info["q"]
+        k: HeadSplit = match.info["k"]
+        v: HeadSplit = match.info["v"]
+        if not softmax_is_last_axis(graph, core.softmax):
+            return self.refusal("softmax axis not last", match)
+        if scale_value(core.factors) is None or any(not _is_scalar(f.factor) for f in core.factors):
+            return self.refusal("scale not constant", match)
+        heads, kv_heads, head_size = q.num_heads(), k.num_heads(), q.head_size
+        if heads is None or kv_heads is None or head_size is None:
+            return self.refusal("num_heads not derivable from reshape constant", match)
+        if k.head_size != head_size or v.head_size != head_size or v.num_heads() != kv_heads:
+            return self.refusal("key/value head shapes differ", match)
+        if heads % kv_heads:
+            return self.refusal(f"{heads} query heads not a multiple of {kv_heads} kv heads", match)
+        if not all(s.keeps_batch_and_sequence() for s in (q, k, v)):
+            return self.refusal("head-split reshape does not keep batch and sequence", match)
+        if not merges_heads(core, heads, head_size):
+            return self.refusal("output reshape does not merge heads to [B, S, N*D]", match)
+        for label in ("q_rot", "k_rot"):
+            rotary: Rotary = match.info[label]
+            if not slices_halves(rotary, head_size):
+                return self.refusal("rotate_half slices are not [0, D/2) and [D/2, D)", match)
+            if not (halves_equal(rotary.cos) and halves_equal(rotary.sin)):
+                return self.refusal("cos/sin halves not provably equal (interleaved or partial rotary)", match)
+        for label in ("k_rep", "v_rep"):
+            if not repeat_is_exact(match.info[label], heads // kv_heads):
+                return self.refusal("repeat_kv Expand/Reshape does not repeat kv heads N/Nkv times", match)
+        if core.nan_guard and not mask_is_finite(core.bias):
+            return self.refusal("NaN guard kept: mask is not a Where of finite constants", match)
+        if any(n.op == "Cast" and int(n.attrs.get("to", 1)) != 1 for n in core.between):
+            return self.refusal("cast after softmax changes precision", match)
+        keep = {id(core.merge_reshape)}
+        leaked = leaks(match.nodes, keep) + [n.name for n in match.nodes if id(n) not in keep and any(
+            o.name in match.info["outputs"] for o in n.outputs)]
+        if leaked:
+            return Refusal(self.name, "intermediate result used outside the attention block",
+                           match.names[:1] + tuple(dict.fromkeys(leaked)))
+        return None
+
+    def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
+        core: Core = match.info["core"]
+        q, k, v = match.info["q"], match.info["k"], match.info["v"]
+        prefix = core.softmax.name or core.output.name
+        head_size = q.head_size
+        b = _Builder(graph, prefix)
+        batch, seq = b.dim(q.x3, 0), b.dim(q.x3, 1)
+        positions = b.positions(batch, seq)
+        q_rot, k_rot = match.info["q_rot"], match.info["k_rot"]
+        caches = {}
+        for label, table in (("cos", q_rot.cos), ("sin", q_rot.sin)):
+            caches[label] = b.rotary_cache(table, batch, head_size // 2, label)
+        query = b.rotary(q.x3, positions, caches["cos"], caches["sin"], "q")
+        if k_rot.cos is q_rot.cos and k_rot.sin is q_rot.sin:
+            key_caches = caches
+        else:
+            key_caches = {lbl: b.rotary_cache(t, batch, head_size // 2, f"k_{lbl}")
+                          for lbl, t in (("cos", k_rot.cos), ("sin", k_rot.sin))}
+        key = b.rotary(k.x3, positions, key_caches["cos"], key_caches["sin"], "k")
+        total = b.dim(k.x3, 1)
+        seqlens = b.seqlens(batch, total)
+        total32 = b.op("Cast", [b.op("Squeeze", [total, b.const("axis0", [0])], "total_scalar")],
+                       "total_i32", to=6, dtype=np.int32)
+        inputs = [query, key, v.x3, gs.Variable.empty(), gs.Variable.empty(), seqlens, total32]
+        if core.bias is not None:
+            inputs += [gs.Variable.empty()] * 3 + [expanded_mask(graph, core.bias, q.x3, k.x3, prefix)]
+        graph.nodes.append(gs.Node(
+            "GroupQueryAttention", f"{prefix}/GroupQueryAttention", domain=MS_DOMAIN,
+            attrs={"num_heads": int(q.num_heads()), "kv_num_heads": int(k.num_heads()),
+                   "scale": float(scale_value(core.factors)), "causal": 0},
+            inputs=inputs, outputs=[core.output]))
+        core.merge_reshape.outputs.clear()
+        if ctx.model is not None:
+            ctx.model.ensure_domain(MS_DOMAIN, 1)
+
+
+class _Builder:
+    """Small helper that appends the index arithmetic the fused ops need."""
+
+    def __init__(self, graph: gs.Graph, prefix: str):
+        self.graph, self.prefix = graph, prefix
+
+    def const(self, label: str, values) -> gs.Constant:
+        return gs.Constant(f"{self.prefix}/{label}", np.asarray(values, dtype=np.int64))
+
+    def op(self, op: str, inputs, label: str, dtype=np.int64, **attrs) -> gs.Variable:
+        out = gs.Variable(f"{self.prefix}/{label}", dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, f"{self.prefix}/{label}_{op}", attrs=attrs, inputs=list(inputs),
+                                        outputs=[out]))
+        return out
+
+    def dim(self, tensor: gs.Tensor, axis: int) -> gs.Variable:
+        shape = self.op("Shape", [tensor], f"{tensor.name}_shape{axis}")
+        return self.op("Gather", [shape, self.const(f"axis{axis}_{tensor.name}", [axis])],
+                       f"{tensor.name}_dim{axis}", axis=0)
+
+    def positions(self, batch, seq) -> gs.Variable:
+        """pos[b, s] = b*S + s, shape [B, S]."""
+        count = self.op("Mul", [batch, seq], "rows")
+        flat = self.op("Range", [gs.Constant(f"{self.prefix}/zero", np.array(0, np.int64)),
+                                 self.op("Squeeze", [count, self.const("sq_axis", [0])], "rows_scalar"),
+                                 gs.Constant(f"{self.prefix}/one", np.array(1, np.int64))], "positions_flat")
+        return self.op("Reshape", [flat, self.op("Concat", [batch, seq], "pos_shape", axis=0)], "positions")
+
+    def rotary_cache(self, table: gs.Tensor, batch, half: int, label: str) -> gs.Variable:
+        """Reshape(Expand(table, [B, 1, 1])[..., :half], [-1, half]): one cache row per (b, s)."""
+        target = self.op("Concat", [batch, self.const(f"{label}_ones", [1, 1])], f"{label}_expand_shape", axis=0)
+        full = self.op("Expand", [table, target], f"{label}_expanded", dtype=table.dtype or np.float32)
+        sliced = self.op("Slice", [full, self.const(f"{label}_start", [0]), self.const(f"{label}_end", [half]),
+                                   self.const(f"{label}_axis", [2])], f"{label}_half", dtype=table.dtype or np.float32)
+        return self.op("Reshape", [sliced, self.const(f"{label}_rows", [-1, half])], f"{label}_cache",
+                       dtype=table.dtype or np.float32)
+
+    def rotary(self, x3, positions, cos, sin, label: str) -> gs.Variable:
+        out = gs.Variable(f"{self.prefix}/{label}_rotary", dtype=x3.dtype or np.float32)
+        self.graph.nodes.append(gs.Node("RotaryEmbedding", f"{self.prefix}/{label}_RotaryEmbedding",
+                                        domain=MS_DOMAIN, inputs=[x3, positions, cos, sin], outputs=[out]))
+        return out
+
+    def seqlens(self, batch, total) -> gs.Variable:
+        """seqlens_k = T - 1 for every batch row (int32): no KV cache, the mask does the rest."""
+        last = self.op("Sub", [total, self.const("one_vec", [1])], "total_minus_one")
+        rows = self.op("Expand", [last, batch], "seqlens_i64")
+        return self.op("Cast", [rows], "seqlens_k", dtype=np.int32, to=6)
+
+
+class FuseGqaRotary(RulePass):
+    name = "fuse-gqa-rotary"
+    description = "Llama rotary + grouped-query attention -> RotaryEmbedding + GroupQueryAttention"
+    tolerance = (1e-4, 1e-5)
+    rules = (FuseGqaRotaryRule,)
+
+
+PASSES = (FuseGqaRotary,)
