@@ -1,0 +1,564 @@
+"""Pipelines as code: run a recipe's steps on a model, deterministically, with a
+versioned JSON report.
+
+    pipeline = onnxforge.Pipeline.from_file("recipe.toml")
+    result = pipeline.run("model.onnx", "model.opt.onnx")
+    result.report["output"]["sha256"]
+
+The whole recipe is validated when the pipeline is made (``recipe.py``), so no
+step starts on a recipe that would fail later for a typo. Steps hand an
+in-memory ``Model`` to each other; the original model stays untouched for the
+``check`` and ``bench`` steps. Expensive steps (quantize, prune, tune) are
+cached (``cache.py``); a step's result is re-read from the file it was saved
+to whether it was computed or cached, so both paths give the same bytes.
+
+Same input, recipe and versions give a byte-identical output: every step is
+deterministic (seeded inputs, sorted iteration), the pass manager's names come
+from the graph, and the output is written by ``onnxforge.io.save`` (tensor
+order from the graph, external data laid out in that order, 4 KiB aligned).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import onnx
+
+from .cache import StepCache, data_digest, environment_key, files_digest, saved_model_files
+from .errors import DataError, ModelSaveError, OnnxForgeError, OptionError, VerificationError
+from .io import load, save
+from .model import Model, constants
+from .recipe import STEPS, Recipe, Step, import_file, load_recipe, parse_recipe, validate
+from .report import model_stats
+
+REPORT_SCHEMA = "onnxforge.pipeline-report"
+REPORT_SCHEMA_VERSION = 1
+MODEL_FILE = "model.onnx"
+STAT_KEYS = ("nodes", "parameters", "weight_bytes")
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """The optimized model, the JSON-ready report, and where the output went."""
+
+    model: Model
+    report: dict[str, Any]
+    output: Path | None
+    profile: Path | None = None
+
+    @property
+    def output_sha256(self) -> str:
+        return self.report["output"]["sha256"]
+
+
+class Pipeline:
+    """A validated recipe, ready to run on any number of models."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        for step in recipe.steps:
+            if step.kind not in EXECUTORS:
+                where = f"{recipe.source}:{step.line}" if step.line else recipe.source
+                raise OptionError(f"{where}: steps[{step.index + 1}].step: step {step.kind!r} is not wired in this build")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Pipeline":
+        return cls(load_recipe(path))
+
+    @classmethod
+    def from_toml(cls, text: str, base_dir: str | os.PathLike = ".", source: str = "<recipe>") -> "Pipeline":
+        return cls(parse_recipe(text, source=source, base_dir=base_dir))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base_dir: str | os.PathLike = ".") -> "Pipeline":
+        """A recipe given as a dict (the TOML document's structure); relative paths
+        are resolved against ``base_dir``."""
+        return cls(validate(data, source="<dict>", base_dir=base_dir))
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return self.recipe.steps
+
+    def run(
+        self,
+        model: Model | onnx.ModelProto | str | os.PathLike,
+        output: str | os.PathLike | None = None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        use_cache: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ) -> PipelineResult:
+        """Run every step on ``model`` and write the result to ``output`` (when given).
+
+        Raises an ``OnnxForgeError`` (exit codes 2/3) or another exception (1) on
+        failure; the report so far is attached to it as ``.report``."""
+        started = time.perf_counter()
+        report = _empty_report(self.recipe)
+        try:
+            if output is not None:
+                _check_output(Path(output))
+            with tempfile.TemporaryDirectory(prefix="onnxforge-run-") as work:
+                state = _Run(self.recipe, Path(work), report, progress or (lambda _m: None),
+                             cache_dir=cache_dir, use_cache=use_cache)
+                state.start(model)
+                for step in self.recipe.steps:
+                    state.run_step(step)
+                result = state.finish(Path(output) if output is not None else None)
+        except BaseException as exc:
+            report["status"] = "failed"
+            report["exit_code"] = exc.exit_code if isinstance(exc, OnnxForgeError) else 1
+            report["error"] = _error_dict(exc)
+            report["seconds"] = round(time.perf_counter() - started, 4)
+            exc.report = report
+            raise
+        report["seconds"] = round(time.perf_counter() - started, 4)
+        return result
+
+
+# ------------------------------------------------------------------ one run
+
+
+class _Run:
+    """The state of one pipeline run: the original and current models, the work
+    folder, the cache and the report being filled."""
+
+    def __init__(self, recipe: Recipe, work: Path, report: dict, progress, *, cache_dir, use_cache: bool):
+        self.recipe, self.work, self.report, self.progress = recipe, work, report, progress
+        self.cache = StepCache(cache_dir, enabled=use_cache, warn=self.warn)
+        report["cache"].update({"enabled": use_cache, "folder": str(self.cache.folder)})
+        self.settings = recipe.settings
+        self.original: Model | None = None
+        self.original_file: Path | None = None
+        self.model: Model | None = None
+        self._current_file: Path | None = None
+        self._files = 0
+        self.profile: dict | None = None
+
+    def warn(self, message: str) -> None:
+        if message not in self.report["warnings"]:
+            self.report["warnings"].append(message)
+
+    # ---------------------------------------------------------------- models and files
+
+    def start(self, model) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            path = Path(model)
+            self.original = load(path)
+            self.original_file = path
+            files = files_digest(sorted(self.original.source_files), path.parent)
+            self.report["input"] = {"path": str(path), "sha256": files[_rel(path, path.parent)], "files": files}
+        else:
+            self.original = model if isinstance(model, Model) else Model.from_proto(model)
+            self.original_file = self.save_work(self.original, "input")
+            files = files_digest(saved_model_files(self.original_file), self.original_file.parent)
+            self.report["input"] = {"path": None, "sha256": files[MODEL_FILE], "files": files}
+        self.report["input"]["stats"] = model_stats(self.original)
+        self.model = _independent_copy(self.original)
+
+    def save_work(self, model: Model, label: str) -> Path:
+        """Save ``model`` as ``<work>/<n>-<label>/model.onnx`` (a folder of its own,
+        so a data file is always ``model.onnx.data``)."""
+        self._files += 1
+        folder = self.work / f"{self._files:03d}-{label}"
+        folder.mkdir()
+        return save(model, folder / MODEL_FILE)
+
+    def current_file(self) -> Path:
+        if self._current_file is None:
+            self._current_file = self.save_work(self.model, "current")
+        return self._current_file
+
+    def set_model(self, model: Model) -> None:
+        self.model, self._current_file = model, None
+
+    def set_model_file(self, path: Path) -> None:
+        self.model, self._current_file = load(path), path
+
+    def feeds(self, data: str | None, samples: int) -> list[dict]:
+        from .inputs import load_feeds, seeded_feeds
+
+        names = [t.name for t in self.original.graph.inputs]
+        if data:
+            return load_feeds(data, names, limit=samples)
+        shapes, seed = self.settings["input_shapes"], self.settings["seed"]
+        return [seeded_feeds(self.original, shapes, seed=seed + i) for i in range(samples)]
+
+    # ---------------------------------------------------------------- steps
+
+    def run_step(self, step: Step) -> None:
+        self.progress(f"[{step.index + 1}/{len(self.recipe.steps)}] {step.name}")
+        before = model_stats(self.model)
+        record: dict[str, Any] = {
+            "index": step.index + 1, "step": step.kind, "name": step.name, "line": step.line,
+            "params": _jsonable_params(step.params), "cached": None,
+        }
+        self.report["steps"].append(record)
+        t0 = time.perf_counter()
+        try:
+            details = EXECUTORS[step.kind](self, step)
+        finally:
+            record["seconds"] = round(time.perf_counter() - t0, 4)
+        failure = details.pop("failure", None)
+        record.update(details)
+        record["changes"] = _changes(before, model_stats(self.model))
+        for key in ("verification", "accuracy", "latency"):
+            if record.get(key) is not None:
+                self.report[key].append({"step": step.index + 1, **record[key]})
+        if failure:
+            where = f"{self.recipe.source}:{step.line}" if step.line else self.recipe.source
+            raise VerificationError(f"{where}: step {step.index + 1} ({step.name}): {failure}",
+                                    hint="the report lists every output's figures")
+
+    def cached(self, step: Step, compute: Callable[[], tuple[Model | None, dict]]) -> dict:
+        """Run ``compute`` (-> model or None, JSON payload) or reuse its cached result.
+
+        The key covers the current model's bytes, the step's parameters with its
+        data files' digests, the recipe's settings and the environment."""
+        material = self._key_material(step)
+        key = StepCache.key_for(step.kind, material)
+        use = step.params.get("cache", True)
+        entry = self.cache.get(step.kind, key) if use else None
+        if entry is not None:
+            if MODEL_FILE in entry.files:
+                self.set_model_file(entry.files[MODEL_FILE])
+            return {**entry.payload, "cached": True, "cache_key": key}
+        model, payload = compute()
+        files = {}
+        if model is not None:
+            path = self.save_work(model, step.kind)
+            files = {f.name: f for f in saved_model_files(path)}
+            self.set_model_file(path)  # read back: the same bytes a cache hit gives
+        if use:
+            self.cache.put(step.kind, key, material, payload, files)
+        return {**payload, "cached": False, "cache_key": key}
+
+    def _key_material(self, step: Step) -> dict:
+        current = self.current_file()
+        fields = STEPS[step.kind].fields
+        params = {}
+        for name, value in step.params.items():
+            if name == "cache":
+                continue
+            is_data = fields[name].kind in ("path", "data") and value not in (None, "random")
+            params[name] = {"sha256": data_digest(value)} if is_data else value
+        return {
+            "model": files_digest(saved_model_files(current), current.parent),
+            "params": params,
+            "provider": self.recipe.provider,
+            "input_shapes": {k: list(v) for k, v in sorted(self.settings["input_shapes"].items())},
+            "seed": self.settings["seed"],
+            "environment": environment_key(self.recipe.provider),
+        }
+
+    # ---------------------------------------------------------------- output
+
+    def finish(self, output: Path | None) -> PipelineResult:
+        target = output or (self.work / "output" / MODEL_FILE)
+        target.parent.mkdir(exist_ok=True)
+        save(self.model, target, external_data=self.settings["external_data"])
+        files = files_digest(saved_model_files(target), target.parent)
+        self.report["output"] = {
+            "path": str(output) if output else None, "sha256": files[target.name], "files": files,
+            "stats": model_stats(self.model, file_bytes=sum(f.stat().st_size for f in saved_model_files(target))),
+        }
+        profile_path = None
+        if self.profile is not None and output is not None:
+            profile_path = _write_profile(self.profile, output)
+            self.report["output"]["profile"] = str(profile_path)
+        result_model = load(target) if output else _materialized(self.model)
+        self.report["cache"].update({"hits": len(self.cache.hits), "misses": len(self.cache.misses)})
+        self.report["status"], self.report["exit_code"] = "ok", 0
+        return PipelineResult(result_model, self.report, output, profile_path)
+
+
+def _independent_copy(model: Model) -> Model:
+    """A copy no step can change the original through (external weights stay on disk)."""
+    from .pass_manager import snapshot
+
+    return snapshot(model)
+
+
+def _materialized(model: Model) -> Model:
+    """Read external weights into memory: the work folder they live in goes away."""
+    for const in constants(model.graph):
+        const.values  # noqa: B018 - loads lazily stored values
+    return model
+
+
+def _write_profile(profile: dict, output: Path) -> Path:
+    from .runtime.profile import Profile, profile_path_for, save_profile
+
+    data = dict(profile)
+    data["model"] = {"file": output.name}
+    return save_profile(Profile.from_dict(data, where="tuned profile"), profile_path_for(output))
+
+
+def _check_output(output: Path) -> None:
+    if output.is_dir():
+        raise ModelSaveError(f"{output}: is a folder; give a file name such as {output / 'model.onnx'}")
+    if not output.parent.is_dir():
+        raise ModelSaveError(f"{output.parent}: the output folder does not exist")
+
+
+def _rel(path: Path, base: Path) -> str:
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+
+
+# ------------------------------------------------------------------ executors
+
+
+def _optimize(run: _Run, step: Step) -> dict:
+    from .api import optimize
+
+    p = step.params
+    feeds = run.feeds(p["data"], 8) if p["data"] else None
+    result, rep = optimize(
+        run.model,
+        level=p["level"],
+        passes=[_pass_name(n, run.recipe.base_dir) for n in p["passes"]] if p["passes"] else None,
+        disable=[_pass_name(n, run.recipe.base_dir) for n in p["disable"]],
+        extra_passes=[_resolve(n, run.recipe.base_dir) for n in p["extra_passes"]],
+        provider=run.recipe.provider,
+        input_shapes=run.settings["input_shapes"],
+        options=p["options"],
+        verify=p["verify"],
+        strict=p["strict"],
+        feeds=feeds,
+        max_iterations=p["max_iterations"],
+    )
+    run.set_model(result)
+    data = rep.as_dict()
+    for warning in data["warnings"]:
+        run.warn(warning)
+    for rolled in data["rolled_back"]:
+        run.warn(f"pass {rolled['pass']} rolled back: {rolled['reason']}")
+    keep = ("passes", "iterations", "rolled_back", "refusals")
+    return {"report": {k: data[k] for k in keep}, "verification": data["verification"]}
+
+
+def _pass_name(name: str, base_dir: Path) -> str:
+    """``file.py:Class`` becomes ``<imported module>:Class`` so the registry resolves it."""
+    module_part, sep, attr = name.rpartition(":")
+    if sep and module_part.endswith(".py"):
+        return f"{import_file(base_dir / module_part).__name__}:{attr}"
+    return name
+
+
+def _resolve(name: str, base_dir: Path):
+    from .passes.registry import resolve
+
+    return resolve(_pass_name(name, base_dir))
+
+
+def _check(run: _Run, step: Step) -> dict:
+    from .verify import compare_arrays, merge_diffs, run_outputs
+
+    p = step.params
+    feeds = run.feeds(p["data"], p["samples"])
+    try:
+        reference = run_outputs(run.original, feeds)
+    except Exception as exc:
+        raise DataError(f"check: the input model does not run on these feeds: {_first_line(exc)}") from exc
+    candidate = run_outputs(run.model, feeds)
+    names = [t.name for t in run.original.graph.outputs]
+    diffs = merge_diffs(
+        [compare_arrays(n, a, b, float("inf"), 0.0) for n, a, b in zip(names, ref, out)]
+        for ref, out in zip(reference, candidate)
+    )
+    outputs = [{k: v for k, v in d.as_dict().items() if k != "ok"} for d in diffs]
+    failures = _budget_failures(outputs, p)
+    accuracy = {
+        "feeds": len(feeds), "source": p["data"] or "seeded",
+        "budget": {k: p[k] for k in ("min_cosine", "max_abs", "max_rel") if p[k] is not None},
+        "outputs": outputs, "ok": not failures,
+    }
+    details = {"accuracy": accuracy}
+    if failures:
+        details["failure"] = "; ".join(failures)
+    return details
+
+
+def _budget_failures(outputs: list[dict], p: Mapping[str, Any]) -> list[str]:
+    failures = []
+    for o in outputs:
+        if p["min_cosine"] is not None and not o["cosine"] >= p["min_cosine"]:
+            failures.append(f"output {o['name']!r} cosine {o['cosine']:.6f} < min_cosine {p['min_cosine']}")
+        if p["max_abs"] is not None and not o["max_abs"] <= p["max_abs"]:
+            failures.append(f"output {o['name']!r} max abs error {o['max_abs']:.3e} > max_abs {p['max_abs']}")
+        if p["max_rel"] is not None and not o["max_rel"] <= p["max_rel"]:
+            failures.append(f"output {o['name']!r} max rel error {o['max_rel']:.3e} > max_rel {p['max_rel']}")
+    return failures
+
+
+def _bench(run: _Run, step: Step) -> dict:
+    from .bench.harness import compare_latency
+
+    p = step.params
+    feeds = run.feeds(p["data"], 8) if p["data"] else None
+    result = compare_latency(
+        [run.original_file, run.current_file()], feeds, threads=p["threads"], rounds=p["rounds"],
+        warmup=p["warmup"], iterations=p["iterations"], provider=run.recipe.provider, seed=run.settings["seed"],
+        input_shapes=run.settings["input_shapes"],
+    )
+    base, model = result.models
+    latency = {
+        "provider": run.recipe.provider, "rounds": p["rounds"], "threads": p["threads"],
+        "input_ms": base.stats, "output_ms": model.stats,
+        "ratio": None if model.ratio is None else {**dataclasses.asdict(model.ratio), "verdict": model.ratio.verdict},
+    }
+    return {"latency": latency}
+
+
+def _quantize(run: _Run, step: Step) -> dict:
+    p = step.params
+
+    def compute():
+        from .passes.quant.quantize import quantize
+
+        model, rep = quantize(
+            run.model, p["calibration"], provider=run.recipe.provider, method=p["method"], max_drop=p["max_drop"],
+            metric=p["metric"], val=p["validation"], budget_seconds=p["budget_seconds"], mode=p["mode"],
+            measure_latency=p["measure_latency"], log=run.progress,
+        )
+        return model, {"quantization": _json_safe(rep.as_dict())}
+
+    details = run.cached(step, compute)
+    q = details["quantization"]
+    details["accuracy"] = {"metric": q["metric"], "score": q["score"], "max_drop": q["max_drop"],
+                           "ok": bool(q["budget_met"]), "source": q["validation"]}
+    for w in q.get("warnings", ()):
+        run.warn(f"quantize: {w}")
+    if q["budget_met"] is False:
+        details["failure"] = (f"accuracy budget not met: {q['metric']} {q['score']:.5f} < {1 - q['max_drop']:.5f} "
+                              f"(max_drop {q['max_drop']})")
+    return details
+
+
+def _tune(run: _Run, step: Step) -> dict:
+    p = step.params
+
+    def compute():
+        from .runtime.shapes import ShapeRange
+        from .runtime.tune import tune
+
+        ranges = {k: ShapeRange(tuple(v), tuple(v), tuple(v)) for k, v in run.settings["input_shapes"].items()}
+        result = tune(run.current_file(), run.recipe.provider, p["budget_seconds"], output=False, shape_ranges=ranges,
+                      data=p["data"], seed=run.settings["seed"], allow_lossy=p["allow_lossy"], on_progress=run.progress)
+        return None, {"profile": result.profile.to_dict()}
+
+    details = run.cached(step, compute)
+    run.profile = details["profile"]
+    tuning = details["profile"].get("tuning") or {}
+    details["tuning"] = {k: tuning.get(k) for k in ("kept_default", "confirmation", "elapsed_s", "budget_s")}
+    return details
+
+
+EXECUTORS: Mapping[str, Callable[[_Run, Step], dict]] = MappingProxyType({
+    "optimize": _optimize,
+    "check": _check,
+    "bench": _bench,
+    "quantize": _quantize,
+    "tune": _tune,
+})
+
+
+# ------------------------------------------------------------------ report
+
+
+def _empty_report(recipe: Recipe) -> dict[str, Any]:
+    import hashlib
+
+    text = recipe.text
+    return {
+        "schema": REPORT_SCHEMA,
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "status": "running",
+        "exit_code": None,
+        "error": None,
+        "recipe": {
+            "path": recipe.source if recipe.text is not None else None,
+            "sha256": hashlib.sha256(text.encode()).hexdigest() if text is not None else None,
+            "name": recipe.settings["name"],
+            "version": recipe.settings["version"],
+            "provider": recipe.provider,
+            "input_shapes": {k: list(v) for k, v in recipe.settings["input_shapes"].items()},
+            "seed": recipe.settings["seed"],
+        },
+        "input": None,
+        "output": None,
+        "steps": [],
+        "verification": [],
+        "accuracy": [],
+        "latency": [],
+        "warnings": [],
+        "cache": {"enabled": True, "folder": None, "hits": 0, "misses": 0},
+        "environment": _environment(),
+        "packages": package_versions(),
+        "seconds": None,
+    }
+
+
+def _environment() -> dict[str, Any]:
+    try:
+        from .runtime.env import environment
+    except ImportError:  # a build without the runtime package
+        import platform
+
+        return {"host": platform.node(), "os": f"{platform.system()} {platform.release()}"}
+    return environment()
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("onnxforge", "onnx", "onnxruntime", "onnxruntime-gpu", "onnx-graphsurgeon", "numpy", "protobuf"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def _changes(before: dict, after: dict) -> dict[str, Any]:
+    changes: dict[str, Any] = {k: {"before": before[k], "after": after[k]} for k in STAT_KEYS}
+    ops = sorted(set(before["ops"]) | set(after["ops"]))
+    changes["ops"] = {
+        op: after["ops"].get(op, 0) - before["ops"].get(op, 0)
+        for op in ops if before["ops"].get(op, 0) != after["ops"].get(op, 0)
+    }
+    return changes
+
+
+def _jsonable_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types only (numpy scalars and other objects become numbers or strings)."""
+    import json
+
+    import numpy as np
+
+    def default(obj):
+        if isinstance(obj, (np.floating, np.integer, np.bool_)):
+            return obj.item()
+        return str(obj)
+
+    return json.loads(json.dumps(value, default=default))
+
+
+def _error_dict(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, OnnxForgeError):
+        return {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+    return {"type": type(exc).__name__, "message": _first_line(exc), "hint": None}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,92 @@
+"""``onnxforge run RECIPE IN -o OUT``: run a recipe file on a model.
+
+Exit codes (as every onnxforge command): 0 done; 2 bad input or recipe (unknown
+step or key, wrong type, missing data, unreadable model); 3 verification failed
+or an accuracy budget was not met; 1 internal error. With ``--report`` the JSON
+report is written in every case, failures included, so CI can read why.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_run_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="run a recipe (TOML): optimize, quantize, tune, check and bench as one reproducible pipeline",
+        description="Run the steps of RECIPE on the model IN and write OUT. docs/recipes.md describes the format.",
+    )
+    p.add_argument("recipe", help="recipe file (.toml)")
+    p.add_argument("input", help="model .onnx")
+    p.add_argument("-o", "--output", required=True, help="where to write the resulting model")
+    p.add_argument("--report", help="write the JSON report here (also when the run fails)")
+    p.add_argument("--cache-dir", help="cache folder of expensive steps (default: ~/.cache/onnxforge/steps)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached step results")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import Pipeline, REPORT_SCHEMA, REPORT_SCHEMA_VERSION
+    from .report import write_json
+
+    report_path = Path(args.report) if args.report else None
+    progress = None if args.quiet else (lambda message: print(message, file=sys.stderr))
+    try:
+        pipeline = Pipeline.from_file(args.recipe)
+        result = pipeline.run(args.input, args.output, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                              progress=progress)
+    except BaseException as exc:
+        if report_path is not None and not isinstance(exc, KeyboardInterrupt):
+            report = getattr(exc, "report", None) or _refused_report(exc, args, REPORT_SCHEMA, REPORT_SCHEMA_VERSION)
+            _write_quietly(write_json, report, report_path)
+        raise
+    if report_path is not None:
+        write_json(result.report, report_path)
+    if not args.quiet:
+        _print_summary(result)
+    return 0
+
+
+def _refused_report(exc: BaseException, args, schema: str, version: int) -> dict:
+    """The report of a run refused before it started (an invalid recipe)."""
+    from .errors import OnnxForgeError
+
+    error = ({"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+             if isinstance(exc, OnnxForgeError) else {"type": type(exc).__name__, "message": str(exc), "hint": None})
+    return {
+        "schema": schema, "schema_version": version, "status": "failed",
+        "exit_code": exc.exit_code if isinstance(exc, OnnxForgeError) else 1, "error": error,
+        "recipe": {"path": args.recipe}, "input": {"path": args.input}, "output": None, "steps": [],
+    }
+
+
+def _write_quietly(write_json, report: dict, path: Path) -> None:
+    try:
+        write_json(report, path)
+    except OSError as exc:  # the run's own error is what matters
+        print(f"warning: cannot write the report {path}: {exc}", file=sys.stderr)
+
+
+def _print_summary(result) -> None:
+    report = result.report
+    for step in report["steps"]:
+        changes = step["changes"]
+        nodes = changes["nodes"]
+        line = f"{step['index']:>2}. {step['name']:<12} {step['seconds']:8.2f} s  nodes {nodes['before']} -> {nodes['after']}"
+        if step.get("cached"):
+            line += "  (cached)"
+        if step.get("latency") and step["latency"].get("ratio"):
+            r = step["latency"]["ratio"]
+            line += f"  latency x{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}] {r['verdict']}"
+        if step.get("accuracy"):
+            acc = step["accuracy"]
+            if acc.get("outputs"):
+                line += f"  min cosine {min(o['cosine'] for o in acc['outputs']):.6f}"
+            elif acc.get("score") is not None:
+                line += f"  {acc['metric']} {acc['score']:.5f}"
+        print(line)
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    out = report["output"]
+    print(f"wrote {out['path']} (sha256 {out['sha256'][:16]}...)" + (f" and {out['profile']}" if out.get("profile") else ""))
