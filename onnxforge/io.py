@@ -520,11 +520,10 @@ def _write(model: Model, path: Path, external: bool, threshold: int) -> None:
                 with _externalized(model, out, data_name, threshold):
                     proto = model.to_proto()
                 _sync(out)
+            _write_proto(proto, tmp_model)
+            del proto
         else:
-            with _inlined(model):
-                proto = model.to_proto()
-        _write_proto(proto, tmp_model)
-        del proto
+            _write_single_file(model, tmp_model)
         # Data first: the model file that lands is never without its data.
         if external:
             os.replace(tmp_data, path.with_name(data_name))
@@ -564,6 +563,114 @@ def _sync_folder(folder: Path) -> None:
         pass  # some filesystems cannot sync a folder; the renames are done either way
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------ single-file streaming
+
+
+_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_TENSOR_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+_LENGTH_DELIMITED = 2
+
+
+def _write_single_file(model: Model, target: Path) -> None:
+    """Serialize ``model`` into one file holding one initializer's bytes at a time.
+
+    Protobuf fields may come in any order and repeated fields concatenate, so the
+    file is written as: the model's fields without the graph, then the graph field,
+    whose body is the graph without initializers followed by each initializer.
+    Exporting the whole ModelProto instead would copy every weight twice (the
+    exported proto and its serialized bytes)."""
+    initializers = _initializer_constants(model.graph)
+    with _swapped() as swaps:
+        for const in initializers:
+            _stage(swaps, const, onnx.TensorProto(name=const.name), None)
+        staged = {id(c) for c in initializers}
+        for const in constants(model.graph):  # Constant attributes, subgraph initializers
+            if id(const) not in staged and not isinstance(const._values, SparseValues):
+                _stage_inline(swaps, const)
+        proto = model.to_proto()
+    del proto.graph.initializer[:]  # the placeholders; the real tensors are streamed below
+    graph_body = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    head = proto.SerializeToString()
+    entries = [_InitializerEntry(const) for const in initializers]
+    graph_size = len(graph_body) + sum(e.framed_size for e in entries)
+    if len(head) + 1 + _varint_size(graph_size) + graph_size > PROTOBUF_LIMIT:
+        raise _TooLarge()
+    with open(target, "wb") as out:
+        out.write(head)
+        out.write(_field_key(_MODEL_GRAPH) + _varint(graph_size))
+        out.write(graph_body)
+        for entry in entries:
+            out.write(_field_key(_GRAPH_INITIALIZER) + _varint(entry.size))
+            entry.write(out)
+        _sync(out)
+
+
+def _initializer_constants(graph: gs.Graph) -> list[gs.Constant]:
+    """The constants gs exports as the graph's initializers, in its order."""
+    return [
+        t for t in graph.tensors().values()
+        if isinstance(t, gs.Constant) and not isinstance(t._values, SparseValues)
+    ]
+
+
+class _InitializerEntry:
+    """The serialized size of one initializer, and how to write it without
+    holding more than that tensor in memory."""
+
+    def __init__(self, const: gs.Constant):
+        self.const = const
+        values = const._values
+        if isinstance(values, ExternalValues):
+            self.header = tensor_header(values.tensor, const.name).SerializeToString()
+            n = values.length
+            self.size = len(self.header) + 1 + _varint_size(n) + n
+        else:
+            self.header = None
+            self.size = self._tensor().ByteSize()
+        self.framed_size = 1 + _varint_size(self.size) + self.size
+
+    def _tensor(self) -> onnx.TensorProto:
+        values = self.const._values
+        if isinstance(values, LazyValues):
+            if values.tensor.data_location == EXTERNAL:
+                raise ModelSaveError(f"tensor {self.const.name!r}: its external data was never validated")
+            values.tensor.name = self.const.name  # what gs's exporter does too
+            return values.tensor
+        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+        tensor = OnnxExporter.export_tensor_proto(self.const)
+        if tensor.data_location == EXTERNAL:  # materialized by a pass: the bytes are inline now
+            tensor.ClearField("data_location")
+        return tensor
+
+    def write(self, out) -> None:
+        if self.header is None:
+            out.write(self._tensor().SerializeToString())
+            return
+        values = self.const._values
+        out.write(self.header)
+        out.write(_field_key(_TENSOR_RAW_DATA) + _varint(values.length))
+        for block in values.read_bytes():
+            out.write(block)
+
+
+def _field_key(number: int) -> bytes:
+    return _varint(number << 3 | _LENGTH_DELIMITED)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 # ------------------------------------------------------------ staging tensors for export
@@ -621,16 +728,6 @@ def _externalized(model: Model, out, data_name: str, threshold: int) -> Iterator
             del payload
             _set_external(header, data_name, *written[id(values)])
             _stage(swaps, const, header, EXTERNAL)
-        yield
-
-
-@contextlib.contextmanager
-def _inlined(model: Model) -> Iterator[None]:
-    """Stage every externally stored constant as an in-memory TensorProto."""
-    with _swapped() as swaps:
-        for const in constants(model.graph):
-            if not isinstance(const._values, SparseValues):
-                _stage_inline(swaps, const)
         yield
 
 

@@ -122,11 +122,11 @@ def test_failure_while_writing_the_model_leaves_the_old_target_and_no_litter(tmp
     target.write_bytes(b"old contents")
     model = Model.from_proto(matmul_model())
 
-    def failing_write(proto, path):
-        path.write_bytes(b"half a mod")
+    def failing_write(self, out):
+        out.write(b"half a tensor")
         raise KeyboardInterrupt  # even an interrupt cleans up
 
-    monkeypatch.setattr(io, "_write_proto", failing_write)
+    monkeypatch.setattr(io._InitializerEntry, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         save(model, target)
     assert target.read_bytes() == b"old contents"
