@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxforge.errors import ProviderError
+from onnxforge.errors import DataError, ProviderError
 from onnxforge.runtime.capture import captured_output, first_reason
 from onnxforge.runtime.options import build_session_options
 from onnxforge.runtime.profile import Profile, resolve_profile
@@ -86,6 +86,9 @@ def make_runner(sess: ort.InferenceSession, feeds: Sequence[dict], profile: Prof
     outputs stay there: the timed call is the model, not PCIe transfers.
     """
     names = {i.name for i in sess.get_inputs()}
+    missing = sorted(names - set(feeds[0])) if feeds else sorted(names)
+    if missing:
+        raise DataError(f"the feeds lack model input(s) {', '.join(missing)}; they hold {', '.join(feeds[0]) if feeds else 'nothing'}")
     feeds = [{k: v for k, v in feed.items() if k in names} for feed in feeds]
     if profile is not None and uses_io_binding(profile, sess):
         return _io_binding_runner(sess, feeds, profile.providers[0].options.get("device_id", 0))

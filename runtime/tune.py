@@ -64,7 +64,12 @@ class TuneResult:
     path: Path | None = None
 
     def report(self) -> dict:
+        from onnxforge.runtime.env import cpu_info, versions
+
+        cpu = cpu_info()
         return {
+            "machine": {"cpu": cpu["model"], "usable_cores": cpu["usable_cores"], "isa": cpu["isa"],
+                        "onnxruntime": versions()["onnxruntime_package"]},
             "budget_s": self.budget_s, "elapsed_s": round(self.elapsed_s, 3), "baseline_ms": self.baseline_ms,
             "kept_default": self.kept_default, "confirmation": self.confirmation,
             "trials": [asdict(t) for t in self.trials],
@@ -203,6 +208,9 @@ def _race(state: _State, dim: Dimension, incumbent: LiveSession, profile: Profil
     for round_no in range(1, MAX_ROUNDS + 1):
         cost = _round_cost(state, [incumbent] + [c[0] for c in alive])
         if state.clock.elapsed() + cost > dim_deadline:
+            if round_no == 1:
+                for _, _, trial in alive:
+                    trial.note = f"a round would take {cost:.2f}s, more than this dimension's share"
             break
         run_rounds([incumbent] + [c[0] for c in alive], 1, state.seed + round_no)
         alive = _prune(alive, incumbent, round_no)

@@ -155,3 +155,8 @@ def test_cli_tune_writes_profile(models, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["schema"] == "onnxforge.profile" and data["tuning"]["elapsed_s"] <= 2
     assert "onnxforge tune" in capsys.readouterr().out
+
+
+def test_feeds_missing_an_input_are_refused(models):
+    with pytest.raises(DataError, match="lack model input"):
+        compare_latency([models["relu"]], {"y": np.zeros((1, 16), np.float32)}, threads=1, **FAST)
