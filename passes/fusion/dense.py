@@ -20,8 +20,9 @@ from ._match import FusionRule, const_value, fresh_constant, producer, replace, 
 
 
 def _rank(t: gs.Tensor) -> int | None:
-    if isinstance(t, gs.Constant):
-        return len(t.shape)
+    value = const_value(t)
+    if value is not None:
+        return value.ndim
     return len(t.shape) if t.shape is not None else None
 
 
@@ -47,10 +48,11 @@ class MatMulAdd(FusionRule):
         w = const_value(b)
         if value.dtype.kind != "f" or (w is not None and w.dtype != value.dtype):
             return "not a floating-point MatMul"
-        n = b.shape[1] if isinstance(b.shape[1], int) else None
+        n = w.shape[1] if w is not None else (b.shape[1] if isinstance(b.shape[1], int) else None)
         if value.ndim > 2 or (value.ndim >= 1 and n is not None and value.shape[-1] not in (1, n)):
             return "bias does not broadcast to the MatMul output"
-        if value.ndim == 2 and value.shape[0] != 1 and (not isinstance(a.shape[0], int) or a.shape[0] != value.shape[0]):
+        rows = a.shape[0] if a.shape is not None else None
+        if value.ndim == 2 and value.shape[0] != 1 and (not isinstance(rows, int) or rows != value.shape[0]):
             return "bias rows differ from the MatMul output rows"
         return None
 

@@ -6,7 +6,7 @@
   MaxPool(Pad(x, p, v)) = MaxPool(x, pads + p)
       exact when v = -inf (MaxPool's implicit padding), or v = 0 and x >= 0 (x from Relu)
 Preconditions: Pad mode "constant", pads constant, non-negative, zero on the batch and
-channel axes, no ``axes`` input; the consumer has auto_pad NOTSET; the padded tensor is
+channel axes, no ``axes`` input; the consumer has auto_pad NOTSET or VALID; the padded tensor is
 read only by that consumer; for pooling, every total pad stays below the kernel size
 (ONNX's bound).
 """
@@ -60,8 +60,8 @@ class PadInto(FusionRule):
         half = p.size // 2
         if (p < 0).any() or half < 3 or p[[0, 1, half, half + 1]].any():
             return "pads negative or on the batch/channel axes"
-        if node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
-            return "consumer uses auto_pad"
+        if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return "consumer uses SAME auto_pad"
         value = pad_value(pad)
         if value is None:
             return "pad value not constant"
@@ -101,6 +101,7 @@ class PadInto(FusionRule):
         pad, node = match.info["pad"], match.info["consumer"]
         attrs = dict(node.attrs)
         attrs["pads"] = self._pads(node, pad_amounts(pad))
+        attrs.pop("auto_pad", None)  # VALID means no own padding: explicit pads replace it
         if node.op == "AveragePool":
             attrs["count_include_pad"] = 1
         replace(graph, match, node.op, [pad.inputs[0], *node.inputs[1:]], attrs, name=node.name)
