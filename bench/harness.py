@@ -11,7 +11,9 @@ Memory: before creating each session the process's peak-RSS mark is reset
 (Linux ``/proc/self/clear_refs``), so ``peak_rss_mb`` is the high-water mark
 above the RSS before creation, over creation, the first run and warmup. That
 is the session's own cost (weights, arena, optimized graph) without a
-subprocess per model, which would break the interleaving. Without
+subprocess per model, which would break the interleaving. Memory a
+process already freed is reused before RSS grows, so the figure is exact in a
+fresh process (the CLI) and a lower bound in a long-lived one. Without
 clear_refs (non-Linux) the figure is left out rather than guessed.
 """
 from __future__ import annotations

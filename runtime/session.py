@@ -4,6 +4,7 @@ and outputs do not bounce through host memory on every call).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -13,7 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxforge.errors import DataError, ProviderError
-from onnxforge.runtime.capture import captured_output, first_reason
+from onnxforge.runtime.capture import Captured, captured_output, first_reason
 from onnxforge.runtime.options import build_session_options
 from onnxforge.runtime.profile import Profile, resolve_profile
 from onnxforge.runtime.providers import profile_module
@@ -55,7 +56,9 @@ def session(model, profile="auto", *, strict: bool = True, provider: str = "cpu"
     so = build_session_options(prof.session_options)
     providers = ort_providers(prof)
     primary = providers[0][0]
-    with captured_output() as log:
+    # Only GPU providers fall back with nothing but a log line to say why.
+    capture = captured_output() if primary != "CPUExecutionProvider" else contextlib.nullcontext(Captured())
+    with capture as log:
         try:
             sess = ort.InferenceSession(src, sess_options=so, providers=providers)
         except Exception as exc:
