@@ -4,7 +4,10 @@ Preferred graph form: fusions in FUSIONS, u8s8 QDQ quantization. Search space:
 thread counts, spinning, graph optimization level, execution mode, memory
 arena/pattern, denormals. No provider options: everything is a session option.
 """
-FUSIONS: tuple[str, ...] = ("fuse-attention", "fuse-causal-attention", "fuse-sdpa", "fuse-gqa-rotary")
+FUSIONS: tuple[str, ...] = (
+    "fuse-layernorm-ort", "fuse-rmsnorm", "fuse-gelu", "fuse-silu", "fuse-skip-layernorm",
+    "fuse-attention", "fuse-causal-attention", "fuse-sdpa", "fuse-gqa-rotary",
+)
 
 # --- session profile (runtime issue); FUSIONS above is filled by the fusion passes.
 import os

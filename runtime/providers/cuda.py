@@ -5,7 +5,10 @@ binding so inputs and outputs stay on the GPU; searches cuDNN conv algorithm
 selection, NHWC layout, CUDA graphs (static shapes only) and TF32 (lossy, only
 when allowed).
 """
-FUSIONS: tuple[str, ...] = ("fuse-attention", "fuse-causal-attention", "fuse-sdpa", "fuse-gqa-rotary")
+FUSIONS: tuple[str, ...] = (
+    "fuse-layernorm-ort", "fuse-rmsnorm", "fuse-gelu", "fuse-silu", "fuse-skip-layernorm",
+    "fuse-attention", "fuse-causal-attention", "fuse-sdpa", "fuse-gqa-rotary",
+)
 
 # --- session profile (runtime issue); FUSIONS above is filled by the fusion passes.
 from onnxforge.errors import ProviderError

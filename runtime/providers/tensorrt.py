@@ -5,7 +5,7 @@ kernel timings are cached in folders beside the model; optimization profiles
 (min/opt/max shapes) come from ``--input-shape`` ranges so an engine covers
 every shape it will see and is not rebuilt at run time.
 """
-FUSIONS: tuple[str, ...] = ()
+FUSIONS: tuple[str, ...] = ("fuse-layernorm", "fuse-hardswish")  # standard ONNX only
 
 # --- session profile (runtime issue); FUSIONS above is filled by the fusion passes.
 from pathlib import Path
