@@ -92,8 +92,17 @@ def replace_uses(old: gs.Tensor, new: gs.Tensor, index: GraphIndex) -> None:
                 g.outputs[i] = new
 
 
+def position(node: gs.Node, graph: gs.Graph) -> int:
+    """Index of ``node`` in ``graph.nodes`` by identity (gs's Node.__eq__ compares
+    structure: slow, and equal twins would be confused)."""
+    for i, candidate in enumerate(graph.nodes):
+        if candidate is node:
+            return i
+    raise ValueError(f"node {node.name!r} is not in graph {graph.name!r}")
+
+
 def remove_node(node: gs.Node, graph: gs.Graph) -> None:
-    graph.nodes.remove(node)
+    del graph.nodes[position(node, graph)]
     node.inputs.clear()
     node.outputs.clear()
 
@@ -243,15 +252,42 @@ class TypeTable:
 
 
 def export_for_inference(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:
-    """The model as a proto with every value_info and output shape dropped, so inference
-    derives shapes from the inputs alone (exporters often leave stale example shapes)."""
+    """The model as a proto for shape inference: every value_info and output shape
+    dropped, so shapes derive from the inputs alone (exporters often leave stale
+    example shapes), and large main-graph weights turned into typed graph inputs, so
+    inference neither copies nor reads them (their values never matter to shapes)."""
+    graph.toposort(recurse_subgraphs=True)
+    proto = gs.export_onnx(graph, do_type_check=False)
     if ctx.model is not None and ctx.model.graph is graph:
-        proto = ctx.model.to_proto()
-    else:
-        graph.toposort(recurse_subgraphs=True)
-        proto = gs.export_onnx(graph, do_type_check=False)
+        del proto.opset_import[:]
+        proto.opset_import.extend(ctx.model.meta.opset_import)
+        proto.ir_version = ctx.model.meta.ir_version
     _strip_shapes(proto.graph)
+    _weights_to_inputs(proto.graph)
     return proto
+
+
+INFERENCE_VALUE_BYTES = 4096
+
+
+def _weights_to_inputs(graph: onnx.GraphProto) -> None:
+    keep = []
+    for init in graph.initializer:
+        count = int(np.prod(init.dims, dtype=np.int64)) if init.dims else 1
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 8
+        if count * itemsize > INFERENCE_VALUE_BYTES or init.data_location == onnx.TensorProto.EXTERNAL:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            keep.append(init)
+    if len(keep) != len(graph.initializer):
+        kept = [onnx.TensorProto() for _ in keep]
+        for dst, src in zip(kept, keep):
+            dst.CopyFrom(src)
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
 
 
 def _strip_shapes(graph: onnx.GraphProto) -> None:

@@ -49,6 +49,7 @@ from .common import (
     finish,
     has_subgraph,
     infer_types,
+    position,
     remove_node,
     replace_uses,
     shared_placement_ok,
@@ -152,6 +153,23 @@ def constant_condition(node: gs.Node) -> bool | None:
     return bool(value.reshape(-1)[0]) if value.size == 1 else None
 
 
+def clashing_names(branch: gs.Graph, node: gs.Node, index: GraphIndex) -> bool:
+    """Whether a tensor made in ``branch`` shares its name with one made in any graph
+    other than the two branches of ``node`` (sibling branches may reuse names; the
+    enclosing scope may not once the branch moves into it)."""
+    own = {t.name for n in branch.nodes for t in n.outputs if not t.is_empty()}
+    skip = {id(g) for key in ("then_branch", "else_branch") for g in [node.attrs[key]]}
+    for g in index.graphs:
+        if id(g) in skip:
+            continue
+        for other in g.nodes:
+            if any(t.name in own for t in other.outputs):
+                return True
+        if any(t.name in own for t in g.inputs):
+            return True
+    return False
+
+
 def inline_constant_ifs(graph: gs.Graph, index: GraphIndex, ctx: PassContext) -> int:
     inlined = 0
     for node in list(graph.nodes):
@@ -162,8 +180,11 @@ def inline_constant_ifs(graph: gs.Graph, index: GraphIndex, ctx: PassContext) ->
             ctx.refuse(Refusal("inlined_if", "an If output is a graph output", (node.name or node.op,)))
             continue
         branch = node.attrs["then_branch" if taken else "else_branch"]
-        position = graph.nodes.index(node)
-        graph.nodes[position:position] = list(branch.nodes)
+        if clashing_names(branch, node, index):
+            ctx.refuse(Refusal("inlined_if", "a branch tensor name is also defined elsewhere", (node.name or node.op,)))
+            continue
+        at = position(node, graph)
+        graph.nodes[at:at] = list(branch.nodes)
         index.adopt(list(branch.nodes), graph)
         for if_graph in (node.attrs["then_branch"], node.attrs["else_branch"]):
             index.forget(if_graph)
