@@ -154,6 +154,8 @@ class AttentionRule(BlockRule):
             return self.refusal("output reshape does not merge heads to [B, S, N*D]", match)
         if core.nan_guard and not mask_is_finite(core.bias):
             return self.refusal("NaN guard kept: mask is not a Where of finite constants", match)
+        if any(n.op == "Cast" and int(n.attrs.get("to", 1)) != 1 for n in core.between):
+            return self.refusal("cast after softmax changes precision", match)
         if core.bias is not None and core.bias.shape and len(core.bias.shape) == 4 \
                 and core.bias.shape[1] not in (1, heads) and isinstance(core.bias.shape[1], int):
             return self.refusal("mask not broadcast over heads", match)
