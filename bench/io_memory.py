@@ -145,7 +145,7 @@ def _markdown(args, result: dict, check: dict | None) -> str:
         f"| peak RSS / weights | {ratio:.2f}x |",
         f"| load | {result['load_s']} s |",
         f"| cleanup pipeline (-O1 passes to fixpoint) | {result['pipeline_s']} s |",
-        f"| save (streams external data) | {result['save_s']} s |",
+        f"| save | {result['save_s']} s |",
         f"| nodes | {result['nodes_before']} -> {result['nodes_after']} |",
         f"| output files | {_gb(result['output_bytes'])} |",
     ]
