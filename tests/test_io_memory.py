@@ -27,4 +27,5 @@ def test_llama_load_save_peak_memory_stays_below_the_weights(tmp_path):
     assert result["weight_bytes"] > 2e9
     # Goal 1.3x; in practice the weights never enter memory at all.
     assert result["peak_rss_bytes"] < 1.3 * result["weight_bytes"]
-    assert (tmp_path / "llama.onnx.data").stat().st_size >= result["weight_bytes"]
+    # Tensors under 1 KB stay inline; everything else went to the fresh data file.
+    assert (tmp_path / "llama.onnx.data").stat().st_size > 0.99 * result["weight_bytes"]
