@@ -40,11 +40,12 @@ def compare_models(a, b, *, data=None, input_shapes=None, samples: int = 4, rtol
 
 def render_comparison(result: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{result['a']} vs {result['b']} on {result['feeds']} {result['source']} feed(s)", show_edge=False)
+    t = Table(title=escape(f"{result['a']} vs {result['b']} on {result['feeds']} {result['source']} feed(s)"), show_edge=False)
     for col in ("output", "max abs", "max rel", "cosine"):
         t.add_column(col, justify="right" if col != "output" else "left")
     for o in result["outputs"]:
-        t.add_row(o["name"], f"{o['max_abs']:.3e}", f"{o['max_rel']:.3e}", f"{o['cosine']:.8f}")
+        t.add_row(escape(o["name"]), f"{o['max_abs']:.3e}", f"{o['max_rel']:.3e}", f"{o['cosine']:.8f}")
     Console(highlight=False, soft_wrap=True).print(t)

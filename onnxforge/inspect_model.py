@@ -59,6 +59,7 @@ def inspect_model(path: str | os.PathLike, input_shapes=None) -> dict:
 
 def render_inspection(info: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     c = Console(highlight=False, soft_wrap=True)
@@ -70,7 +71,7 @@ def render_inspection(info: dict) -> None:
         io.add_column(col)
     for kind in ("inputs", "outputs"):
         for t in info[kind]:
-            io.add_row(kind[:-1], t["name"], t["dtype"], "x".join(str(d) for d in t["shape"]) or "scalar")
+            io.add_row(kind[:-1], escape(t["name"]), t["dtype"], "x".join(str(d) for d in t["shape"]) or "scalar")
     c.print(io)
     flops = info["flops"]
     c.print(
@@ -84,7 +85,7 @@ def render_inspection(info: dict) -> None:
     ops.add_column("op")
     ops.add_column("count", justify="right")
     for op, n in info["ops"].items():
-        ops.add_row(op, str(n))
+        ops.add_row(escape(op), str(n))
     c.print(ops)
     for note in info["notes"]:
-        c.print(f"note: {note}")
+        c.print(escape(f"note: {note}"))

@@ -119,6 +119,7 @@ def _fmt_bytes(n: int | None) -> str:
 def render(report: OptimizeReport, file=None, explain: bool = False) -> None:
     """Print the report: a summary table, per-op changes, per-pass table, verification."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(file=file or sys.stdout, highlight=False, soft_wrap=True)
@@ -166,15 +167,15 @@ def render(report: OptimizeReport, file=None, explain: bool = False) -> None:
             line += f" (max rel error {worst_rel:.2e}, min cosine {worst_cos:.6f}, {len(outs)} output(s))"
         if v.get("detail"):
             line += f": {v['detail']}"
-        console.print(line)
+        console.print(escape(line))
     for rb in report.rolled_back:
-        console.print(f"[yellow]warning:[/] pass {rb['pass']} rolled back: {rb['reason']}")
+        console.print(f"[yellow]warning:[/] pass {escape(rb['pass'])} rolled back: {escape(rb['reason'])}")
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     if explain:
         if report.refusals:
             console.print(f"not fused ({len(report.refusals)}):")
             for r in report.refusals:
-                console.print(f"  {r['rule']}: {r['reason']} [{', '.join(r['nodes']) or '-'}]")
+                console.print(escape(f"  {r['rule']}: {r['reason']} [{', '.join(r['nodes']) or '-'}]"))
         else:
             console.print("not fused: nothing was refused")
