@@ -249,10 +249,3 @@ def weight_bytes(graph: gs.Graph) -> int:
         else:
             total += int(np.asarray(values).nbytes)
     return total
-
-
-def samefile(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return Path(a).resolve() == Path(b).resolve()
