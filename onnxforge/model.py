@@ -130,6 +130,10 @@ class Model:
     meta: onnx.ModelProto
     source: Path | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    # Graph inputs that are also initializers (overridable defaults, IR >= 4):
+    # onnx-graphsurgeon imports them as constants only; export puts them back.
+    overridable_inputs: list[str] = dataclasses.field(default_factory=list)
+    input_order: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def source_files(self) -> set[Path]:
@@ -165,7 +169,8 @@ class Model:
     def copy(self) -> "Model":
         meta = onnx.ModelProto()
         meta.CopyFrom(self.meta)
-        return Model(self.graph.copy(), meta, self.source, list(self.notes))
+        return Model(self.graph.copy(), meta, self.source, list(self.notes),
+                     list(self.overridable_inputs), list(self.input_order))
 
     def to_proto(self) -> onnx.ModelProto:
         """Export to a ModelProto; external tensors stay references, nothing is loaded.
@@ -180,6 +185,7 @@ class Model:
             if field.name != "graph":
                 proto.ClearField(field.name)
         proto.MergeFrom(self.meta)  # meta has no graph: only the model fields are set
+        self._restore_overridable_inputs(proto.graph)
         # Domains the graph uses but meta does not declare (a pass added a node of a
         # new domain without calling ensure_domain) are declared at version 1.
         for imp in added:
@@ -190,7 +196,32 @@ class Model:
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, source: Path | None = None) -> "Model":
         graph = gs.import_onnx(proto)
-        return cls(graph, model_fields(proto), source)
+        inits = {t.name for t in proto.graph.initializer}
+        overridable = [i.name for i in proto.graph.input if i.name in inits]
+        order = [i.name for i in proto.graph.input] if overridable else []
+        model = cls(graph, model_fields(proto), source, overridable_inputs=overridable, input_order=order)
+        if overridable:
+            model.notes.append(
+                f"{len(overridable)} graph input(s) have default initializers ({', '.join(overridable[:3])}"
+                f"{', ...' if len(overridable) > 3 else ''}); passes treat them as constants, so feeding "
+                "other values after optimization may not take effect"
+            )
+        return model
+
+    def _restore_overridable_inputs(self, graph: onnx.GraphProto) -> None:
+        """Re-list overridable initializers as graph inputs, in the user's order."""
+        if not self.overridable_inputs:
+            return
+        inits = {t.name: t for t in graph.initializer}
+        present = {i.name: i for i in graph.input}
+        for name in self.overridable_inputs:
+            if name in inits and name not in present:
+                t = inits[name]
+                present[name] = onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims))
+        rank = {name: i for i, name in enumerate(self.input_order)}
+        ordered = sorted(present.values(), key=lambda v: rank.get(v.name, len(rank)))
+        del graph.input[:]
+        graph.input.extend(ordered)
 
 
 def model_fields(proto: onnx.ModelProto) -> onnx.ModelProto:
