@@ -84,7 +84,14 @@ def _group_order(group: Group, scores: dict[int, float]) -> np.ndarray:
     return prunable[np.argsort([scores.get(int(c), 0.0) for c in prunable], kind="stable")]
 
 
+def chunk_size(size: int, round_to: int) -> int:
+    """Channels leave in chunks of ``round_to``; small groups in half chunks, so one chunk
+    of a narrow, high-resolution layer is not a large share of the whole network."""
+    return round_to if size >= 4 * round_to else max(1, round_to // 2)
+
+
 def _max_removable(group: Group, round_to: int, max_ratio: float) -> int:
+    round_to = chunk_size(group.size, round_to)
     limit = min(int(group.prunable.sum()), int(group.size * max_ratio))
     limit = min(limit, group.size - round_to)  # keep at least one chunk
     if limit <= 0:
@@ -100,6 +107,7 @@ def ratio_plan(groups: list[Group], scores: dict[int, float], ratio: float, roun
     per_group = {}
     for g in groups:
         order = _group_order(g, scores)
+        round_to = chunk_size(g.size, round_to)
         want = int(round(g.size * ratio))
         kept_target = max(round_to, int(np.ceil((g.size - want) / round_to)) * round_to)
         count = min(max(g.size - kept_target, 0), len(order))
@@ -123,6 +131,8 @@ def global_plan(groups: list[Group], scores: dict[int, float], cost: CostModel, 
     dense = {int(r): k for k, r in enumerate(cost.classes)}
     state = {g.index: _GroupState(g, _group_order(g, scores), scores, round_to, max_ratio) for g in groups}
     sens = sensitivity or {}
+    for st in state.values():
+        st.sensitivity = sens.get(st.group.index, 1.0)
     budgets = [("flops", target_flops * base_flops)]
     if target_params is not None:
         budgets.append(("params", target_params * base_params))
@@ -138,7 +148,9 @@ def global_plan(groups: list[Group], scores: dict[int, float], cost: CostModel, 
                 saved = saved_flops / base_flops if kind == "flops" else saved_params / base_params
                 if saved <= 0:
                     continue
-                key = sens.get(st.group.index, 1.0) * st.error_increase(chunk) / saved
+                need = (tally.totals()[0 if kind == "flops" else 1] - target) / (base_flops if kind == "flops" else base_params)
+                # savings past the target buy nothing, so they do not lower the price
+                key = sens.get(st.group.index, 1.0) * st.error_increase(chunk) / min(saved, need)
                 if best is None or key < best[0]:
                     best = (key, st, chunk, idx)
             if best is None:
@@ -146,10 +158,32 @@ def global_plan(groups: list[Group], scores: dict[int, float], cost: CostModel, 
             _, st, chunk, idx = best
             tally.remove(idx)
             st.take(chunk)
+    _give_back(state, tally, dense, target_flops * base_flops,
+               None if target_params is None else target_params * base_params)
     removed = {int(c) for st in state.values() for c in st.removed}
     per_group = {i: (st.group.size - len(st.removed), st.group.size) for i, st in state.items()}
     flops, params = tally.totals()
     return Plan(removed, per_group, flops, params)
+
+
+def _give_back(state: dict, tally: "_Tally", dense: dict, flops_target: float, params_target: float | None) -> None:
+    """Undo the last chunks of groups, most costly first, while the targets still hold
+    (the greedy's final chunk can overshoot the target by a lot on small, expensive groups)."""
+    restored = True
+    while restored:
+        restored = False
+        for st in sorted(state.values(), key=lambda s: -s.last_error()):
+            chunk = st.last_chunk()
+            if chunk is None:
+                continue
+            idx = np.array([dense[int(c)] for c in chunk])
+            tally.restore(idx)
+            flops, params = tally.totals()
+            if flops <= flops_target and (params_target is None or params <= params_target):
+                st.untake()
+                restored = True
+            else:
+                tally.remove(idx)
 
 
 class _Tally:
@@ -179,6 +213,10 @@ class _Tally:
         f2, p2 = self._totals(self.in_kept - self.in_mat[:, idx].sum(1), self.out_kept - self.out_mat[:, idx].sum(1))
         return flops - f2, params - p2
 
+    def restore(self, idx: np.ndarray) -> None:
+        self.in_kept = self.in_kept + self.in_mat[:, idx].sum(1)
+        self.out_kept = self.out_kept + self.out_mat[:, idx].sum(1)
+
     def remove(self, idx: np.ndarray) -> None:
         self.in_kept = self.in_kept - self.in_mat[:, idx].sum(1)
         self.out_kept = self.out_kept - self.out_mat[:, idx].sum(1)
@@ -191,8 +229,10 @@ class _GroupState:
         self.scores = np.array([scores.get(int(c), 0.0) for c in order])
         self.total = float(sum(scores.get(int(c), 0.0) for c in group.classes)) or 1.0
         self.limit = _max_removable(group, round_to, max_ratio)
-        self.round_to = round_to
+        self.round_to = chunk_size(group.size, round_to)
         self.removed: list[int] = []
+        self.chunks: list[int] = []
+        self.sensitivity = 1.0
 
     def next_chunk(self) -> np.ndarray | None:
         done = len(self.removed)
@@ -207,4 +247,20 @@ class _GroupState:
         return after ** 2 - before ** 2 + 1e-12
 
     def take(self, chunk: np.ndarray) -> None:
+        self.chunks.append(len(chunk))
         self.removed.extend(int(c) for c in chunk)
+
+    def last_chunk(self) -> np.ndarray | None:
+        return self.order[len(self.removed) - self.chunks[-1]:len(self.removed)] if self.chunks else None
+
+    def last_error(self) -> float:
+        chunk = self.last_chunk()
+        if chunk is None:
+            return 0.0
+        done = len(self.removed)
+        before = self.scores[:done - len(chunk)].sum() / self.total
+        after = self.scores[:done].sum() / self.total
+        return self.sensitivity * (after ** 2 - before ** 2)
+
+    def untake(self) -> None:
+        del self.removed[len(self.removed) - self.chunks.pop():]

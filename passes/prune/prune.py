@@ -69,7 +69,7 @@ def prune(model: Model, target_flops: float | None = None, ratio: float | None =
           calib_data=None, reconstruct_weights: bool = True, sparsity_level: float | None = None,
           pattern: str | None = None, target_params: float | None = None, round_to: int = 8,
           max_ratio: float = 0.75, sensitivity: bool | None = None, calib_limit: int | None = 16,
-          eval_data=None, rounds: int = 2, input_shapes: dict | None = None,
+          eval_data=None, input_shapes: dict | None = None,
           ctx: PassContext | None = None) -> tuple[Model, PruneReport]:
     """Prune ``model``; see the module docstring. ``calib_data`` and ``eval_data`` are a folder of
     ``.npz`` feed dicts or a list of feed dicts. ``target_flops=0.7`` keeps at most 70% of the FLOPs
@@ -89,7 +89,7 @@ def prune(model: Model, target_flops: float | None = None, ratio: float | None =
     result = prepared
     if target_flops is not None or ratio is not None:
         result = _structured(prepared, report, ctx, feeds, shapes_in, target_flops, ratio, method, target_params,
-                             round_to, max_ratio, sensitivity, reconstruct_weights, eval_data, rounds)
+                             round_to, max_ratio, sensitivity, reconstruct_weights, eval_data)
     if sparsity_level is not None or pattern is not None:
         report.sparsity = sparsity.sparsify(result.graph, level=sparsity_level, pattern=pattern)
     report.flops_after = estimate_flops(result, shapes_in)
@@ -121,7 +121,7 @@ def _shapes_of(feed: dict) -> dict[str, tuple]:
 
 
 def _structured(prepared, report, ctx, feeds, shapes_in, target_flops, ratio, method, target_params,
-                round_to, max_ratio, sensitivity, reconstruct_weights, eval_data, rounds) -> Model:
+                round_to, max_ratio, sensitivity, reconstruct_weights, eval_data) -> Model:
     shapes = analysis_shapes(prepared, shapes_in)
     analysis = ChannelAnalysis(prepared.graph, shapes, prepared.opset() or 13)
     groups = analysis.groups()
@@ -135,24 +135,45 @@ def _structured(prepared, report, ctx, feeds, shapes_in, target_flops, ratio, me
     candidates = [g for g in groups if g.prunable.any()]
     if ratio is not None:
         plan = allocate.ratio_plan(candidates, scores, ratio, round_to, cost)
+        pruned = prepared.copy()
+        sinks = apply_pruning(pruned.graph, analysis, plan.removed)
     else:
         use_sens = sensitivity if sensitivity is not None else bool(feeds)
         sens = _sensitivity(prepared, analysis, candidates, scores, feeds or [seeded_feeds(prepared, shapes_in)],
                             round_to) if use_sens else None
-        plan = allocate.global_plan(candidates, scores, cost, target_flops, target_params, round_to, max_ratio, sens)
         report.settings["sensitivity"] = bool(use_sens)
-    pruned = prepared.copy()
-    sinks = apply_pruning(pruned.graph, analysis, plan.removed)
+        plan, pruned, sinks = _plan_to_target(prepared, analysis, candidates, scores, cost, target_flops,
+                                              target_params, round_to, max_ratio, sens, report, shapes_in)
     report.groups = _group_rows(groups, plan)
     if reconstruct_weights and feeds:
         plain = pruned.copy()
-        fits = reconstruct.refit(prepared, pruned, sinks, feeds, rounds=rounds)
+        fits = reconstruct.refit(prepared, pruned, sinks, feeds)
         report.reconstruction = _reconstruction_summary(prepared, plain, pruned, fits, eval_data or feeds)
     elif reconstruct_weights:
         ctx.warn("prune: no calibration data, so consumers were not refitted (give --calib)")
     elif eval_data is not None:
         report.reconstruction = _reconstruction_summary(prepared, pruned, None, [], eval_data)
     return pruned
+
+
+def _plan_to_target(prepared, analysis, candidates, scores, cost, target_flops, target_params, round_to,
+                    max_ratio, sens, report, shapes_in, attempts: int = 4):
+    """Allocate, prune, measure; tighten the model's targets until the measured ratios meet them
+    (the cost model leaves out biases and elementwise work, so it can be off by a little)."""
+    aim_flops, aim_params = target_flops, target_params
+    for _ in range(attempts):
+        plan = allocate.global_plan(candidates, scores, cost, aim_flops, aim_params, round_to, max_ratio, sens)
+        pruned = prepared.copy()
+        sinks = apply_pruning(pruned.graph, analysis, plan.removed)
+        flops = estimate_flops(pruned, shapes_in) / report.flops_before
+        params = parameter_count(pruned.graph) / report.params_before
+        over_flops, over_params = flops - target_flops, params - (target_params or 1.0)
+        if over_flops <= 0 and over_params <= 0:
+            break
+        aim_flops -= max(over_flops, 0) + 1e-3 * (over_flops > 0)
+        if aim_params is not None:
+            aim_params -= max(over_params, 0) + 1e-3 * (over_params > 0)
+    return plan, pruned, sinks
 
 
 def _record_refusals(groups: list[Group], report: PruneReport, ctx: PassContext) -> None:

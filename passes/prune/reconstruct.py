@@ -5,12 +5,11 @@ removed, with X' its input in the *pruned* model (kept channels, im2col patches
 for a conv) and Y its output in the *unpruned* model (kept output channels), the
 new weights solve the ridge least-squares problem
 
-    min_W,b ||Y - X' W - b||^2 + lam ||W||^2      =>  (X'^T X' + lam I) [W; b] = X'^T Y
+    min_W,b ||Y - X' W - b||^2 + lam ||[W; b] - [W0; b0]||^2     =>  (X'^T X' + lam I) [W; b] = X'^T Y + lam [W0; b0]
 
 accumulated over calibration samples (normal equations, float64). Using the
 pruned model's own X' lets each layer absorb the error of the layers before it.
-Rows are spatial positions (or tokens); a seeded subset is used per sample. The
-refit runs ``rounds`` times because refitting earlier layers changes X' later on.
+Rows are spatial positions (or tokens); a seeded subset is used per sample.
 Preconditions: the consumer's weight (and bias) are constants; convs use explicit
 pads (auto_pad NOTSET); Gemm has transA = 0.
 """
@@ -25,6 +24,7 @@ from .calib import iter_outputs
 
 ROWS_PER_SAMPLE = 2048
 RIDGE = 1e-3
+ROWS_PER_UNKNOWN = 4  # refit only with at least this many rows per weight of an output channel
 
 
 @dataclasses.dataclass
@@ -34,23 +34,26 @@ class LayerFit:
     error_after: float
 
 
-def refit(original, pruned, sinks: dict[str, np.ndarray], feeds: list[dict], rounds: int = 2,
-          seed: int = 0) -> list[LayerFit]:
-    """Refit the consumers named in ``sinks`` (name -> kept-output mask) of ``pruned`` in place."""
+def refit(original, pruned, sinks: dict[str, np.ndarray], feeds: list[dict], seed: int = 0) -> list[LayerFit]:
+    """Refit the consumers named in ``sinks`` (name -> kept-output mask) of ``pruned`` in place,
+    one at a time in topological order, each on inputs produced by the already refitted layers
+    before it (refitting all at once double-corrects: a later layer compensates an error that
+    an earlier refit has already removed)."""
+    pruned.graph.toposort()
+    order = {n.name: i for i, n in enumerate(pruned.graph.nodes)}
     nodes = {n.name: n for n in pruned.graph.nodes}
     layers = [_Layer(nodes[name], out_mask) for name, out_mask in sinks.items() if _supported(nodes.get(name))]
+    layers.sort(key=lambda layer: order[layer.node.name])
     if not layers:
         return []
-    rng = np.random.default_rng(seed)
-    targets = _targets(original, layers, feeds, rng)
-    fits: dict[str, LayerFit] = {}
-    for _ in range(rounds):
-        stats = _accumulate(pruned, layers, feeds, targets)
-        for layer in layers:
-            before, after = layer.solve(*stats[layer.node.name])
-            first = fits.get(layer.node.name)
-            fits[layer.node.name] = LayerFit(layer.node.name, first.error_before if first else before, after)
-    return list(fits.values())
+    targets = _targets(original, layers, feeds, np.random.default_rng(seed))
+    held_out = max(1, len(feeds) // 4) if len(feeds) > 1 else 0
+    fits = []
+    for layer in layers:
+        stats = _accumulate(pruned, [layer], feeds, targets, len(feeds) - held_out)
+        before, after = layer.solve(*stats[layer.node.name])
+        fits.append(LayerFit(layer.node.name, before, after))
+    return fits
 
 
 def _supported(node: gs.Node | None) -> bool:
@@ -134,13 +137,20 @@ class _Layer:
         b = np.asarray(node.inputs[2].values, np.float64) * (node.attrs.get("beta", 1.0) if node.op == "Gemm" else 1)
         return np.broadcast_to(b.reshape(-1), (cout,)).copy()
 
-    def solve(self, gram: np.ndarray, cross: np.ndarray, target_energy: float) -> tuple[float, float]:
+    def solve(self, fit: list, held: list) -> tuple[float, float]:
+        """Refit on ``fit`` statistics; keep the new weights only if they also lower the error
+        on ``held`` (calibration samples the fit did not see). Returns held-out errors."""
         w, b = self.current()
         old = np.vstack([w, b[None]]) if self.has_bias else w
-        before = _residual(gram, cross, target_energy, old)
+        gram, cross, energy, rows = fit
+        check = held if held[3] else fit
+        before = _residual(check[0], check[1], check[2], old)
+        if rows < ROWS_PER_UNKNOWN * len(gram):  # e.g. squeeze-excitation convs: one row per image
+            return before, before
+        # ridge towards the current weights: the refit corrects them rather than replacing them
         ridge = RIDGE * max(float(np.trace(gram)) / len(gram), 1e-12)
-        new = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross)
-        after = _residual(gram, cross, target_energy, new)
+        new = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross + ridge * old)
+        after = _residual(check[0], check[1], check[2], new)
         if after < before:
             self._write(new)
             return before, after
@@ -189,17 +199,19 @@ def _targets(original, layers: list[_Layer], feeds: list[dict], rng) -> list[dic
     return per_sample
 
 
-def _accumulate(pruned, layers: list[_Layer], feeds: list[dict], targets) -> dict[str, list]:
+def _accumulate(pruned, layers: list[_Layer], feeds: list[dict], targets, fit_samples: int) -> dict[str, tuple]:
+    """Per layer: (normal-equation statistics of the first ``fit_samples`` feeds, of the rest)."""
     names = sorted({layer.node.inputs[0].name for layer in layers})
-    stats = {layer.node.name: [0.0, 0.0, 0.0] for layer in layers}
-    for values, sample in zip(iter_outputs(pruned, feeds, names), targets):
+    stats = {layer.node.name: ([0.0, 0.0, 0.0, 0], [0.0, 0.0, 0.0, 0]) for layer in layers}
+    for k, (values, sample) in enumerate(zip(iter_outputs(pruned, feeds, names), targets)):
         for layer in layers:
             rows, t, y_shape = sample[layer.node.name]
             phi = layer.design_rows(values[layer.node.inputs[0].name], y_shape, rows).astype(np.float64)
             if layer.has_bias:
                 phi = np.hstack([phi, np.ones((len(phi), 1))])
-            acc = stats[layer.node.name]
+            acc = stats[layer.node.name][0 if k < fit_samples else 1]
             acc[0] = acc[0] + phi.T @ phi
             acc[1] = acc[1] + phi.T @ t
             acc[2] += float(np.sum(t * t))
+            acc[3] += len(phi)
     return stats

@@ -135,6 +135,7 @@ def _forget_inner_shapes(graph: gs.Graph) -> None:
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in keep:
             tensor.shape = None
+            tensor.dtype = None  # with no shape, a typed value_info would not pass the checker
 
 
 EDITS = {
