@@ -429,14 +429,61 @@ def _quantize(run: _Run, step: Step) -> dict:
 
     details = run.cached(step, compute)
     q = details["quantization"]
-    details["accuracy"] = {"metric": q["metric"], "score": q["score"], "max_drop": q["max_drop"],
-                           "ok": bool(q["budget_met"]), "source": q["validation"]}
-    for w in q.get("warnings", ()):
-        run.warn(f"quantize: {w}")
-    if q["budget_met"] is False:
-        details["failure"] = (f"accuracy budget not met: {q['metric']} {q['score']:.5f} < {1 - q['max_drop']:.5f} "
-                              f"(max_drop {q['max_drop']})")
+    return _with_budget(run, step, details, q, source=q["validation"])
+
+
+def _fp16(run: _Run, step: Step) -> dict:
+    p = step.params
+
+    def compute():
+        from .passes.quant.fp16 import convert_fp16
+
+        model, rep = convert_fp16(run.model, calib=p["calibration"], keep_io_types=p["keep_io_types"],
+                                  max_drop=p["max_drop"], metric=p["metric"], val=p["validation"], log=run.progress)
+        return model, {"fp16": _json_safe(rep.as_dict())}
+
+    details = run.cached(step, compute)
+    f = details["fp16"]
+    return _with_budget(run, step, details, f, source=p["validation"] or f["calibration"])
+
+
+def _with_budget(run: _Run, step: Step, details: dict, rep: dict, source: str | None) -> dict:
+    """Accuracy of a lossy step (quantize, fp16) in the report; a missed budget fails the step."""
+    for w in rep.get("warnings", ()):
+        run.warn(_labelled(step, w))
+    if rep.get("score") is None:  # no validation feeds: nothing was measured
+        return details
+    details["accuracy"] = {"metric": rep["metric"], "score": rep["score"], "max_drop": rep["max_drop"],
+                           "ok": bool(rep["budget_met"]), "source": source}
+    if rep["budget_met"] is False:
+        details["failure"] = (f"accuracy budget not met: {rep['metric']} {rep['score']:.5f} < "
+                              f"{1 - rep['max_drop']:.5f} (max_drop {rep['max_drop']})")
     return details
+
+
+def _prune(run: _Run, step: Step) -> dict:
+    p = step.params
+
+    def compute():
+        from .passes.prune.prune import prune
+
+        model, rep = prune(
+            run.model, target_flops=p["target_flops"], ratio=p["ratio"], method=p["importance"],
+            calib_data=p["calibration"], reconstruct_weights=p["reconstruct"], sparsity_level=p["sparsity"],
+            pattern=p["pattern"], target_params=p["target_params"], round_to=p["round_to"],
+            max_ratio=p["max_ratio"], sensitivity=p["sensitivity"], eval_data=p["validation"],
+            input_shapes=dict(run.settings["input_shapes"]) or None,
+        )
+        return model, {"pruning": _json_safe(rep.to_dict())}
+
+    details = run.cached(step, compute)
+    for w in details["pruning"].get("warnings", ()):
+        run.warn(_labelled(step, w))
+    return details
+
+
+def _labelled(step: Step, message: str) -> str:
+    return message if message.startswith(f"{step.kind}:") else f"{step.name}: {message}"
 
 
 def _tune(run: _Run, step: Step) -> dict:
@@ -463,6 +510,8 @@ EXECUTORS: Mapping[str, Callable[[_Run, Step], dict]] = MappingProxyType({
     "check": _check,
     "bench": _bench,
     "quantize": _quantize,
+    "fp16": _fp16,
+    "prune": _prune,
     "tune": _tune,
 })
 

@@ -312,19 +312,31 @@ STEPS = MappingProxyType({
         "measure_latency": Field("bool", "measure INT8 against float latency (CPU)", True),
         "cache": CACHE_FIELD,
     }), cacheable=True, feature="onnxforge.passes.quant.quantize:quantize"),
-    "fp16": StepSpec("fp16", "float16 conversion, keeping overflowing nodes in float32", MappingProxyType({
-        "keep_io_types": Field("bool", "keep float32 inputs and outputs", True),
-        "calibration": Field("path", "feeds whose ranges show which nodes overflow fp16"),
-        "max_drop": Field("float", "accuracy budget (cosine drop)", minimum=0),
+    "fp16": StepSpec("fp16", "float16 conversion, keeping in float32 what overflows or has no fp16 kernel", MappingProxyType({
+        "calibration": Field("data", "feeds whose activation ranges show which nodes overflow fp16 "
+                             "(default: only initializers are checked)", random_ok=True),
+        "validation": Field("path", "validation feeds for the accuracy budget (default: the calibration feeds)"),
+        "keep_io_types": Field("bool", "keep float32 graph inputs and outputs", True),
+        "max_drop": Field("float", "accuracy budget: the metric may drop at most this much below 1", 0.01,
+                          minimum=0, maximum=0.999999),
+        "metric": Field("str", "accuracy metric against the float model", "cosine", choices=("cosine", "sqnr", "top1")),
         "cache": CACHE_FIELD,
     }), cacheable=True, feature="onnxforge.passes.quant.fp16:convert_fp16"),
-    "prune": StepSpec("prune", "structured channel pruning with reconstruction", MappingProxyType({
-        "target_flops": Field("float", "keep this fraction of the FLOPs", minimum=0, maximum=1),
-        "ratio": Field("float", "fraction of channels removed per layer", minimum=0, maximum=1),
+    "prune": StepSpec("prune", "structured channel pruning with least-squares reconstruction; sparsity", MappingProxyType({
+        "target_flops": Field("float", "keep at most this fraction of the FLOPs (0 < x < 1)", minimum=0.001, maximum=0.999),
+        "ratio": Field("float", "fraction of channels removed per layer (0 < x < 1)", minimum=0.001, maximum=0.999),
+        "target_params": Field("float", "keep at most this fraction of the parameters (default: target_flops)",
+                               minimum=0.001, maximum=0.999),
         "importance": Field("str", "channel importance", "l1", choices=("l1", "l2", "activation")),
         "calibration": Field("path", "feeds for activation importance and reconstruction"),
+        "validation": Field("path", "feeds for the sensitivity-aware allocation (default: the calibration feeds)"),
         "reconstruct": Field("bool", "refit consumers by least squares on calibration activations", True),
-        "max_drop": Field("float", "accuracy budget (cosine drop)", minimum=0),
+        "sensitivity": Field("bool", "allocate by measured output sensitivity (default: when data is given)"),
+        "max_ratio": Field("float", "at most this fraction of any layer's channels is removed", 0.75,
+                           minimum=0.001, maximum=0.999),
+        "round_to": Field("int", "keep channel counts multiples of this", 8, minimum=1),
+        "sparsity": Field("float", "unstructured magnitude sparsity level (0 < x < 1)", minimum=0.001, maximum=0.999),
+        "pattern": Field("str", "N:M semi-structured sparsity, e.g. \"2:4\""),
         "cache": CACHE_FIELD,
     }), cacheable=True, feature="onnxforge.passes.prune.prune:prune"),
     "tune": StepSpec("tune", "search session options for the provider; writes OUTPUT's profile beside it", MappingProxyType({
@@ -448,12 +460,28 @@ class _Checker:
             self.passes(params, path)
         if kind == "check" and all(params[k] is None for k in ("min_cosine", "max_abs", "max_rel")):
             raise self.error(path, "a check step needs min_cosine, max_abs or max_rel")
-        if kind == "prune" and params["target_flops"] is None and params["ratio"] is None:
-            raise self.error(path, "a prune step needs target_flops or ratio")
+        if kind == "prune":
+            self.prune(params, path)
         line = self.lines.line_of(path) if self.lines else None
         label = params.pop("name") or kind
         del params["step"]
         return Step(kind, MappingProxyType(params), index, line, label)
+
+    def prune(self, params: dict, path: Path_) -> None:
+        if all(params[k] is None for k in ("target_flops", "ratio", "sparsity", "pattern")):
+            raise self.error(path, "a prune step needs target_flops, ratio, sparsity or pattern")
+        for a, b in (("target_flops", "ratio"), ("sparsity", "pattern")):
+            if params[a] is not None and params[b] is not None:
+                raise self.error(path + (b,), f"give either {a} or {b}, not both")
+        if params["pattern"] is not None:
+            from .passes.prune.sparsity import parse_pattern
+
+            try:
+                parse_pattern(params["pattern"])
+            except OptionError as exc:
+                raise self.error(path + ("pattern",), exc.message) from None
+        if params["importance"] == "activation" and params["calibration"] is None:
+            raise self.error(path + ("importance",), "activation importance needs calibration data")
 
     def feature(self, spec: StepSpec, path: Path_) -> None:
         if spec.feature is None:
