@@ -115,6 +115,10 @@ def node_sensitivity(
 ) -> dict[str, float]:
     """Node name -> noise-to-signal ratio it adds (outputs compared by tensor name)."""
     quant_values = _value_names(quant_model)
+    # Only nodes the quantized model still runs as themselves (a Relu folded into
+    # its Conv's Q range is gone; its output name may now mean something else).
+    present = {(n.name, n.op_type, tuple(n.output)) for n in quant_model.graph.node}
+    nodes = {k: n for k, n in nodes.items() if (n.name, n.op_type, tuple(n.output)) in present}
     wanted = set()
     for node in nodes.values():
         wanted.update(t for t in list(node.input) + list(node.output) if t in quant_values)

@@ -36,6 +36,8 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True) ->
     proto = raise_opset(proto, MIN_QDQ_OPSET)
     if ort_basic:
         proto = ort_offline(proto, level="basic")
+    proto, _ = fold_conv_affine(proto)
+    proto, _ = fuse_hardswish(proto)
     return proto
 
 
@@ -70,6 +72,26 @@ def lower_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     out.graph.CopyFrom(exported.graph)
+    return out
+
+
+def constant_nodes_to_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Main-graph Constant nodes holding a tensor become initializers; nothing is folded
+    (int8 weights dequantized by Cast+Mul must stay int8 for reuse)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    kept = []
+    for node in out.graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if attr is not None and attr.name == "value" and node.domain in ("", "ai.onnx"):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            tensor.name = node.output[0]
+            out.graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
     return out
 
 
@@ -108,4 +130,144 @@ def ort_offline(proto: onnx.ModelProto, level: str = "basic", providers=("CPUExe
     for imp in optimized.opset_import:
         if imp.domain not in have:
             out.opset_import.append(imp)
+    return out
+
+
+# ------------------------------------------------------------------ fusions that help quantization
+
+
+def fold_conv_affine(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Conv -> Mul(c) [-> Add(d)] with per-channel or scalar constants becomes one
+    Conv: W' = W * c[oc], b' = b * c + d. Exact; needs the Conv output to feed the
+    Mul only (PP-LCNetV3's learnable affine blocks write this after every Conv)."""
+    import numpy as np
+
+    graph = gs.import_onnx(proto)
+    folded = 0
+    for conv in [n for n in graph.nodes if n.op == "Conv"]:
+        weight = conv.inputs[1] if len(conv.inputs) > 1 else None
+        if not isinstance(weight, gs.Constant) or len(conv.outputs[0].outputs) != 1:
+            continue
+        if conv.outputs[0] in graph.outputs:
+            continue
+        channels = weight.shape[0]
+        bias = conv.inputs[2].values if len(conv.inputs) > 2 and isinstance(conv.inputs[2], gs.Constant) else np.zeros(channels, np.float32)
+        if len(conv.inputs) > 2 and not isinstance(conv.inputs[2], gs.Constant):
+            continue
+        w, b, tail = weight.values.astype(np.float32), bias.astype(np.float32), conv.outputs[0]
+        changed = False
+        for op in ("Mul", "Add"):
+            users = tail.outputs
+            if len(users) != 1 or users[0].op != op or tail in graph.outputs:
+                break
+            node = users[0]
+            other = node.inputs[1] if node.inputs[0] is tail else node.inputs[0]
+            per_channel = _channel_vector(other, channels)
+            if per_channel is None:
+                break
+            if op == "Mul":
+                w = w * per_channel.reshape(-1, *([1] * (w.ndim - 1)))
+                b = b * per_channel
+            else:
+                b = b + per_channel
+            out = node.outputs[0]
+            node.outputs.clear()
+            conv.outputs[0] = out
+            tail = out
+            changed = True
+        if changed:
+            conv.inputs[1] = gs.Constant(weight.name + "_folded", w.astype(np.float32))
+            bias_const = gs.Constant(conv.name + "_bias_folded", b.astype(np.float32))
+            if len(conv.inputs) > 2:
+                conv.inputs[2] = bias_const
+            else:
+                conv.inputs.append(bias_const)
+            folded += 1
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return _with_graph(proto, graph), folded
+
+
+def _channel_vector(tensor, channels: int):
+    """The constant as a [channels] vector when it broadcasts per output channel (NCHW)."""
+    import numpy as np
+
+    if not isinstance(tensor, gs.Constant):
+        return None
+    values = np.asarray(tensor.values, dtype=np.float32)
+    if values.size == 1:
+        return np.full(channels, float(values.reshape(-1)[0]), np.float32)
+    squeezed = values.reshape(-1)
+    shape = values.shape
+    # [C,1,1], [1,C,1,1]: the channel axis is the third from the end.
+    if squeezed.size == channels and len(shape) >= 3 and shape[-3] == channels:
+        return squeezed
+    return None
+
+
+def fuse_hardswish(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """x * Clip(x + 3, 0, 6) / 6 and x * HardSigmoid(x; 1/6, 0.5) become HardSwish(x)
+    (opset 14): one float op between Q/DQ instead of four elementwise ones."""
+    graph = gs.import_onnx(proto)
+    if not any(_hardswish_match(node)[0] is not None for node in graph.nodes):
+        return proto, 0
+    graph = gs.import_onnx(raise_opset(proto, 14))  # HardSwish exists from opset 14
+    fused = 0
+    for node in list(graph.nodes):
+        x, out = _hardswish_match(node)
+        if x is None:
+            continue
+        for producer in list(out.inputs):
+            producer.outputs.clear()
+        graph.nodes.append(gs.Node("HardSwish", name=(node.name or out.name) + "_hardswish", inputs=[x], outputs=[out]))
+        fused += 1
+    if fused:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        proto = _with_graph(raise_opset(proto, 14), graph)
+    return proto, fused
+
+
+def _scalar(tensor, value: float) -> bool:
+    import numpy as np
+
+    return isinstance(tensor, gs.Constant) and tensor.values.size == 1 and abs(float(np.asarray(tensor.values).reshape(-1)[0]) - value) < 1e-4
+
+
+def _hardswish_match(node):
+    """(x, output) when ``node`` ends a written-out HardSwish, else (None, None)."""
+    if node.op == "Div" and _scalar(node.inputs[1], 6.0):
+        mul = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        if mul is not None and mul.op == "Mul" and len(node.inputs[0].outputs) == 1:
+            x = _clip_partner(mul)
+            if x is not None:
+                return x, node.outputs[0]
+    if node.op == "Mul":
+        for a, b in ((0, 1), (1, 0)):
+            hs = node.inputs[b].inputs[0] if node.inputs[b].inputs else None
+            if hs is not None and hs.op == "HardSigmoid" and hs.inputs[0] is node.inputs[a] and len(node.inputs[b].outputs) == 1:
+                if abs(hs.attrs.get("alpha", 0.2) - 1 / 6) < 1e-4 and abs(hs.attrs.get("beta", 0.5) - 0.5) < 1e-4:
+                    return node.inputs[a], node.outputs[0]
+    return None, None
+
+
+def _clip_partner(mul):
+    for a, b in ((0, 1), (1, 0)):
+        clip = mul.inputs[b].inputs[0] if mul.inputs[b].inputs else None
+        if clip is None or clip.op != "Clip" or len(clip.inputs) < 3 or len(mul.inputs[b].outputs) != 1:
+            continue
+        if not (_scalar(clip.inputs[1], 0.0) and _scalar(clip.inputs[2], 6.0)):
+            continue
+        add = clip.inputs[0].inputs[0] if clip.inputs[0].inputs else None
+        if add is None or add.op != "Add" or len(clip.inputs[0].outputs) != 1:
+            continue
+        for c, d in ((0, 1), (1, 0)):
+            if add.inputs[c] is mul.inputs[a] and _scalar(add.inputs[d], 3.0):
+                return mul.inputs[a]
+    return None
+
+
+def _with_graph(proto: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
+    exported = gs.export_onnx(graph, do_type_check=False)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    out.graph.CopyFrom(exported.graph)
     return out

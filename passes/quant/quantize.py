@@ -36,7 +36,7 @@ from .formats import (
     FormatSpec, dynamic_matmul, integer_kernels, provider_exclusions, spec_for, stale_float_weights,
     static_qdq, summarize_kernels, symmetric_amax, write_tensorrt_cache,
 )
-from .prepare import float_baseline, lower_constants
+from .prepare import constant_nodes_to_initializers, float_baseline
 
 RANDOM_WARNING = (
     "calibrating on RANDOM data (--calib random): the ranges fit noise, not your inputs, "
@@ -108,7 +108,9 @@ def _jsonable(value: Any):
 
 def _as_proto(model: Model | onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
-        return model
+        from onnxforge.versions import cap_proto_versions
+
+        return cap_proto_versions(model)[0]  # IR/opset this onnxruntime loads
     if isinstance(model, Model):
         return model.to_proto()
     from onnxforge.io import load
@@ -228,8 +230,8 @@ def quantize(
     result = budget_mod.BudgetResult(first, first_score, first_score >= threshold, [], [])
     if first_score < threshold and plan.candidates:
         log(f"{report.metric} {first_score:.5f} misses the budget {threshold:.5f}: ranking node sensitivity")
-        ranked = _ranked(baseline, first, plan, val_feeds[:4])
         deadline = started + budget_seconds
+        ranked = _ranked(baseline, first, plan, val_feeds[:2], metric_fn, started + budget_seconds / 2)
         result = budget_mod.fallback_search(plan.build, evaluate, ranked, threshold, initial=(first, first_score), deadline=deadline)
     final = result.model
     report.score, report.budget_met, report.budget_timed_out = result.score, result.met, result.timed_out
@@ -276,8 +278,24 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
     ranges, _hists, count = calibrate(baseline, tee, method, symmetric=symmetric)
     report.calibration_feeds = count
     candidates = {n.name: n.op_type for n in baseline.graph.node if n.op_type in spec.op_types and n.name not in fixed}
-    build = lambda excluded: static_qdq(baseline, ranges, spec, list(fixed) + list(excluded))  # noqa: E731
+    def build(excluded: list[str]) -> onnx.ModelProto:
+        kept, floats = without_tensors_of(baseline, ranges, excluded)
+        return static_qdq(baseline, kept, spec, list(fixed) + floats)
+
     return _Plan(build, candidates, fixed, ranges, tee.kept)
+
+
+def without_tensors_of(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], excluded: Sequence[str]) -> tuple[dict, list[str]]:
+    """(ranges, nodes kept float) for returning ``excluded`` to float.
+
+    A tensor with a range gets Q/DQ for all its readers, so excluding a node alone
+    would still feed it quantized values: its tensors lose their ranges, and the
+    neighbours that share those tensors stay float too (a quantized node needs
+    ranges on all its activations)."""
+    names = set(excluded)
+    touched = {t for n in model.graph.node if n.name in names for t in list(n.input) + list(n.output)}
+    neighbours = {n.name for n in model.graph.node if touched & (set(n.input) | set(n.output))}
+    return {k: v for k, v in ranges.items() if k not in touched}, sorted(names | neighbours)
 
 
 def _plan_reuse(original, detection, tee, report, log) -> _Plan:
@@ -288,7 +306,7 @@ def _plan_reuse(original, detection, tee, report, log) -> _Plan:
     log(message)
     report.notes.append(message)
     kept = _take(tee, MAX_VALIDATION_FEEDS)
-    lowered = lower_constants(original)
+    lowered = constant_nodes_to_initializers(original)
     lowered_detection = detect(lowered)
 
     def build(excluded: list[str]) -> onnx.ModelProto:
@@ -306,11 +324,28 @@ def _weighted(model: onnx.ModelProto, ops: tuple[str, ...]) -> dict[str, str]:
     return {n.name: n.op_type for n in model.graph.node if n.op_type in ops and len(n.input) > 1 and n.input[1] in inits}
 
 
-def _ranked(baseline, quantized, plan: _Plan, feeds) -> list[str]:
+def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, deadline: float) -> list[str]:
+    """Candidates, most sensitive first.
+
+    The cheap prior is the noise each node adds (one run of both models). Then,
+    until ``deadline``, each weighted node (in prior order) is returned to float
+    alone and the gain in the metric on ``feeds`` measured: the end-to-end effect,
+    which the local noise misjudges when early layers' error grows downstream."""
     nodes = {n.name: n for n in baseline.graph.node if n.name in plan.candidates}
-    scores = budget_mod.node_sensitivity(baseline, quantized, nodes, feeds)
-    ranked = sorted(scores, key=lambda k: -scores[k])
-    return ranked + [n for n in nodes if n not in scores]
+    local = budget_mod.node_sensitivity(baseline, quantized, nodes, feeds)
+    prior = sorted(local, key=lambda k: -local[k]) + [n for n in nodes if n not in local]
+    reference = budget_mod.run_outputs(baseline, feeds)
+    base_score = metric_fn(reference, budget_mod.run_outputs(quantized, feeds))
+    gains: dict[str, float] = {}
+    for name in [n for n in prior if nodes[n].op_type in WEIGHTED]:
+        if time.monotonic() > deadline:
+            break
+        gains[name] = metric_fn(reference, budget_mod.run_outputs(plan.build([name]), feeds)) - base_score
+    measured = sorted(gains, key=lambda k: -gains[k])
+    return measured + [n for n in prior if n not in gains]
+
+
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _fill_nodes(report: QuantReport, baseline, final, plan: _Plan, excluded: list[str]) -> None:

@@ -1,0 +1,95 @@
+"""``onnxforge quantize`` and ``onnxforge convert-fp16`` subcommands.
+
+Each ``func(args)`` returns an exit code: 0 done, 2 bad input (raised as an
+onnxforge InputError and mapped by the CLI), 3 accuracy budget missed (the
+best model found is still written, the report says what was missed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from onnxforge.errors import VerificationError
+
+BUDGET_MISSED = 3
+
+
+def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("quantize", help="INT8 quantization with calibration and an accuracy budget")
+    p.add_argument("model", help="input .onnx (float)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx")
+    p.add_argument("--calib", required=True, help="folder of .npz/.npy feeds, or 'random' (accuracy then means nothing)")
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
+    p.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile", "mse"))
+    p.add_argument("--mode", default="auto", choices=("auto", "static", "dynamic"),
+                   help="static QDQ, dynamic MatMul (CPU transformers), or auto (default)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="allowed drop of the metric vs float (default 0.01)")
+    p.add_argument("--metric", default="cosine", choices=("cosine", "sqnr", "top1"))
+    p.add_argument("--val", help="validation feeds (default: the calibration feeds)")
+    p.add_argument("--budget-seconds", type=float, default=300.0, help="time for the float-fallback search")
+    p.add_argument("--trt-cache", help="also write a TensorRT calibration cache here")
+    p.add_argument("--no-latency", action="store_true", help="skip the interleaved latency comparison")
+    p.add_argument("--report", help="write the report as JSON")
+    p.set_defaults(func=run_quantize)
+    return p
+
+
+def add_fp16_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("convert-fp16", help="float16 conversion keeping overflowing nodes in float32")
+    p.add_argument("model", help="input .onnx (float32)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx")
+    p.add_argument("--calib", help="feeds whose activation ranges decide which nodes overflow fp16 "
+                                   "('random' allowed, with a warning)")
+    p.add_argument("--fp16-io", action="store_true", help="also convert graph inputs/outputs to float16")
+    p.add_argument("--max-drop", type=float, default=0.01)
+    p.add_argument("--metric", default="cosine", choices=("cosine", "sqnr", "top1"))
+    p.add_argument("--val", help="validation feeds (default: the calibration feeds)")
+    p.add_argument("--report", help="write the report as JSON")
+    p.set_defaults(func=run_fp16)
+    return p
+
+
+def run_quantize(args) -> int:
+    from onnxforge.io import load, save
+
+    from .quantize import quantize
+
+    model = load(args.model)
+    result, report = quantize(
+        model, args.calib, provider=args.provider, method=args.method, max_drop=args.max_drop,
+        metric=args.metric, val=args.val, budget_seconds=args.budget_seconds, mode=args.mode,
+        measure_latency=not args.no_latency, tensorrt_cache=args.trt_cache,
+    )
+    save(result, args.output)
+    print(report.summary())
+    if args.report:
+        report.save(args.report)
+    return _budget_exit(report.budget_met, report.score, args.max_drop)
+
+
+def run_fp16(args) -> int:
+    from onnxforge.io import load, save
+
+    from .fp16 import convert_fp16
+
+    model = load(args.model)
+    result, report = convert_fp16(
+        model, calib=args.calib, keep_io_types=not args.fp16_io, max_drop=args.max_drop,
+        metric=args.metric, val=args.val,
+    )
+    save(result, args.output)
+    print(report.summary())
+    if args.report:
+        report.save(args.report)
+    return _budget_exit(report.budget_met, report.score, args.max_drop)
+
+
+def _budget_exit(met: bool | None, score: float | None, max_drop: float) -> int:
+    if met is False:
+        error = VerificationError(
+            f"accuracy budget missed: score {score:.5f} < {1 - max_drop:.5f}; the best model found was written",
+            hint="raise --budget-seconds, allow a larger --max-drop, or try --method percentile/entropy",
+        )
+        print(f"error: {error.message}\nhint: {error.hint}", file=sys.stderr)
+        return error.exit_code
+    return 0

@@ -1,0 +1,334 @@
+"""Float16 conversion that keeps what fp16 cannot hold in float32.
+
+fp16 holds |x| <= 65504 with 11 significant bits. A node stays float32 when
+  * an initializer it reads has a finite value beyond that range (or would
+    flush to zero where it was not: |x| < 6e-8), or
+  * a float activation it reads or writes reached that range on the
+    calibration data (ranges from the streaming calibrator), or
+  * onnxruntime's CPU provider has no float16 kernel for it (found by building
+    the session; such nodes would not run at all), or it holds subgraphs.
+Casts go wherever a float32 node meets a float16 tensor and back. Graph inputs
+and outputs keep their types unless asked (``keep_io_types=False``). Shape and
+scale inputs that must be float32 by the ONNX spec (Resize roi/scales) stay so.
+The result is checked against the float model with the accuracy budget; when
+missed, the nodes with the largest activation ranges return to float32 one
+group at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxforge.model import Model
+
+from . import budget as budget_mod
+from .calibrate import collect_histograms, float_activation_names
+from .prepare import float_baseline
+
+FP16_MAX = 65504.0
+FP16_TINY = 6.0e-8
+# (op type, input index) that the ONNX spec keeps float32 whatever T is.
+FLOAT32_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
+MAX_KERNEL_RETRIES = 32
+
+
+@dataclasses.dataclass
+class Fp16Report:
+    keep_io_types: bool
+    calibration: str
+    metric: str
+    max_drop: float
+    fp16_nodes: int = 0
+    float32_nodes: dict[str, str] = dataclasses.field(default_factory=dict)
+    score: float | None = None
+    budget_met: bool | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.as_dict(), indent=1, default=str))
+
+    def summary(self) -> str:
+        lines = [f"fp16 nodes: {self.fp16_nodes}, kept float32: {len(self.float32_nodes)}"]
+        reasons: dict[str, int] = {}
+        for why in self.float32_nodes.values():
+            reasons[why.split(":")[0]] = reasons.get(why.split(":")[0], 0) + 1
+        lines += [f"  {n} x {why}" for why, n in sorted(reasons.items())]
+        if self.score is not None:
+            lines.append(f"{self.metric} vs float32: {self.score:.6f} ({'met' if self.budget_met else 'MISSED'} "
+                         f">= {1 - self.max_drop:.6f})")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ what stays float32
+
+
+def overflowing_initializer_nodes(model: onnx.ModelProto) -> dict[str, str]:
+    inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    blocked = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in inits:
+                values = np.abs(numpy_helper.to_array(inits[name]))
+                finite = values[np.isfinite(values)]
+                if finite.size and (finite.max() > FP16_MAX or np.any((finite > 0) & (finite < FP16_TINY))):
+                    blocked[node.name] = f"initializer overflows fp16: {name} (max |x| {float(finite.max()):.3g})"
+                    break
+    return blocked
+
+
+def overflowing_activation_nodes(model: onnx.ModelProto, ranges: dict[str, float]) -> dict[str, str]:
+    blocked = {}
+    for node in model.graph.node:
+        for name in list(node.input) + list(node.output):
+            if ranges.get(name, 0.0) > FP16_MAX:
+                blocked[node.name] = f"activation overflows fp16: {name} reached {ranges[name]:.3g}"
+                break
+    return blocked
+
+
+def activation_absmax(model: onnx.ModelProto, feeds) -> dict[str, float]:
+    hists, _ = collect_histograms(model, feeds, float_activation_names(model), bins=16)
+    return {k: max(abs(h.minimum), abs(h.maximum)) for k, h in hists.items() if h.counts is not None}
+
+
+# ------------------------------------------------------------------ conversion
+
+
+def to_fp16(model: onnx.ModelProto, blocked: set[str], keep_io_types: bool = True) -> onnx.ModelProto:
+    """``model`` with every float32 tensor of a node outside ``blocked`` in float16."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    floats = _float_tensors(out)
+    for node in graph.node:
+        if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
+            blocked.add(node.name)
+    half_nodes = [n for n in graph.node if n.name not in blocked]
+    precision: dict[str, str] = {}  # float tensor -> "16" | "32"
+    inits = {t.name: t for t in graph.initializer}
+    for inp in graph.input:
+        if inp.name in floats and inp.name not in inits:
+            precision[inp.name] = "32" if keep_io_types else "16"
+            if not keep_io_types:
+                inp.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    for node in graph.node:
+        for name in node.output:
+            if name in floats:
+                precision[name] = "32" if node.name in blocked else "16"
+    new_nodes: list[onnx.NodeProto] = []
+    casts: dict[tuple[str, str], str] = {}
+    half_inits: dict[str, str] = {}
+    for node in graph.node:
+        want = "32" if node.name in blocked else "16"
+        for i, name in enumerate(node.input):
+            if not name or name not in floats:
+                continue
+            target = "32" if (node.op_type, i) in FLOAT32_INPUTS else want
+            if name in inits:
+                if target == "16":
+                    node.input[i] = half_inits.setdefault(name, name + "_fp16")
+                continue
+            if precision.get(name, "32") != target:
+                node.input[i] = _cast(name, target, casts, new_nodes)
+        if want == "16":
+            _retype_attributes(node)
+        new_nodes.append(node)
+    _add_half_initializers(graph, half_inits)
+    _fix_outputs(graph, precision, keep_io_types, new_nodes, casts)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.value_info[:]
+    _drop_unused_initializers(graph)
+    return out
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - fall back to the types the model declares
+        inferred = model
+    infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    names = {v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    names.update(t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    return names
+
+
+def _cast(name: str, target: str, casts: dict, new_nodes: list) -> str:
+    key = (name, target)
+    if key not in casts:
+        out = f"{name}_to_fp{target}"
+        to = onnx.TensorProto.FLOAT16 if target == "16" else onnx.TensorProto.FLOAT
+        new_nodes.append(helper.make_node("Cast", [name], [out], name=f"{name}_cast_fp{target}", to=to))
+        casts[key] = out
+    return casts[key]
+
+
+def _retype_attributes(node: onnx.NodeProto) -> None:
+    for attr in node.attribute:
+        if node.op_type == "Cast" and attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+            attr.i = onnx.TensorProto.FLOAT16
+        if attr.HasField("t") and attr.t.data_type == onnx.TensorProto.FLOAT:
+            attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+
+
+def _add_half_initializers(graph: onnx.GraphProto, half_inits: dict[str, str]) -> None:
+    inits = {t.name: t for t in graph.initializer}
+    for name, half in half_inits.items():
+        values = numpy_helper.to_array(inits[name]).astype(np.float16)
+        graph.initializer.append(numpy_helper.from_array(values, half))
+
+
+def _fix_outputs(graph, precision, keep_io_types: bool, new_nodes: list, casts: dict) -> None:
+    """Graph outputs keep float32 (keep_io_types) or become float16."""
+    for output in graph.output:
+        p = precision.get(output.name)
+        if p is None:
+            continue
+        if keep_io_types and p == "16":
+            _rename_producer(new_nodes, output.name, output.name + "_fp16_out")
+            new_nodes.append(helper.make_node("Cast", [output.name + "_fp16_out"], [output.name],
+                                              name=output.name + "_cast_out", to=onnx.TensorProto.FLOAT))
+        elif not keep_io_types and p == "32":
+            _rename_producer(new_nodes, output.name, output.name + "_fp32_out")
+            new_nodes.append(helper.make_node("Cast", [output.name + "_fp32_out"], [output.name],
+                                              name=output.name + "_cast_out", to=onnx.TensorProto.FLOAT16))
+            output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+        elif not keep_io_types:
+            output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+
+
+def _rename_producer(nodes, old: str, new: str) -> None:
+    for node in nodes:
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {i for n in graph.node for i in n.input}
+    for n in graph.node:
+        for a in n.attribute:
+            if a.HasField("g"):
+                used.update(i for sub in a.g.node for i in sub.input)
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _missing_kernel(error: Exception) -> str | None:
+    """Node name from onnxruntime's 'no implementation' error, if that is what it is."""
+    match = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']*)'", str(error))
+    return match.group(2) if match else None
+
+
+def _runnable(model_fn: Callable[[set[str]], onnx.ModelProto], blocked: dict[str, str]) -> onnx.ModelProto:
+    """Build, and keep float32 the nodes the CPU provider has no fp16 kernel for."""
+    import onnxruntime as ort
+
+    for _ in range(MAX_KERNEL_RETRIES):
+        candidate = model_fn(set(blocked))
+        try:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            ort.InferenceSession(candidate.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return candidate
+        except Exception as exc:  # noqa: BLE001 - only the no-kernel case is handled
+            name = _missing_kernel(exc)
+            if name is None or name in blocked:
+                raise
+            blocked[name] = "no float16 kernel on the CPU provider"
+    return model_fn(set(blocked))
+
+
+# ------------------------------------------------------------------ entry
+
+
+def convert_fp16(
+    model: Model | onnx.ModelProto | str,
+    *,
+    calib: Any = None,
+    keep_io_types: bool = True,
+    max_drop: float = 0.01,
+    metric: str | Callable = "cosine",
+    val: Any = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Model, Fp16Report]:
+    from .quantize import RANDOM_WARNING, _as_proto, _feeds, _take
+
+    started = time.monotonic()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    original = _as_proto(model)
+    baseline = float_baseline(original)
+    report = Fp16Report(keep_io_types, "none", metric if isinstance(metric, str) else "user", max_drop)
+    blocked = overflowing_initializer_nodes(baseline)
+    feeds: list[dict] = []
+    if calib is not None:
+        stream, report.calibration = _feeds(calib, original, "calibration")
+        feeds = _take(stream, 64)
+        if report.calibration.startswith("random"):
+            report.warnings.append(RANDOM_WARNING)
+            log(f"WARNING: {RANDOM_WARNING}")
+        absmax = activation_absmax(baseline, feeds)
+        blocked.update(overflowing_activation_nodes(baseline, absmax))
+    else:
+        absmax = {}
+        report.warnings.append("no calibration data: only initializers were checked for fp16 overflow")
+    converted = _runnable(lambda b: to_fp16(baseline, b, keep_io_types), blocked)
+    val_feeds = _take(_feeds(val, original, "validation")[0], 16) if val is not None else feeds[:16]
+    if val_feeds:
+        converted = _check_budget(baseline, converted, val_feeds, metric, max_drop, blocked, absmax, keep_io_types, report)
+    report.float32_nodes = dict(blocked)
+    report.fp16_nodes = sum(1 for n in baseline.graph.node if n.name not in blocked)
+    report.seconds = round(time.monotonic() - started, 2)
+    return Model.from_proto(converted), report
+
+
+def _check_budget(baseline, converted, feeds, metric, max_drop, blocked, absmax, keep_io_types, report) -> onnx.ModelProto:
+    metric_fn = budget_mod.metric_function(metric)
+    reference = budget_mod.run_outputs(baseline, feeds)
+    inputs16 = not keep_io_types
+
+    def evaluate(m: onnx.ModelProto) -> float:
+        cast = [{k: (v.astype(np.float16) if inputs16 and v.dtype == np.float32 else v) for k, v in f.items()} for f in feeds]
+        outs = budget_mod.run_outputs(m, cast)
+        return metric_fn(reference, [[np.asarray(o, np.float32) if o.dtype == np.float16 else o for o in out] for out in outs])
+
+    score = evaluate(converted)
+    ranked = sorted((n.name for n in baseline.graph.node if n.name not in blocked),
+                    key=lambda name: -_node_absmax(baseline, name, absmax))
+
+    def build(excluded: list[str]) -> onnx.ModelProto:
+        extra = {**blocked, **{n: "returned to float32 by the accuracy budget" for n in excluded}}
+        return to_fp16(baseline, set(extra), keep_io_types)
+
+    result = budget_mod.fallback_search(build, evaluate, ranked, 1.0 - max_drop, initial=(converted, score))
+    for name in result.excluded:
+        blocked[name] = "returned to float32 by the accuracy budget"
+    report.score, report.budget_met = result.score, result.met
+    return result.model
+
+
+def _node_absmax(model, name: str, absmax: dict[str, float]) -> float:
+    for node in model.graph.node:
+        if node.name == name:
+            return max([absmax.get(t, 0.0) for t in list(node.input) + list(node.output)] or [0.0])
+    return 0.0
