@@ -8,6 +8,9 @@
   Gemm(A, B, C) * s = Gemm(A, B, C, alpha * s, beta * s)
 Preconditions: A's rank is known to be 2 for Gemm (Gemm is 2-D only); constants are
 floating point of the weight's type; the intermediate tensor is read only by the pair.
+A scale is not folded out of an activation: the 0.5 of GELU's 0.5 * x * (1 + erf(..))
+(or tanh) and the 1/6 of HardSwish's x * clip(..) / 6 stay, so that the activation
+fusions of -O3 still see their pattern (a fused GELU is worth more than one Mul).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, RulePass
 
-from ._match import FusionRule, const_value, fresh_constant, producer, replace, scalar, split_const
+from ._match import FusionRule, const_value, fresh_constant, producer, producer_op, replace, scalar, split_const
 
 
 def _rank(t: gs.Tensor) -> int | None:
@@ -87,6 +90,21 @@ class GemmTranspose(FusionRule):
         replace(graph, match, "Gemm", inputs, attrs, name=gemm.name)
 
 
+def _activation_product(t: gs.Tensor) -> bool:
+    """Is ``t`` x * (1 + erf(..)) / x * (1 + tanh(..)) (GELU before its 0.5) or x * clip(..)
+    (HardSwish before its 1/6)?"""
+    mul = producer_op(t, "Mul")
+    if mul is None:
+        return False
+    for factor in mul.inputs:
+        if producer_op(factor, "Clip") is not None:
+            return True
+        shift = producer_op(factor, "Add")
+        if shift is not None and any(producer_op(i, "Erf", "Tanh") is not None for i in shift.inputs):
+            return True
+    return False
+
+
 class MatMulScale(FusionRule):
     """Scalar Mul/Div after (or Mul before) a MatMul/Gemm with constant weights."""
 
@@ -119,6 +137,8 @@ class MatMulScale(FusionRule):
         s = const_value(match.info["s"])
         if s is None or s.size != 1:
             return "scale is not a constant scalar"
+        if match.nodes[0] is lin and _activation_product(match.info["a"]):
+            return "the scale belongs to a GELU/HardSwish pattern (kept for the activation fusion)"
         if s.ndim > 0 and lin.op == "Gemm" and s.ndim > 2:
             return "scale would broadcast the output's rank"
         w = const_value(lin.inputs[1])

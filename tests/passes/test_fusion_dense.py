@@ -55,3 +55,33 @@ def test_matmul_scale_folds():
 def test_matmul_scale_refuses_vector():
     text = SCALE.replace("float SVAL", "float[4] {1.0, 2.0, 3.0, 4.0}")
     assert refusal_reasons(text, "fold-matmul-scale") == ["scale is not a constant scalar"]
+
+
+PRE_SCALE = HEAD + '''
+g (float[N, S, 3] x) => (float[N, S, 4] y) {
+    w = Constant <value = float[3, 4] WVAL> ()
+    half = Constant <value = float {0.5}> ()
+    ACT
+    h = Mul (a, half)
+    y = MatMul (h, w)
+}'''.replace("WVAL", W)
+GELU_BODY = '''r2 = Constant <value = float {1.4142135}> ()
+    one = Constant <value = float {1.0}> ()
+    d = Div (x, r2)
+    e = Erf (d)
+    p = Add (e, one)
+    a = Mul (x, p)'''
+
+
+def test_matmul_scale_folds_a_plain_prescale():
+    result, _, after, _ = fuse_and_compare(PRE_SCALE.replace("ACT", "a = Relu (x)"), "fold-matmul-scale",
+                                           {"x": rand(2, 5, 3)})
+    assert result.stats == {"matmul-scale": 1} and after["Mul"] == 0
+
+
+def test_matmul_scale_keeps_gelu_half_for_the_gelu_fusion():
+    text = PRE_SCALE.replace("ACT", GELU_BODY)
+    assert refusal_reasons(text, "fold-matmul-scale") == [
+        "the scale belongs to a GELU/HardSwish pattern (kept for the activation fusion)"]
+    result, _, after, _ = fuse_and_compare(text, "fuse-gelu", {"x": rand(2, 5, 3)}, rtol=1e-4, checker=False)
+    assert after["Gelu"] == 1 and after["Erf"] == 0
