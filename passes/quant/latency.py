@@ -65,6 +65,9 @@ def compare(
     threads: int = 2,
     warmup: int = 3,
 ) -> LatencyComparison:
+    harnessed = _with_harness(base, variant, feed, rounds, threads, warmup)
+    if harnessed is not None:
+        return harnessed
     sessions = [session(base, threads), session(variant, threads)]
     feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
     for s, f in zip(sessions, feeds):
@@ -85,4 +88,24 @@ def compare(
     return LatencyComparison(
         float(np.median(base_ms)), float(np.median(var_ms)), math.exp(mean), math.exp(mean - half), math.exp(mean + half),
         rounds, threads,
+    )
+
+
+def _with_harness(base, variant, feed, rounds: int, threads: int, warmup: int) -> LatencyComparison | None:
+    """The project's bench harness (shuffled interleaved rounds), when installed."""
+    try:
+        from onnxforge.bench.harness import compare_latency
+    except ImportError:
+        return None
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="onnxforge-quant-latency-") as tmp:
+        paths = [Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"]
+        for model, path in zip((base, variant), paths):
+            path.write_bytes(model.SerializeToString())
+        result = compare_latency([str(p) for p in paths], dict(feed), threads=threads, rounds=rounds, warmup=warmup)
+    ratio = result.models[1].ratio
+    return LatencyComparison(
+        result.models[0].stats["p50"], result.models[1].stats["p50"], ratio.ratio, ratio.low, ratio.high, rounds, threads,
     )
