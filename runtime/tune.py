@@ -189,6 +189,7 @@ def _race(state: _State, dim: Dimension, incumbent: LiveSession, profile: Profil
         trial = Trial(dim.name, dim.label(dim.values.index(value)), value, "no-time")
         state.trials.append(trial)
         if state.clock.elapsed() + state.create_s * 1.5 + state.round_s * MIN_ROUNDS * 2 > dim_deadline:
+            trial.note = "no time left in this dimension's share to create its session"
             continue
         try:
             candidate = _apply(profile, dim, value)
