@@ -247,6 +247,12 @@ def quantize(
         from .latency import compare
 
         report.latency = compare(baseline, final, val_feeds[0]).as_dict()
+        if report.latency["ci_low"] > 1.0:
+            report.warnings.append("the INT8 model is slower than the float one on this machine: keep the float model")
+    if not plan.candidates and any(a.HasField("g") or len(a.graphs) for n in baseline.graph.node for a in n.attribute):
+        report.warnings.append(
+            "the model's computation lies in If/Loop/Scan subgraphs, which are not quantized: the result is the float model"
+        )
     report.seconds = round(time.monotonic() - started, 2)
     out = Model.from_proto(final)
     return out, report
