@@ -17,7 +17,8 @@ Identities (x4 = heads of x3 in BNSH, h = D/2, cos/sin of shape [B|1, S, D]):
                 == Softmax(scale * Q K^T + M) V  (no KV cache; the mask, causal and
   padding, is the model's own additive mask, so left padding and holes keep their meaning).
 
-Preconditions (checked): those of ``attention.py``; rotate_half slice bounds
+Preconditions (checked): those of ``attention.py``; on CUDA a float16/bfloat16
+model (the CUDA kernel has no float32 path); rotate_half slice bounds
 evaluate to D/2 and D; cos and sin have equal halves; the repeat Expand has r =
 N / Nkv at axis 2 and keeps the other axes; the merge Reshape keeps B, T and D.
 """
@@ -241,6 +242,21 @@ def repeat_is_exact(repeat: Repeat, n_rep: int) -> bool:
     return True
 
 
+def projection_dtype(tensor: gs.Tensor):
+    """The element type of a projection output: its own, else its constant weights' (never loaded)."""
+    for _ in range(6):
+        if tensor.dtype is not None:
+            return np.dtype(tensor.dtype) if not isinstance(tensor.dtype, str) else tensor.dtype
+        node = producer(tensor)
+        if node is None:
+            return None
+        weights = [t for t in node.inputs if isinstance(t, gs.Constant)]
+        if weights:
+            return np.dtype(weights[0].dtype)
+        tensor = node.inputs[0]
+    return None
+
+
 # ------------------------------------------------------------------ the rule
 
 class FuseGqaRotaryRule(BlockRule):
@@ -299,6 +315,8 @@ class FuseGqaRotaryRule(BlockRule):
                 return self.refusal("repeat_kv Expand/Reshape does not repeat kv heads N/Nkv times", match)
         if core.nan_guard and not mask_is_finite(core.bias):
             return self.refusal("NaN guard kept: mask is not a Where of finite constants", match)
+        if ctx.provider == "cuda" and projection_dtype(q.x3) not in (np.float16, "bfloat16"):
+            return self.refusal("CUDA GroupQueryAttention runs float16/bfloat16 only", match)
         if any(n.op == "Cast" and int(n.attrs.get("to", 1)) != 1 for n in core.between):
             return self.refusal("cast after softmax changes precision", match)
         keep = {id(core.merge_reshape)}

@@ -138,3 +138,12 @@ def test_refusal(reason):
     assert [r.reason for r in ctx.refusals] == [reason]
     assert ctx.refusals[0].nodes, "refusals name the nodes"
     assert histogram(fused) == histogram(original)
+
+
+def test_gqa_refused_for_float32_on_cuda():
+    """onnxruntime's CUDA GroupQueryAttention has no float32 kernel: the CUDA profile keeps the graph."""
+    model = Model.from_proto(ag.llama())
+    ctx = PassContext(model=model, provider="cuda")
+    result = resolve("fuse-gqa-rotary").run(model.graph, ctx)
+    assert not result.changed
+    assert [r.reason for r in ctx.refusals] == ["CUDA GroupQueryAttention runs float16/bfloat16 only"]
