@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 
 import onnx
 
-from .cache import StepCache, data_digest, environment_key, files_digest, saved_model_files
+from .cache import StepCache, data_digest, environment_key, files_digest, saved_model_files, sha256_file
 from .errors import DataError, ModelSaveError, OnnxForgeError, OptionError, VerificationError
 from .io import load, save
 from .model import Model, constants
@@ -151,7 +151,7 @@ class _Run:
             self.original = load(path)
             self.original_file = path
             files = files_digest(sorted(self.original.source_files), path.parent)
-            self.report["input"] = {"path": str(path), "sha256": files[_rel(path, path.parent)], "files": files}
+            self.report["input"] = {"path": str(path), "sha256": sha256_file(path), "files": files}
         else:
             self.original = model if isinstance(model, Model) else Model.from_proto(model)
             self.original_file = self.save_work(self.original, "input")
@@ -303,10 +303,6 @@ def _check_output(output: Path) -> None:
         raise ModelSaveError(f"{output}: is a folder; give a file name such as {output / 'model.onnx'}")
     if not output.parent.is_dir():
         raise ModelSaveError(f"{output.parent}: the output folder does not exist")
-
-
-def _rel(path: Path, base: Path) -> str:
-    return os.path.relpath(os.path.abspath(path), os.path.abspath(base))
 
 
 # ------------------------------------------------------------------ executors

@@ -250,3 +250,17 @@ def test_user_pass_by_import_path(tmp_path, monkeypatch):
 
     np.testing.assert_allclose(run_proto(result.model.to_proto(), feeds)[0], run_proto(small_cnn(), feeds)[0],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_docs_describe_every_step_and_key():
+    from onnxforge.recipe import TOP_FIELDS
+
+    docs = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    for kind, spec in STEPS.items():
+        section = docs.split(f"### `{kind}`", 1)
+        assert len(section) == 2, f"docs/recipes.md lacks a section for step {kind!r}"
+        body = section[1].split("\n### ", 1)[0]
+        for key in spec.fields:
+            assert f"`{key}`" in body or key == "cache", f"docs/recipes.md: step {kind!r} lacks key {key!r}"
+    for key in TOP_FIELDS:
+        assert f"| `{key}` |" in docs
