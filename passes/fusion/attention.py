@@ -87,12 +87,12 @@ def leaks(match_nodes: list[gs.Node], keep: set[int]) -> list[str]:
 def peeled_projection(split: HeadSplit) -> tuple[gs.Tensor, list]:
     """The projection output under scalar constant factors (folded into the scale)."""
     base, factors = peel_scales(split.x3)
-    if factors and scale_value(factors) is not None and all(_is_scalar(f.factor) for f in factors):
+    if factors and scale_value(factors) is not None and all(is_scalar_constant(f.factor) for f in factors):
         return base, factors
     return split.x3, []
 
 
-def _is_scalar(tensor: gs.Tensor) -> bool:
+def is_scalar_constant(tensor: gs.Tensor) -> bool:
     value = const_value(tensor)
     return value is not None and value.size == 1
 
@@ -138,7 +138,7 @@ class AttentionRule(BlockRule):
         q, k, v = match.info["q"], match.info["k"], match.info["v"]
         if not softmax_is_last_axis(graph, core.softmax):
             return self.refusal("softmax axis not last", match)
-        if scale_value(core.factors) is None or any(not _is_scalar(f.factor) for f in core.factors):
+        if scale_value(core.factors) is None or any(not is_scalar_constant(f.factor) for f in core.factors):
             return self.refusal("scale not constant", match)
         heads, head_size = q.num_heads(), q.head_size
         if heads is None or head_size is None:

@@ -35,7 +35,7 @@ from onnxforge.passes.base import Match, RulePass
 from .attention import (
     MS_DOMAIN,
     BlockRule,
-    _is_scalar,
+    is_scalar_constant,
     expanded_mask,
     leaks,
     mask_is_finite,
@@ -180,9 +180,9 @@ def halves_equal(tensor: gs.Tensor) -> bool:
                     and int(node.attrs.get("axis", 0)) == -1)
         if node.op in ("Cos", "Sin", "Cast", "Identity"):
             tensor = node.inputs[0]
-        elif node.op in ("Mul", "Div") and _is_scalar(node.inputs[1]):
+        elif node.op in ("Mul", "Div") and is_scalar_constant(node.inputs[1]):
             tensor = node.inputs[0]
-        elif node.op == "Mul" and _is_scalar(node.inputs[0]):
+        elif node.op == "Mul" and is_scalar_constant(node.inputs[0]):
             tensor = node.inputs[1]
         else:
             return False
@@ -291,7 +291,7 @@ class FuseGqaRotaryRule(BlockRule):
         v: HeadSplit = match.info["v"]
         if not softmax_is_last_axis(graph, core.softmax):
             return self.refusal("softmax axis not last", match)
-        if scale_value(core.factors) is None or any(not _is_scalar(f.factor) for f in core.factors):
+        if scale_value(core.factors) is None or any(not is_scalar_constant(f.factor) for f in core.factors):
             return self.refusal("scale not constant", match)
         heads, kv_heads, head_size = q.num_heads(), k.num_heads(), q.head_size
         if heads is None or kv_heads is None or head_size is None:
