@@ -128,7 +128,11 @@ def node_sensitivity(
         return {}
     ref = _collect(float_model, feeds, wanted)
     got = _collect(quant_model, feeds, wanted)
-    ratio = {name: float(np.mean([noise_ratio(r, g) for r, g in zip(ref[name], got[name])])) for name in wanted}
+    ratio = {
+        name: float(np.mean([noise_ratio(r, g) for r, g in zip(ref[name], got[name])]))
+        for name in wanted
+        if name in ref and name in got  # float tensors only
+    }
     sensitivity = {}
     for name, node in nodes.items():
         outs = [ratio[t] for t in node.output if t in ratio]

@@ -318,9 +318,10 @@ def _plan_reuse(original, detection, tee, report, log) -> _Plan:
     def build(excluded: list[str]) -> onnx.ModelProto:
         keep = [w for w in lowered_detection.weight_only if not set(w.consumers) & set(excluded)]
         rewritten, _names = int8_weights_to_dynamic_matmul(lowered, dataclasses.replace(lowered_detection, weight_only=keep))
-        return float_baseline(rewritten)
+        return rewritten  # onnxruntime folds the remaining Cast+Mul chains at session time
 
-    candidates = {c: "MatMul" for w in lowered_detection.weight_only for c in w.consumers}
+    matmuls = {n.name for n in lowered.graph.node if n.op_type == "MatMul"}
+    candidates = {c: "MatMul" for w in lowered_detection.weight_only for c in w.consumers if c in matmuls}
     report.calibration_feeds = 0
     return _Plan(build, candidates, {}, {}, kept)
 
