@@ -127,10 +127,11 @@ def replace(graph: gs.Graph, match: Match, op: str, inputs: list, attrs: dict | 
             domain: str | None = None, outputs: list | None = None, name: str | None = None) -> gs.Node:
     """Detach the match's outputs from their producers and add one node making them."""
     outs = outputs if outputs is not None else list(match.info["outputs"])
-    for node in match.nodes:
+    for k, node in enumerate(match.nodes):
         for i, out in enumerate(list(node.outputs)):
             if any(out is o for o in outs):
-                node.outputs[i] = gs.Variable(f"{out.name}__detached_{id(node)}")
+                # Named from the match, never id(): outputs must be byte-identical run to run.
+                node.outputs[i] = gs.Variable(f"{out.name}__detached_{k}_{i}")
     node = gs.Node(op, name=name or f"{match.nodes[0].name or op}_fused_{op}", attrs=attrs or {},
                    inputs=inputs, outputs=outs, domain=domain)
     graph.nodes.append(node)
