@@ -81,6 +81,7 @@ class PassManager:
     def run(self, model: Model, ctx: PassContext | None = None) -> tuple[Model, OptimizeReport]:
         start = time.perf_counter()
         ctx = ctx or PassContext()
+        forget_negative_dims(model)
         apply_input_shapes(model, ctx.input_shapes)
         report = OptimizeReport(before=model_stats(model))
         original = snapshot(model)
@@ -246,6 +247,19 @@ def snapshot(model: Model) -> Model:
 def _external_key(tensor: onnx.TensorProto) -> tuple[str, str]:
     info = {e.key: e.value for e in tensor.external_data}
     return info.get("location", ""), info.get("offset", "0")
+
+
+def forget_negative_dims(model: Model) -> None:
+    """Exporters (paddle2onnx) write -1 for unknown dims of outputs and value_info;
+    ONNX has no negative dims, and strict shape inference rejects them once inputs
+    are pinned. They mean "unknown", so say that."""
+    from .model import iter_graphs
+
+    for g in iter_graphs(model.graph):
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Variable) and tensor.shape is not None and tensor not in g.inputs:
+                if any(isinstance(d, int) and d < 0 for d in tensor.shape):
+                    tensor.shape = [None if isinstance(d, int) and d < 0 else d for d in tensor.shape]
 
 
 def apply_input_shapes(model: Model, shapes: dict[str, tuple]) -> None:
