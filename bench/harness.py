@@ -135,6 +135,14 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _warm_runtime() -> None:
+    """Pay onnxruntime's one-time process setup (environment, kernel registry)
+    before measuring, so it is not charged to the first model's memory and time."""
+    from onnxforge.runtime.env import probe_model
+
+    session(probe_model(), None).run(None, {"x": np.zeros(1, np.float32)})
+
+
 # ----------------------------------------------------------------------- feeds
 
 
@@ -337,6 +345,7 @@ def run_bench(variants: Sequence[Variant], config: BenchConfig, feeds: list[dict
         feeds = make_feeds(variants[0].path, config.input_shapes, config.data, config.seed)
     if not feeds:
         raise DataError("bench: no input feeds")
+    _warm_runtime()
     lives = [start_session(v, feeds, config) for v in variants]
     run_rounds(lives, config.rounds, config.seed, progress)
     if config.reference:

@@ -41,7 +41,8 @@ class ProviderStatus:
     reason: str = ""  # why not, one line
 
 
-def _probe_model() -> bytes:
+def probe_model() -> bytes:
+    """A one-Relu model (input x: float[1]) for probing providers."""
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])], "probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
@@ -61,7 +62,7 @@ def probe_provider(name: str, ort_name: str) -> ProviderStatus:
     with captured_output() as log:
         try:
             providers = list(dict.fromkeys([ort_name, "CPUExecutionProvider"]))
-            sess = ort.InferenceSession(_probe_model(), so, providers=providers)
+            sess = ort.InferenceSession(probe_model(), so, providers=providers)
             got = sess.get_providers()
             error = ""
         except Exception as exc:  # onnxruntime raises RuntimeError/Fail subclasses
