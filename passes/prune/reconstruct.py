@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .calib import iter_outputs
+from .calib import iter_outputs, mean_cosine, outputs
 
 ROWS_PER_SAMPLE = 2048
 RIDGE = 1e-3
@@ -48,12 +48,32 @@ def refit(original, pruned, sinks: dict[str, np.ndarray], feeds: list[dict], see
         return []
     targets = _targets(original, layers, feeds, np.random.default_rng(seed))
     held_out = max(1, len(feeds) // 4) if len(feeds) > 1 else 0
+    held_feeds = feeds[len(feeds) - held_out:]
+    reference = outputs(original, held_feeds) if held_out else None
+    best = mean_cosine(reference, outputs(pruned, held_feeds)) if held_out else None
     fits = []
     for layer in layers:
         stats = _accumulate(pruned, [layer], feeds, targets, len(feeds) - held_out)
+        saved = list(layer.node.inputs)
         before, after = layer.solve(*stats[layer.node.name])
+        if after < before and reference is not None:
+            # keep a layer's refit only if the model's output on held-out feeds gets closer too
+            score = mean_cosine(reference, outputs(pruned, held_feeds))
+            if score < best:
+                _restore_inputs(layer.node, saved)
+                after = before
+            else:
+                best = score
         fits.append(LayerFit(layer.node.name, before, after))
     return fits
+
+
+def _restore_inputs(node: gs.Node, saved: list) -> None:
+    while len(node.inputs) > len(saved):
+        node.inputs.pop()
+    for i, tensor in enumerate(saved):
+        if node.inputs[i] is not tensor:
+            node.inputs[i] = tensor
 
 
 def _supported(node: gs.Node | None) -> bool:

@@ -1,0 +1,110 @@
+"""Reproduce the pruning table: FLOPs/parameter ratios, checker, CPU latency, refit quality.
+
+    .venv/bin/python -m onnxforge.bench.prune --out bench/results/prune
+
+CNN rows (corpus, seeded inputs): ``--target-flops`` (0.7), L1 importance, no
+calibration; latency is measured interleaved (2 threads, ORT_ENABLE_ALL) with
+``bench/harness.compare_latency``: ratio = geometric mean of per-round ratios
+with a 95% t-interval. Real-weight rows (ppocrv4_det/rec, rendered text):
+activation importance and refit on ``calib``, output cosine to the unpruned
+model on ``val`` for plain pruning and for the refitted model at the same plan.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+from onnxforge.io import load, save
+from onnxforge.passes.prune.prune import prune
+
+CORPUS = Path.home() / ".cache" / "onnxforge" / "corpus"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CNNS = ("mobilenet_v2_hf", "efficientnet_b0_hf", "resnet50_hf")
+REAL = ("ppocrv4_det", "ppocrv4_rec")
+
+
+def cnn_row(name: str, target: float, out: Path, rounds: int) -> dict:
+    from onnxforge.bench.harness import compare_latency
+
+    src = CORPUS / f"{name}.onnx"
+    start = time.time()
+    pruned, report = prune(load(src), target_flops=target, method="l1")
+    dst = out / f"{name}_pruned.onnx"
+    save(pruned, dst)
+    onnx.checker.check_model(str(dst), full_check=True)
+    bench = compare_latency([src, dst], threads=2, rounds=rounds, input_shapes={"pixel_values": (1, 3, 224, 224)})
+    ratio = bench.models[1].ratio
+    return dict(model=name, target_flops=target, flops_ratio=report.flops_ratio, params_ratio=report.params_ratio,
+                checker="pass", raw_ms=bench.models[0].stats["p50"], pruned_ms=bench.models[1].stats["p50"],
+                latency_ratio=ratio.ratio, latency_low=ratio.low, latency_high=ratio.high,
+                file_mb_before=src.stat().st_size / 1e6, file_mb_after=dst.stat().st_size / 1e6,
+                prune_s=time.time() - start, refusals=report.refusals)
+
+
+def real_row(name: str, target: float, out: Path, calib_limit: int) -> dict:
+    data = SHARED / "data" / name
+    start = time.time()
+    pruned, report = prune(load(SHARED / "models" / f"{name}.onnx"), target_flops=target, method="activation",
+                           calib_data=data / "calib", eval_data=data / "val", calib_limit=calib_limit)
+    save(pruned, out / f"{name}_pruned_{int(target * 100)}.onnx")
+    rec = report.reconstruction
+    return dict(model=name, target_flops=target, flops_ratio=report.flops_ratio, params_ratio=report.params_ratio,
+                cosine_plain=rec.get("cosine_plain"), cosine_refit=rec.get("cosine_refit"),
+                eval_samples=rec.get("eval_samples"), refit_layers=len(rec.get("layers", [])),
+                refit_applied=sum(1 for f in rec.get("layers", []) if f["error_after"] < f["error_before"]),
+                prune_s=time.time() - start)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | target | FLOPs ratio | params ratio | checker | latency ratio [95% CI] | raw ms | pruned ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "latency_ratio" in r:
+            lines.append(f"| {r['model']} | {r['target_flops']} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} "
+                         f"| {r['checker']} | {r['latency_ratio']:.3f} [{r['latency_low']:.3f}, {r['latency_high']:.3f}] "
+                         f"| {r['raw_ms']:.2f} | {r['pruned_ms']:.2f} |")
+    lines += ["", "| model | target | FLOPs ratio | params ratio | cosine plain | cosine refit | val feeds |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "cosine_plain" in r:
+            refit = f"{r['cosine_refit']:.5f}" if r["cosine_refit"] is not None else "-"
+            lines.append(f"| {r['model']} | {r['target_flops']} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} "
+                         f"| {r['cosine_plain']:.5f} | {refit} | {r['eval_samples']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results/prune")
+    parser.add_argument("--target", type=float, default=0.7, help="FLOPs target of the CNN rows")
+    parser.add_argument("--real-targets", type=float, nargs="*", default=[0.9, 0.7])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calib-limit", type=int, default=16)
+    parser.add_argument("--models", nargs="*", default=list(CNNS + REAL))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models:
+        if name in CNNS and (CORPUS / f"{name}.onnx").exists():
+            rows.append(cnn_row(name, args.target, out, args.rounds))
+        elif name in REAL and (SHARED / "models" / f"{name}.onnx").exists():
+            rows.extend(real_row(name, t, out, args.calib_limit) for t in args.real_targets)
+        else:
+            print(f"skipping {name}: model not found", file=sys.stderr)
+            continue
+        print(json.dumps(rows[-1], default=str), flush=True)
+    (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2,
+                                                 default=str))
+    (out / "table.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n" + markdown(rows))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
