@@ -162,6 +162,8 @@ def static_qdq(
             "ActivationSymmetric": spec.symmetric_activations,
             "WeightSymmetric": True,
             "AddQDQPairToWeight": False,  # weights stored as int8, no float copy
+            # Tensors feeding contrib ops (fused graphs) have no inferred type; they are float.
+            "DefaultTensorType": onnx.TensorProto.FLOAT,
         },
     )
     quantizer.quantize_model()
@@ -185,7 +187,7 @@ def dynamic_matmul(model: onnx.ModelProto, spec: FormatSpec, exclude: list[str] 
         None,
         list(exclude),
         ["MatMul", "Gemm"],
-        {"MatMulConstBOnly": True},
+        {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     quantizer.quantize_model()
     return _without_unused_initializers(quantizer.model.model)
