@@ -262,3 +262,21 @@ def test_flops_of_a_known_conv():
     model = make([conv("C1", "x", "w1", "a", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["y"])],
                  [("x", [1, 3, 16, 16])], ["y"], conv_inits("w1", 8, 3, 3))
     assert estimate_flops(model) == 2 * 8 * 16 * 16 * 3 * 9 + 8 * 16 * 16
+
+
+def test_cli_prune_writes_a_smaller_model_and_report(tmp_path):
+    import argparse
+    import json
+
+    from onnxforge.io import save
+    from onnxforge.passes.prune.commands import add_prune_parser
+
+    src, dst, rep = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    save(small_cnn(), src)
+    parser = argparse.ArgumentParser()
+    add_prune_parser(parser.add_subparsers())
+    args = parser.parse_args(["prune", str(src), "-o", str(dst), "--ratio", "0.5", "--round-to", "4",
+                              "--report", str(rep)])
+    assert args.func(args) == 0
+    report = json.loads(rep.read_text())
+    assert report["params_ratio"] < 1 and dst.stat().st_size < src.stat().st_size
