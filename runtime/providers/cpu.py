@@ -5,7 +5,7 @@ thread counts, spinning, graph optimization level, execution mode, memory
 arena/pattern, denormals. No provider options: everything is a session option.
 """
 FUSIONS: tuple[str, ...] = (
-    "fuse-layernorm-ort", "fuse-rmsnorm", "fuse-gelu", "fuse-silu", "fuse-skip-layernorm",
+    "fuse-layernorm-ort", "fuse-rmsnorm", "fuse-gelu", "fuse-silu", "fuse-skip-layernorm", "fuse-embed-layernorm",
     "fuse-attention", "fuse-causal-attention", "fuse-sdpa", "fuse-gqa-rotary",
 )
 
