@@ -23,6 +23,11 @@ profiles) emits onnxruntime's own pre-17 registration of the same op, which
 onnxruntime runs but onnx.checker does not know. SkipLayerNormalization needs the
 two summands to have the same, known shape of rank 3 (what onnxruntime accepts).
 
+Pass order: fuse-skip-layernorm must run before the attention fusions. It proves the
+summands' shapes by onnx shape inference, which cannot see through MultiHeadAttention /
+Attention: run after them it refuses every layer (minilm_l6_real: 0 of 12). The
+provider FUSIONS tuples keep norms and activations first (tested).
+
 Not fused: tf2onnx/jax2tf's form that computes var = E[x^2] - E[x]^2 (magika): it
 is not the same arithmetic (cancellation) and in magika it normalises a non-last
 axis; it is left as is.
