@@ -1,5 +1,9 @@
 """Fusion coverage on real exports: one GELU/SiLU and every LayerNorm per layer fused,
-dynamic dims kept, outputs within 1e-4 relative of the original (ORT CPU)."""
+dynamic dims kept, outputs within 1e-4 relative of the original (ORT CPU).
+
+The passes are the whole ``-O3 --provider cpu`` list (cleanup, -O2 rewrites, then the
+provider fusions), so an earlier pass that breaks a later fusion's pattern (as folding
+GELU's 0.5 into the next MatMul did) shows up here."""
 import collections
 import glob
 
@@ -11,11 +15,13 @@ from fusion_support import session
 from onnxforge.context import PassContext
 from onnxforge.inputs import seeded_feeds
 from onnxforge.io import load
-from onnxforge.passes.registry import resolve
+from onnxforge.passes.registry import level_pipeline, resolve
 
-PASSES = ("fuse-layernorm", "fuse-layernorm-ort", "fuse-rmsnorm", "fuse-gelu", "fuse-silu", "fuse-skip-layernorm")
+# 2.2 GB of weights: the llama case runs the norm/activation fusions only.
+FUSIONS_ONLY = ("fuse-layernorm", "fuse-layernorm-ort", "fuse-rmsnorm", "fuse-gelu", "fuse-silu",
+                "fuse-skip-layernorm")
 NORMS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
-         "SkipSimplifiedLayerNormalization")
+         "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization")
 ACTS = ("Gelu", "BiasGelu", "FastGelu", "QuickGelu")
 
 # model: (where, layers, norms expected, activations expected)
@@ -24,7 +30,7 @@ CASES = {
     "distilbert_base": ("corpus", 6, 13, 6),
     "gpt2_small": ("corpus", 12, 25, 12),
     "vit_base16": ("corpus", 12, 25, 12),
-    "whisper_tiny_encoder": ("corpus", 4, 9, 4),
+    "whisper_tiny_encoder": ("corpus", 4, 9, 6),  # + the two GELUs after the input convolutions
     "minilm_l6_real": ("corpus", 6, 13, 6),
     "llama_570m_seq128_extdata": ("corpus", 18, 37, 18),
     "minilm_l6_w8": ("shared", 6, 13, 6),
@@ -32,10 +38,10 @@ CASES = {
 }
 
 
-def _fuse(path):
+def _fuse(path, names):
     model = load(path)
     ctx = PassContext(model=model, provider="cpu")
-    for name in PASSES:
+    for name in names:
         resolve(name).run(model.graph, ctx)
     return model, ctx
 
@@ -54,7 +60,7 @@ def test_fusion_coverage_and_parity(name):
     where, layers, norms, acts = CASES[name]
     path = corpus_model(name) if where == "corpus" else shared_model(name)
     original = load(path)
-    fused, ctx = _fuse(path)
+    fused, ctx = _fuse(path, FUSIONS_ONLY if name.startswith("llama") else level_pipeline(3, "cpu"))
     hist = collections.Counter(n.op for n in fused.graph.nodes)
     assert sum(hist[op] for op in NORMS) == norms, (hist, ctx.refusals[:5])
     assert sum(hist[op] for op in ACTS) == acts, hist
