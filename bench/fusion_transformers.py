@@ -15,7 +15,10 @@ onnxsim, sympy and onnxruntime of the same version); the project's venv is left
 alone. A peer that fails is reported with its error and left out of the timing.
 
 Timing: ``bench.harness.compare_latency`` (2 intra-op threads, ORT_ENABLE_ALL,
-interleaved rounds, ratio to raw as geometric mean with a 95% t-interval).
+interleaved rounds, ratio to raw as geometric mean with a 95% t-interval); and,
+because wall time on a shared 2-core machine is dominated by other processes,
+single-thread CPU time per run (ORT_ENABLE_ALL, interleaved, median), which
+measures the work each graph costs.
 Accuracy: each optimized model against the raw one on onnxruntime CPU with graph
 optimizations off, on feeds with a left-padded and a holey attention mask;
 max_rel = max|diff| / max|reference| over all outputs and feeds.
@@ -173,6 +176,38 @@ def run_all(path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
     return [sess.run(None, {n: f[n] for n in names if n in f}) for f in feeds]
 
 
+def cpu_time_ratios(paths: list[Path], feeds: list[dict], rounds: int, seed: int = 0) -> list[float]:
+    """Single-thread CPU time per run (``time.process_time``), interleaved in shuffled order;
+    median per model, as a ratio to the first. Work, not wall time: robust to other
+    processes on a shared machine (one thread, so no spin-waiting is counted)."""
+    import random
+
+    import onnxruntime as ort
+
+    sessions = []
+    for path in paths:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+        options.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        feed = {n: feeds[0][n] for n in names if n in feeds[0]}
+        sess.run(None, feed)  # warm up
+        sessions.append((sess, feed))
+    rng = random.Random(seed)
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        order = list(range(len(paths)))
+        rng.shuffle(order)
+        for i in order:
+            sess, feed = sessions[i]
+            start = time.process_time()
+            sess.run(None, feed)
+            times[i].append(time.process_time() - start)
+    medians = [float(np.median(t)) for t in times]
+    return [m / medians[0] for m in medians]
+
+
 def max_rel(reference, candidate) -> float:
     worst = 0.0
     for ref_outs, cand_outs in zip(reference, candidate):
@@ -212,6 +247,8 @@ def bench_model(spec: Spec, tmp: Path, rounds: int, peer_python: str | None) -> 
     result = compare_latency([str(p) for p in variants.values()], timing_feeds(spec), threads=2, rounds=rounds)
     row["raw_ms"] = result.models[0].stats["p50"]
     row["ratio"] = {label: result.models[i].ratio for i, label in enumerate(variants) if i}
+    cpu = cpu_time_ratios(list(variants.values()), timing_feeds(spec), max(rounds, 8))
+    row["cpu"] = {label: cpu[i] for i, label in enumerate(variants) if i}
     return row
 
 
@@ -222,23 +259,26 @@ def fmt_ratio(r) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | attention fused / layers | raw p50 ms | onnxsim / raw | ort-transformers / raw "
-             "| onnxforge / raw | onnxforge max_rel | ort-transformers max_rel |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | attention fused / layers | raw p50 ms (2 thr) | onnxsim / raw | ort-transformers / raw "
+             "| onnxforge / raw | CPU-time 1 thr: onnxsim, ort-transformers, onnxforge / raw "
+             "| max_rel onnxforge | max_rel ort-transformers | max_rel onnxsim |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        ratio, rel = row["ratio"], row["max_rel"]
+        ratio, rel, cpu = row["ratio"], row["max_rel"], row["cpu"]
+        cpu_text = ", ".join(f"{cpu[k]:.3f}" if k in cpu else "—" for k in ("onnxsim", "ort-transformers", "onnxforge"))
         lines.append(
             f"| {row['model']} | {row['attention']} / {row['layers']} | {row['raw_ms']:.1f} "
             f"| {fmt_ratio(ratio.get('onnxsim'))} | {fmt_ratio(ratio.get('ort-transformers'))} "
-            f"| {fmt_ratio(ratio.get('onnxforge'))} | {rel['onnxforge']:.2e} "
-            f"| {rel['ort-transformers']:.2e} |" if "ort-transformers" in rel else
-            f"| {row['model']} | {row['attention']} / {row['layers']} | {row['raw_ms']:.1f} "
-            f"| {fmt_ratio(ratio.get('onnxsim'))} | — | {fmt_ratio(ratio.get('onnxforge'))} "
-            f"| {rel['onnxforge']:.2e} | — |")
+            f"| {fmt_ratio(ratio.get('onnxforge'))} | {cpu_text} | {_rel(rel, 'onnxforge')} "
+            f"| {_rel(rel, 'ort-transformers')} | {_rel(rel, 'onnxsim')} |")
     notes = [f"- {row['model']}: {n}" for row in rows for n in row["notes"]]
     fusions = [f"- {row['model']}: {row['fusions']} (optimize {row['optimize_s']:.1f} s)" for row in rows]
     return "\n".join(lines + ["", "Peers that did not run:"] + (notes or ["- none"])
                      + ["", "onnxforge rewrites per rule:"] + fusions)
+
+
+def _rel(rel: dict, label: str) -> str:
+    return f"{rel[label]:.2e}" if label in rel else "—"
 
 
 def main(argv=None) -> None:
