@@ -252,6 +252,64 @@ def bench_model(spec: Spec, tmp: Path, rounds: int, peer_python: str | None) -> 
     return row
 
 
+# ------------------------------------------------------------------ MHA or packed Attention?
+
+def pack_qkv(source: Path, out: Path) -> int:
+    """Rewrite each MultiHeadAttention whose Q, K, V are MatMul(+Add) of one input with constant
+    weights into com.microsoft Attention with concatenated weights (the other candidate form)."""
+    import onnx_graphsurgeon as gs
+
+    from onnxforge.passes.fusion.attention_match import const_value, producer
+
+    model = load(source)
+    graph, packed = model.graph, 0
+    for node in [n for n in graph.nodes if n.op == "MultiHeadAttention"]:
+        parts = [_projection(t, producer, const_value) for t in node.inputs[:3]]
+        if None in parts or not (parts[0][0] is parts[1][0] is parts[2][0]):
+            continue
+        weight = gs.Constant(f"{node.name}/qkv_weight", np.concatenate([p[1] for p in parts], axis=1))
+        bias = gs.Constant(f"{node.name}/qkv_bias", np.concatenate([p[2] for p in parts]).astype(np.float32))
+        extra = [gs.Variable.empty(), gs.Variable.empty(), node.inputs[5]] if len(node.inputs) > 5 else []
+        graph.nodes.append(gs.Node("Attention", f"{node.name}/Attention", domain="com.microsoft",
+                                   attrs={"num_heads": node.attrs["num_heads"], "scale": node.attrs["scale"]},
+                                   inputs=[parts[0][0], weight, bias] + extra, outputs=list(node.outputs)))
+        node.outputs.clear()
+        packed += 1
+    graph.cleanup().toposort()
+    save(model, out)
+    return packed
+
+
+def _projection(tensor, producer, const_value):
+    """(x, W, b) for MatMul(x, W) [+ b]; None otherwise."""
+    add, bias = producer(tensor, "Add"), None
+    if add is not None:
+        for a, b in (add.inputs, add.inputs[::-1]):
+            if producer(a, "MatMul") is not None and const_value(b) is not None:
+                tensor, bias = a, const_value(b)
+                break
+        else:
+            return None
+    matmul = producer(tensor, "MatMul")
+    weight = const_value(matmul.inputs[1]) if matmul is not None else None
+    if weight is None or weight.ndim != 2:
+        return None
+    return matmul.inputs[0], weight, bias if bias is not None else np.zeros(weight.shape[1], np.float32)
+
+
+def packing_check(spec: Spec, tmp: Path, rounds: int) -> str:
+    """CPU-time ratio of the packed-Attention form to the MultiHeadAttention form (attention fused only)."""
+    model = load(spec.path)
+    ctx = PassContext(model=model, provider="cpu")
+    for name in ("fuse-attention", "fuse-causal-attention", "fuse-sdpa"):
+        resolve(name).run(model.graph, ctx)
+    mha, packed = tmp / f"{spec.name}_mha.onnx", tmp / f"{spec.name}_packed.onnx"
+    save(model, mha)
+    count = pack_qkv(mha, packed)
+    ratios = cpu_time_ratios([spec.path, mha, packed], timing_feeds(spec), rounds)
+    return (f"| {spec.name} | {count} | {ratios[1]:.3f} | {ratios[2]:.3f} |")
+
+
 # ------------------------------------------------------------------ report
 
 def fmt_ratio(r) -> str:
@@ -288,8 +346,16 @@ def main(argv=None) -> None:
     parser.add_argument("--peer-python", help="python of a separate virtualenv with onnxsim, sympy and the "
                         "same onnxruntime (the peers run there; the project's venv stays as it is)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--packing-check", action="store_true",
+                        help="only compare MultiHeadAttention with packed-QKV Attention (CPU time)")
     args = parser.parse_args(argv)
     specs = [s for s in SPECS if (not args.models or s.name in args.models) and s.path.exists()]
+    if args.packing_check:
+        print("| model | layers packed | MHA / raw | packed Attention / raw |\n|---|---|---|---|")
+        with tempfile.TemporaryDirectory(prefix="onnxforge-bench-") as tmp:
+            for spec in specs:
+                print(packing_check(spec, Path(tmp), max(args.rounds, 8)), flush=True)
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxforge-bench-") as tmp:
         for spec in specs:
