@@ -8,13 +8,15 @@ The addition is commutative, so the summation order does not matter beyond round
 The position indices are passed explicitly (input 8), so nothing is assumed about them
 being 0..S-1; onnxruntime accepts them shaped like ids or (1, S). The op's mask_index
 output (1) is produced (the kernel always writes it) but read by nobody: no mask is fed.
+When the sum itself is read elsewhere (GPT-2: it is the residual stream), it is the op's
+output 2 (embedding_sum).
 
 Preconditions: the norm is over the last axis with constant 1-D gamma (and beta) of
 length H; every Gather is on axis 0 of a constant float32 table with H columns (the CPU
 kernel is float32 only); exactly one index tensor is computed (the positions) and the
-others are graph inputs, the larger table taken as the words; ids and seg surely have the
+others are read from graph inputs, the larger table taken as the words; ids and seg surely have the
 same 2-D shape, pos that shape or (1, S); no intermediate tensor (a gathered embedding,
-the sum) is read outside the pattern. The indices are cast to int32 (what the op takes):
+a partial sum) is read outside the pattern. The indices are cast to int32 (what the op takes):
 token ids are small non-negative numbers; a negative index, which Gather would wrap, is
 an error in the fused op, as is one out of range in both.
 """
@@ -56,9 +58,14 @@ def _summands(t: gs.Tensor, nodes: list[gs.Node], depth: int = 0) -> list[gs.Ten
 
 
 def _source_input(graph: gs.Graph, t: gs.Tensor) -> gs.Tensor | None:
-    """The graph input ``t`` is, directly or through one Cast; else None."""
-    cast = producer_op(t, "Cast")
-    src = cast.inputs[0] if cast is not None else t
+    """The graph input ``t`` is read from, directly or through a Cast and/or a Reshape (GPT-2
+    views the ids as [-1, S]; the op is fed ``t`` itself, whose shape is checked); else None."""
+    src = t
+    for _ in range(2):
+        step = producer_op(src, "Cast", "Reshape")
+        if step is None:
+            break
+        src = step.inputs[0]
     return src if any(src is i for i in graph.inputs) else None
 
 
@@ -74,27 +81,47 @@ def _ints(t: gs.Tensor | None) -> list[int] | None:
     return [int(v) for v in value.reshape(-1)] if value is not None and value.dtype.kind in "iu" else None
 
 
-def _seq_len_of(t: gs.Tensor, ids: gs.Tensor, word_out: gs.Tensor) -> bool:
-    """Is ``t`` the 1-element tensor [S], S = dim 1 of ``ids`` (read from ids or from the
+def _reads_shape_of(shape: gs.Node | None, sources: tuple[gs.Tensor, ...]) -> bool:
+    return shape is not None and any(shape.inputs[0] is t for t in sources)
+
+
+def _dim1(t: gs.Tensor, sources: tuple[gs.Tensor, ...]) -> bool:
+    """Is ``t`` the scalar Gather(Shape(x), 1) for x one of ``sources``?"""
+    pick = producer_op(t, "Gather")
+    if pick is None or int(pick.attrs.get("axis", 0)) != 0 or _ints(pick.inputs[1]) != [1]:
+        return False
+    if const_value(pick.inputs[1]).ndim != 0:
+        return False
+    shape = producer_op(pick.inputs[0], "Shape")
+    return _reads_shape_of(shape, sources) and not shape.attrs
+
+
+def _seq_len_of(t: gs.Tensor, sources: tuple[gs.Tensor, ...]) -> bool:
+    """Is ``t`` the 1-element tensor [S], S = dim 1 of the ids (read from the ids or from the
     gathered words, whose dim 1 is the same)? Shape(x, start=1, end=2) or
     Unsqueeze(Gather(Shape(x), 1), [0])."""
     shape = producer_op(t, "Shape")
     if shape is not None:
-        return shape.inputs[0] in (ids, word_out) and (shape.attrs.get("start"), shape.attrs.get("end")) == (1, 2)
+        return _reads_shape_of(shape, sources) and (shape.attrs.get("start"), shape.attrs.get("end")) == (1, 2)
     unsq = producer_op(t, "Unsqueeze")
-    if unsq is None or (unsq.attrs.get("axes") or _ints(unsq.inputs[1] if len(unsq.inputs) > 1 else None)) != [0]:
-        return False
-    pick = producer_op(unsq.inputs[0], "Gather")
-    if pick is None or int(pick.attrs.get("axis", 0)) != 0 or _ints(pick.inputs[1]) != [1]:
-        return False
-    shape = producer_op(pick.inputs[0], "Shape")
-    return shape is not None and shape.inputs[0] in (ids, word_out) and not shape.attrs
+    return unsq is not None and _unsqueeze_axes(unsq) == [0] and _dim1(unsq.inputs[0], sources)
+
+
+def _unsqueeze_axes(node: gs.Node) -> list[int] | None:
+    return node.attrs.get("axes") or _ints(node.inputs[1] if len(node.inputs) > 1 else None)
 
 
 def _first_positions(pos: gs.Tensor, ids: gs.Tensor, word_out: gs.Tensor) -> bool:
-    """Is ``pos`` C[:, :S] for a constant C of shape (1, N), N > 1, S = dim 1 of ids (what
-    TorchScript and dynamo write for BERT's position_ids buffer)? Its shape is then (1, S),
-    and for S > N both the original (broadcast) and the fused op fail."""
+    """Is ``pos`` of shape (1, S), S = dim 1 of the ids, by construction? Either C[:, :S] for a
+    constant C of shape (1, N), N > 1 (TorchScript's and dynamo's BERT position_ids buffer;
+    for S > N both the original broadcast and the fused op fail), or Unsqueeze(Range(0, S, 1),
+    [0]) (GPT-2)."""
+    sources = (ids, word_out)
+    unsq = producer_op(pos, "Unsqueeze")
+    if unsq is not None and _unsqueeze_axes(unsq) == [0]:
+        rng = producer_op(unsq.inputs[0], "Range")
+        return (rng is not None and _ints(rng.inputs[0]) == [0] and _ints(rng.inputs[2]) == [1]
+                and _dim1(rng.inputs[1], sources))
     sl = producer_op(pos, "Slice")
     if sl is None or len(sl.inputs) < 4:
         return False
@@ -104,7 +131,7 @@ def _first_positions(pos: gs.Tensor, ids: gs.Tensor, word_out: gs.Tensor) -> boo
     steps = _ints(sl.inputs[4]) if len(sl.inputs) > 4 and sl.inputs[4].name else [1]
     if _ints(sl.inputs[1]) != [0] or _ints(sl.inputs[3]) not in ([1], [-1]) or steps != [1]:
         return False
-    return _seq_len_of(sl.inputs[2], ids, word_out)
+    return _seq_len_of(sl.inputs[2], sources)
 
 
 def _shape_from_ids(graph: gs.Graph, reader: gs.Node, ids: gs.Tensor, hidden: int) -> None:
@@ -153,7 +180,9 @@ class EmbedLayerNorm(FusionRule):
         """As FusionRule.check, except that the gathered words may also be read by Shape
         nodes: those are re-pointed at the ids (same leading dims) on rewrite."""
         readers = [c for g in match.info["gathers"] for c in g.outputs[0].outputs if c.op == "Shape" and not c.domain]
-        probe = Match(match.nodes + readers, {"outputs": [*match.info["outputs"], *(r.outputs[0] for r in readers)]})
+        total = match.nodes[0].inputs[0]  # the embedding sum: the op's output 2 when read elsewhere
+        kept = [*match.info["outputs"], total, *(r.outputs[0] for r in readers)]
+        probe = Match(match.nodes + readers, {"outputs": kept})
         escaped = escaping_tensor(graph, probe)
         if escaped is not None:
             return self.refusal(f"intermediate tensor {escaped.name} has other consumers", match)
@@ -161,6 +190,7 @@ class EmbedLayerNorm(FusionRule):
         if reason is None and any(r.inputs[0] is not match.info["roles"][0].outputs[0] for r in readers):
             reason = "the shape of a position or segment embedding is read elsewhere"
         match.info["shape_readers"] = readers
+        match.info["sum"] = total if len(total.outputs) > 1 or is_graph_output(graph, total) else None
         return self.refusal(reason, match) if reason else None
 
     def _roles(self, graph: gs.Graph, gathers: list[gs.Node]) -> tuple | str:
@@ -234,7 +264,7 @@ class EmbedLayerNorm(FusionRule):
         mask_index = gs.Variable(f"{node.outputs[0].name}_mask_index", dtype=np.int32)
         replace(graph, match, "EmbedLayerNormalization", inputs,
                 {"epsilon": float(node.attrs.get("epsilon", 1e-5))}, domain=MS_DOMAIN,
-                outputs=[node.outputs[0], mask_index])
+                outputs=[node.outputs[0], mask_index, *([match.info["sum"]] if match.info["sum"] is not None else [])])
 
     def _int32(self, graph: gs.Graph, t: gs.Tensor) -> gs.Tensor:
         if self._shapes is not None and self._shapes.dtype(t) == INT32:

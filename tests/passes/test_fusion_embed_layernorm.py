@@ -97,9 +97,37 @@ def test_refuses_when_no_indices_are_computed():
         "0 embeddings have computed indices (expected exactly one: the positions)"]
 
 
-def test_refuses_when_the_sum_is_read_elsewhere():
+def test_sum_read_elsewhere_is_the_ops_embedding_sum_output():
     text = BERT.replace("SHAPE_OF", "input_ids").replace(f"(float[B, S, {HIDDEN}] y)", f"(float[B, S, {HIDDEN}] y, float[B, S, {HIDDEN}] e)")
-    assert refusal_reasons(text, "fuse-embed-layernorm") == ["intermediate tensor e has other consumers"]
+    _fuse(text, _feeds())
+
+
+def test_gpt2_form_reshaped_ids_and_range_positions():
+    """ids viewed as [-1, S]; positions arange(S)[None] with S read from the gathered words."""
+    text = '<ir_version: 8, opset_import: ["" : 17]>' + f'''
+g (int64[B, S] input_ids) => (float[B, S, {HIDDEN}] y, float[B, S, {HIDDEN}] e) {{''' + TABLES + '''
+    minus_one = Constant <value = int64[1] {-1}> ()
+    zero_scalar = Constant <value = int64 {0}> ()
+    shape = Shape (input_ids)
+    s = Gather <axis = 0> (shape, one_scalar)
+    s1 = Unsqueeze (s, zero)
+    view = Concat <axis = 0> (minus_one, s1)
+    ids = Reshape (input_ids, view)
+    w = Gather (W, ids)
+    wshape = Shape (w)
+    sw = Gather <axis = 0> (wshape, one_scalar)
+    r = Range (zero_scalar, sw, one_scalar)
+    pos = Unsqueeze (r, zero)
+    p = Gather (P, pos)
+    e = Add (w, p)
+    y = LayerNormalization <axis = -1, epsilon = 1e-5> (e, gamma, beta)
+}'''
+    _fuse(text, _feeds(segments=False))
+
+
+def test_refuses_when_a_partial_sum_is_read_elsewhere():
+    text = BERT.replace("SHAPE_OF", "input_ids").replace(f"(float[B, S, {HIDDEN}] y)", f"(float[B, S, {HIDDEN}] y, float[B, S, {HIDDEN}] a)")
+    assert refusal_reasons(text, "fuse-embed-layernorm") == ["intermediate tensor a has other consumers"]
 
 
 def test_refuses_a_non_constant_table():
