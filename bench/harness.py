@@ -209,6 +209,15 @@ def _auto_iterations(latency_ms: float) -> int:
     return int(min(MAX_ITERATIONS, max(MIN_ITERATIONS, math.ceil(wanted))))
 
 
+def _equalize_iterations(lives: Sequence[LiveSession], config: BenchConfig) -> None:
+    """Every model runs the same feeds the same number of times per round: with
+    feeds of different shapes, unequal counts would give models different work."""
+    if config.iterations is None:
+        count = _auto_iterations(float(np.median([live.warm_ms for live in lives])))
+        for live in lives:
+            live.iterations = count
+
+
 def _run_round(live: LiveSession, offset: int) -> None:
     times = []
     for k in range(live.iterations):
@@ -347,6 +356,7 @@ def run_bench(variants: Sequence[Variant], config: BenchConfig, feeds: list[dict
         raise DataError("bench: no input feeds")
     _warm_runtime()
     lives = [start_session(v, feeds, config) for v in variants]
+    _equalize_iterations(lives, config)
     run_rounds(lives, config.rounds, config.seed, progress)
     if config.reference:
         _accuracy(config.reference, lives, feeds)

@@ -160,3 +160,9 @@ def test_cli_tune_writes_profile(models, tmp_path, capsys):
 def test_feeds_missing_an_input_are_refused(models):
     with pytest.raises(DataError, match="lack model input"):
         compare_latency([models["relu"]], {"y": np.zeros((1, 16), np.float32)}, threads=1, **FAST)
+
+
+def test_every_model_runs_the_same_feeds_per_round(models):
+    res = compare_latency([models["relu"], models["norelu"]], threads=1, rounds=2, warmup=1)
+    assert res.models[0].iterations == res.models[1].iterations
+    assert len(res.models[0].latencies_ms) == len(res.models[1].latencies_ms)
