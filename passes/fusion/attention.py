@@ -9,7 +9,8 @@ where M' = Expand(M, [1, 1, S, T]) is the same additive mask with its query axis
 spelled out (the op wants (B|1, N|1, S, T)); the mask keeps its exact meaning, so
 left-padded and holey masks behave as in the original model. Scalar factors on
 q3, Q4, K4^T and the scores are all folded into ``s`` (floating-point
-reassociation only).
+reassociation only). When q3, k3, v3 are ``MatMul(x, W) + b`` with constant
+vectors b, the Adds go into MHA's ``bias`` input (the op adds them itself).
 
 Preconditions checked by every rule: softmax over the last axis; every scale
 factor a constant scalar; N and D readable from the head-split Reshape constants
@@ -42,6 +43,8 @@ from .attention_match import (
     HeadSplit,
     const_value,
     head_split,
+    is_constant,
+    last_dim,
     match_core,
     merges_heads,
     peel_scales,
@@ -176,11 +179,38 @@ class AttentionRule(BlockRule):
         heads = q.num_heads()
         q3, k3, v3 = match.info["q3"], match.info["k3"], v.x3
         prefix = core.softmax.name or core.output.name
-        bias = expanded_mask(graph, core.bias, q3, k3, prefix) if core.bias is not None else None
-        emit_mha(graph, prefix, q3, k3, v3, bias, core.output, heads, scale)
+        mask = expanded_mask(graph, core.bias, q3, k3, prefix) if core.bias is not None else None
+        projections = [projection_bias(t) for t in (q3, k3, v3)]
+        packed_bias = None
+        if None not in projections and any(b is not None for _, b in projections):
+            # MHA adds the Q/K/V projection biases itself: three Adds fewer per layer.
+            q3, k3, v3 = (t for t, _ in projections)
+            sizes = [last_dim(t) for t in (q3, k3, v3)]
+            values = [b if b is not None else np.zeros(n, np.float32) for (_, b), n in zip(projections, sizes)]
+            packed_bias = gs.Constant(f"{prefix}/qkv_bias", np.concatenate(values).astype(np.float32))
+        emit_mha(graph, prefix, q3, k3, v3, mask, core.output, heads, scale, packed_bias)
         core.merge_reshape.outputs.clear()
         if ctx.model is not None:
             ctx.model.ensure_domain(MS_DOMAIN, 1)
+
+
+def projection_bias(tensor: gs.Tensor) -> tuple[gs.Tensor, np.ndarray | None] | None:
+    """(MatMul output, bias) for ``MatMul(x, W) + b`` with a constant float32 vector b;
+    (tensor, None) for a bare MatMul with constant 2-D weights; None otherwise."""
+    add = producer(tensor, "Add")
+    if add is None:
+        matmul = producer(tensor, "MatMul")
+        ok = matmul is not None and is_constant(matmul.inputs[1]) and last_dim(tensor) is not None
+        return (tensor, None) if ok else None
+    for main, other in (add.inputs, add.inputs[::-1]):
+        matmul = producer(main, "MatMul")
+        if matmul is None or not is_constant(other) or len(main.outputs) != 1:
+            continue
+        values = const_value(other)
+        size = last_dim(main)
+        if values is not None and values.dtype == np.float32 and values.ndim == 1 and values.size == size:
+            return main, values
+    return None
 
 
 def expanded_mask(graph: gs.Graph, mask: gs.Tensor, q3: gs.Tensor, k3: gs.Tensor, prefix: str) -> gs.Tensor:
@@ -203,10 +233,13 @@ def expanded_mask(graph: gs.Graph, mask: gs.Tensor, q3: gs.Tensor, k3: gs.Tensor
     return out
 
 
-def emit_mha(graph: gs.Graph, prefix: str, q3, k3, v3, bias, output, heads: int, scale: float) -> gs.Node:
+def emit_mha(graph: gs.Graph, prefix: str, q3, k3, v3, mask, output, heads: int, scale: float,
+             qkv_bias: gs.Constant | None = None) -> gs.Node:
     inputs = [q3, k3, v3]
-    if bias is not None:
-        inputs += [gs.Variable.empty(), gs.Variable.empty(), bias]
+    if qkv_bias is not None or mask is not None:
+        inputs.append(qkv_bias if qkv_bias is not None else gs.Variable.empty())
+    if mask is not None:
+        inputs += [gs.Variable.empty(), mask]
     node = gs.Node("MultiHeadAttention", f"{prefix}/MultiHeadAttention", domain=MS_DOMAIN,
                    attrs={"num_heads": int(heads), "scale": float(scale)}, inputs=inputs, outputs=[output])
     graph.nodes.append(node)

@@ -147,3 +147,15 @@ def test_gqa_refused_for_float32_on_cuda():
     result = resolve("fuse-gqa-rotary").run(model.graph, ctx)
     assert not result.changed
     assert [r.reason for r in ctx.refusals] == ["CUDA GroupQueryAttention runs float16/bfloat16 only"]
+
+
+def test_projection_biases_move_into_mha():
+    """Q/K/V bias Adds become MHA's bias input (K has none here: zeros in its slot)."""
+    original = ag.bert(mask=False)
+    fused, _, _ = fuse(original, "fuse-attention")
+    node = next(n for n in fused.graph.node if n.op_type == "MultiHeadAttention")
+    assert len(node.input) == 4 and node.input[3]
+    bias = next(t for t in fused.graph.initializer if t.name == node.input[3])
+    assert list(bias.dims) == [24]
+    assert histogram(fused)["Add"] == 0
+    assert_parity(original, fused, ag.feeds(8, 2, 5, mask=None))
