@@ -9,7 +9,7 @@ import glob
 
 import numpy as np
 import pytest
-from conftest import CORPUS, SHARED, corpus_model, shared_model
+from conftest import SHARED, corpus_model, shared_model
 from fusion_support import session
 
 from onnxforge.context import PassContext

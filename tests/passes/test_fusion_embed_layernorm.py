@@ -46,6 +46,19 @@ def _feeds(batch=2, seq=5, segments=True):
     return feeds
 
 
+def _bert(*replacements):
+    """BERT with the sequence length read from input_ids, then ``(old, new)`` replacements."""
+    text = BERT.replace("SHAPE_OF", "input_ids")
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+IDS_AND_SEGMENTS = "int64[B, S] token_type_ids)"
+OUTPUT = f"(float[B, S, {HIDDEN}] y)"
+
+
 def _fuse(text, feeds):
     result, _, after, ctx = fuse_and_compare(text, "fuse-embed-layernorm", feeds, rtol=1e-4, atol=1e-5,
                                              checker=False)
@@ -69,7 +82,7 @@ def test_distilbert_form_shape_of_the_gathered_words():
 
 
 def test_full_shape_of_the_gathered_words_is_kept():
-    text = BERT.replace("SHAPE_OF", "w").replace(f"(float[B, S, {HIDDEN}] y)", f"(float[B, S, {HIDDEN}] y, int64[3] full)")
+    text = BERT.replace("SHAPE_OF", "w").replace(OUTPUT, f"(float[B, S, {HIDDEN}] y, int64[3] full)")
     text = text.replace("    y = Layer", "    full = Shape (w)\n    y = Layer")
     _fuse(text, _feeds())
 
@@ -83,22 +96,22 @@ def test_dynamo_form_shape_slice():
 
 def test_position_ids_as_input_shaped_like_the_ids_fuse():
     """Explicit position ids (any values) computed from an input: passed to the op as they are."""
-    text = BERT.replace("SHAPE_OF", "input_ids").replace("int64[B, S] token_type_ids)", "int64[B, S] token_type_ids, int64[B, S] offsets)")
-    text = text.replace("p = Gather (P, pos)", "q = Abs (offsets)\n    p = Gather (P, q)")
+    text = _bert((IDS_AND_SEGMENTS, "int64[B, S] token_type_ids, int64[B, S] offsets)"),
+                 ("p = Gather (P, pos)", "q = Abs (offsets)\n    p = Gather (P, q)"))
     feeds = _feeds()
     feeds["offsets"] = np.random.default_rng(1).integers(0, MAXPOS, (2, 5)).astype(np.int64)
     _fuse(text, feeds)
 
 
 def test_refuses_when_no_indices_are_computed():
-    text = BERT.replace("SHAPE_OF", "input_ids").replace("int64[B, S] token_type_ids)", "int64[B, S] token_type_ids, int64[B, S] position_ids)")
-    text = text.replace("p = Gather (P, pos)", "p = Gather (P, position_ids)")
+    text = _bert((IDS_AND_SEGMENTS, "int64[B, S] token_type_ids, int64[B, S] position_ids)"),
+                 ("p = Gather (P, pos)", "p = Gather (P, position_ids)"))
     assert refusal_reasons(text, "fuse-embed-layernorm") == [
         "0 embeddings have computed indices (expected exactly one: the positions)"]
 
 
 def test_sum_read_elsewhere_is_the_ops_embedding_sum_output():
-    text = BERT.replace("SHAPE_OF", "input_ids").replace(f"(float[B, S, {HIDDEN}] y)", f"(float[B, S, {HIDDEN}] y, float[B, S, {HIDDEN}] e)")
+    text = _bert((OUTPUT, f"(float[B, S, {HIDDEN}] y, float[B, S, {HIDDEN}] e)"))
     _fuse(text, _feeds())
 
 
@@ -126,26 +139,26 @@ g (int64[B, S] input_ids) => (float[B, S, {HIDDEN}] y, float[B, S, {HIDDEN}] e) 
 
 
 def test_refuses_when_a_partial_sum_is_read_elsewhere():
-    text = BERT.replace("SHAPE_OF", "input_ids").replace(f"(float[B, S, {HIDDEN}] y)", f"(float[B, S, {HIDDEN}] y, float[B, S, {HIDDEN}] a)")
+    text = _bert((OUTPUT, f"(float[B, S, {HIDDEN}] y, float[B, S, {HIDDEN}] a)"))
     assert refusal_reasons(text, "fuse-embed-layernorm") == ["intermediate tensor a has other consumers"]
 
 
 def test_refuses_a_non_constant_table():
-    text = BERT.replace("SHAPE_OF", "input_ids").replace("int64[B, S] token_type_ids)", f"int64[B, S] token_type_ids, float[2, {HIDDEN}] T2)")
-    text = text.replace("t = Gather (T, token_type_ids)", "t = Gather (T2, token_type_ids)")
+    text = _bert((IDS_AND_SEGMENTS, f"int64[B, S] token_type_ids, float[2, {HIDDEN}] T2)"),
+                 ("t = Gather (T, token_type_ids)", "t = Gather (T2, token_type_ids)"))
     assert refusal_reasons(text, "fuse-embed-layernorm") == [
         "an embedding is not a Gather on axis 0 of a constant 2-D table"]
 
 
 def test_refuses_one_dimensional_positions():
     """Positions of shape (S,) broadcast differently from what the op accepts ((1, S) or like the ids)."""
-    text = BERT.replace("SHAPE_OF", "input_ids").replace("pos = Slice (posbuf, zero, s1, one, one)",
-                                                         "flat = Squeeze (posbuf, zero)\n    pos = Slice (flat, zero, s1, zero, one)")
+    text = _bert(("pos = Slice (posbuf, zero, s1, one, one)",
+                  "flat = Squeeze (posbuf, zero)\n    pos = Slice (flat, zero, s1, zero, one)"))
     reasons = refusal_reasons(text, "fuse-embed-layernorm")
     assert len(reasons) == 1 and reasons[0].startswith("position ids are neither shaped like the word ids nor (1, S)")
 
 
 def test_refuses_a_non_constant_norm_scale():
-    text = BERT.replace("SHAPE_OF", "input_ids").replace("int64[B, S] token_type_ids)", f"int64[B, S] token_type_ids, float[{HIDDEN}] g2)")
-    text = text.replace("(e, gamma, beta)", "(e, g2, beta)")
+    text = _bert((IDS_AND_SEGMENTS, f"int64[B, S] token_type_ids, float[{HIDDEN}] g2)"),
+                 ("(e, gamma, beta)", "(e, g2, beta)"))
     assert refusal_reasons(text, "fuse-embed-layernorm") == ["norm scale/bias not constant"]
