@@ -28,6 +28,7 @@ ACTS = ("Gelu", "BiasGelu", "FastGelu", "QuickGelu")
 CASES = {
     "bert_base": ("corpus", 12, 25, 12),
     "distilbert_base": ("corpus", 6, 13, 6),
+    "distilbert_base_dynamo": ("corpus", 6, 13, 6),
     "gpt2_small": ("corpus", 12, 25, 12),
     "vit_base16": ("corpus", 12, 25, 12),
     "whisper_tiny_encoder": ("corpus", 4, 9, 6),  # + the two GELUs after the input convolutions
