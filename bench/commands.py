@@ -25,6 +25,8 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per model after the first (default 3)")
     p.add_argument("--iterations", type=int, help="runs per model per round (default: about 0.15 s worth)")
     p.add_argument("--threads", type=int, help="intra-op threads for every model (default: the profile's)")
+    p.add_argument("--recreate-every", type=int, metavar="N",
+                   help="fresh sessions every N rounds, so session-level effects average out (default: never)")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic inputs and round order")
     p.add_argument("--reference", help="original model: report max error and cosine per output against it")
     p.add_argument("--json", help="write the full result (samples, environment) as JSON")
@@ -48,7 +50,7 @@ def bench_from_args(args, progress=None):
     variants = make_variants(models, profiles, args.provider)
     config = BenchConfig(rounds=args.rounds, warmup=args.warmup, iterations=args.iterations, threads=args.threads,
                          seed=args.seed, input_shapes=opt_shapes(parse_shape_ranges(args.input_shape)),
-                         data=args.data, reference=args.reference)
+                         data=args.data, reference=args.reference, recreate_every=args.recreate_every)
     return run_bench(variants, config, progress=progress)
 
 

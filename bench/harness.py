@@ -63,10 +63,13 @@ class BenchConfig:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     data: str | None = None
     reference: str | None = None
+    recreate_every: int | None = None  # fresh sessions every N rounds (None = never)
 
     def __post_init__(self):
         if self.rounds < 1 or self.warmup < 0 or (self.iterations is not None and self.iterations < 1):
             raise OptionError("bench: need --rounds >= 1, --warmup >= 0 and --iterations >= 1")
+        if self.recreate_every is not None and self.recreate_every < 1:
+            raise OptionError("bench: --recreate-every must be >= 1")
         if self.threads is not None and self.threads < 0:
             raise OptionError("bench: --threads must be >= 0 (0 = onnxruntime's default)")
 
@@ -357,7 +360,7 @@ def run_bench(variants: Sequence[Variant], config: BenchConfig, feeds: list[dict
     _warm_runtime()
     lives = [start_session(v, feeds, config) for v in variants]
     _equalize_iterations(lives, config)
-    run_rounds(lives, config.rounds, config.seed, progress)
+    _run_blocks(lives, feeds, config, progress)
     if config.reference:
         _accuracy(config.reference, lives, feeds)
     results = [_result(live) for live in lives]
@@ -365,6 +368,28 @@ def run_bench(variants: Sequence[Variant], config: BenchConfig, feeds: list[dict
     for res in results[1:]:
         res.ratio = ratio_ci(base, res.round_medians_ms)
     return BenchResult(results, _config_dict(config, feeds), environment() if record_environment else {}, started)
+
+
+def _run_blocks(lives: list[LiveSession], feeds: list[dict], config: BenchConfig, progress) -> None:
+    """All rounds, in blocks of ``recreate_every`` with fresh sessions between
+    blocks: a session-level effect (where its threads and buffers landed) then
+    varies across blocks and shows in the interval instead of biasing the ratio."""
+    block = config.recreate_every or config.rounds
+    for start in range(0, config.rounds, block):
+        if start:
+            for i, live in enumerate(lives):
+                lives[i] = _recreated(live, feeds, config)
+        run_rounds(lives, min(block, config.rounds - start), config.seed + start, progress)
+
+
+def _recreated(live: LiveSession, feeds: list[dict], config: BenchConfig) -> LiveSession:
+    live.session = live.runner = None
+    fresh = start_session(live.variant, feeds, config)
+    # keep the first session's creation/first-run/memory figures and the samples so far
+    fresh.create_ms, fresh.first_run_ms = live.create_ms, live.first_run_ms
+    fresh.peak_rss_mb, fresh.session_rss_mb, fresh.warm_ms = live.peak_rss_mb, live.session_rss_mb, live.warm_ms
+    fresh.iterations, fresh.latencies, fresh.round_medians = live.iterations, live.latencies, live.round_medians
+    return fresh
 
 
 def _config_dict(config: BenchConfig, feeds: list[dict]) -> dict:

@@ -166,3 +166,13 @@ def test_every_model_runs_the_same_feeds_per_round(models):
     res = compare_latency([models["relu"], models["norelu"]], threads=1, rounds=2, warmup=1)
     assert res.models[0].iterations == res.models[1].iterations
     assert len(res.models[0].latencies_ms) == len(res.models[1].latencies_ms)
+
+
+def test_recreated_sessions_keep_all_samples(models):
+    variants = make_variants([models["relu"], models["norelu"]], [None, None])
+    res = run_bench(variants, BenchConfig(rounds=5, warmup=1, iterations=2, recreate_every=2), record_environment=False)
+    for m in res.models:
+        assert len(m.round_medians_ms) == 5 and len(m.latencies_ms) == 10
+    assert res.models[1].ratio.rounds == 5
+    with pytest.raises(OptionError):
+        BenchConfig(recreate_every=0)
