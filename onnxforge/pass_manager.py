@@ -183,7 +183,7 @@ class PassManager:
         if self.verify == "none":
             return Verification("none", True)
         structural = structural_check(model)
-        if self.verify == "structural" or not structural.ok:
+        if self.verify == "structural" or (not structural.ok and not _runtime_only_op(structural)):
             return structural
         names = [t.name for t in model.graph.outputs]
         return numeric_check(model, feeds, reference, names, self._tolerance(steps))
@@ -223,6 +223,13 @@ class PassManager:
             except Exception as exc:  # saving is a courtesy; the verdict stands
                 log.warning("could not save %s model: %s", label, exc)
         return folder
+
+
+def _runtime_only_op(verification: Verification) -> bool:
+    """The checker rejects ops onnxruntime registers itself in the default domain
+    (LayerNormalization below opset 17, SimplifiedLayerNormalization); in numeric
+    mode onnxruntime running the model and matching the original is the verdict."""
+    return "No Op registered for" in verification.detail or "is not a registered function/op" in verification.detail
 
 
 def snapshot(model: Model) -> Model:
