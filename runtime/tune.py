@@ -7,8 +7,10 @@ alternative value races against the incumbent, interleaved in rounds
 above 1 (slower beyond noise) is dropped, and at rounds 3, 6, 12 and 24 the worse
 half by point estimate goes too (successive halving). A candidate replaces the
 incumbent only if its interval lies entirely below 1. A final interleaved
-run of the tuned profile against the defaults keeps the tuning only if it is
-still faster beyond noise; otherwise the defaults are written. So the
+run of the tuned profile against the defaults, on freshly created sessions
+(the search's winner may owe part of its lead to its particular session),
+keeps the tuning only if it is still faster beyond noise; otherwise the
+defaults are written. So the
 result is never slower than the defaults beyond measurement noise.
 
 Budget: every session creation and every round is started only if the time
@@ -322,19 +324,35 @@ def tune(model: str | Path, provider: str = "cpu", budget_s: float = 60.0, *, ou
 
     confirmation, kept_default = None, True
     if profile is not default:
-        confirmation, kept_default = _confirm(state, baseline, incumbent)
+        incumbent = baseline = None  # free them: the confirmation runs on fresh sessions
+        pair = _fresh_pair(state, default, profile)
+        if pair is None:
+            confirmation = {"note": "no time left to confirm on fresh sessions: defaults kept"}
+        else:
+            baseline, incumbent = pair
+            confirmation, kept_default = _confirm(state, baseline, incumbent)
     final = default if kept_default else profile
     final = Profile(final.providers, final.session_options, {"file": model.name})
     result = TuneResult(final, state.trials, confirmation, kept_default, clock.elapsed(), clock.budget_s,
-                        _typical_ms(baseline))
+                        typical)
     final.tuning = result.report()
     if output is not False:
         result.path = save_profile(final, output or profile_path_for(model))
     return result
 
 
+def _fresh_pair(state: _State, default: Profile, tuned: Profile) -> tuple[LiveSession, LiveSession] | None:
+    """New sessions for the confirmation. The search kept the candidate whose
+    session measured best, so re-measuring that same session would carry its
+    luck (where its threads and buffers landed) into the verdict."""
+    needed = 2 * state.create_s * 1.5 + CONFIRM_MIN_ROUNDS * 2 * state.round_s
+    if state.clock.left() < needed:
+        return None
+    return _start(state, default, "default"), _start(state, tuned, "tuned")
+
+
 def _confirm(state: _State, baseline: LiveSession, tuned: LiveSession) -> tuple[dict | None, bool]:
-    """Tuned vs default, interleaved, fresh round medians; keep tuned only if faster beyond noise."""
+    """Tuned vs default, interleaved; keep tuned only if faster beyond noise."""
     baseline.round_medians, tuned.round_medians = [], []
     for round_no in range(CONFIRM_MAX_ROUNDS):
         cost = _round_cost(state, [baseline, tuned])
