@@ -7,9 +7,10 @@
    writes resave_<model>.{md,json,png}.
 2. `tune` on every shared model (CPU, --budget each), then an independent
    interleaved bench of the tuned profile against the defaults: the tuned
-   profile must never be slower beyond noise. Benches use fresh sessions
-   every 3 rounds (--recreate-every 3) so session-level effects average out. Writes profiles/<model>.profile.json
+   profile must never be slower beyond noise. Writes profiles/<model>.profile.json
    and tune_vs_default.md.
+Benches use fresh sessions every 3 rounds (--recreate-every 3) so session-level
+effects (where a session's threads and buffers landed) average out.
 Uses the shared validation feeds where they exist, seeded inputs otherwise.
 """
 from __future__ import annotations
@@ -47,8 +48,9 @@ def resave_check(out: Path, rounds: int) -> list[str]:
             raw = SHARED / "models" / f"{name}.onnx"
             copy = Path(tmp) / f"{name}_resaved.onnx"
             onnx.save(onnx.load(raw), copy)
-            args = ["bench", str(raw), str(copy), "--profile", "none", "--threads", "2", "--rounds", str(rounds), "--recreate-every", "3",
-                    *_data_args(name), "--reference", str(raw), "--markdown", str(out / f"resave_{name}.md"),
+            args = ["bench", str(raw), str(copy), "--profile", "none", "--threads", "2", "--rounds", str(rounds),
+                    "--recreate-every", "3", *_data_args(name), "--reference", str(raw),
+                    "--markdown", str(out / f"resave_{name}.md"),
                     "--json", str(out / f"resave_{name}.json"), "--plot", str(out / f"resave_{name}.png")]
             commands.append("onnxforge " + " ".join(args))
             cli(args)
@@ -64,8 +66,8 @@ def tune_check(out: Path, budget: float, rounds: int) -> list[dict]:
         profile = profiles / f"{name}.profile.json"
         bench_json = Path(tempfile.mkstemp(suffix=".json")[1])
         cli(["tune", str(model), "--budget", f"{budget}s", "-o", str(profile), *_data_args(name)])
-        cli(["bench", str(model), f"{model}@{profile}", "--profile", "none", "--rounds", str(rounds), "--recreate-every", "3",
-             *_data_args(name), "--json", str(bench_json)])
+        cli(["bench", str(model), f"{model}@{profile}", "--profile", "none", "--rounds", str(rounds),
+             "--recreate-every", "3", *_data_args(name), "--json", str(bench_json)])
         tuned = json.loads(profile.read_text())
         bench = json.loads(bench_json.read_text())
         bench_json.unlink()
