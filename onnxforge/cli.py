@@ -110,6 +110,7 @@ def _add_optimize(sub) -> None:
     p.add_argument("--max-iterations", type=int, default=10)
     p.add_argument("--debug-dir", help="where to save models around a failing pass")
     p.add_argument("--tune", action="store_true", help="tune session options for --provider and write OUTPUT's profile")
+    p.add_argument("--tune-budget", default="60s", help="time for --tune (e.g. 30s, 2m)")
     p.set_defaults(func=cmd_optimize)
 
 
@@ -166,11 +167,14 @@ def cmd_optimize(args) -> int:
 
 
 def _tune_after_optimize(output: Path, args) -> None:
+    """End the pipeline with tuning: writes OUTPUT's deployment profile beside it."""
     try:
         tune = importlib.import_module("onnxforge.runtime.tune")
     except ImportError:
         raise InputError("--tune needs onnxforge.runtime.tune, which this build lacks") from None
-    tune.tune_and_save(output, provider=args.provider)
+    result = tune.tune(output, provider=args.provider, budget_s=tune.parse_budget(args.tune_budget), data=args.data)
+    if not args.json:
+        tune.render_tune(result)
 
 
 def _file_bytes(path: Path) -> int:

@@ -171,3 +171,16 @@ def test_encoder_numeric_verification_with_fusions(tmp_path, capsys):
     report = json.loads(stdout)
     assert code == 0 and report["verification"]["ok"]
     assert report["after"]["nodes"] < report["before"]["nodes"]
+
+
+def test_optimize_with_tune_writes_profile(cnn, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, _, err = _run(["optimize", str(cnn), "-o", str(out), "--tune", "--tune-budget", "3s", "--json"], capsys)
+    assert code == 0, err
+    profile = tmp_path / "o.profile.json"
+    data = json.loads(profile.read_text())
+    assert data["tuning"]["trials"] is not None
+    from onnxforge.runtime import session
+
+    sess = session(str(out), profile=str(profile))
+    assert sess.get_inputs()[0].name == "pixel_values"
