@@ -314,9 +314,9 @@ def tune(model: str | Path, provider: str = "cpu", budget_s: float = 60.0, *, ou
     for i, dim in enumerate(dims):
         dims_left = len(dims) - i
         # the confirmation reserve is only needed once something could change
-        reserve = CONFIRM_SHARE if profile is not default or dims_left > 1 else 0.0
-        search_end = clock.budget_s * SAFETY * (1 - reserve)
-        dim_deadline = clock.elapsed() + max(0.0, search_end - clock.elapsed()) / dims_left
+        needs_reserve = profile is not default or dims_left > 1
+        search_end = clock.budget_s * SAFETY - (_confirm_reserve(state) if needs_reserve else 0.0)
+        dim_deadline = _dim_deadline(state, dim, search_end, dims_left)
         notify(f"{dim.name}: {len(dim.values) - 1} alternative(s), {max(0.0, dim_deadline - clock.elapsed()):.1f}s")
         winner = _race(state, dim, incumbent, profile, dim_deadline)
         if winner is not None:
@@ -349,6 +349,24 @@ def _fresh_pair(state: _State, default: Profile, tuned: Profile) -> tuple[LiveSe
     if state.clock.left() < needed:
         return None
     return _start(state, default, "default"), _start(state, tuned, "tuned")
+
+
+def _confirm_reserve(state: _State) -> float:
+    """Seconds kept for the confirmation: its share of the budget, or what two
+    fresh sessions and CONFIRM_MIN_ROUNDS rounds take if that is more."""
+    needed = 2 * state.create_s * 1.5 + CONFIRM_MIN_ROUNDS * 2 * state.round_s
+    return max(CONFIRM_SHARE * state.clock.budget_s * SAFETY, needed)
+
+
+def _dim_deadline(state: _State, dim: Dimension, search_end: float, dims_left: int) -> float:
+    """An equal share of the remaining search time, or at least what this
+    dimension needs for its sessions and MIN_ROUNDS rounds: dimensions come
+    most promising first, so a slow model spends its budget on those."""
+    now = state.clock.elapsed()
+    share = max(0.0, search_end - now) / dims_left
+    alternatives = len(dim.values) - 1
+    needed = alternatives * state.create_s * 1.5 + (alternatives + 1) * state.round_s * MIN_ROUNDS * 2
+    return min(search_end, now + max(share, needed))
 
 
 def _confirm(state: _State, baseline: LiveSession, tuned: LiveSession) -> tuple[dict | None, bool]:
