@@ -280,3 +280,108 @@ def test_cli_prune_writes_a_smaller_model_and_report(tmp_path):
     assert args.func(args) == 0
     report = json.loads(rep.read_text())
     assert report["params_ratio"] < 1 and dst.stat().st_size < src.stat().st_size
+
+
+def test_reshape_reading_the_channel_count_at_run_time_is_prunable():
+    """torch's x.view(x.size(0), x.size(1)): the target shape follows the pruned channel count."""
+    inits = {**conv_inits("w1", 8, 4), "wg": weight(3, 8), "bg": weight(3), "i0": np.array(0, np.int64),
+             "i1": np.array(1, np.int64), "ax": np.array([0], np.int64)}
+    nodes = [conv("C1", "x", "w1", "a"), helper.make_node("GlobalAveragePool", ["a"], ["p"]),
+             helper.make_node("Shape", ["p"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["n"], axis=0), helper.make_node("Gather", ["s", "i1"], ["c"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["nu"]), helper.make_node("Unsqueeze", ["c", "ax"], ["cu"]),
+             helper.make_node("Concat", ["nu", "cu"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["p", "shape"], ["f"], name="rs"),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="G", transB=1)]
+    model = make(nodes, [("x", [1, 4, 8, 8])], ["y"], inits)
+    _, _, groups, pruned = remove_and_compare(model, lambda gs_: group_of(gs_, "C1").classes[[0, 3, 6]], X)
+    assert group_of(groups, "C1").prunable.all() and "G" in group_of(groups, "C1").sinks
+    assert next(n for n in pruned.graph.nodes if n.name == "G").inputs[1].shape == (3, 5)
+
+
+def test_reshape_reading_another_dim_stays_refused():
+    """The same chain reading the batch dim for the channel entry proves nothing: refused."""
+    inits = {**conv_inits("w1", 8, 4), "i0": np.array(0, np.int64), "ax": np.array([0], np.int64),
+             "rest": np.array([-1], np.int64)}
+    nodes = [conv("C1", "x", "w1", "a"), helper.make_node("GlobalAveragePool", ["a"], ["p"]),
+             helper.make_node("Shape", ["p"], ["s"]), helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["nu"]),
+             helper.make_node("Concat", ["rest", "nu"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["p", "shape"], ["r"], name="rs"), helper.make_node("Relu", ["r"], ["y"])]
+    model = make(nodes, [("x", [1, 4, 8, 8])], ["y"], inits)
+    _, analysis = analyse(model)
+    assert not group_of(analysis.groups(), "C1").prunable.any()
+
+
+def ffn_model(hidden=16, inner=64, tokens=6) -> Model:
+    """Transformer FFN: MatMul -> bias -> GELU (erf form) -> MatMul -> bias -> residual -> LayerNorm."""
+    inits = {"w1": weight(hidden, inner), "b1": weight(inner), "w2": weight(inner, hidden), "b2": weight(hidden),
+             "sqrt2": np.array(np.sqrt(2.0), np.float32), "one": np.array(1.0, np.float32),
+             "half": np.array(0.5, np.float32), "gamma": np.ones(hidden, np.float32),
+             "beta": np.zeros(hidden, np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Div", ["hb", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["hb", "e1"], ["m"]),
+             helper.make_node("Mul", ["m", "half"], ["g"]), helper.make_node("MatMul", ["g", "w2"], ["o"], name="down"),
+             helper.make_node("Add", ["o", "b2"], ["ob"]), helper.make_node("Add", ["ob", "x"], ["res"]),
+             helper.make_node("LayerNormalization", ["res", "gamma", "beta"], ["y"], axis=-1)]
+    return make(nodes, [("x", [1, tokens, hidden])], ["y"], inits)
+
+
+def test_ffn_intermediate_dim_is_pruned_exactly():
+    feed = {"x": RNG.standard_normal((1, 6, 16)).astype(np.float32)}
+    _, _, groups, pruned = remove_and_compare(ffn_model(), lambda gs_: group_of(gs_, "up").classes[:24], feed)
+    inner = group_of(groups, "up")
+    assert inner.size == 64 and inner.prunable.all() and inner.sinks == ["down"]
+    assert not group_of(groups, "down").prunable.any()  # the residual stream is tied to the graph input
+    shapes = {n.name: n.inputs[1].shape for n in pruned.graph.nodes if n.op == "MatMul"}
+    assert shapes == {"up": (16, 40), "down": (40, 16)}
+
+
+def test_ffn_refit_lowers_output_error():
+    feeds = [{"x": RNG.standard_normal((1, 32, 16)).astype(np.float32)} for _ in range(12)]
+    pruned, report = prune(ffn_model(tokens=32), ratio=0.5, round_to=8, calib_data=feeds[:8], eval_data=feeds[8:],
+                           method="activation", calib_limit=None)
+    down = next(n for n in pruned.graph.nodes if n.name == "down")
+    assert down.inputs[1].shape == (32, 16)
+    rec = report.reconstruction
+    assert rec["cosine_refit"] > rec["cosine_plain"]
+
+
+def high_and_low_resolution_cnn() -> Model:
+    """H: 64 channels at 32x32 through a depthwise conv (memory-bound); L: 64 channels at 8x8 read
+    from 256 (compute-bound). Their convs have the same FLOPs."""
+    inits = {**conv_inits("wh", 64, 16), "wdw": weight(64, 1, 3, 3), "wdw_b": weight(64), **conv_inits("wp", 256, 64),
+             **conv_inits("wl", 64, 256), **conv_inits("wq", 8, 64)}
+    return make([conv("H", "x", "wh", "h"), helper.make_node("Relu", ["h"], ["hr"]),
+                 helper.make_node("Conv", ["hr", "wdw", "wdw_b"], ["d"], name="DW", group=64, pads=[1, 1, 1, 1]),
+                 conv("P", "d", "wp", "p", strides=[4, 4]), helper.make_node("Relu", ["p"], ["pr"]),
+                 conv("L", "pr", "wl", "l"), helper.make_node("Relu", ["l"], ["lr"]),
+                 conv("Q", "lr", "wq", "y")], [("x", [1, 16, 32, 32])], ["y"], inits)
+
+
+def test_latency_proxy_values_memory_bound_channels(monkeypatch):
+    from onnxforge.model import parameter_count
+    from onnxforge.passes.prune import allocate
+    from onnxforge.passes.prune.flops import flops_by_node
+
+    prepared, analysis = analyse(high_and_low_resolution_cnn())
+    flops = flops_by_node(prepared, shapes=analysis.shapes)
+    cost = allocate.build_cost_model(analysis, flops, sum(flops.values()), parameter_count(prepared.graph))
+    dense = {int(r): k for k, r in enumerate(cost.classes)}
+
+    def per_flop(source: str) -> float:
+        tally = allocate._Tally(cost)
+        idx = np.array([dense[int(c)] for c in group_of(analysis.groups(), source).classes[:16]])
+        return tally.latency_saving(idx) / tally.saving(idx)[0]
+
+    assert per_flop("H") > 1.5 * per_flop("L")  # the depthwise conv's and the wide activations' traffic
+    monkeypatch.setattr(allocate, "TRAFFIC_FLOPS", 0.0)
+    assert per_flop("H") == pytest.approx(1.0) and per_flop("L") == pytest.approx(1.0)
+
+
+def test_kept_channel_counts_are_multiples_of_sixteen_by_default():
+    _, report = prune(high_and_low_resolution_cnn(), target_flops=0.7)
+    assert report.flops_ratio <= 0.7
+    assert any(g["kept"] < g["size"] for g in report.groups)
+    assert all(g["kept"] % 16 == 0 for g in report.groups if g["size"] % 16 == 0)

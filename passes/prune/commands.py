@@ -24,7 +24,8 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--calib-limit", type=int, default=16, help="use at most this many calibration feeds")
     parser.add_argument("--no-reconstruct", action="store_true", help="do not refit consumers after pruning")
     parser.add_argument("--no-sensitivity", action="store_true", help="allocate without measuring sensitivity")
-    parser.add_argument("--round-to", type=int, default=8, help="kept channel counts are multiples of this")
+    parser.add_argument("--round-to", type=int, default=16, help="kept channel counts are multiples of this "
+                        "(16: the channel block of onnxruntime's AVX-512 NCHWc conv kernels)")
     parser.add_argument("--max-ratio", type=float, default=0.75, help="never remove more of one group than this")
     sparse = parser.add_mutually_exclusive_group()
     sparse.add_argument("--sparsity", type=float, help="zero this fraction of each layer's smallest weights")

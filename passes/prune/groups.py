@@ -503,6 +503,9 @@ class ChannelAnalysis:
             return
         if node.op == "Reshape":
             entry = shape_entry(node, mapped.axis)
+            if entry is None and self._reads_channel_count(node, mapped):
+                self.track(node.outputs[0], mapped.ids, mapped.axis)  # the entry follows the pruned count
+                return
             if entry is None:
                 self.block(tx.ids, f"Reshape target shape is computed, its channel entry unknown ({node.name!r})")
                 return
@@ -510,6 +513,45 @@ class ChannelAnalysis:
             if int(const.values.reshape(-1)[position]) not in (0, -1):
                 self.site("reshape", node, 1, position, mapped.ids, const=const)
         self.track(node.outputs[0], mapped.ids, mapped.axis)
+
+    def _reads_channel_count(self, node: gs.Node, mapped: Tracked) -> bool:
+        """True when the Reshape's target entry for the channel axis is read at run time from the
+        shape of a tensor carrying exactly these channels (``Concat(.., Unsqueeze(Gather(Shape(t),
+        k)), ..)`` as torch exports ``x.view(x.size(0), x.size(1))``): it then stays right after pruning."""
+        piece = self._target_piece(node, mapped.axis)
+        if piece is None:
+            return False
+        tensor, position = piece
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is not None and producer.op == "Unsqueeze" and position == 0:
+            tensor = producer.inputs[0]
+            producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is None or producer.op != "Gather" or not isinstance(producer.inputs[1], gs.Constant):
+            return False
+        shape_node = producer.inputs[0].inputs[0] if producer.inputs[0].inputs else None
+        if shape_node is None or shape_node.op != "Shape" or shape_node.attrs.get("start") or \
+                shape_node.attrs.get("end") is not None:
+            return False
+        source, rank = self.get(shape_node.inputs[0]), self.rank(shape_node.inputs[0])
+        index = producer.inputs[1].values.reshape(-1)
+        if source is None or rank is None or position >= len(index):
+            return False
+        return int(index[position]) % rank == source.axis and np.array_equal(source.ids, mapped.ids)
+
+    def _target_piece(self, node: gs.Node, axis: int):
+        """(Concat input, index within it) that gives entry ``axis`` of a Reshape's target shape."""
+        shape = node.inputs[1]
+        if isinstance(shape, gs.Constant) or not shape.inputs or shape.inputs[0].op != "Concat":
+            return None
+        offset = 0
+        for piece in shape.inputs[0].inputs:
+            dims = self.shape(piece)
+            if dims is None or len(dims) != 1:
+                return None
+            if offset <= axis < offset + dims[0]:
+                return piece, axis - offset
+            offset += dims[0]
+        return None
 
     def _concat(self, node: gs.Node) -> None:
         rank = self.rank(node.outputs[0])

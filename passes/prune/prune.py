@@ -67,7 +67,7 @@ def _feeds(data, limit: int | None) -> list[dict] | None:
 
 def prune(model: Model, target_flops: float | None = None, ratio: float | None = None, method: str = "l1",
           calib_data=None, reconstruct_weights: bool = True, sparsity_level: float | None = None,
-          pattern: str | None = None, target_params: float | None = None, round_to: int = 8,
+          pattern: str | None = None, target_params: float | None = None, round_to: int = 16,
           max_ratio: float = 0.75, sensitivity: bool | None = None, calib_limit: int | None = 16,
           eval_data=None, input_shapes: dict | None = None,
           ctx: PassContext | None = None) -> tuple[Model, PruneReport]:
