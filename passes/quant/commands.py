@@ -27,6 +27,10 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--metric", default="cosine", choices=("cosine", "sqnr", "top1"))
     p.add_argument("--val", help="validation feeds (default: the calibration feeds)")
     p.add_argument("--budget-seconds", type=float, default=300.0, help="time for the float-fallback search")
+    p.add_argument("--equalize", default="cle", choices=("cle", "smooth", "none"),
+                   help="static formats: data-free cross-layer equalization (default), activation smoothing, or none")
+    p.add_argument("--keep-int8-if-slower", action="store_true",
+                   help="return the INT8 model even when it measures slower than the float one")
     p.add_argument("--trt-cache", help="also write a TensorRT calibration cache here")
     p.add_argument("--no-latency", action="store_true", help="skip the interleaved latency comparison")
     p.add_argument("--report", help="write the report as JSON")
@@ -59,6 +63,7 @@ def run_quantize(args) -> int:
         model, args.calib, provider=args.provider, method=args.method, max_drop=args.max_drop,
         metric=args.metric, val=args.val, budget_seconds=args.budget_seconds, mode=args.mode,
         measure_latency=not args.no_latency, tensorrt_cache=args.trt_cache,
+        equalize=args.equalize, keep_float_if_slower=not args.keep_int8_if_slower,
     )
     save(result, args.output)
     print(report.summary())

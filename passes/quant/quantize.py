@@ -5,12 +5,17 @@ Order of work:
      twice); int8 weights dequantized by Cast+Mul are reused as they are;
   2. the float baseline (prepare.float_baseline): cleanup, opset >= 13,
      BN/bias folded; it is also the reference for accuracy and latency;
-  3. streaming calibration (calibrate.py) unless the format is dynamic;
+  3. static formats: cross-layer equalization (equalize.py, exact in float;
+     data-free CLE by default, SmoothQuant-style smoothing on request), then
+     streaming calibration (calibrate.py) of the equalized model;
   4. provider placement (formats.py);
   5. the accuracy budget (budget.py): evaluate on validation feeds, and if the
      budget is missed return the most sensitive nodes to float, group by group,
      within ``budget_seconds``, keeping the best model;
-  6. the report: int8 / float nodes with reasons, accuracy, latency, kernels.
+  6. the report: int8 / float nodes with reasons, accuracy, latency, kernels;
+     when the int8 model is measurably slower than the float one (the whole
+     95% interval above 1), the float model is returned instead and the
+     report says so (``keep_float_if_slower``).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from onnxforge.model import Model
 
 from . import budget as budget_mod
 from .calibrate import METHODS, calibrate
+from .equalize import equalize as equalize_model
 from .detect import detect, int8_weights_to_dynamic_matmul
 from .formats import (
     FormatSpec, dynamic_matmul, integer_kernels, provider_exclusions, spec_for, stale_float_weights,
@@ -43,6 +49,8 @@ RANDOM_WARNING = (
     "and the accuracy figures below mean nothing"
 )
 RANDOM_FEEDS = 8
+EQUALIZE_MODES = ("cle", "smooth", "none")
+SMOOTH_FEEDS = 4
 MAX_VALIDATION_FEEDS = 16
 
 
@@ -67,6 +75,8 @@ class QuantReport:
     fallback_steps: list[dict] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    equalized: int = 0
+    kept_float: bool = False
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -185,6 +195,8 @@ def quantize(
     mode: str = "auto",
     measure_latency: bool = True,
     tensorrt_cache: str | os.PathLike | None = None,
+    equalize: str = "cle",
+    keep_float_if_slower: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Model, QuantReport]:
     """Quantize ``model`` to INT8 for ``provider``; see the module docstring."""
@@ -192,6 +204,8 @@ def quantize(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if method not in METHODS:
         raise OptionError(f"unknown calibration method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+    if equalize not in EQUALIZE_MODES:
+        raise OptionError(f"unknown equalization {equalize!r}", hint=f"choose one of {', '.join(EQUALIZE_MODES)}")
     if not 0 <= max_drop < 1:
         raise OptionError(f"--max-drop {max_drop}: must be in [0, 1)")
     if calib is None:
@@ -216,7 +230,7 @@ def quantize(
         report.warnings.append(RANDOM_WARNING)
         log(f"WARNING: {RANDOM_WARNING}")
 
-    plan = _plan(original, baseline, spec, detection, calib_feeds, method, report, log)
+    plan = _plan(original, baseline, spec, detection, calib_feeds, method, report, log, equalize)
     val_feeds, report.validation = _validation_feeds(val, plan.kept_feeds, original, calib_desc)
     if not val_feeds:
         raise DataError("no validation feeds", hint="pass --val DIR or calibration data with at least one feed")
@@ -248,7 +262,7 @@ def quantize(
 
         report.latency = compare(baseline, final, val_feeds[0]).as_dict()
         if report.latency["ci_low"] > 1.0:
-            report.warnings.append("the INT8 model is slower than the float one on this machine: keep the float model")
+            final = _slower(report, baseline, final, keep_float_if_slower)
     if not plan.candidates and any(a.HasField("g") or len(a.graphs) for n in baseline.graph.node for a in n.attribute):
         report.warnings.append(
             "the model's computation lies in If/Loop/Scan subgraphs, which are not quantized: the result is the float model"
@@ -258,6 +272,23 @@ def quantize(
     return out, report
 
 
+def _slower(report: QuantReport, baseline, final, keep_float: bool) -> onnx.ModelProto:
+    """The model to return when int8 is measurably slower than float."""
+    ratio = report.latency["ratio"]
+    if not keep_float:
+        report.warnings.append(f"the INT8 model is {ratio:.2f}x the float latency on this machine: the float model is faster")
+        return final
+    report.kept_float = True
+    report.warnings.append(
+        f"the INT8 model is {ratio:.2f}x the float latency on this machine (95% interval above 1): "
+        "the float model was returned instead; pass keep_float_if_slower=False to get the INT8 one"
+    )
+    report.float_nodes.update({n: "INT8 model slower than float: float model kept" for n in report.int8_nodes})
+    report.int8_nodes = []
+    report.kernels = {}
+    return baseline
+
+
 @dataclasses.dataclass
 class _Plan:
     build: Callable[[list[str]], onnx.ModelProto]
@@ -265,9 +296,10 @@ class _Plan:
     fixed_float: dict[str, str]  # node name -> why (provider rules)
     ranges: dict[str, tuple[float, float]]
     kept_feeds: list[dict]
+    float_model: onnx.ModelProto | None = None  # the float model the int8 one rounds (equalized baseline)
 
 
-def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log) -> _Plan:
+def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log, equalize: str = "none") -> _Plan:
     tee = _Tee(calib_feeds, MAX_VALIDATION_FEEDS)
     if detection.weight_only:
         return _plan_reuse(original, detection, tee, report, log)
@@ -279,6 +311,7 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
         candidates = _weighted(baseline, ("MatMul", "Gemm"))
         build = lambda excluded: dynamic_matmul(baseline, spec, list(fixed) + list(excluded))  # noqa: E731
         return _Plan(build, {k: v for k, v in candidates.items() if k not in fixed}, fixed, {}, kept)
+    baseline, tee = _equalized(baseline, tee, equalize, report, log)
     log(f"calibrating ({method}) ...")
     symmetric = spec.symmetric_activations
     ranges, _hists, count = calibrate(baseline, tee, method, symmetric=symmetric)
@@ -288,7 +321,40 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
         kept, floats = without_tensors_of(baseline, ranges, excluded)
         return static_qdq(baseline, kept, spec, list(fixed) + floats)
 
-    return _Plan(build, candidates, fixed, ranges, tee.kept)
+    return _Plan(build, candidates, fixed, ranges, tee.kept, baseline)
+
+
+def _equalized(baseline, tee: "_Tee", mode: str, report: QuantReport, log):
+    """(equalized baseline, feeds still to calibrate on); smoothing reads its first feeds."""
+    if mode == "none":
+        return baseline, tee
+    feeds = None
+    if mode == "smooth":
+        tee.feeds = iter(tee.feeds)  # one-shot, so calibration continues after the taken feeds
+        feeds = _take(tee, SMOOTH_FEEDS)
+        tee = _Chain(feeds, tee)
+    equalized, count = equalize_model(baseline, feeds)
+    report.equalized = count
+    if count:
+        what = "data-free cross-layer equalization" if mode == "cle" else "activation smoothing"
+        report.notes.append(f"{what} rescaled the input channels of {count} Conv/MatMul nodes (exact in float)")
+        log(report.notes[-1])
+    return equalized, tee
+
+
+class _Chain:
+    """Feeds already taken from a one-shot _Tee, then the rest of it."""
+
+    def __init__(self, head: list[dict], tee: "_Tee"):
+        self.head, self.tee = head, tee
+
+    @property
+    def kept(self) -> list[dict]:
+        return self.tee.kept
+
+    def __iter__(self):
+        yield from self.head
+        yield from self.tee
 
 
 def without_tensors_of(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], excluded: Sequence[str]) -> tuple[dict, list[str]]:
@@ -339,7 +405,9 @@ def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, deadline: float)
     alone and the gain in the metric on ``feeds`` measured: the end-to-end effect,
     which the local noise misjudges when early layers' error grows downstream."""
     nodes = {n.name: n for n in baseline.graph.node if n.name in plan.candidates}
-    local = budget_mod.node_sensitivity(baseline, quantized, nodes, feeds)
+    # Intermediate tensors are compared by name: against the float model the
+    # int8 one rounds (equalization rescales channels of some of them).
+    local = budget_mod.node_sensitivity(plan.float_model or baseline, quantized, nodes, feeds)
     prior = sorted(local, key=lambda k: -local[k]) + [n for n in nodes if n not in local]
     reference = budget_mod.run_outputs(baseline, feeds)
     base_score = metric_fn(reference, budget_mod.run_outputs(quantized, feeds))
