@@ -136,6 +136,36 @@ def run_all(path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
     return [session.run(None, feed) for feed in feeds]
 
 
+def cpu_time_medians(paths: list[Path], feeds: list[dict], rounds: int, runs: int = 3) -> list[list[float]]:
+    """Single-thread CPU seconds per run, interleaved in shuffled rounds: the work each graph
+    costs, far less disturbed than wall time by other processes on a shared machine.
+    Returns each path's per-round median CPU seconds."""
+    import random
+    import time
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+    for session in sessions:  # warm up
+        session.run(None, feeds[0])
+    medians: list[list[float]] = [[] for _ in paths]
+    order, rng = list(range(len(paths))), random.Random(0)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for index in order:
+            times = []
+            for i in range(runs):
+                started = time.process_time()
+                sessions[index].run(None, feeds[(r * runs + i) % len(feeds)])
+                times.append(time.process_time() - started)
+            medians[index].append(float(np.median(times)))
+    return medians
+
+
 def max_abs_diff(reference: list[list[np.ndarray]], other: list[list[np.ndarray]]) -> float:
     return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
                for ref, got in zip(reference, other) for a, b in zip(ref, got))
@@ -164,6 +194,11 @@ def bench_model(spec: Spec, tmp: Path, peer_python: str, rounds: int) -> dict:
     if "onnxsim" in by_label and "onnxforge" in by_label:
         row["forge_vs_sim"] = _ci(ratio_ci(by_label["onnxsim"].round_medians_ms,
                                            by_label["onnxforge"].round_medians_ms))
+    cpu = dict(zip(paths, cpu_time_medians(list(paths.values()), feeds, rounds)))
+    row["cpu_ms"] = 1e3 * float(np.median(cpu["raw"]))
+    row["cpu_ratio"] = {label: _ci(ratio_ci(cpu["raw"], m)) for label, m in cpu.items() if label != "raw"}
+    if "onnxsim" in cpu and "onnxforge" in cpu:
+        row["cpu_forge_vs_sim"] = _ci(ratio_ci(cpu["onnxsim"], cpu["onnxforge"]))
     row["rounds"] = rounds
     return row
 
@@ -178,28 +213,43 @@ def _fmt(ci: dict | None) -> str:
     return "—" if ci is None else f"{ci['ratio']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
 
 
+def _verdict_cell(ci: dict | None) -> str:
+    return "—" if ci is None else f"{_fmt(ci)} {ci['verdict']}"
+
+
 def _row_line(row: dict) -> str:
+    """Wall-time row: 2 threads, the harness's interleaved rounds."""
     ratio, nodes, diff = row["ratio"], row["nodes"], row["max_abs_diff"]
-    sim_ci = row.get("forge_vs_sim")
     return (f"| {row['model']} | {row['feed']} | {row['raw_ms']:.2f} | {_fmt(ratio.get('onnxsim'))} | "
             f"{_fmt(ratio.get('onnxslim'))} | {_fmt(ratio.get('onnxforge'))} | "
-            f"{_fmt(sim_ci)}{' ' + sim_ci['verdict'] if sim_ci else ''} | "
+            f"{_verdict_cell(row.get('forge_vs_sim'))} | "
             + "/".join(str(nodes.get(v, "—")) for v in VARIANTS) + " | "
             + "/".join(f"{diff[v]:.1e}" if v in diff else "—" for v in VARIANTS[1:]) + " |")
 
 
+def _cpu_line(row: dict) -> str:
+    ratio = row["cpu_ratio"]
+    return (f"| {row['model']} | {row['cpu_ms']:.2f} | {_fmt(ratio.get('onnxsim'))} | {_fmt(ratio.get('onnxslim'))} | "
+            f"{_fmt(ratio.get('onnxforge'))} | {_verdict_cell(row.get('cpu_forge_vs_sim'))} |")
+
+
 def markdown(rows: list[dict], command: str) -> str:
+    rounds = rows[0]["rounds"] if rows else "?"
     lines = ["# CNNs: onnxforge -O3 --provider cpu vs onnxsim and onnxslim", "",
              f"Command: `{command}`", "",
-             "Ratio = variant latency / raw latency (geometric mean of per-round median ratios, 95% t-interval),",
-             "all four variants interleaved in one run per model, 2 intra-op threads, ORT_ENABLE_ALL,",
-             f"{rows[0]['rounds'] if rows else '?'} shuffled rounds. forge/sim = onnxforge / onnxsim from the same "
-             "rounds (verdict: interval excludes 1).",
-             "Machine: 2 vCPUs shared with other jobs, so intervals are wide.", "",
+             "Wall time, `bench.harness.compare_latency`: raw, onnxsim, onnxslim and onnxforge interleaved in one run",
+             f"per model, 2 intra-op threads, ORT_ENABLE_ALL, {rounds} shuffled rounds. Ratio = variant / raw latency",
+             "(geometric mean of per-round median ratios, 95% t-interval); forge/sim = onnxforge / onnxsim from the",
+             "same rounds, verdict 'faster'/'slower' only where the interval excludes 1. The machine has 2 vCPUs",
+             "shared with other jobs, so raw milliseconds are inflated and intervals wide.", "",
              "| model | feed | raw p50 ms | onnxsim | onnxslim | onnxforge | forge/sim | nodes raw/sim/slim/forge "
-             "| max abs diff sim/slim/forge |",
+             "| max abs diff vs raw sim/slim/forge |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [_row_line(row) for row in rows]
+    lines += ["", f"Single-thread CPU time per run (process_time, ORT_ENABLE_ALL, interleaved, {rounds} rounds of 3",
+              "runs, per-round medians): the work each graph costs, less disturbed by other processes.", "",
+              "| model | raw CPU ms | onnxsim | onnxslim | onnxforge | forge/sim |", "|---|---|---|---|---|---|"]
+    lines += [_cpu_line(row) for row in rows if "cpu_ratio" in row]
     notes = [f"- {row['model']}: {note}" for row in rows for note in row["notes"]]
     if notes:
         lines += ["", "Failures:", *notes]
