@@ -231,16 +231,30 @@ def _run_round(live: LiveSession, offset: int) -> None:
     live.round_medians.append(float(np.median(times)))
 
 
-def run_rounds(lives: Sequence[LiveSession], rounds: int, seed: int, on_round: Callable[[], None] | None = None) -> None:
-    """Interleave: every round runs each model once, in a new shuffled order."""
-    order = list(range(len(lives)))
-    rng = random.Random(seed)
+def round_order(count: int, seed: int, round_no: int) -> list[int]:
+    """Model order in round ``round_no``: a seeded shuffle in even rounds, its
+    reverse in the following odd round. Every pair of rounds puts each model in
+    mirrored positions, so a position effect (running right after another
+    model, measured at 10-20% on a loaded machine) cancels in the ratios
+    instead of favouring whichever model a shuffle happened to put second."""
+    order = list(range(count))
+    random.Random(f"{seed}:{round_no - round_no % 2}").shuffle(order)
+    return order[::-1] if round_no % 2 else order
+
+
+def run_rounds(lives: Sequence[LiveSession], rounds: int, seed: int, on_round: Callable[[], None] | None = None,
+               first_round: int = 0) -> None:
+    """Interleave: every round runs each model's block once, in ``round_order``.
+
+    Each block starts with one untimed run, so a model's first call after
+    another model ran (cold caches, parked threads) is not in its samples.
+    """
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside one model's timing would bias that model only
     try:
-        for r in range(rounds):
-            rng.shuffle(order)
-            for index in order:
+        for r in range(first_round, first_round + rounds):
+            for index in round_order(len(lives), seed, r):
+                lives[index].runner(r * lives[index].iterations)
                 _run_round(lives[index], r * lives[index].iterations)
             if on_round:
                 on_round()
@@ -379,7 +393,7 @@ def _run_blocks(lives: list[LiveSession], feeds: list[dict], config: BenchConfig
         if start:
             for i, live in enumerate(lives):
                 lives[i] = _recreated(live, feeds, config)
-        run_rounds(lives, min(block, config.rounds - start), config.seed + start, progress)
+        run_rounds(lives, min(block, config.rounds - start), config.seed, progress, first_round=start)
 
 
 def _recreated(live: LiveSession, feeds: list[dict], config: BenchConfig) -> LiveSession:

@@ -215,7 +215,7 @@ def _race(state: _State, dim: Dimension, incumbent: LiveSession, profile: Profil
                 for _, _, trial in alive:
                     trial.note = f"a round would take {cost:.2f}s, more than this dimension's share"
             break
-        run_rounds([incumbent] + [c[0] for c in alive], 1, state.seed + round_no)
+        run_rounds([incumbent] + [c[0] for c in alive], 1, state.seed, first_round=round_no)
         alive = _prune(alive, incumbent, round_no)
         if not alive:
             break
@@ -376,7 +376,7 @@ def _confirm(state: _State, baseline: LiveSession, tuned: LiveSession) -> tuple[
         cost = _round_cost(state, [baseline, tuned])
         if state.clock.left() < cost:
             break
-        run_rounds([baseline, tuned], 1, state.seed + 1000 + round_no)
+        run_rounds([baseline, tuned], 1, state.seed + 1000, first_round=round_no)
     if len(tuned.round_medians) < CONFIRM_MIN_ROUNDS:
         return {"note": f"only {len(tuned.round_medians)} confirmation rounds fit the budget: defaults kept"}, True
     r = _ratio(baseline, tuned)

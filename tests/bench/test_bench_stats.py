@@ -65,3 +65,15 @@ def test_summarize():
     assert summarize([3.0])["std"] == 0.0
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_round_order_mirrors_positions_in_pairs():
+    from onnxforge.bench.harness import round_order
+
+    for n in (2, 3, 5):
+        for pair in range(6):
+            even, odd = round_order(n, 7, 2 * pair), round_order(n, 7, 2 * pair + 1)
+            assert sorted(even) == list(range(n)) and odd == even[::-1]
+    firsts = [round_order(2, 0, r)[0] for r in range(16)]
+    assert firsts.count(0) == firsts.count(1) == 8
+    assert round_order(4, 1, 0) == round_order(4, 1, 0)  # seeded: reproducible

@@ -64,7 +64,7 @@ def test_confirmation_keeps_defaults_unless_faster_beyond_noise(monkeypatch, tun
     levels = {id(baseline): 10.0, id(tuned): tuned_level}
     wiggle = itertools.cycle([0.99, 1.01, 1.0, 1.005, 0.995])
 
-    def fake_rounds(lives, rounds, seed, on_round=None):
+    def fake_rounds(lives, rounds, seed, on_round=None, first_round=0):
         for live in lives:
             live.round_medians.append(levels[id(live)] * next(wiggle))
 
