@@ -24,7 +24,7 @@ def test_cpu_profile_fuses_encoder_into_contrib_ops():
     ops = report.after["ops"]
     assert report.verification["ok"]
     assert ops.get("com.microsoft.MultiHeadAttention", 0) == 2  # one per layer
-    assert ops.get("com.microsoft.SkipLayerNormalization", 0) == 4
+    assert ops.get("LayerNormalization", 0) == 5  # embeddings + 2 per layer
     assert "Erf" not in ops and "Softmax" not in ops
     assert [d for d in out.graph.inputs[0].shape] == ["batch", "sequence"]  # dynamic dims stay dynamic
 
