@@ -5,7 +5,10 @@
 CNN rows (corpus, seeded inputs): ``--target-flops`` (0.7), L1 importance, no
 calibration; latency is measured interleaved (2 threads, ORT_ENABLE_ALL) with
 ``bench/harness.compare_latency``: ratio = geometric mean of per-round ratios
-with a 95% t-interval. Real-weight rows (ppocrv4_det/rec, rendered text):
+with a 95% t-interval. On a shared machine wall time swings with other load, so
+each CNN row also has the single-thread CPU-time ratio (``time.process_time``,
+interleaved, median of runs; see ``bench/fusion_transformers.cpu_time_ratios``).
+Real-weight rows (ppocrv4_det/rec, rendered text):
 activation importance and refit on ``calib``, output cosine to the unpruned
 model on ``val`` for plain pruning and for the refitted model at the same plan.
 """
@@ -17,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from onnxforge.io import load, save
@@ -39,9 +43,13 @@ def cnn_row(name: str, target: float, out: Path, rounds: int) -> dict:
     onnx.checker.check_model(str(dst), full_check=True)
     bench = compare_latency([src, dst], threads=2, rounds=rounds, input_shapes={"pixel_values": (1, 3, 224, 224)})
     ratio = bench.models[1].ratio
+    from onnxforge.bench.fusion_transformers import cpu_time_ratios
+
+    pixels = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    cpu_ratio = cpu_time_ratios([src, dst], [{"pixel_values": pixels}], rounds=max(3 * rounds, 30))[1]
     return dict(model=name, target_flops=target, flops_ratio=report.flops_ratio, params_ratio=report.params_ratio,
                 checker="pass", raw_ms=bench.models[0].stats["p50"], pruned_ms=bench.models[1].stats["p50"],
-                latency_ratio=ratio.ratio, latency_low=ratio.low, latency_high=ratio.high,
+                latency_ratio=ratio.ratio, latency_low=ratio.low, latency_high=ratio.high, cpu_time_ratio=cpu_ratio,
                 file_mb_before=src.stat().st_size / 1e6, file_mb_after=dst.stat().st_size / 1e6,
                 prune_s=time.time() - start, refusals=report.refusals)
 
@@ -61,13 +69,13 @@ def real_row(name: str, target: float, out: Path, calib_limit: int) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | target | FLOPs ratio | params ratio | checker | latency ratio [95% CI] | raw ms | pruned ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | target | FLOPs ratio | params ratio | checker | latency ratio, 2 threads [95% CI] | raw ms "
+             "| pruned ms | CPU-time ratio, 1 thread |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "latency_ratio" in r:
             lines.append(f"| {r['model']} | {r['target_flops']} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} "
                          f"| {r['checker']} | {r['latency_ratio']:.3f} [{r['latency_low']:.3f}, {r['latency_high']:.3f}] "
-                         f"| {r['raw_ms']:.2f} | {r['pruned_ms']:.2f} |")
+                         f"| {r['raw_ms']:.2f} | {r['pruned_ms']:.2f} | {r.get('cpu_time_ratio', float('nan')):.3f} |")
     lines += ["", "| model | target | FLOPs ratio | params ratio | cosine plain | cosine refit | val feeds |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -86,6 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calib-limit", type=int, default=16)
     parser.add_argument("--models", nargs="*", default=list(CNNS + REAL))
+    parser.add_argument("--prefix", default="", help="file name prefix: PREFIX_table.md, PREFIX_results.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,9 +108,10 @@ def main(argv=None) -> int:
             print(f"skipping {name}: model not found", file=sys.stderr)
             continue
         print(json.dumps(rows[-1], default=str), flush=True)
-    (out / "results.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2,
+    stem = f"{args.prefix}_" if args.prefix else ""
+    (out / f"{stem}results.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2,
                                                  default=str))
-    (out / "table.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n" + markdown(rows))
+    (out / f"{stem}table.md").write_text(f"Command: `{' '.join(sys.argv)}`\n\n" + markdown(rows))
     print(markdown(rows))
     return 0
 
