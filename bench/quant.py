@@ -2,7 +2,10 @@
 MinMax) on the same calibration data, latency vs the optimized float model.
 
     .venv/bin/python -m onnxforge.bench.quant [MODEL ...] [--rounds 10] [--budget-seconds 120] \
-        [--out bench/results/quant.md]
+        [--equalize cle|smooth|none] [--out bench/results/quant.md] [--fresh]
+
+Rows of models not named are kept from the previous results (quant.json next to
+the table) unless --fresh; each row records the command that measured it.
 
 Models are read from ../shared/models or ~/.cache/onnxforge/corpus; data from
 ../shared/data/<model>/{calib,val} (seeded "random" feeds where there is none,
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import sys
 import tempfile
@@ -85,7 +89,7 @@ def cosines(reference, candidate) -> tuple[float, float]:
     return float(np.mean(values)), float(np.min(values))
 
 
-def bench_model(name: str, rounds: int, budget_seconds: float, method: str) -> dict:
+def bench_model(name: str, rounds: int, budget_seconds: float, method: str, equalize: str = "cle") -> dict:
     from onnxforge.bench.harness import compare_latency
     from onnxforge.passes.quant.budget import run_outputs
     from onnxforge.passes.quant.prepare import float_baseline
@@ -95,7 +99,10 @@ def bench_model(name: str, rounds: int, budget_seconds: float, method: str) -> d
     calib, val, kind = feeds_for(name, proto)
     row: dict = {"model": name, "data": kind}
     started = time.monotonic()
-    ours, report = quantize(proto, calib, val=val, method=method, budget_seconds=budget_seconds, measure_latency=False)
+    ours, report = quantize(proto, calib, val=val, method=method, budget_seconds=budget_seconds, measure_latency=False,
+                            equalize=equalize)
+    row["cos_before_fallback"] = report.score_before_fallback
+    row["equalized"] = report.equalized
     row["onnxforge_seconds"] = round(time.monotonic() - started, 1)
     row["budget_met"] = report.budget_met
     row["float_nodes"] = len(report.float_nodes)
@@ -131,26 +138,33 @@ def _ratio(ratio) -> list[float]:
 
 
 def markdown(rows: list[dict], command: str) -> str:
+    commands = list(dict.fromkeys(r.get("command", command) for r in rows))
     lines = [
         "# INT8 on the CPU provider: onnxforge quantize vs onnxruntime quantize_static", "",
-        f"Command: `{command}`", "",
+        *[f"Command [{i + 1}]: `{c}`" for i, c in enumerate(commands)], "",
         "Latency ratio = int8 / optimized float (onnxforge's float baseline), harness interleaved, 2 threads, "
-        "geometric mean [95% CI]. Cosine = mean / min over validation feeds vs the float baseline.", "",
-        "| model | data | float ms | onnxforge ratio | onnxforge cos | float nodes | ORT ratio | ORT cos |",
-        "|---|---|---|---|---|---|---|---|",
+        "geometric mean [95% CI]. Cosine = mean / min over validation feeds vs the float baseline; "
+        "'before' = onnxforge's cosine before the budget returned layers to float (- where not recorded). "
+        "Use: float where the int8 interval lies wholly above 1 (quantize() then returns the float model).", "",
+        "| model | cmd | data | float ms | onnxforge ratio | onnxforge cos | before | float nodes | ORT ratio | ORT cos | use |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cmd = commands.index(r.get("command", command)) + 1
         if "error" in r:
-            lines.append(f"| {r['model']} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {r['model']} | {cmd} | error: {r['error']} | | | | | | | | |")
             continue
+        before = r.get("cos_before_fallback")
+        use = "float" if r["onnxforge_ratio"][1] > 1.0 else "int8"
         ours = r["onnxforge_ratio"]
         theirs = r.get("ort_ratio")
         ort_cos = r.get("ort_cos")
         lines.append(
-            f"| {r['model']} | {r['data']} | {r['float_ms']:.2f} | {ours[0]:.3f} [{ours[1]:.3f}, {ours[2]:.3f}] | "
-            f"{r['onnxforge_cos'][0]:.4f} / {r['onnxforge_cos'][1]:.4f} | {r['float_nodes']} | "
+            f"| {r['model']} | {cmd} | {r['data']} | {r['float_ms']:.2f} | {ours[0]:.3f} [{ours[1]:.3f}, {ours[2]:.3f}] | "
+            f"{r['onnxforge_cos'][0]:.4f} / {r['onnxforge_cos'][1]:.4f} | "
+            + (f"{before:.4f}" if before is not None else "-") + f" | {r['float_nodes']} | "
             + (f"{theirs[0]:.3f} [{theirs[1]:.3f}, {theirs[2]:.3f}]" if theirs else r["ort_status"]) + " | "
-            + (f"{ort_cos[0]:.4f} / {ort_cos[1]:.4f}" if ort_cos else "-") + " |"
+            + (f"{ort_cos[0]:.4f} / {ort_cos[1]:.4f}" if ort_cos else "-") + f" | {use} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -161,22 +175,56 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--budget-seconds", type=float, default=120.0)
     parser.add_argument("--method", default="minmax")
+    parser.add_argument("--equalize", default="cle", choices=("cle", "smooth", "none"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quant.md"))
+    parser.add_argument("--fresh", action="store_true", help="drop the rows of models not run now")
     args = parser.parse_args(argv)
     command = "python -m onnxforge.bench.quant " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = [] if args.fresh else _previous(out)
+    trailer = "" if args.fresh else _trailer(out)
     for name in args.models:
         print(f"== {name}", file=sys.stderr, flush=True)
         try:
-            rows.append(bench_model(name, args.rounds, args.budget_seconds, args.method))
+            row = bench_model(name, args.rounds, args.budget_seconds, args.method, args.equalize)
         except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end
-            rows.append({"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
-        out.write_text(markdown(rows, command))
+            row = {"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        row["command"] = command
+        rows = _replace(rows, row)
+        out.write_text(markdown(rows, command) + trailer)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
-        print(markdown(rows[-1:], command).splitlines()[-1], file=sys.stderr, flush=True)
+        print(markdown([row], command).splitlines()[-1], file=sys.stderr, flush=True)
     return 0
+
+
+def _previous(table: Path) -> list[dict]:
+    """Earlier rows (rerun models are replaced in place when their new row comes); rows
+    from before commands were recorded per row take the table's first command."""
+    path = table.with_suffix(".json")
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    found = re.search(r"Command[^`]*`([^`]+)`", table.read_text()) if table.exists() else None
+    for row in rows:
+        row.setdefault("command", found.group(1) if found else "unknown")
+    return rows
+
+
+def _trailer(table: Path) -> str:
+    """The hand-written notes after the table in ``table`` (kept across reruns)."""
+    if not table.exists():
+        return ""
+    lines = table.read_text().splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith("|")]
+    return "\n" + "\n".join(lines[rows[-1] + 1 :]).strip("\n") + "\n" if rows and rows[-1] + 1 < len(lines) else ""
+
+
+def _replace(rows: list[dict], row: dict) -> list[dict]:
+    names = [r["model"] for r in rows]
+    if row["model"] in names:
+        return [row if r["model"] == row["model"] else r for r in rows]
+    return rows + [row]
 
 
 if __name__ == "__main__":

@@ -172,3 +172,38 @@ def test_slower_int8_returns_float_and_says_so():
     report = QuantReport("cpu", {}, "minmax", "x", 1, "x", "cosine", 0.01, int8_nodes=["conv1"])
     report.latency = {"ratio": 2.5, "ci_low": 2.0, "ci_high": 3.0}
     assert _slower(report, baseline, int8, keep_float=False) is int8 and not report.kept_float
+
+
+def _affine_conv(pads, group=1, a=None, with_add=True) -> onnx.ModelProto:
+    """Conv -> HardSwish -> Mul(a) [-> Add(b)] -> Conv(pads, group) -> y."""
+    a = RNG.standard_normal((6, 1, 1)) if a is None else a
+    inits = {"w1": RNG.standard_normal((6, 3, 1, 1)), "a": a, "c": RNG.standard_normal((1, 6, 1, 1)),
+             "w2": RNG.standard_normal((6, 6 // group, 3, 3)), "b2": RNG.standard_normal(6)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("HardSwish", ["c1"], ["h"], name="hs"),
+        helper.make_node("Mul", ["h", "a"], ["m"], name="scale"),
+    ]
+    if with_add:
+        nodes.append(helper.make_node("Add", ["c", "m"], ["s"], name="shift"))
+    nodes.append(helper.make_node("Conv", ["s" if with_add else "m", "w2", "b2"], ["y"], name="conv2", pads=[pads] * 4, group=group))
+    out = 5 - 2 + 2 * pads
+    return _model(nodes, inits, [1, 3, 5, 5], [1, 6, out, out])
+
+
+@pytest.mark.parametrize("group", [1, 2, 6])
+@pytest.mark.parametrize("pads,with_add,left", [(0, True, []), (1, True, ["Add"]), (1, False, []), (0, False, [])])
+def test_fold_affine_into_next_conv_is_exact(group, pads, with_add, left):
+    model = _affine_conv(pads, group, with_add=with_add)
+    out, count = eq.fold_affine(model)
+    assert count == 1
+    assert [n.op_type for n in out.graph.node] == ["Conv", "HardSwish", *left, "Conv"]
+    _assert_same(model, out, _x((1, 3, 5, 5)))
+
+
+def test_fold_affine_keeps_a_zero_scale_before_a_padded_conv():
+    a = np.ones((6, 1, 1))
+    a[2] = 0.0  # b / a undefined: the affine stays
+    model = _affine_conv(1, a=a)
+    out, count = eq.fold_affine(model)
+    assert count == 0 and [n.op_type for n in out.graph.node] == [n.op_type for n in model.graph.node]

@@ -5,7 +5,9 @@ Quantizers need three things the raw exports often lack:
     QDQ quantizer treats as activations: per-tensor, per_channel silently off);
   * opset >= 13 (DequantizeLinear's ``axis``, needed for per-channel weights);
   * BatchNormalization, bias Add and scale Mul folded into Conv/Gemm, so the
-    integer kernel covers them instead of a float op between Q and DQ.
+    integer kernel covers them instead of a float op between Q and DQ: the
+    affine after a Conv into that Conv (fold_conv_affine), and the affine
+    after an activation into the next Conv (equalize.fold_affine).
 
 The baseline is onnxforge's own -O2 pipeline (when its passes are registered)
 followed by constant lowering/folding and onnxruntime's *basic* offline
@@ -24,6 +26,8 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.model import Model
 
+from .equalize import fold_affine
+
 log = logging.getLogger("onnxforge.quant")
 
 MIN_QDQ_OPSET = 13
@@ -38,6 +42,7 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True) ->
         proto = ort_offline(proto, level="basic")
     proto, _ = fold_conv_affine(proto)
     proto, _ = fuse_hardswish(proto)
+    proto, _ = fold_affine(proto)
     return proto
 
 

@@ -14,8 +14,9 @@ Order of work:
      within ``budget_seconds``, keeping the best model;
   6. the report: int8 / float nodes with reasons, accuracy, latency, kernels;
      when the int8 model is measurably slower than the float one (the whole
-     95% interval above 1), the float model is returned instead and the
-     report says so (``keep_float_if_slower``).
+     95% interval above 1) the report recommends float, and with
+     ``keep_float_if_slower`` (the CLI's default) returns the float model and
+     says so.
 """
 from __future__ import annotations
 
@@ -196,7 +197,7 @@ def quantize(
     measure_latency: bool = True,
     tensorrt_cache: str | os.PathLike | None = None,
     equalize: str = "cle",
-    keep_float_if_slower: bool = True,
+    keep_float_if_slower: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Model, QuantReport]:
     """Quantize ``model`` to INT8 for ``provider``; see the module docstring."""
@@ -276,12 +277,15 @@ def _slower(report: QuantReport, baseline, final, keep_float: bool) -> onnx.Mode
     """The model to return when int8 is measurably slower than float."""
     ratio = report.latency["ratio"]
     if not keep_float:
-        report.warnings.append(f"the INT8 model is {ratio:.2f}x the float latency on this machine: the float model is faster")
+        report.warnings.append(
+            f"the INT8 model is {ratio:.2f}x the float latency on this machine (95% interval above 1): "
+            "use the float model (keep_float_if_slower=True returns it)"
+        )
         return final
     report.kept_float = True
     report.warnings.append(
         f"the INT8 model is {ratio:.2f}x the float latency on this machine (95% interval above 1): "
-        "the float model was returned instead; pass keep_float_if_slower=False to get the INT8 one"
+        "the float model was returned instead (--keep-int8-if-slower / keep_float_if_slower=False to get the INT8 one)"
     )
     report.float_nodes.update({n: "INT8 model slower than float: float model kept" for n in report.int8_nodes})
     report.int8_nodes = []
