@@ -1,6 +1,8 @@
 import numpy as np
+import onnx
+import onnx.parser
 import pytest
-from fusion_support import fuse_and_compare, rand, refusal_reasons
+from fusion_support import fuse_and_compare, histogram, model_from_text, rand, refusal_reasons, run_pass, session
 
 HEAD = '<ir_version: 8, opset_import: ["" : 17]>'
 
@@ -137,3 +139,45 @@ def test_pad_folds(consumer):
 def test_pad_refusals(pads, value, mode, consumer, reason):
     text = PAD.replace("PADS", pads).replace("VALUE", value).replace("MODE", mode).replace("CONSUMER", consumer)
     assert refusal_reasons(text, "fuse-pad") == [reason]
+
+
+DECONV_AFFINE = HEAD + f'''
+g (float[N, 4, 5, 5] x) => (float[N, 6, Y, Z] y) {{
+    w = Constant <value = float[4, 3, 2, 2] {_arr((4, 3, 2, 2), 0)}> ()
+    k = Constant <value = float[6, 1, 1] {_arr(6, 7)}> ()
+    a = Constant <value = float[1, 6, 1, 1] {_arr(6, 8)}> ()
+    c = ConvTranspose <group = 2, strides = [2, 2], kernel_shape = [2, 2]> (x, w)
+    m = Mul (c, k)
+    y = Add (m, a)
+}}'''
+
+
+def test_conv_affine_folds_into_grouped_conv_transpose():
+    result, _, after, _ = fuse_and_compare(DECONV_AFFINE, "fuse-conv-affine", {"x": rand(2, 4, 5, 5)},
+                                           rtol=1e-4, atol=1e-5)
+    assert result.stats == {"conv-affine": 2} and after["Mul"] == 0 and after["Add"] == 0
+    assert after["ConvTranspose"] == 1
+
+
+def test_conv_transpose_bias_add_then_bn_fuses_away():
+    """Paddle's ConvTranspose + Add(bias) + BatchNormalization: the Add folds first, then the BN."""
+    text = DECONV_AFFINE.replace("    m = Mul (c, k)\n    y = Add (m, a)\n", f'''    m = Add (c, a)
+    s = Constant <value = float[6] {_arr(6, 1)}> ()
+    b = Constant <value = float[6] {_arr(6, 2)}> ()
+    mean = Constant <value = float[6] {_arr(6, 3)}> ()
+    var = Constant <value = float[6] {_arr(6, 4, True)}> ()
+    y = BatchNormalization <epsilon = 1e-5> (m, s, b, mean, var)
+''')
+    model = model_from_text(text)
+    for name in ("fuse-conv-affine", "fuse-conv-bn"):
+        run_pass(model, name)
+    assert histogram(model) == {"ConvTranspose": 1}
+    feeds = {"x": rand(2, 4, 5, 5)}
+    expect = session(onnx.parser.parse_model(text)).run(None, feeds)[0]
+    np.testing.assert_allclose(session(model.to_proto()).run(None, feeds)[0], expect, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_affine_refuses_constant_along_conv_transpose_width():
+    text = DECONV_AFFINE.replace("float[6, 1, 1]", "float[1, 1, 10]").replace(_arr(6, 7), _arr(10, 7)).replace(
+        "    y = Add (m, a)\n", "    y = Identity (m)\n")
+    assert refusal_reasons(text, "fuse-conv-affine") == ["constant of shape [1, 1, 10] does not act per output channel"]
