@@ -69,21 +69,25 @@ def real_row(name: str, target: float, out: Path, calib_limit: int) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | target | FLOPs ratio | params ratio | checker | latency ratio, 2 threads [95% CI] | raw ms "
-             "| pruned ms | CPU-time ratio, 1 thread |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "latency_ratio" in r:
-            lines.append(f"| {r['model']} | {r['target_flops']} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} "
-                         f"| {r['checker']} | {r['latency_ratio']:.3f} [{r['latency_low']:.3f}, {r['latency_high']:.3f}] "
-                         f"| {r['raw_ms']:.2f} | {r['pruned_ms']:.2f} | {r.get('cpu_time_ratio', float('nan')):.3f} |")
-    lines += ["", "| model | target | FLOPs ratio | params ratio | cosine plain | cosine refit | val feeds |",
-              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "cosine_plain" in r:
+    cnn = [r for r in rows if "latency_ratio" in r]
+    real = [r for r in rows if "cosine_plain" in r]
+    lines = []
+    if cnn:
+        lines += ["| model | target | FLOPs ratio | params ratio | checker | latency ratio, 2 threads [95% CI] "
+                  "| raw ms | pruned ms | CPU-time ratio, 1 thread |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['target_flops']} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} "
+                  f"| {r['checker']} | {r['latency_ratio']:.3f} [{r['latency_low']:.3f}, {r['latency_high']:.3f}] "
+                  f"| {r['raw_ms']:.2f} | {r['pruned_ms']:.2f} | {r.get('cpu_time_ratio', float('nan')):.3f} |"
+                  for r in cnn]
+    if real:
+        lines += ["", "| model | target | FLOPs ratio | params ratio | cosine plain | cosine refit "
+                  "| layers refitted | val feeds |", "|---|---|---|---|---|---|---|---|"]
+        for r in real:
             refit = f"{r['cosine_refit']:.5f}" if r["cosine_refit"] is not None else "-"
             lines.append(f"| {r['model']} | {r['target_flops']} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} "
-                         f"| {r['cosine_plain']:.5f} | {refit} | {r['eval_samples']} |")
-    return "\n".join(lines) + "\n"
+                         f"| {r['cosine_plain']:.5f} | {refit} | {r['refit_applied']}/{r['refit_layers']} "
+                         f"| {r['eval_samples']} |")
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def main(argv=None) -> int:

@@ -385,3 +385,48 @@ def test_kept_channel_counts_are_multiples_of_sixteen_by_default():
     assert report.flops_ratio <= 0.7
     assert any(g["kept"] < g["size"] for g in report.groups)
     assert all(g["kept"] % 16 == 0 for g in report.groups if g["size"] % 16 == 0)
+
+
+def attention_model(tokens=6, heads=4, head_dim=4) -> Model:
+    """Self-attention: Q/K/V projections split into heads by Reshape, scores, softmax, values,
+    heads merged by Reshape, output projection, residual, LayerNorm."""
+    hidden = heads * head_dim
+    inits = {f"w{p}": weight(hidden, hidden) for p in "qkvo"}
+    inits.update({f"b{p}": weight(hidden) for p in "qkv"})
+    inits.update({"split": np.array([1, tokens, heads, head_dim], np.int64),
+                  "merge": np.array([1, tokens, hidden], np.int64), "scale": np.array(0.5, np.float32),
+                  "gamma": np.ones(hidden, np.float32), "beta": np.zeros(hidden, np.float32)})
+    nodes = []
+    for p, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [helper.make_node("MatMul", ["x", f"w{p}"], [f"{p}0"], name=p.upper()),
+                  helper.make_node("Add", [f"{p}0", f"b{p}"], [f"{p}1"]),
+                  helper.make_node("Reshape", [f"{p}1", "split"], [f"{p}2"], name=f"split_{p}"),
+                  helper.make_node("Transpose", [f"{p}2"], [f"{p}3"], perm=perm)]
+    nodes += [helper.make_node("MatMul", ["q3", "k3"], ["s"], name="scores"),
+              helper.make_node("Mul", ["s", "scale"], ["ss"]), helper.make_node("Softmax", ["ss"], ["pr"], axis=-1),
+              helper.make_node("MatMul", ["pr", "v3"], ["ctx"], name="context"),
+              helper.make_node("Transpose", ["ctx"], ["ct"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ct", "merge"], ["cm"], name="merge_heads"),
+              helper.make_node("MatMul", ["cm", "wo"], ["o"], name="O"), helper.make_node("Add", ["o", "x"], ["res"]),
+              helper.make_node("LayerNormalization", ["res", "gamma", "beta"], ["y"], axis=-1)]
+    return make(nodes, [("x", [1, tokens, hidden])], ["y"], inits)
+
+
+def test_attention_heads_are_pruned_whole_and_exactly():
+    feed = {"x": RNG.standard_normal((1, 6, 16)).astype(np.float32)}
+    _, analysis, groups, pruned = remove_and_compare(attention_model(), lambda gs_: group_of(gs_, "Q").classes[[2]],
+                                                     feed)
+    heads = group_of(groups, "Q")
+    assert set(heads.sources) == {"Q", "K", "V"} and heads.size == 4 and heads.width == 4 and heads.sinks == ["O"]
+    weights = {n.name: n.inputs[1].shape for n in pruned.graph.nodes if n.name in ("Q", "K", "V", "O")}
+    assert weights == {"Q": (16, 12), "K": (16, 12), "V": (16, 12), "O": (12, 16)}
+    shapes = {n.name: n.inputs[1].values.tolist() for n in pruned.graph.nodes if n.op == "Reshape"}
+    assert shapes["split_q"] == [1, 6, 3, 4] and shapes["merge_heads"] == [1, 6, 12]
+
+
+def test_heads_leave_one_at_a_time():
+    pruned, report = prune(attention_model(), ratio=0.25, round_to=4)  # head width 4: one head per chunk
+    q = next(n for n in pruned.graph.nodes if n.name == "Q")
+    assert q.inputs[1].shape == (16, 12)
+    assert next(g for g in report.groups if "Q" in g["sources"])["kept"] == 3
+    onnx.checker.check_model(pruned.to_proto(), full_check=True)

@@ -103,15 +103,17 @@ def _group_order(group: Group, scores: dict[int, float]) -> np.ndarray:
     return prunable[np.argsort([scores.get(int(c), 0.0) for c in prunable], kind="stable")]
 
 
-def chunk_size(size: int, round_to: int) -> int:
+def chunk_size(size: int, round_to: int, width: int = 1) -> int:
     """Channels leave in chunks of ``round_to``, so kept counts stay multiples of it (onnxruntime
     runs a conv in its blocked NCHWc layout only when its channel counts are multiples of the
     block, 16 with AVX-512); groups narrower than two chunks in half chunks."""
+    if width > 1:  # each class is a block of channels (an attention head): whole heads up to round_to
+        return max(1, -(-round_to // width))
     return round_to if size >= 2 * round_to else max(1, round_to // 2)
 
 
 def _max_removable(group: Group, round_to: int, max_ratio: float) -> int:
-    round_to = chunk_size(group.size, round_to)
+    round_to = chunk_size(group.size, round_to, group.width)
     limit = min(int(group.prunable.sum()), int(group.size * max_ratio))
     limit = min(limit, group.size - round_to)  # keep at least one chunk
     if limit <= 0:
@@ -127,7 +129,7 @@ def ratio_plan(groups: list[Group], scores: dict[int, float], ratio: float, roun
     per_group = {}
     for g in groups:
         order = _group_order(g, scores)
-        round_to = chunk_size(g.size, round_to)
+        round_to = chunk_size(g.size, round_to, g.width)
         want = int(round(g.size * ratio))
         kept_target = max(round_to, int(np.ceil((g.size - want) / round_to)) * round_to)
         count = min(max(g.size - kept_target, 0), len(order))
@@ -271,7 +273,7 @@ class _GroupState:
         self.scores = np.array([scores.get(int(c), 0.0) for c in order])
         self.total = float(sum(scores.get(int(c), 0.0) for c in group.classes)) or 1.0
         self.limit = _max_removable(group, round_to, max_ratio)
-        self.round_to = chunk_size(group.size, round_to)
+        self.round_to = chunk_size(group.size, round_to, group.width)
         self.removed: list[int] = []
         self.chunks: list[int] = []
         self.sensitivity = 1.0

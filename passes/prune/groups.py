@@ -80,6 +80,7 @@ class Group:
     sources: list[str]
     sinks: list[str]
     blocked: dict[int, str]  # root -> reason
+    width: int = 1  # channels per class in each producer (an attention head: its head dim)
 
     @property
     def size(self) -> int:
@@ -306,6 +307,9 @@ class ChannelAnalysis:
 
     def _matmul(self, node: gs.Node) -> None:
         a, b = node.inputs[0], node.inputs[1]
+        if not isinstance(a, gs.Constant) and not isinstance(b, gs.Constant):
+            self._activation_matmul(node)
+            return
         ta = self.get(a)
         if not isinstance(b, gs.Constant) or len(b.shape) != 2 or isinstance(a, gs.Constant):
             self.block_inputs(node, "MatMul between two activations (or with a batched weight) mixes channels")
@@ -324,6 +328,31 @@ class ChannelAnalysis:
             return
         self.track(node.outputs[0], ids, out_rank - 1)
         self.weighted.append((node, None if ta is None else ta.ids, ids))
+
+    def _activation_matmul(self, node: gs.Node) -> None:
+        """MatMul of two activations (attention scores, attention x values): channels on a batch
+        axis (attention heads) pass through, tied between both operands; any other axis mixes them."""
+        a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
+        ta, tb = self.get(a), self.get(b)
+        ranks = {self.rank(a), self.rank(b), self.rank(out)}
+        mixes = "MatMul between two activations (or with a batched weight) mixes channels"
+        if len(ranks) != 1 or None in ranks or min(ranks) < 3:
+            self.block_inputs(node, mixes)
+            return
+        rank = ranks.pop()
+        tracked = [(t, tt) for t, tt in ((a, ta), (b, tb)) if tt is not None]
+        if any(tt.axis >= rank - 2 for _, tt in tracked) or len({tt.axis for _, tt in tracked}) > 1:
+            self.block_inputs(node, mixes)
+            return
+        axis, ids = tracked[0][1].axis, tracked[0][1].ids
+        for t, tt in ((a, ta), (b, tb)):
+            if tt is not None:
+                for x, y in zip(ids, tt.ids):
+                    self.uf.union(x, y)
+            elif self.shape(t) is None or self.shape(t)[axis] != 1:
+                self.block_inputs(node, f"{mixes} (only one operand's heads are known)")
+                return
+        self.track(out, ids, axis)
 
     # -- channel-preserving ops --------------------------------------------------------------
     def _elementwise(self, node: gs.Node) -> None:
@@ -499,10 +528,15 @@ class ChannelAnalysis:
             return
         mapped = reshape_channels(self.shape(node.inputs[0]), self.shape(node.outputs[0]), tx)
         if mapped is None:
+            mapped = self._split_heads(node, tx)
+        if mapped is None:
             self.block(tx.ids, f"{node.op} mixes the channel dim with other dims ({node.name!r})")
             return
         if node.op == "Reshape":
             entry = shape_entry(node, mapped.axis)
+            piece = self._target_piece(node, mapped.axis) if entry is None else None
+            if piece is not None and isinstance(piece[0], gs.Constant):
+                entry = piece
             if entry is None and self._reads_channel_count(node, mapped):
                 self.track(node.outputs[0], mapped.ids, mapped.axis)  # the entry follows the pruned count
                 return
@@ -513,6 +547,21 @@ class ChannelAnalysis:
             if int(const.values.reshape(-1)[position]) not in (0, -1):
                 self.site("reshape", node, 1, position, mapped.ids, const=const)
         self.track(node.outputs[0], mapped.ids, mapped.axis)
+
+    def _split_heads(self, node: gs.Node, tx: Tracked) -> Tracked | None:
+        """[.., H*D] -> [.., H, D] (attention heads): the D channels of each head are tied into
+        one class, so a head leaves whole; the head axis is tracked from here on."""
+        shape_in, shape_out = self.shape(node.inputs[0]), self.shape(node.outputs[0])
+        if shape_in is None or shape_out is None or tx.axis != len(shape_in) - 1 or len(shape_out) < 2:
+            return None
+        heads, width = shape_out[-2], shape_out[-1]
+        if tuple(shape_out[:-2]) != tuple(shape_in[:-1]) or heads * width != len(tx.ids) or width < 2:
+            return None
+        blocks = tx.ids.reshape(heads, width)
+        for row in blocks:
+            for i in row[1:]:
+                self.uf.union(row[0], i)
+        return Tracked(blocks[:, 0].copy(), len(shape_out) - 2)
 
     def _reads_channel_count(self, node: gs.Node, mapped: Tracked) -> bool:
         """True when the Reshape's target entry for the channel axis is read at run time from the
@@ -655,9 +704,14 @@ class ChannelAnalysis:
             sources_of.setdefault(link.find(min(members)), []).append(owner)
         sinks_of = self._sinks_by_group(link)
         out = []
+        ids_per_root = np.bincount(roots, minlength=len(ids))
+        owners_per_root: dict[int, set[str]] = {}
+        for i, r in zip(ids, roots):
+            owners_per_root.setdefault(int(r), set()).add(self.owner[int(i)])
         for n, (key, classes) in enumerate(sorted(classes_of.items())):
+            width = max(1, int(ids_per_root[classes[0]]) // max(1, len(owners_per_root.get(classes[0], ()))))
             out.append(Group(n, np.array(classes, dtype=np.int64), sources_of.get(key, []),
-                             sinks_of.get(key, []), {c: blocked[c] for c in classes if c in blocked}))
+                             sinks_of.get(key, []), {c: blocked[c] for c in classes if c in blocked}, width))
         return out
 
     def _sinks_by_group(self, link: UnionFind) -> dict[int, list[str]]:
