@@ -172,7 +172,10 @@ def _tune_after_optimize(output: Path, args) -> None:
         tune = importlib.import_module("onnxforge.runtime.tune")
     except ImportError:
         raise InputError("--tune needs onnxforge.runtime.tune, which this build lacks") from None
-    result = tune.tune(output, provider=args.provider, budget_s=tune.parse_budget(args.tune_budget), data=args.data)
+    from onnxforge.runtime.shapes import parse_shape_ranges
+
+    result = tune.tune(output, provider=args.provider, budget_s=tune.parse_budget(args.tune_budget), data=args.data,
+                       shape_ranges=parse_shape_ranges(args.input_shape))
     if not args.json:
         tune.render_tune(result)
 
