@@ -424,6 +424,17 @@ def test_attention_heads_are_pruned_whole_and_exactly():
     assert shapes["split_q"] == [1, 6, 3, 4] and shapes["merge_heads"] == [1, 6, 12]
 
 
+def test_matmul_of_untracked_activations_is_left_alone():
+    """x @ x^T before any weighted layer: nothing to track, and the conv after it stays prunable."""
+    inits = {"w1": weight(6, 4), "w2": weight(4, 3)}
+    model = make([helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+                  helper.make_node("MatMul", ["x", "xt"], ["g"], name="gram"),
+                  helper.make_node("MatMul", ["g", "w1"], ["h"], name="M1"), helper.make_node("Relu", ["h"], ["r"]),
+                  helper.make_node("MatMul", ["r", "w2"], ["y"], name="M2")], [("x", [1, 6, 6])], ["y"], inits)
+    _, analysis = analyse(model.copy())
+    assert group_of(analysis.groups(), "M1").prunable.all()
+
+
 def test_heads_leave_one_at_a_time():
     pruned, report = prune(attention_model(), ratio=0.25, round_to=4)  # head width 4: one head per chunk
     q = next(n for n in pruned.graph.nodes if n.name == "Q")

@@ -341,6 +341,8 @@ class ChannelAnalysis:
             return
         rank = ranks.pop()
         tracked = [(t, tt) for t, tt in ((a, ta), (b, tb)) if tt is not None]
+        if not tracked:
+            return  # no prunable channels involved
         if any(tt.axis >= rank - 2 for _, tt in tracked) or len({tt.axis for _, tt in tracked}) > 1:
             self.block_inputs(node, mixes)
             return
