@@ -207,3 +207,51 @@ def test_fold_affine_keeps_a_zero_scale_before_a_padded_conv():
     model = _affine_conv(1, a=a)
     out, count = eq.fold_affine(model)
     assert count == 0 and [n.op_type for n in out.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def _residual() -> onnx.ModelProto:
+    """conv1 -> sq = c1 * c1 -> r = sq + c1 -> conv2: sq lies between two elementwise ops."""
+    inits = {"w1": RNG.standard_normal((4, 4, 1, 1)), "w2": RNG.standard_normal((4, 4, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Mul", ["c1", "c1"], ["sq"], name="square"),
+        helper.make_node("Add", ["sq", "c1"], ["r"], name="residual"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"),
+    ]
+    return _model(nodes, inits, [1, 4, 5, 5], [1, 4, 5, 5])
+
+
+@pytest.mark.parametrize("lean_better", [True, False])
+def test_elementwise_ops_stay_float_only_when_that_scores_better(lean_better):
+    import importlib
+
+    qmod = importlib.import_module("onnxforge.passes.quant.quantize")  # the package exports the function
+    full, lean = onnx.ModelProto(), onnx.ModelProto()
+    full.graph.name, lean.graph.name = "full", "lean"
+    scores = {"full": 0.9, "lean": 0.95 if lean_better else 0.8}
+    lean_plan = qmod._Plan(lambda ex: lean, {"conv1": "Conv"}, {"residual": "elementwise"}, {}, [])
+    plan = qmod._Plan(lambda ex: full, {"conv1": "Conv", "residual": "Add"}, {}, {}, [], lean=lean_plan)
+    report = QuantReport("cpu", {}, "minmax", "x", 1, "x", "cosine", 0.01)
+    chosen, score = qmod._leaner(plan, full, 0.9, lambda m: scores[m.graph.name], report, lambda _m: None)
+    assert (chosen is lean) == lean_better and score == max(0.9, scores["lean"])
+    assert ("residual" in plan.candidates) != lean_better and "elementwise" in report.notes[0]
+
+
+def test_lean_cpu_build_leaves_the_residual_add_float():
+    from onnxforge.passes.quant.quantize import _plan
+    from onnxforge.passes.quant.formats import spec_for
+    from onnxforge.passes.quant.detect import detect
+    from onnxforge.passes.quant.prepare import float_baseline
+
+    model = _residual()
+    baseline = float_baseline(model)
+    report = QuantReport("cpu", {}, "minmax", "x", 1, "x", "cosine", 0.01)
+    plan = _plan(model, baseline, spec_for("cpu", baseline, "static"), detect(model), [_x((1, 4, 5, 5))], "minmax",
+                 report, lambda _m: None)
+    assert plan.lean is not None and "residual" not in plan.lean.candidates
+
+    def quantized(proto, tensor):
+        return any(n.op_type == "QuantizeLinear" and n.input[0] == tensor for n in proto.graph.node)
+
+    assert quantized(plan.build([]), "sq") and not quantized(plan.lean.build([]), "sq")
+    assert quantized(plan.lean.build([]), "r")  # conv2 still reads int8

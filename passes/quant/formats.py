@@ -48,6 +48,11 @@ CPU_STATIC_OPS = (
     "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Resize", "Transpose", "Reshape",
     "Squeeze", "Unsqueeze", "Flatten", "Split", "Pad",
 )
+# The same without elementwise arithmetic (Add, Mul, Sigmoid, LeakyRelu): every
+# QLinearAdd/QLinearMul requantizes its result, and in models where residual
+# sums, learnable affines and normalization pieces are elementwise (PP-OCRv4
+# rec) those roundings cost more accuracy than their kernels save time.
+CPU_STATIC_LEAN_OPS = tuple(op for op in CPU_STATIC_OPS if op not in ("Add", "Mul", "Sigmoid", "LeakyRelu"))
 
 
 def cpu_has_vnni(cpuinfo: str | None = None) -> bool:

@@ -40,7 +40,7 @@ from .calibrate import METHODS, calibrate
 from .equalize import equalize as equalize_model
 from .detect import detect, int8_weights_to_dynamic_matmul
 from .formats import (
-    FormatSpec, dynamic_matmul, integer_kernels, provider_exclusions, spec_for, stale_float_weights,
+    CPU_STATIC_LEAN_OPS, FormatSpec, dynamic_matmul, integer_kernels, provider_exclusions, spec_for, stale_float_weights,
     static_qdq, summarize_kernels, symmetric_amax, write_tensorrt_cache,
 )
 from .prepare import constant_nodes_to_initializers, float_baseline
@@ -240,8 +240,10 @@ def quantize(
     evaluate = lambda m: metric_fn(reference, budget_mod.run_outputs(m, val_feeds))  # noqa: E731
     first = plan.build([])
     first_score = evaluate(first)
-    report.score_before_fallback = first_score
     threshold = 1.0 - max_drop
+    if first_score < threshold and plan.lean is not None:
+        first, first_score = _leaner(plan, first, first_score, evaluate, report, log)
+    report.score_before_fallback = first_score
     result = budget_mod.BudgetResult(first, first_score, first_score >= threshold, [], [])
     if first_score < threshold and plan.candidates:
         log(f"{report.metric} {first_score:.5f} misses the budget {threshold:.5f}: ranking node sensitivity")
@@ -301,6 +303,24 @@ class _Plan:
     ranges: dict[str, tuple[float, float]]
     kept_feeds: list[dict]
     float_model: onnx.ModelProto | None = None  # the float model the int8 one rounds (equalized baseline)
+    lean: "_Plan | None" = None  # the same with elementwise ops left float (CPU static)
+
+
+def _leaner(plan: _Plan, first, first_score: float, evaluate, report: QuantReport, log):
+    """Elementwise ops float instead, when that scores better before any fallback."""
+    lean = plan.lean
+    model = lean.build([])
+    score = evaluate(model)
+    report.notes.append(
+        f"{report.metric} before fallback: {first_score:.5f} with elementwise ops (Add, Mul, Sigmoid, LeakyRelu) "
+        f"quantized, {score:.5f} with them float: {'float' if score > first_score else 'quantized'} kept"
+    )
+    log(report.notes[-1])
+    if score <= first_score:
+        return first, first_score
+    plan.build, plan.candidates = lean.build, lean.candidates
+    plan.fixed_float.update(lean.fixed_float)
+    return model, score
 
 
 def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log, equalize: str = "none") -> _Plan:
@@ -320,12 +340,23 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
     symmetric = spec.symmetric_activations
     ranges, _hists, count = calibrate(baseline, tee, method, symmetric=symmetric)
     report.calibration_feeds = count
+    plan = _static_plan(baseline, spec, fixed, ranges, tee.kept)
+    if spec.provider == "cpu" and spec.op_types != CPU_STATIC_LEAN_OPS:
+        lean = dataclasses.replace(spec, op_types=CPU_STATIC_LEAN_OPS)
+        elementwise = {n.name: "elementwise op kept float (scored better than requantizing it)"
+                       for n in baseline.graph.node if n.op_type in set(spec.op_types) - set(CPU_STATIC_LEAN_OPS)}
+        plan.lean = _static_plan(baseline, lean, {**fixed, **elementwise}, ranges, tee.kept)
+    return plan
+
+
+def _static_plan(baseline, spec: FormatSpec, fixed: dict, ranges, kept_feeds) -> _Plan:
     candidates = {n.name: n.op_type for n in baseline.graph.node if n.op_type in spec.op_types and n.name not in fixed}
+
     def build(excluded: list[str]) -> onnx.ModelProto:
         kept, floats = without_tensors_of(baseline, ranges, excluded)
         return static_qdq(baseline, kept, spec, list(fixed) + floats)
 
-    return _Plan(build, candidates, fixed, ranges, tee.kept, baseline)
+    return _Plan(build, candidates, dict(fixed), ranges, kept_feeds, baseline)
 
 
 def _equalized(baseline, tee: "_Tee", mode: str, report: QuantReport, log):
