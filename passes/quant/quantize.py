@@ -8,7 +8,10 @@ Order of work:
   3. static formats: cross-layer equalization (equalize.py, exact in float;
      data-free CLE by default, SmoothQuant-style smoothing on request), then
      streaming calibration (calibrate.py) of the equalized model;
-  4. provider placement (formats.py);
+  4. provider placement (formats.py); on CPU, when the first model misses the
+     budget, the same placement with elementwise ops left float is scored too
+     and the better one is kept (requantizing residual sums and affines is
+     what costs PP-OCRv4 rec its accuracy);
   5. the accuracy budget (budget.py): evaluate on validation feeds, and if the
      budget is missed return the most sensitive nodes to float, group by group,
      within ``budget_seconds``, keeping the best model;
