@@ -52,13 +52,12 @@ def load(path: str | os.PathLike, *, check: bool = True, cap_versions: bool = Tr
     _check_header(proto, path)
     base = Path(os.path.abspath(path)).parent
     locations = _validate_external_data(proto, base)
-    if check:
-        _run_checker(proto, path)
-    notes: list[str] = []
+    notes: list[str] = _run_checker(proto, path) if check else []
     if cap_versions:
         from . import versions
 
-        capped, notes = versions.cap_proto_versions(proto)
+        capped, capped_notes = versions.cap_proto_versions(proto)
+        notes += capped_notes
         if capped is not proto:  # a converted copy: its tensors are new objects
             proto, locations = capped, _validate_external_data(capped, base)
     model = _import(proto, path)
@@ -157,16 +156,40 @@ def _check_header(proto: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(f"{path}: the model declares no opset_import")
 
 
-def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
+def _run_checker(proto: onnx.ModelProto, path: Path) -> list[str]:
+    """Run onnx's checker; returns notes. Ops the checker has no schema for but
+    onnxruntime implements (its contrib ops, its default-domain LayerNormalization
+    below opset 17: what -O3 emits) are left for onnxruntime to judge."""
     try:
         onnx.checker.check_model(_checker_view(proto))
     except onnx.checker.ValidationError as exc:
+        message = _first_line(exc)
+        unknown = _unknown_op(message)
+        if unknown and unknown in _runtime_op_names():
+            return [f"the onnx checker does not know {unknown} at this opset; onnxruntime implements it"]
         raise ModelLoadError(
-            f"{path}: the ONNX checker rejects the model: {_first_line(exc)}",
-            hint="fix the exporter output, or pass check=False (CLI: --no-check) to load it anyway",
+            f"{path}: the ONNX checker rejects the model: {message}",
+            hint="fix the exporter output, or load it with onnxforge.load(path, check=False)",
         ) from None
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: the ONNX checker cannot read the model: {_first_line(exc)}") from None
+    return []
+
+
+def _unknown_op(message: str) -> str | None:
+    prefix = "No Op registered for "
+    if message.startswith(prefix):
+        return message[len(prefix):].split(" ", 1)[0]
+    return None
+
+
+def _runtime_op_names() -> set[str]:
+    """Op types onnxruntime registers in any domain (its contrib ops included)."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    except ImportError:
+        return set()
+    return {schema.name for schema in get_all_operator_schema()}
 
 
 CHECKER_INLINE_LIMIT = 4096  # tensors up to this size keep their data in the checker's copy

@@ -27,26 +27,34 @@ def _feeds(name, model):
     return None, [seeded_feeds(model, seed=s) for s in range(2)]
 
 
+# -O3 swaps written-out GELU(tanh) for onnxruntime's FastGelu kernel, whose own tanh
+# approximation differs by up to 1.4e-4 of the output scale on magika (0 with --disable fuse-gelu).
+O3_RTOL = {"magika_v3_3": 2e-4}
+
+
+@pytest.mark.parametrize("level", [2, 3])
 @pytest.mark.parametrize("name", MODELS)
-def test_optimize_shared_model(name, tmp_path):
+def test_optimize_shared_model(name, level, tmp_path):
     src = shared_model(name)
     out, report_path = tmp_path / f"{name}.opt.onnx", tmp_path / "report.json"
     original = load(src)
     data, feeds = _feeds(name, original)
-    args = ["optimize", str(src), "-o", str(out), "--report", str(report_path), "--strict"]
+    args = ["optimize", str(src), "-o", str(out), "--report", str(report_path), "--strict", f"-O{level}"]
     if data:
         args += ["--data", data]
     assert main(args) == 0
     report = json.loads(report_path.read_text())
-    assert report["verification"]["ok"]
+    assert report["verification"]["ok"] and not report["rolled_back"]
     assert report["after"]["nodes"] <= report["before"]["nodes"]
     assert report["after"]["file_bytes"] <= report["before"]["file_bytes"]
-    onnx.checker.check_model(str(out), full_check=True)
+    if level == 2:  # -O3 may use onnxruntime's own ops, which the onnx checker does not know
+        onnx.checker.check_model(str(out), full_check=True)
     optimized = load(out)
     assert [t.name for t in optimized.graph.inputs] == [t.name for t in original.graph.inputs]
     assert [t.name for t in optimized.graph.outputs] == [t.name for t in original.graph.outputs]
     ref, got = run_outputs(original, feeds), run_outputs(optimized, feeds)
     for refs, outs in zip(ref, got):
         for r, o in zip(refs, outs):
-            diff = compare_arrays("out", r, o, rtol=1e-4, atol=0.0)
+            rtol = O3_RTOL.get(name, 1e-4) if level == 3 else 1e-4
+            diff = compare_arrays("out", r, o, rtol=rtol, atol=0.0)
             assert diff.ok, (name, diff)

@@ -197,3 +197,33 @@ def test_the_checker_never_gets_the_weights(tmp_path, monkeypatch):
     model = load(path)
     assert seen and max(seen) < 10_000
     assert model.graph.tensors()["W"].values.shape == (512, 512)
+
+
+def test_checker_defers_ops_only_onnxruntime_knows(tmp_path):
+    """-O3 output at opset < 17 holds onnxruntime's default-domain LayerNormalization:
+    the onnx checker has no schema for it there, onnxruntime runs it; load must accept it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    from onnxforge.io import load
+
+    node = helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)
+    graph = helper.make_graph(
+        [node], "ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        initializer=[numpy_helper.from_array(np.ones(4, np.float32), "g"),
+                     numpy_helper.from_array(np.zeros(4, np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 7
+    path = tmp_path / "ln12.onnx"
+    path.write_bytes(model.SerializeToString())
+    loaded = load(path)
+    assert any("onnxruntime implements it" in n for n in loaded.notes)
+    # an op nobody implements is still refused
+    model.graph.node[0].op_type = "NoSuchOp"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match="NoSuchOp"):
+        load(path)
