@@ -10,6 +10,15 @@ elementwise (Add/Mul residual joins, squeeze-excitation) their ids are unified:
 the channels are tied and must be removed from every branch at once. A depthwise
 conv keeps the ids of its input (its channels are tied across the group).
 
+Attention heads: a Reshape [.., H*D] -> [.., H, D] unifies the D ids of each head
+(a head leaves whole) and tracks the head axis; a MatMul of two activations passes
+ids on a batch axis (scores = Q K^T and context = P V are computed per head, so
+dropping head h from Q, K and V drops exactly head h of the context), tying the
+heads of both operands; the merging Reshape [.., H, D] -> [.., H*D] repeats each
+head id D times into the output projection. Transformer FFNs need nothing special:
+the intermediate channels of MatMul -> bias -> activation -> MatMul are an
+ordinary group.
+
 Removing a *class* (a set of unified ids) is exact in structure: every producer
 loses those output channels, every consumer the matching input channels, every
 per-channel parameter the matching entries; only the numbers change. Ids are
@@ -17,7 +26,7 @@ per-channel parameter the matching entries; only the numbers change. Ids are
 they reach a graph output, an op whose channel semantics are not modelled, a
 Reshape that mixes the channel dim with others, a reduction or normalisation
 over the channel axis, a grouped (non-depthwise) conv, a MatMul between two
-activations, ...
+activations over the channel axis, ...
 
 A *group* is the set of classes produced by the same layers; allocation prunes
 per group, and all classes of a group share the same producers and consumers.
