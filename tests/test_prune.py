@@ -288,7 +288,8 @@ def test_reshape_reading_the_channel_count_at_run_time_is_prunable():
              "i1": np.array(1, np.int64), "ax": np.array([0], np.int64)}
     nodes = [conv("C1", "x", "w1", "a"), helper.make_node("GlobalAveragePool", ["a"], ["p"]),
              helper.make_node("Shape", ["p"], ["s"]),
-             helper.make_node("Gather", ["s", "i0"], ["n"], axis=0), helper.make_node("Gather", ["s", "i1"], ["c"], axis=0),
+             helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+             helper.make_node("Gather", ["s", "i1"], ["c"], axis=0),
              helper.make_node("Unsqueeze", ["n", "ax"], ["nu"]), helper.make_node("Unsqueeze", ["c", "ax"], ["cu"]),
              helper.make_node("Concat", ["nu", "cu"], ["shape"], axis=0),
              helper.make_node("Reshape", ["p", "shape"], ["f"], name="rs"),
