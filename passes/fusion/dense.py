@@ -6,6 +6,11 @@
   MatMul(A, W) * s = MatMul(A, W * s),  MatMul(A, W) / s = MatMul(A, W / s),
   MatMul(A * s, W) = MatMul(A, W * s)             W constant, s a constant scalar
   Gemm(A, B, C) * s = Gemm(A, B, C, alpha * s, beta * s)
+  MatMul(A, B) + 0 = MatMul(A, B)                 any rank; the zero broadcasts without
+                                                 enlarging the output ([N], [1, .., N], scalar)
+The last is exact except for the sign of zero (-0.0 + 0.0 = +0.0; the two compare equal),
+which is why the lossless cleanup keeps x + 0.0 and this tolerance-checked pass drops it:
+randomly initialised exports (zero biases) otherwise pay a full elementwise pass per layer.
 Preconditions: A's rank is known to be 2 for Gemm (Gemm is 2-D only); constants are
 floating point of the weight's type; the intermediate tensor is read only by the pair.
 A scale is not folded out of an activation: the 0.5 of GELU's 0.5 * x * (1 + erf(..))
@@ -63,6 +68,37 @@ class MatMulAdd(FusionRule):
         mm, c = match.info["mm"], match.info["c"]
         bias = c if isinstance(c, gs.Constant) else fresh_constant(graph, f"{c.name}_gemm_bias", const_value(c))
         replace(graph, match, "Gemm", [*mm.inputs, bias], name=mm.name)
+
+
+class MatMulZeroBias(FusionRule):
+    name = "matmul-zero-bias"
+    anchor_ops = ("Add",)
+
+    def match(self, graph, node):
+        for y, c in (tuple(node.inputs), tuple(reversed(node.inputs))):
+            mm = producer(y)
+            value = const_value(c)
+            is_zero = value is not None and value.dtype.kind == "f" and not np.any(value)
+            if mm is not None and mm.op == "MatMul" and not mm.domain and is_zero:  # the pattern is "+ 0"
+                return Match([node, mm], {"mm": mm, "zero": value, "outputs": [node.outputs[0]]})
+        return None
+
+    def preconditions(self, graph, match, ctx):
+        mm, zero = match.info["mm"], match.info["zero"]
+        w = const_value(mm.inputs[1])
+        if w is None or w.ndim < 2:
+            return "MatMul weight not a constant matrix"
+        a_rank = _rank(mm.inputs[0])
+        # the output has at least w's rank, or one less when A is (or may be) 1-D
+        out_rank = max(a_rank, w.ndim) if a_rank is not None and a_rank >= 2 else w.ndim - 1
+        leading, last = zero.shape[:-1], (zero.shape[-1:] or (1,))[0]
+        if zero.ndim > out_rank or any(d != 1 for d in leading) or last not in (1, w.shape[-1]):
+            return "zero broadcasts beyond the MatMul output"
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        mm = match.info["mm"]
+        replace(graph, match, "MatMul", list(mm.inputs), name=mm.name)
 
 
 class GemmTranspose(FusionRule):
@@ -167,9 +203,9 @@ class MatMulScale(FusionRule):
 
 class FuseMatMulAdd(RulePass):
     name = "fuse-matmul-add"
-    description = "2-D MatMul + constant Add -> Gemm; Transpose folded into Gemm's trans flags"
+    description = "2-D MatMul + constant Add -> Gemm; MatMul + 0 -> MatMul; Transpose folded into Gemm"
     tolerance = (1e-5, 1e-6)
-    rules = (MatMulAdd, GemmTranspose)
+    rules = (MatMulAdd, MatMulZeroBias, GemmTranspose)
 
 
 class FoldMatMulScale(RulePass):

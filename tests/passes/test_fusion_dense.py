@@ -85,3 +85,30 @@ def test_matmul_scale_keeps_gelu_half_for_the_gelu_fusion():
         "the scale belongs to a GELU/HardSwish pattern (kept for the activation fusion)"]
     result, _, after, _ = fuse_and_compare(text, "fuse-gelu", {"x": rand(2, 5, 3)}, rtol=1e-4, checker=False)
     assert after["Gelu"] == 1 and after["Erf"] == 0
+
+
+ZERO_BIAS = HEAD + '''
+g (float[N, S, 3] x) => (float[N, S, 4] y) {
+    w = Constant <value = float[3, 4] WVAL> ()
+    b = Constant <value = float[BSHAPE] BVAL> ()
+    m = MatMul (x, w)
+    y = Add (m, b)
+}'''.replace("WVAL", W)
+
+
+def test_matmul_zero_bias_dropped_at_any_rank():
+    text = ZERO_BIAS.replace("BSHAPE", "4").replace("BVAL", "{0.0, 0.0, 0.0, -0.0}")
+    result, _, after, _ = fuse_and_compare(text, "fuse-matmul-add", {"x": rand(2, 5, 3)})
+    assert result.stats == {"matmul-zero-bias": 1} and after["Add"] == 0 and after["MatMul"] == 1
+
+
+def test_matmul_nonzero_bias_kept():
+    text = ZERO_BIAS.replace("BSHAPE", "4").replace("BVAL", "{0.0, 0.0, 0.0, 1e-30}")
+    assert refusal_reasons(text, "fuse-matmul-add") == ["MatMul inputs are not known to be 2-D"]
+
+
+def test_matmul_zero_bias_refuses_enlarging_broadcast():
+    text = ZERO_BIAS.replace("BSHAPE", "7, 1, 1").replace("BVAL", "{" + ", ".join(["0.0"] * 7) + "}").replace(
+        "float[N, S, 4] y", "float[7, S, 4] y")
+    assert refusal_reasons(text, "fuse-matmul-add") == ["MatMul inputs are not known to be 2-D",
+                                                       "zero broadcasts beyond the MatMul output"]
