@@ -33,7 +33,7 @@ log = logging.getLogger("onnxforge.quant")
 MIN_QDQ_OPSET = 13
 
 
-def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True) -> onnx.ModelProto:
+def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, affine_into_next: bool = True) -> onnx.ModelProto:
     """The cleaned, opset>=13, BN-folded float model as a ModelProto."""
     proto = _onnxforge_pipeline(model)
     proto = lower_constants(proto)
@@ -42,7 +42,8 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True) ->
         proto = ort_offline(proto, level="basic")
     proto, _ = fold_conv_affine(proto)
     proto, _ = fuse_hardswish(proto)
-    proto, _ = fold_affine(proto)
+    if affine_into_next:
+        proto, _ = fold_affine(proto)
     return proto
 
 
