@@ -116,6 +116,14 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
+def group_refusals(refusals: list[dict]) -> dict[tuple[str, str], list[tuple[str, ...]]]:
+    """(rule, reason) -> the node-name tuples it was given for, in first-seen order."""
+    groups: dict[tuple[str, str], list[tuple[str, ...]]] = {}
+    for r in refusals:
+        groups.setdefault((r["rule"], r["reason"]), []).append(tuple(r["nodes"]))
+    return groups
+
+
 def render(report: OptimizeReport, file=None, explain: bool = False) -> None:
     """Print the report: a summary table, per-op changes, per-pass table, verification."""
     from rich.console import Console
@@ -174,8 +182,10 @@ def render(report: OptimizeReport, file=None, explain: bool = False) -> None:
         console.print(f"[yellow]warning:[/] {escape(w)}")
     if explain:
         if report.refusals:
-            console.print(f"not fused ({len(report.refusals)}):")
-            for r in report.refusals:
-                console.print(escape(f"  {r['rule']}: {r['reason']} [{', '.join(r['nodes']) or '-'}]"))
+            console.print(f"not rewritten ({len(report.refusals)} candidates), by rule and reason:")
+            for (rule, reason), nodes in group_refusals(report.refusals).items():
+                shown = "; ".join(", ".join(n) or "-" for n in nodes[:3])
+                more = f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
+                console.print(escape(f"  {rule}: {reason} (x{len(nodes)}) [{shown}]{more}"))
         else:
             console.print("not fused: nothing was refused")
