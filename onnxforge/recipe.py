@@ -334,7 +334,7 @@ STEPS = MappingProxyType({
         "sensitivity": Field("bool", "allocate by measured output sensitivity (default: when data is given)"),
         "max_ratio": Field("float", "at most this fraction of any layer's channels is removed", 0.75,
                            minimum=0.001, maximum=0.999),
-        "round_to": Field("int", "keep channel counts multiples of this", 8, minimum=1),
+        "round_to": Field("int", "keep channel counts multiples of this", 16, minimum=1),
         "sparsity": Field("float", "unstructured magnitude sparsity level (0 < x < 1)", minimum=0.001, maximum=0.999),
         "pattern": Field("str", "N:M semi-structured sparsity, e.g. \"2:4\""),
         "cache": CACHE_FIELD,
