@@ -72,7 +72,7 @@ def small_cnn(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
     h = b.op("Reshape", [h, target])
     w = b.rng.standard_normal((32, classes)).astype(np.float32) * 0.2
     h = b.op("MatMul", [h, b.init("fc.weight", w)])
-    h = b.op("Add", [h, b.init("fc.bias", np.zeros(classes, np.float32))])
+    h = b.op("Add", [h, b.init("fc.bias", (0.1 * b.rng.standard_normal(classes)).astype(np.float32))])
     h = b.op("Mul", [h, b.init("logit_scale", np.array(1.0, np.float32))])
     # The same table stored twice (as exporters do for tied weights).
     extra = b.op("MatMul", [h, b.init("proj.a", np.eye(classes, dtype=np.float32))])
