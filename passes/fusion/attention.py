@@ -111,6 +111,19 @@ class BlockRule(Rule):
         # The softmax and the two attention MatMuls locate the block; the full list is noise.
         return Refusal(self.name, reason, match.names[:3])
 
+    def leak_refusal(self, match: Match, core: Core) -> Refusal | None:
+        """Refuse when a block node other than the head merge feeds something outside the
+        block or makes one of the block's outputs (the fused op replaces them all)."""
+        keep = {id(core.merge_reshape)}
+        outputs = match.info["outputs"]
+        leaked = leaks(match.nodes, keep)
+        leaked += [n.name for n in match.nodes if id(n) not in keep
+                   and any(o.name in outputs for o in n.outputs)]
+        if leaked:
+            return Refusal(self.name, "intermediate result used outside the attention block",
+                           match.names[:1] + tuple(dict.fromkeys(leaked)))
+        return None
+
 
 class AttentionRule(BlockRule):
     """Matches the block around a Softmax; subclasses say which exporter form they own."""
@@ -162,15 +175,7 @@ class AttentionRule(BlockRule):
         if core.bias is not None and core.bias.shape and len(core.bias.shape) == 4 \
                 and core.bias.shape[1] not in (1, heads) and isinstance(core.bias.shape[1], int):
             return self.refusal("mask not broadcast over heads", match)
-        keep = {id(core.merge_reshape)}
-        outputs = match.info["outputs"]
-        leaked = leaks(match.nodes, keep)
-        leaked += [n.name for n in match.nodes if id(n) not in keep
-                   and any(o.name in outputs for o in n.outputs)]
-        if leaked:
-            return Refusal(self.name, "intermediate result used outside the attention block",
-                           match.names[:1] + tuple(dict.fromkeys(leaked)))
-        return None
+        return self.leak_refusal(match, core)
 
     def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
         core: Core = match.info["core"]

@@ -37,7 +37,6 @@ from .attention import (
     BlockRule,
     is_scalar_constant,
     expanded_mask,
-    leaks,
     mask_is_finite,
     softmax_is_last_axis,
 )
@@ -319,13 +318,7 @@ class FuseGqaRotaryRule(BlockRule):
             return self.refusal("CUDA GroupQueryAttention runs float16/bfloat16 only", match)
         if any(n.op == "Cast" and int(n.attrs.get("to", 1)) != 1 for n in core.between):
             return self.refusal("cast after softmax changes precision", match)
-        keep = {id(core.merge_reshape)}
-        leaked = leaks(match.nodes, keep) + [n.name for n in match.nodes if id(n) not in keep and any(
-            o.name in match.info["outputs"] for o in n.outputs)]
-        if leaked:
-            return Refusal(self.name, "intermediate result used outside the attention block",
-                           match.names[:1] + tuple(dict.fromkeys(leaked)))
-        return None
+        return self.leak_refusal(match, core)
 
     def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
         core: Core = match.info["core"]
