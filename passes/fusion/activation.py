@@ -302,6 +302,12 @@ def _emit_hardswish(graph: gs.Graph, match: Match, ctx: PassContext) -> None:
     replace(graph, match, "Mul", [x, hs])
 
 
+def _added_constant(clip: gs.Node):
+    """The Add feeding a Clip and its (variable, constant) inputs, or (add, None)."""
+    add = producer_op(clip.inputs[0], "Add")
+    return add, (split_const(add) if add is not None else None)
+
+
 class HardSwishClip(FusionRule):
     """x * clip(x + 3, 0, 6) / 6 in any association (Div by 6 or Mul by 1/6) -> HardSwish."""
 
@@ -309,8 +315,7 @@ class HardSwishClip(FusionRule):
     anchor_ops = ("Clip",)
 
     def match(self, graph, node):
-        add = producer_op(node.inputs[0], "Add")
-        split = split_const(add) if add is not None else None
+        add, split = _added_constant(node)
         if split is None:
             return None
         x, three = split
@@ -357,8 +362,7 @@ class HardSigmoidClip(FusionRule):
     anchor_ops = ("Clip",)
 
     def match(self, graph, node):
-        add = producer_op(node.inputs[0], "Add")
-        split = split_const(add) if add is not None else None
+        add, split = _added_constant(node)
         if split is None:
             return None
         scaled, b = split
