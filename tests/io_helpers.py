@@ -7,8 +7,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-# The real models sit in ../shared/models relative to the project's root.
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+from conftest import SHARED
+
+SHARED_MODELS = SHARED / "models"
 
 
 def shared_model_paths() -> list[Path]:

@@ -1,19 +1,16 @@
 """All cleanup passes, in CLEANUP_PIPELINE order until nothing changes, on the shared real models."""
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cleanup_support import assert_valid, node_count, session
+from conftest import SHARED, shared_model
 
 from onnxforge.context import PassContext
 from onnxforge.inputs import load_feeds, seeded_feeds
 from onnxforge.io import load
 from onnxforge.passes.registry import CLEANUP_PIPELINE, resolve
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("ONNXFORGE_SHARED", ROOT.parent / "shared"))
 MODELS = [
     "magika_v3_3", "minilm_l6_w8", "pplcnet_orientation", "ppocr_mobile_v2_cls",
     "ppocrv4_det", "ppocrv4_rec", "silero_vad_v6", "yolov8n_320",
@@ -41,10 +38,7 @@ def feeds_for(name: str, model) -> dict:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_cleanup_keeps_outputs_and_shrinks(name):
-    path = SHARED / "models" / f"{name}.onnx"
-    if not path.exists():
-        pytest.skip(f"{path} not present (the shared models live in ../shared)")
-    model = load(path)
+    model = load(shared_model(name))
     original = model.to_proto()
     before = node_count(model)
     feed = feeds_for(name, model)
