@@ -7,6 +7,8 @@ per-round ratios B/A with a 95% t-interval on the log ratios.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -37,13 +39,7 @@ def compare(
     warmup: int = 3,
 ) -> LatencyComparison:
     """Interleaved latency of ``variant`` relative to ``base`` (the bench harness)."""
-    return _with_harness(base, variant, feed, rounds, threads, warmup)
-
-
-def _with_harness(base, variant, feed, rounds: int, threads: int, warmup: int) -> LatencyComparison:
     from onnxforge.bench.harness import compare_latency
-    import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-latency-") as tmp:
         paths = [Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"]
