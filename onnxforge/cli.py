@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError, ModelSaveError, OnnxForgeError
+from .errors import InputError, OnnxForgeError
 
 # Subcommands that live beside their feature: (module, function adding the parser).
 PLUGIN_COMMANDS = (
@@ -132,11 +132,11 @@ def _progress():
 def cmd_optimize(args) -> int:
     from .api import optimize
     from .inputs import load_feeds, parse_shape_specs
-    from .io import load, save
+    from .io import check_output_path, load, save
     from .report import render, write_json
 
     output = Path(args.output)
-    _check_output_path(output)
+    check_output_path(output)
     shapes = parse_shape_specs(args.input_shape)
     model = load(args.input)
     feeds = load_feeds(args.data, [t.name for t in model.graph.inputs], limit=8) if args.data else None
@@ -186,13 +186,6 @@ def _file_bytes(path: Path) -> int:
     if data.exists():
         total += data.stat().st_size
     return total
-
-
-def _check_output_path(output: Path) -> None:
-    if output.is_dir():
-        raise ModelSaveError(f"{output}: is a folder; give a file name such as {output / 'model.onnx'}")
-    if not output.parent.exists():
-        raise ModelSaveError(f"{output.parent}: the output folder does not exist")
 
 
 # ------------------------------------------------------------------ inspect

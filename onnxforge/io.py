@@ -458,7 +458,7 @@ def save(
     """
     path = Path(path)
     model = _as_model(model)
-    _check_output_folder(path)
+    check_output_path(path)
     external = external_data if external_data is not None else _needs_external(model)
     try:
         _write(model, path, external, size_threshold)
@@ -503,7 +503,8 @@ def _const_nbytes(const: gs.Constant) -> int:
     return int(getattr(values, "nbytes", 0))
 
 
-def _check_output_folder(path: Path) -> None:
+def check_output_path(path: Path) -> None:
+    """Refuse a folder or a path whose folder does not exist (checked before any work)."""
     if path.is_dir():
         raise ModelSaveError(f"{path}: is a folder; give a file name such as {path / 'model.onnx'}")
     if not path.parent.is_dir():

@@ -30,8 +30,8 @@ from typing import Any, Callable, Mapping
 import onnx
 
 from .cache import StepCache, data_digest, environment_key, files_digest, saved_model_files, sha256_file
-from .errors import DataError, ModelSaveError, OnnxForgeError, OptionError, VerificationError
-from .io import load, save
+from .errors import DataError, OnnxForgeError, OptionError, VerificationError
+from .io import check_output_path, load, save
 from .model import Model, constants
 from .recipe import STEPS, Recipe, Step, import_file, load_recipe, parse_recipe, validate
 from .report import model_stats
@@ -101,7 +101,7 @@ class Pipeline:
         report = _empty_report(self.recipe)
         try:
             if output is not None:
-                _check_output(Path(output))
+                check_output_path(Path(output))
             with tempfile.TemporaryDirectory(prefix="onnxforge-run-") as work:
                 state = _Run(self.recipe, Path(work), report, progress or (lambda _m: None),
                              cache_dir=cache_dir, use_cache=use_cache)
@@ -296,13 +296,6 @@ def _write_profile(profile: dict, output: Path) -> Path:
     data = dict(profile)
     data["model"] = {"file": output.name}
     return save_profile(Profile.from_dict(data, where="tuned profile"), profile_path_for(output))
-
-
-def _check_output(output: Path) -> None:
-    if output.is_dir():
-        raise ModelSaveError(f"{output}: is a folder; give a file name such as {output / 'model.onnx'}")
-    if not output.parent.is_dir():
-        raise ModelSaveError(f"{output.parent}: the output folder does not exist")
 
 
 # ------------------------------------------------------------------ executors

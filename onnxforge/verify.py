@@ -134,7 +134,6 @@ def merge_diffs(per_feed: Iterable[list[OutputDiff]]) -> list[OutputDiff]:
 
 
 def structural_check(model: Model) -> Verification:
-    proto = model.to_proto()
     try:
         with tempfile.TemporaryDirectory(prefix="onnxforge-check-") as tmp:
             if any(True for _ in external_values(model.graph)):
@@ -144,7 +143,7 @@ def structural_check(model: Model) -> Verification:
                 save(model, path, external_data=True)
                 onnx.checker.check_model(str(path), full_check=True)
             else:
-                onnx.checker.check_model(proto, full_check=True)
+                onnx.checker.check_model(model.to_proto(), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         return Verification("structural", False, _first_line(exc))
     except Exception as exc:  # the checker raises bare errors for some custom-domain ops

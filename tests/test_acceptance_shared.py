@@ -3,7 +3,6 @@ valid, smaller-or-equal graph that matches the original (max relative error <= 1
 on realistic inputs where ../shared/data has them, seeded inputs otherwise."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 

@@ -202,7 +202,6 @@ def test_the_checker_never_gets_the_weights(tmp_path, monkeypatch):
 def test_checker_defers_ops_only_onnxruntime_knows(tmp_path):
     """-O3 output at opset < 17 holds onnxruntime's default-domain LayerNormalization:
     the onnx checker has no schema for it there, onnxruntime runs it; load must accept it."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     import numpy as np
 

@@ -1,7 +1,4 @@
 """The pass manager: fixpoint, cap, verification, bisection, rollback, strict mode."""
-import numpy as np
-import onnx
-import onnx_graphsurgeon as gs
 import pytest
 from onnx import parser
 

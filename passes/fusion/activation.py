@@ -38,7 +38,6 @@ from ._match import (
     near,
     need_ms_domain,
     other_input,
-    producer,
     producer_op,
     replace,
     scalar,

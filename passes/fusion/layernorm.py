@@ -38,7 +38,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxforge.context import PassContext
 from onnxforge.passes.base import Match, RulePass
 
 from ._match import (

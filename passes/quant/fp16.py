@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import re
 import sys
 import time
@@ -119,7 +117,6 @@ def to_fp16(model: onnx.ModelProto, blocked: set[str], keep_io_types: bool = Tru
     for node in graph.node:
         if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
             blocked.add(node.name)
-    half_nodes = [n for n in graph.node if n.name not in blocked]
     precision: dict[str, str] = {}  # float tensor -> "16" | "32"
     inits = {t.name: t for t in graph.initializer}
     for inp in graph.input:

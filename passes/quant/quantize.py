@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ from .equalize import equalize as equalize_model
 from .detect import detect, int8_weights_to_dynamic_matmul
 from .formats import (
     CPU_STATIC_LEAN_OPS, FormatSpec, dynamic_matmul, integer_kernels, provider_exclusions, spec_for, stale_float_weights,
-    static_qdq, summarize_kernels, symmetric_amax, write_tensorrt_cache,
+    static_qdq, summarize_kernels, write_tensorrt_cache,
 )
 from .prepare import constant_nodes_to_initializers, float_baseline
 

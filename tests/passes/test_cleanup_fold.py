@@ -1,7 +1,6 @@
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import pytest
 
 from cleanup_support import assert_parity, histogram, model_from_text, refusal_reasons, run_pass, session
 

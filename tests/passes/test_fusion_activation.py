@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 from fusion_support import fuse_and_compare, rand, refusal_reasons
 
