@@ -164,8 +164,8 @@ def _run_checker(proto: onnx.ModelProto, path: Path) -> list[str]:
         onnx.checker.check_model(_checker_view(proto))
     except onnx.checker.ValidationError as exc:
         message = _first_line(exc)
-        unknown = _unknown_op(message)
-        if unknown and unknown in _runtime_op_names():
+        unknown = runtime_only_op(message)
+        if unknown:
             return [f"the onnx checker does not know {unknown} at this opset; onnxruntime implements it"]
         raise ModelLoadError(
             f"{path}: the ONNX checker rejects the model: {message}",
@@ -176,11 +176,14 @@ def _run_checker(proto: onnx.ModelProto, path: Path) -> list[str]:
     return []
 
 
-def _unknown_op(message: str) -> str | None:
+def runtime_only_op(checker_message: str) -> str | None:
+    """The op a checker error says has no schema, when onnxruntime implements it
+    (its contrib ops, its default-domain LayerNormalization below opset 17)."""
     prefix = "No Op registered for "
-    if message.startswith(prefix):
-        return message[len(prefix):].split(" ", 1)[0]
-    return None
+    if not checker_message.startswith(prefix):
+        return None
+    op = checker_message[len(prefix):].split(" ", 1)[0]
+    return op if op in _runtime_op_names() else None
 
 
 def _runtime_op_names() -> set[str]:
