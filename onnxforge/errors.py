@@ -75,3 +75,10 @@ class ProviderError(InputError):
     """An execution provider or one of its options is unavailable or invalid."""
 
     default_hint = "run `onnxforge env` to see which providers really work here"
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (library errors run to many lines)."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    return line[:limit] if limit else line

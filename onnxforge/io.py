@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, EncodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from .errors import ModelLoadError, ModelSaveError, UnsafeModelError
+from .errors import ModelLoadError, ModelSaveError, UnsafeModelError, first_line
 from .model import ExternalValues, Model, constants, copy_fields, external_values, tensor_header
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -95,7 +95,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not a valid ONNX protobuf (a string field is not UTF-8)") from None
     except (DecodeError, RuntimeError, ValueError, RecursionError) as exc:
         raise ModelLoadError(
-            f"{path}: not a valid ONNX protobuf (corrupted, truncated or another format): {_first_line(exc)}"
+            f"{path}: not a valid ONNX protobuf (corrupted, truncated or another format): {first_line(exc)}"
         ) from None
     bad = _non_utf8_string(proto)
     if bad is not None:
@@ -163,7 +163,7 @@ def _run_checker(proto: onnx.ModelProto, path: Path) -> list[str]:
     try:
         onnx.checker.check_model(_checker_view(proto))
     except onnx.checker.ValidationError as exc:
-        message = _first_line(exc)
+        message = first_line(exc)
         unknown = runtime_only_op(message)
         if unknown:
             return [f"the onnx checker does not know {unknown} at this opset; onnxruntime implements it"]
@@ -172,7 +172,7 @@ def _run_checker(proto: onnx.ModelProto, path: Path) -> list[str]:
             hint="fix the exporter output, or load it with onnxforge.load(path, check=False)",
         ) from None
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"{path}: the ONNX checker cannot read the model: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{path}: the ONNX checker cannot read the model: {first_line(exc)}") from None
     return []
 
 
@@ -267,7 +267,7 @@ def _import(proto: onnx.ModelProto, path: Path) -> Model:
     try:
         return Model.from_proto(proto, source=path)
     except Exception as exc:  # gs raises bare exceptions (and UnicodeDecodeError) on malformed graphs
-        raise ModelLoadError(f"{path}: cannot import the graph: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{path}: cannot import the graph: {first_line(exc)}") from None
 
 
 # --------------------------------------------------------------- external data checks
@@ -825,8 +825,3 @@ def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: 
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 import onnx
 
 from .cache import StepCache, data_digest, environment_key, files_digest, saved_model_files, sha256_file
-from .errors import DataError, OnnxForgeError, OptionError, VerificationError
+from .errors import DataError, OnnxForgeError, OptionError, VerificationError, first_line
 from .io import check_output_path, load, save
 from .model import Model, constants
 from .recipe import STEPS, Recipe, Step, import_file, load_recipe, parse_recipe, validate
@@ -352,7 +352,7 @@ def _check(run: _Run, step: Step) -> dict:
     try:
         reference = run_outputs(run.original, feeds)
     except Exception as exc:
-        raise DataError(f"check: the input model does not run on these feeds: {_first_line(exc)}") from exc
+        raise DataError(f"check: the input model does not run on these feeds: {first_line(exc)}") from exc
     candidate = run_outputs(run.model, feeds)
     names = [t.name for t in run.original.graph.outputs]
     diffs = merge_diffs(
@@ -594,9 +594,4 @@ def _json_safe(value: Any) -> Any:
 def _error_dict(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, OnnxForgeError):
         return {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
-    return {"type": type(exc).__name__, "message": _first_line(exc), "hint": None}
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    return {"type": type(exc).__name__, "message": first_line(exc), "hint": None}

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .errors import DataError, VerificationError
+from .errors import DataError, VerificationError, first_line
 from .model import Model, external_values
 
 MODES = ("none", "structural", "numeric")
@@ -145,9 +145,9 @@ def structural_check(model: Model) -> Verification:
             else:
                 onnx.checker.check_model(model.to_proto(), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        return Verification("structural", False, _first_line(exc))
+        return Verification("structural", False, first_line(exc, limit=300))
     except Exception as exc:  # the checker raises bare errors for some custom-domain ops
-        return Verification("structural", False, f"{type(exc).__name__}: {_first_line(exc)}")
+        return Verification("structural", False, f"{type(exc).__name__}: {first_line(exc, limit=300)}")
     return Verification("structural", True)
 
 
@@ -157,7 +157,7 @@ def reference_outputs(model: Model, feeds: Sequence[dict]) -> list[list[np.ndarr
         return run_outputs(model, feeds)
     except Exception as exc:
         raise DataError(
-            f"the original model does not run on the verification inputs: {_first_line(exc)}",
+            f"the original model does not run on the verification inputs: {first_line(exc, limit=300)}",
             hint="give real inputs with --data DIR, or pin dynamic dims with --input-shape NAME:1x3x224x224",
         ) from exc
 
@@ -170,7 +170,7 @@ def numeric_check(
     try:
         outputs = run_outputs(candidate, feeds)
     except Exception as exc:
-        return Verification("numeric", False, f"onnxruntime cannot run the optimized model: {_first_line(exc)}",
+        return Verification("numeric", False, f"onnxruntime cannot run the optimized model: {first_line(exc, limit=300)}",
                             tolerance=tolerance)
     per_feed = [
         [compare_arrays(n, r, o, rtol, atol) for n, r, o in zip(output_names, refs, outs)]
@@ -185,8 +185,3 @@ def numeric_check(
 def assert_ok(verification: Verification) -> None:
     if not verification.ok:
         raise VerificationError(f"{verification.mode} verification failed: {verification.detail}")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [l for l in str(exc).strip().splitlines() if l.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
