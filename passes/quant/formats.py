@@ -30,6 +30,8 @@ import onnx
 
 from onnxforge.errors import OptionError
 
+from .integer_act import integer_activations
+
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 INTEGER_KERNELS = (
@@ -172,7 +174,10 @@ def static_qdq(
         },
     )
     quantizer.quantize_model()
-    return _without_unused_initializers(quantizer.model.model)
+    out = quantizer.model.model
+    if spec.provider == "cpu" and not spec.symmetric_activations:
+        out, _ = integer_activations(out)  # HardSwish/HardSigmoid as QLinearAdd/QLinearMul
+    return _toposorted(_without_unused_initializers(out))
 
 
 def dynamic_matmul(model: onnx.ModelProto, spec: FormatSpec, exclude: list[str] = ()) -> onnx.ModelProto:
@@ -212,6 +217,30 @@ def _without_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     if len(keep) != len(model.graph.initializer):
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
+    return model
+
+
+def _toposorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The quantizer appends Q/DQ nodes after their readers; the checker wants order."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = [n for n in pending if not all(i in ready for i in n.input)]
+        done = [n for n in pending if all(i in ready for i in n.input)]
+        if not done:  # a cycle or names from nowhere: keep what is left as it was
+            ordered.extend(rest)
+            break
+        for node in done:
+            ordered.append(node)
+            ready.update(node.output)
+        pending = rest
+    if [id(n) for n in ordered] != [id(n) for n in graph.node]:
+        nodes = [onnx.NodeProto() for _ in ordered]
+        for copy, node in zip(nodes, ordered):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
     return model
 
 

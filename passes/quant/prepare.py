@@ -41,6 +41,7 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, af
     if ort_basic:
         proto = ort_offline(proto, level="basic")
     proto, _ = fold_conv_affine(proto)
+    proto, _ = whole_window_pools_to_global(proto)
     proto, _ = fuse_hardswish(proto)
     if affine_into_next:
         proto, _ = fold_affine(proto)
@@ -208,6 +209,54 @@ def _channel_vector(tensor, channels: int):
     if squeezed.size == channels and len(shape) >= 3 and shape[-3] == channels:
         return squeezed
     return None
+
+
+def whole_window_pools_to_global(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """AveragePool/MaxPool whose window covers the whole (static) input become
+    GlobalAveragePool/GlobalMaxPool.
+
+    Identity: with pads 0 and kernel >= H, W the single window holds exactly the
+    H x W input values, so the pool is the global one (ceil_mode only decides
+    that there is one window; count_include_pad has no pad to count). Exporters
+    write torch's ``AvgPool2d(k, ceil_mode=True)`` with k far above the input
+    (EfficientNet: 1280 on 7x7); onnxruntime's QLinearAveragePool computes such
+    a window wrongly (outputs the zero point), its QLinearGlobalAveragePool is
+    right and faster. Preconditions: 4-D input with known H, W; pads 0; no
+    dilations; exactly one window per axis (kernel == size, or kernel > size
+    with ceil_mode and kernel - size < stride); one output.
+    """
+    shapes = _static_shapes(proto)
+    changed = 0
+    for node in proto.graph.node:
+        if node.op_type not in ("AveragePool", "MaxPool") or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        dims = shapes.get(node.input[0])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        kernel, pads = attrs.get("kernel_shape", []), attrs.get("pads", [0] * 4)
+        if dims is None or len(dims) != 4 or any(d is None for d in dims[2:]) or len(kernel) != 2:
+            continue
+        if any(pads) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID") or "dilations" in attrs and any(d != 1 for d in attrs["dilations"]):
+            continue
+        strides = attrs.get("strides", [1, 1])
+        one_window = all(k >= d and (k == d or (attrs.get("ceil_mode", 0) and k - d < s)) for k, d, s in zip(kernel, dims[2:], strides))
+        if not one_window:
+            continue
+        node.op_type = "Global" + node.op_type
+        del node.attribute[:]
+        changed += 1
+    return proto, changed
+
+
+def _static_shapes(proto: onnx.ModelProto) -> dict[str, list]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten
+        return {}
+    shapes = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+    return shapes
 
 
 def fuse_hardswish(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
