@@ -302,7 +302,7 @@ STEPS = MappingProxyType({
         "calibration": Field("data", "calibration feeds (folder of .npz/.npy), or \"random\" (accuracy then means nothing)",
                              required=True, random_ok=True),
         "validation": Field("path", "validation feeds for the accuracy budget (default: the first calibration feeds)"),
-        "method": Field("str", "calibration method", "minmax", choices=("minmax", "entropy", "percentile", "mse")),
+        "method": Field("str", "calibration method (auto: the better of minmax and percentile, scored)", "auto", choices=("auto", "minmax", "entropy", "percentile", "mse")),
         "mode": Field("str", "static QDQ, dynamic MatMul, or auto (per model and provider)", "auto",
                       choices=("auto", "static", "dynamic")),
         "max_drop": Field("float", "accuracy budget: the metric may drop at most this much below 1", 0.01,

@@ -341,3 +341,32 @@ def calibrate(
         sym = symmetric.get(name, False) if isinstance(symmetric, Mapping) else symmetric
         ranges[name] = compute_range(hist, method, sym, percentile)
     return ranges, histograms, count
+
+
+# ------------------------------------------------------------------ ranges the readers saturate
+
+HARDSWISH_FLOOR = -3.0  # hardswish(x) = 0 for every x <= -3
+
+
+def saturated_by_readers(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], levels: int = 255) -> dict[str, tuple[float, float]]:
+    """Ranges narrowed where every reader of the tensor saturates below a bound.
+
+    HardSwish maps every x <= -3 to 0, so a tensor read only by HardSwish needs
+    no grid below -3: its range starts two grid steps under -3 (the lowest
+    representable value must be <= -3 however the zero point rounds), which
+    spends the 8 bits on the part of the range that changes the result. Exact:
+    values that now saturate would all have produced 0. (PP-OCRv4: conv outputs
+    in [-296, 226] feeding HardSwish.)"""
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    outputs = {o.name for o in model.graph.output}
+    narrowed = dict(ranges)
+    for name, (low, high) in ranges.items():
+        if readers.get(name) != {"HardSwish"} or name in outputs or high <= 0:
+            continue
+        floor = HARDSWISH_FLOOR - 2 * (high - HARDSWISH_FLOOR) / levels
+        if low < floor:
+            narrowed[name] = (floor, high)
+    return narrowed

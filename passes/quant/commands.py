@@ -20,7 +20,8 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .onnx")
     p.add_argument("--calib", required=True, help="folder of .npz/.npy feeds, or 'random' (accuracy then means nothing)")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
-    p.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile", "mse"))
+    p.add_argument("--method", default="auto", choices=("auto", "minmax", "entropy", "percentile", "mse"),
+                   help="activation ranges; auto (default): minmax and percentile from one histogram pass, the better scored kept")
     p.add_argument("--mode", default="auto", choices=("auto", "static", "dynamic"),
                    help="static QDQ, dynamic MatMul (CPU transformers), or auto (default)")
     p.add_argument("--max-drop", type=float, default=0.01, help="allowed drop of the metric vs float (default 0.01)")

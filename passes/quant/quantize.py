@@ -38,7 +38,8 @@ from onnxforge.errors import DataError, OptionError
 from onnxforge.model import Model
 
 from . import budget as budget_mod
-from .calibrate import METHODS, calibrate
+from .bias_correct import apply_deltas, correct_biases
+from .calibrate import METHODS, calibrate, compute_range, saturated_by_readers
 from .equalize import equalize as equalize_model
 from .detect import detect, int8_weights_to_dynamic_matmul
 from .formats import (
@@ -52,6 +53,9 @@ RANDOM_WARNING = (
     "and the accuracy figures below mean nothing"
 )
 RANDOM_FEEDS = 8
+# method "auto": ranges from each of these (one histogram pass), the best scored is kept
+AUTO_METHODS = ("minmax", "percentile")
+BIAS_CORRECTION_FEEDS = 16
 EQUALIZE_MODES = ("cle", "smooth", "none")
 SMOOTH_FEEDS = 4
 MAX_VALIDATION_FEEDS = 16
@@ -79,6 +83,7 @@ class QuantReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     equalized: int = 0
+    bias_corrected: bool = False
     kept_float: bool = False
     seconds: float = 0.0
 
@@ -190,7 +195,7 @@ def quantize(
     calib: Any = None,
     *,
     provider: str = "cpu",
-    method: str = "minmax",
+    method: str = "auto",
     max_drop: float = 0.01,
     metric: str | Callable = "cosine",
     val: Any = None,
@@ -205,8 +210,8 @@ def quantize(
     """Quantize ``model`` to INT8 for ``provider``; see the module docstring."""
     started = time.monotonic()
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if method not in METHODS:
-        raise OptionError(f"unknown calibration method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+    if method not in METHODS + ("auto",):
+        raise OptionError(f"unknown calibration method {method!r}", hint=f"choose one of auto, {', '.join(METHODS)}")
     if equalize not in EQUALIZE_MODES:
         raise OptionError(f"unknown equalization {equalize!r}", hint=f"choose one of {', '.join(EQUALIZE_MODES)}")
     if not 0 <= max_drop < 1:
@@ -240,9 +245,12 @@ def quantize(
 
     reference = budget_mod.run_outputs(baseline, val_feeds)
     evaluate = lambda m: metric_fn(reference, budget_mod.run_outputs(m, val_feeds))  # noqa: E731
-    first = plan.build([])
-    first_score = evaluate(first)
     threshold = 1.0 - max_drop
+    if plan.range_options:
+        first, first_score = _tune_static(plan, evaluate, report, log, started + budget_seconds / 2)
+    else:
+        first = plan.build([])
+        first_score = evaluate(first)
     if first_score < threshold and plan.lean is not None:
         first, first_score = _leaner(plan, first, first_score, evaluate, report, log)
     report.score_before_fallback = first_score
@@ -306,6 +314,57 @@ class _Plan:
     kept_feeds: list[dict]
     float_model: onnx.ModelProto | None = None  # the float model the int8 one rounds (equalized baseline)
     lean: "_Plan | None" = None  # the same with elementwise ops left float (CPU static)
+    range_options: dict[str, dict] = dataclasses.field(default_factory=dict)  # method -> ranges (static)
+
+
+def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, deadline: float):
+    """Per range option: build, score, bias-correct layer by layer, score again; keep the best."""
+    base_float = plan.float_model
+    best = None
+    for method, ranges in plan.range_options.items():
+        plan.float_model, plan.ranges = base_float, ranges
+        model = plan.build([])
+        score = evaluate(model)
+        corrected = _bias_corrected(plan, model, deadline)
+        line = f"ranges {method}: {report.metric} {score:.5f}"
+        if corrected is not None:
+            model_bc, float_bc, count = corrected
+            plan.float_model = float_bc
+            score_bc = evaluate(model_bc)
+            line += f", {score_bc:.5f} after bias correction of {count} convolutions"
+            if score_bc > score:
+                model, score = model_bc, score_bc
+            else:
+                plan.float_model = base_float
+        log(line)
+        report.notes.append(line)
+        if best is None or score > best[0]:
+            best = (score, method, model, plan.float_model, ranges)
+    score, method, model, float_model, ranges = best
+    plan.float_model, plan.ranges = float_model, ranges
+    if plan.lean is not None:
+        plan.lean.float_model, plan.lean.ranges = float_model, ranges
+    report.method = method if len(plan.range_options) == 1 else f"auto ({method})"
+    report.bias_corrected = float_model is not base_float
+    return model, score
+
+
+def _bias_corrected(plan: _Plan, model, deadline: float):
+    """(int8 model, float model, count) with conv biases corrected, or None."""
+    feeds = plan.kept_feeds[:BIAS_CORRECTION_FEEDS]
+    if time.monotonic() > deadline or not feeds:
+        return None
+    deltas = correct_biases(plan.float_model, model, feeds, deadline)
+    if not deltas:
+        return None
+    corrected = onnx.ModelProto()
+    corrected.CopyFrom(plan.float_model)
+    count = apply_deltas(corrected, deltas)
+    previous = plan.float_model
+    plan.float_model = corrected
+    rebuilt = plan.build([])
+    plan.float_model = previous
+    return rebuilt, corrected, count
 
 
 def _leaner(plan: _Plan, first, first_score: float, evaluate, report: QuantReport, log):
@@ -340,14 +399,19 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
     baseline, tee = _equalized(baseline, tee, equalize, report, log)
     log(f"calibrating ({method}) ...")
     symmetric = spec.symmetric_activations
-    ranges, _hists, count = calibrate(baseline, tee, method, symmetric=symmetric)
+    methods = AUTO_METHODS if method == "auto" else (method,)
+    _ranges, hists, count = calibrate(baseline, tee, methods[0], symmetric=symmetric)
     report.calibration_feeds = count
-    plan = _static_plan(baseline, spec, fixed, ranges, tee.kept)
+    options = {m: {name: compute_range(h, m, symmetric) for name, h in hists.items()} for m in methods}
+    if not symmetric:  # u8 grids: no levels below what HardSwish readers saturate anyway
+        options = {m: saturated_by_readers(baseline, r) for m, r in options.items()}
+    plan = _static_plan(baseline, spec, fixed, options[methods[0]], tee.kept)
+    plan.range_options = options
     if spec.provider == "cpu" and spec.op_types != CPU_STATIC_LEAN_OPS:
         lean = dataclasses.replace(spec, op_types=CPU_STATIC_LEAN_OPS)
         elementwise = {n.name: "elementwise op kept float (scored better than requantizing it)"
                        for n in baseline.graph.node if n.op_type in set(spec.op_types) - set(CPU_STATIC_LEAN_OPS)}
-        plan.lean = _static_plan(baseline, lean, {**fixed, **elementwise}, ranges, tee.kept)
+        plan.lean = _static_plan(baseline, lean, {**fixed, **elementwise}, plan.ranges, tee.kept)
     return plan
 
 
@@ -355,10 +419,13 @@ def _static_plan(baseline, spec: FormatSpec, fixed: dict, ranges, kept_feeds) ->
     candidates = {n.name: n.op_type for n in baseline.graph.node if n.op_type in spec.op_types and n.name not in fixed}
 
     def build(excluded: list[str]) -> onnx.ModelProto:
-        kept, floats = without_tensors_of(baseline, ranges, excluded)
-        return static_qdq(baseline, kept, spec, list(fixed) + floats)
+        # the plan's current float model and ranges: bias correction and the
+        # range choice replace them after the plan is made
+        kept, floats = without_tensors_of(plan.float_model, plan.ranges, excluded)
+        return static_qdq(plan.float_model, kept, spec, list(fixed) + floats)
 
-    return _Plan(build, candidates, dict(fixed), ranges, kept_feeds, baseline)
+    plan = _Plan(build, candidates, dict(fixed), ranges, kept_feeds, baseline)
+    return plan
 
 
 def _equalized(baseline, tee: "_Tee", mode: str, report: QuantReport, log):

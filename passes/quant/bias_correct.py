@@ -1,0 +1,137 @@
+"""Empirical bias correction of a QDQ model, layer by layer.
+
+Rounding weights and activations shifts the mean of each convolution's output
+channels (the error has a mean, not only a variance: saturating activations,
+constant shifts rounded to the grid, HardSwish's clipped factor). For a Conv
+``y = W * x + b`` the shift of channel c is removed exactly by
+
+    b_c += E[y_c(float)] - E[y_c(int8)]
+
+measured over calibration feeds on the model as quantized *so far*. The order
+matters: a layer's measured shift includes what every earlier layer passed on,
+so layers are corrected one at a time in graph order and each measurement runs
+the model with the earlier corrections applied (correcting all at once counts
+the upstream shift once per layer and overshoots; measured on PP-OCRv4 rec:
+cosine 0.98 -> 0.58 at once, 0.98 -> 0.99 layer by layer).
+
+The int8 model's conv outputs are read with onnxruntime's optimizations off, so
+DequantizeLinear -> Conv runs as the float emulation of the integer kernel
+(same products, exact int32 sums up to float rounding). The int32 biases are
+graph inputs of the measuring session, so one session serves every step.
+The corrections are returned as float deltas per bias initializer, to be added
+to the float model the QDQ model is built from (rebuilds keep them).
+"""
+from __future__ import annotations
+
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def correct_biases(
+    float_model: onnx.ModelProto,
+    qdq_model: onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    deadline: float | None = None,
+) -> dict[str, np.ndarray]:
+    """Float bias deltas (bias initializer name -> delta per channel) for the
+    quantized convolutions of ``qdq_model``, in graph order until ``deadline``."""
+    sites = _sites(float_model, qdq_model)
+    if not sites or not feeds:
+        return {}
+    reference = _channel_means(_session(float_model, [s.output for s in sites], {}), [s.output for s in sites], feeds, {})
+    biases = {s.int_name: s.int_value.copy() for s in sites}
+    session = _session(qdq_model, [s.output for s in sites], biases)
+    deltas: dict[str, np.ndarray] = {}
+    for site, want in zip(sites, reference):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        got = _channel_means(session, [site.output], feeds, biases)[0]
+        if got.shape != want.shape or got.shape != site.scale.shape:
+            continue
+        step = np.round((want - got) / site.scale).astype(np.int64)
+        biases[site.int_name] = np.clip(biases[site.int_name].astype(np.int64) + step, -(2**31), 2**31 - 1).astype(np.int32)
+        deltas[site.float_name] = ((biases[site.int_name].astype(np.float64) - site.int_value) * site.scale).astype(np.float32)
+    return deltas
+
+
+def apply_deltas(model: onnx.ModelProto, deltas: Mapping[str, np.ndarray]) -> int:
+    """Add ``deltas`` to the named float bias initializers of ``model`` (in place)."""
+    changed = 0
+    for tensor in model.graph.initializer:
+        delta = deltas.get(tensor.name)
+        if delta is None:
+            continue
+        value = numpy_helper.to_array(tensor).astype(np.float32)
+        if value.shape != delta.shape:
+            continue
+        tensor.CopyFrom(numpy_helper.from_array((value + delta).astype(np.float32), tensor.name))
+        changed += 1
+    return changed
+
+
+class _Site:
+    def __init__(self, output, float_name, int_name, int_value, scale):
+        self.output, self.float_name, self.int_name = output, float_name, int_name
+        self.int_value, self.scale = int_value, scale
+
+
+def _sites(float_model, qdq_model) -> list[_Site]:
+    """Quantized Convs whose bias is DQ(int32 initializer) and whose float twin has
+    a float bias initializer of the same name, in graph order."""
+    inits = {t.name: t for t in qdq_model.graph.initializer}
+    float_inits = {t.name for t in float_model.graph.initializer}
+    # A Relu the quantizer folded into its Conv's Q range leaves the Conv writing
+    # the Relu's tensor name: only a Conv in both models is the same tensor.
+    float_convs = {n.output[0]: n for n in float_model.graph.node if n.op_type == "Conv" and len(n.input) > 2}
+    producers = {o: n for n in qdq_model.graph.node for o in n.output}
+    sites = []
+    for node in qdq_model.graph.node:
+        twin = float_convs.get(node.output[0]) if node.op_type == "Conv" and len(node.input) > 2 else None
+        if twin is None or twin.input[2] != node.input[2]:
+            continue
+        dq = producers.get(node.input[2])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[1] not in inits:
+            continue
+        if node.input[2] not in float_inits or inits[dq.input[0]].data_type != onnx.TensorProto.INT32:
+            continue
+        value = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int32)
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+        scale = np.broadcast_to(scale, value.shape).copy() if scale.size == 1 else scale
+        sites.append(_Site(node.output[0], node.input[2], dq.input[0], value, scale))
+    return sites
+
+
+def _session(model, outputs: list[str], inputs: Mapping[str, np.ndarray]):
+    import onnxruntime as ort
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    graph = exposed.graph
+    have = {o.name for o in graph.output}
+    graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in have)
+    if inputs:  # biases become inputs: one session, new values per run
+        keep = [t for t in graph.initializer if t.name not in inputs]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        for name, value in inputs.items():
+            graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT32, list(value.shape)))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _channel_means(session, names: list[str], feeds, extra: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    wanted = {i.name for i in session.get_inputs()}
+    sums = None
+    for feed in feeds:
+        run_feed = {k: v for k, v in feed.items() if k in wanted}
+        run_feed.update(extra)
+        outs = session.run(names, run_feed)
+        means = [o.mean(axis=tuple(i for i in range(o.ndim) if i != 1), dtype=np.float64) if o.ndim >= 2 else o.astype(np.float64) for o in outs]
+        sums = means if sums is None else [a + b for a, b in zip(sums, means)]
+    return [s / len(feeds) for s in sums]
