@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("models", nargs="*", default=list(DEFAULT_MODELS))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--budget-seconds", type=float, default=120.0)
-    parser.add_argument("--method", default="minmax")
+    parser.add_argument("--method", default="auto")
     parser.add_argument("--equalize", default="cle", choices=("cle", "smooth", "none"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quant.md"))
     parser.add_argument("--fresh", action="store_true", help="drop the rows of models not run now")

@@ -50,7 +50,7 @@ def correct_biases(
         if deadline is not None and time.monotonic() > deadline:
             break
         got = _channel_means(session, [site.output], feeds, biases)[0]
-        if got.shape != want.shape or got.shape != site.scale.shape:
+        if got.shape != want.shape or got.shape != site.scale.shape:  # e.g. a Gemm with a 3-D output
             continue
         step = np.round((want - got) / site.scale).astype(np.int64)
         biases[site.int_name] = np.clip(biases[site.int_name].astype(np.int64) + step, -(2**31), 2**31 - 1).astype(np.int32)
@@ -73,6 +73,10 @@ def apply_deltas(model: onnx.ModelProto, deltas: Mapping[str, np.ndarray]) -> in
     return changed
 
 
+# Output channels on axis 1: Conv, ConvTranspose (N, C, ...) and 2-D Gemm (N, C).
+CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm")
+
+
 class _Site:
     def __init__(self, output, float_name, int_name, int_value, scale):
         self.output, self.float_name, self.int_name = output, float_name, int_name
@@ -80,18 +84,18 @@ class _Site:
 
 
 def _sites(float_model, qdq_model) -> list[_Site]:
-    """Quantized Convs whose bias is DQ(int32 initializer) and whose float twin has
-    a float bias initializer of the same name, in graph order."""
+    """Quantized Conv/ConvTranspose/Gemm whose bias is DQ(int32 initializer) and whose
+    float twin (same op, same output name) has that float bias initializer, in graph order."""
     inits = {t.name: t for t in qdq_model.graph.initializer}
     float_inits = {t.name for t in float_model.graph.initializer}
     # A Relu the quantizer folded into its Conv's Q range leaves the Conv writing
     # the Relu's tensor name: only a Conv in both models is the same tensor.
-    float_convs = {n.output[0]: n for n in float_model.graph.node if n.op_type == "Conv" and len(n.input) > 2}
+    float_convs = {n.output[0]: n for n in float_model.graph.node if n.op_type in CORRECTED_OPS and len(n.input) > 2}
     producers = {o: n for n in qdq_model.graph.node for o in n.output}
     sites = []
     for node in qdq_model.graph.node:
-        twin = float_convs.get(node.output[0]) if node.op_type == "Conv" and len(node.input) > 2 else None
-        if twin is None or twin.input[2] != node.input[2]:
+        twin = float_convs.get(node.output[0]) if node.op_type in CORRECTED_OPS and len(node.input) > 2 else None
+        if twin is None or twin.op_type != node.op_type or twin.input[2] != node.input[2]:
             continue
         dq = producers.get(node.input[2])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[1] not in inits:

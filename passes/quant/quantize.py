@@ -83,7 +83,7 @@ class QuantReport:
     warnings: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     equalized: int = 0
-    bias_corrected: bool = False
+    bias_corrected: int = 0  # layers whose bias absorbed the mean rounding error
     kept_float: bool = False
     seconds: float = 0.0
 
@@ -315,56 +315,47 @@ class _Plan:
     float_model: onnx.ModelProto | None = None  # the float model the int8 one rounds (equalized baseline)
     lean: "_Plan | None" = None  # the same with elementwise ops left float (CPU static)
     range_options: dict[str, dict] = dataclasses.field(default_factory=dict)  # method -> ranges (static)
+    # float bias name -> correction; applied only to layers that stay int8 (a
+    # correction for rounding is an error in a float layer)
+    bias_deltas: dict = dataclasses.field(default_factory=dict)
 
 
 def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, deadline: float):
     """Per range option: build, score, bias-correct layer by layer, score again; keep the best."""
-    base_float = plan.float_model
     best = None
     for method, ranges in plan.range_options.items():
-        plan.float_model, plan.ranges = base_float, ranges
+        plan.ranges, plan.bias_deltas = ranges, {}
         model = plan.build([])
         score = evaluate(model)
-        corrected = _bias_corrected(plan, model, deadline)
+        deltas = _bias_deltas(plan, model, deadline)
         line = f"ranges {method}: {report.metric} {score:.5f}"
-        if corrected is not None:
-            model_bc, float_bc, count = corrected
-            plan.float_model = float_bc
+        if deltas:
+            plan.bias_deltas = deltas
+            model_bc = plan.build([])
             score_bc = evaluate(model_bc)
-            line += f", {score_bc:.5f} after bias correction of {count} convolutions"
+            line += f", {score_bc:.5f} after bias correction of {len(deltas)} layers"
             if score_bc > score:
                 model, score = model_bc, score_bc
             else:
-                plan.float_model = base_float
+                deltas = {}
         log(line)
         report.notes.append(line)
         if best is None or score > best[0]:
-            best = (score, method, model, plan.float_model, ranges)
-    score, method, model, float_model, ranges = best
-    plan.float_model, plan.ranges = float_model, ranges
+            best = (score, method, model, deltas, ranges)
+    score, method, model, deltas, ranges = best
+    plan.ranges, plan.bias_deltas = ranges, deltas
     if plan.lean is not None:
-        plan.lean.float_model, plan.lean.ranges = float_model, ranges
+        plan.lean.ranges, plan.lean.bias_deltas = ranges, deltas
     report.method = method if len(plan.range_options) == 1 else f"auto ({method})"
-    report.bias_corrected = float_model is not base_float
+    report.bias_corrected = len(deltas)
     return model, score
 
 
-def _bias_corrected(plan: _Plan, model, deadline: float):
-    """(int8 model, float model, count) with conv biases corrected, or None."""
+def _bias_deltas(plan: _Plan, model, deadline: float) -> dict:
     feeds = plan.kept_feeds[:BIAS_CORRECTION_FEEDS]
     if time.monotonic() > deadline or not feeds:
-        return None
-    deltas = correct_biases(plan.float_model, model, feeds, deadline)
-    if not deltas:
-        return None
-    corrected = onnx.ModelProto()
-    corrected.CopyFrom(plan.float_model)
-    count = apply_deltas(corrected, deltas)
-    previous = plan.float_model
-    plan.float_model = corrected
-    rebuilt = plan.build([])
-    plan.float_model = previous
-    return rebuilt, corrected, count
+        return {}
+    return correct_biases(plan.float_model, model, feeds, deadline)
 
 
 def _leaner(plan: _Plan, first, first_score: float, evaluate, report: QuantReport, log):
@@ -422,10 +413,22 @@ def _static_plan(baseline, spec: FormatSpec, fixed: dict, ranges, kept_feeds) ->
         # the plan's current float model and ranges: bias correction and the
         # range choice replace them after the plan is made
         kept, floats = without_tensors_of(plan.float_model, plan.ranges, excluded)
-        return static_qdq(plan.float_model, kept, spec, list(fixed) + floats)
+        source = plan.float_model
+        if plan.bias_deltas:
+            source = _with_deltas(plan.float_model, plan.bias_deltas, set(floats) | set(fixed))
+        return static_qdq(source, kept, spec, list(fixed) + floats)
 
     plan = _Plan(build, candidates, dict(fixed), ranges, kept_feeds, baseline)
     return plan
+
+
+def _with_deltas(model: onnx.ModelProto, deltas: Mapping[str, np.ndarray], float_nodes: set[str]) -> onnx.ModelProto:
+    """``model`` with the bias corrections of the layers not in ``float_nodes``."""
+    skip = {n.input[2] for n in model.graph.node if n.name in float_nodes and len(n.input) > 2}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    apply_deltas(out, {k: v for k, v in deltas.items() if k not in skip})
+    return out
 
 
 def _equalized(baseline, tee: "_Tee", mode: str, report: QuantReport, log):
