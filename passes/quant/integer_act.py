@@ -226,4 +226,3 @@ def _const(graph, inits, name, value):
         _scale(graph, inits, name + "_scale", scale),
         _add(graph, inits, numpy_helper.from_array(np.array(zero, dtype=np.uint8), name + "_zero_point")),
     )
-

@@ -7,11 +7,15 @@ Order of work:
      BN/bias folded; it is also the reference for accuracy and latency;
   3. static formats: cross-layer equalization (equalize.py, exact in float;
      data-free CLE by default, SmoothQuant-style smoothing on request), then
-     streaming calibration (calibrate.py) of the equalized model;
-  4. provider placement (formats.py); on CPU, when the first model misses the
-     budget, the same placement with elementwise ops left float is scored too
-     and the better one is kept (requantizing residual sums and affines is
-     what costs PP-OCRv4 rec its accuracy);
+     streaming calibration (calibrate.py) of the equalized model; method
+     "auto" derives minmax and percentile ranges from the same histograms;
+     u8 ranges of tensors only HardSwish reads start just below -3 (exact);
+  4. provider placement (formats.py; on CPU HardSwish/HardSigmoid and
+     constant shifts become integer ops, integer_act.py); per range option the
+     model is built, scored, bias-corrected layer by layer (bias_correct.py)
+     and scored again, and the best is kept; when it still misses the budget,
+     the same placement with elementwise ops left float is scored too and the
+     better one is kept;
   5. the accuracy budget (budget.py): evaluate on validation feeds, and if the
      budget is missed return the most sensitive nodes to float, group by group,
      within ``budget_seconds``, keeping the best model;
