@@ -215,8 +215,14 @@ def _trailer(table: Path) -> str:
     if not table.exists():
         return ""
     lines = table.read_text().splitlines()
-    rows = [i for i, line in enumerate(lines) if line.startswith("|")]
-    return "\n" + "\n".join(lines[rows[-1] + 1 :]).strip("\n") + "\n" if rows and rows[-1] + 1 < len(lines) else ""
+    first = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if first is None:
+        return ""
+    end = first
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1  # the end of the results table; notes may hold tables of their own
+    rest = "\n".join(lines[end:]).strip("\n")
+    return "\n" + rest + "\n" if rest else ""
 
 
 def _replace(rows: list[dict], row: dict) -> list[dict]:
