@@ -117,3 +117,53 @@ def test_layers_returned_to_float_drop_their_bias_correction():
     np.testing.assert_allclose(values["b0"], original["b0"] + 0.5)
     np.testing.assert_array_equal(values["b1"], original["b1"])  # conv1 is float: uncorrected
     np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[1]), original["b0"])  # input untouched
+
+
+def test_fallback_reruns_bias_correction_for_each_configuration(monkeypatch):
+    """When the corrected model misses the budget, layers go back to float one at a time
+    and the corrections are recomputed for what stays int8 (not reused stale)."""
+    import time as _time
+
+    from onnxforge.passes.quant import budget as budget_mod
+    from onnxforge.passes.quant.quantize import _fallback_recorrected, _Plan, _with_deltas
+
+    model = _chain(depth=3)
+    calib = _feeds(6, 1)
+    ranges, _, _ = calibrate(model, calib, "percentile", percentile=99.0)
+    spec = formats.spec_for("cpu", model, vnni=True)
+    from onnxforge.passes.quant.quantize import without_tensors_of
+
+    def build(excluded):
+        kept, floats = without_tensors_of(plan.float_model, plan.ranges, excluded)
+        source = _with_deltas(plan.float_model, plan.bias_deltas, set(floats)) if plan.bias_deltas else plan.float_model
+        return formats.static_qdq(source, kept, spec, floats)
+
+    candidates = {n.name: n.op_type for n in model.graph.node}
+    plan = _Plan(build, candidates, {}, ranges, calib, model)
+    plan.bias_deltas = correct_biases(model, build([]), calib)
+    reference = [[_run(model, f)] for f in calib[:3]]
+    evaluate = lambda m: budget_mod.cosine(reference, [[_run(m, f)] for f in calib[:3]])  # noqa: E731
+    first = build([])
+    start = budget_mod.BudgetResult(first, evaluate(first), False, [], [])
+    seen = []
+    real = correct_biases
+
+    class Report:
+        metric = "cosine"
+
+    import importlib
+
+    quantize_mod = importlib.import_module("onnxforge.passes.quant.quantize")
+
+    def spy(float_model, qdq_model, feeds, deadline=None):
+        producers = {o: n.op_type for n in qdq_model.graph.node for o in n.output}
+        seen.append({n.name for n in qdq_model.graph.node if n.op_type == "Conv" and producers.get(n.input[0]) == "DequantizeLinear"})
+        return real(float_model, qdq_model, feeds, deadline)
+
+    monkeypatch.setattr(quantize_mod, "correct_biases", spy)
+    result = _fallback_recorrected(plan, start, evaluate, threshold=1.1, deadline=_time.monotonic() + 60, report=Report(), log=lambda _m: None)
+    assert len(result.steps) == len(seen) >= 2  # one recorrection per configuration
+    assert all(len(a) > len(b) for a, b in zip(seen, seen[1:]))  # ever fewer int8 convs
+    assert [len(s.excluded) for s in result.steps] == list(range(1, len(result.steps) + 1))
+    assert result.score >= start.score and not result.met
+    assert plan.bias_deltas is not None
