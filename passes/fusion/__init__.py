@@ -1,5 +1,6 @@
 """Fusion passes. NEUTRAL_PIPELINE runs at -O2 for every provider."""
 from .activation import PASSES as ACTIVATION_PASSES
+from .affine_conv import PASSES as AFFINE_CONV_PASSES
 from .attention import PASSES as ATTENTION_PASSES
 from .attention_gqa import PASSES as GQA_PASSES
 from .conv_affine import PASSES as CONV_AFFINE_PASSES
@@ -11,13 +12,14 @@ from .pad import PASSES as PAD_PASSES
 
 PASSES: tuple = (
     () + ATTENTION_PASSES + GQA_PASSES + ACTIVATION_PASSES + LAYERNORM_PASSES
-    + CONV_BN_PASSES + CONV_AFFINE_PASSES + PAD_PASSES + DENSE_PASSES + EMBED_LAYERNORM_PASSES
+    + CONV_BN_PASSES + CONV_AFFINE_PASSES + AFFINE_CONV_PASSES + PAD_PASSES + DENSE_PASSES + EMBED_LAYERNORM_PASSES
 )
 # Exact rewrites into standard ONNX ops only. SiLU is not here: ONNX has no Swish
 # before opset 24, so it is fused only into onnxruntime's QuickGelu (CPU/CUDA profiles).
 NEUTRAL_PIPELINE: tuple[str, ...] = (
     "fuse-conv-bn",
     "fuse-conv-affine",
+    "fuse-affine-into-conv",
     "fuse-pad",
     "fuse-hardswish",
     "fold-matmul-scale",
