@@ -9,7 +9,8 @@ With y = a * h + b (a, b scalars or per input channel) read only by Conv(W, bias
     elementwise op instead of two);
   * Mul alone:   Conv_W(pad(a h)) = Conv_{W a}(pad(h)), padding or not.
 W a scales input channel i of W (for grouped convs, the channels of its group).
-Preconditions: Conv in the default domain with constant floating weights (and bias),
+Preconditions: the Mul is not the 0.5 of a GELU or the 1/6 of a HardSwish still being
+matched (x * (1 + erf(..)) * 0.5 before a Conv: Whisper's conv stem); Conv in the default domain with constant floating weights (and bias),
 the intermediate tensors read only inside the pattern, constants of the weights' type
 that broadcast per input channel only (scalar or [C, 1, 1] / [1, C, 1, 1]).
 """
@@ -21,6 +22,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.passes.base import Match, RulePass
 
 from ._match import FusionRule, const_value, fresh_constant, producer, replace, split_const
+from .dense import activation_product
 
 
 def input_channel_vector(c: np.ndarray, channels: int) -> np.ndarray | None:
@@ -74,6 +76,8 @@ class AffineIntoNextConv(FusionRule):
         w = const_value(conv.inputs[1])
         if w is None or w.dtype.kind != "f" or (len(conv.inputs) > 2 and conv.inputs[2].name and const_value(conv.inputs[2]) is None):
             return "weights not constant floating point"
+        if activation_product(match.info["h"]):
+            return "the scale belongs to a GELU/HardSwish pattern (kept for the activation fusion)"
         for key in ("a", "b"):
             c = const_value(match.info[key]) if match.info[key] is not None else None
             if match.info[key] is not None and (c is None or c.dtype != w.dtype):

@@ -126,7 +126,7 @@ class GemmTranspose(FusionRule):
         replace(graph, match, "Gemm", inputs, attrs, name=gemm.name)
 
 
-def _activation_product(t: gs.Tensor) -> bool:
+def activation_product(t: gs.Tensor) -> bool:
     """Is ``t`` x * (1 + erf(..)) / x * (1 + tanh(..)) (GELU before its 0.5) or x * clip(..)
     (HardSwish before its 1/6)?"""
     mul = producer_op(t, "Mul")
@@ -173,7 +173,7 @@ class MatMulScale(FusionRule):
         s = const_value(match.info["s"])
         if s is None or s.size != 1:
             return "scale is not a constant scalar"
-        if match.nodes[0] is lin and _activation_product(match.info["a"]):
+        if match.nodes[0] is lin and activation_product(match.info["a"]):
             return "the scale belongs to a GELU/HardSwish pattern (kept for the activation fusion)"
         if s.ndim > 0 and lin.op == "Gemm" and s.ndim > 2:
             return "scale would broadcast the output's rank"

@@ -58,3 +58,21 @@ def test_scale_alone_folds_into_a_padded_conv():
 ])
 def test_refusals(text, reason):
     assert reason in refusal_reasons(text, "fuse-affine-into-conv")
+
+
+def test_refuses_the_half_of_a_gelu():
+    """Whisper's conv stem: x * (1 + erf(x / sqrt 2)) * 0.5 -> Conv: the 0.5 stays for fuse-gelu."""
+    text = HEAD + f'''
+g (float[N, 4, 6, 6] x) => (float[N, 6, 4, 4] y) {{
+    w = Constant <value = float[6, 4, 3, 3] {_arr((6, 4, 3, 3), 0)}> ()
+    r2 = Constant <value = float {{1.4142135}}> ()
+    one = Constant <value = float {{1.0}}> ()
+    half = Constant <value = float {{0.5}}> ()
+    d = Div (x, r2)
+    e = Erf (d)
+    p = Add (e, one)
+    q = Mul (x, p)
+    m = Mul (q, half)
+    y = Conv (m, w)
+}}'''
+    assert refusal_reasons(text, "fuse-affine-into-conv") == ["the scale belongs to a GELU/HardSwish pattern (kept for the activation fusion)"]
