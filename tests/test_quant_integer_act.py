@@ -194,3 +194,17 @@ def test_whole_window_pool_becomes_global_and_quantizes_right(op):
     # a window smaller than the input is left alone
     small = _model([helper.make_node(op, ["x"], ["y"], name="pool", kernel_shape=[3, 3])], [], out_shape=(1, 8, 4, 4), opset=13)
     assert whole_window_pools_to_global(small)[1] == 0
+
+
+def test_gemm_row_bias_becomes_a_vector_and_quantizes():
+    """magika_v3_3: onnxruntime's MatMul+Add fusion leaves Gemm's C as [1, N], on which its
+    QDQ quantizer's per-channel bias check raised 'truth value of an array is ambiguous'."""
+    from onnxforge.passes.quant.prepare import gemm_bias_as_vector
+
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], name="flatten"), helper.make_node("Gemm", ["f", "w", "c"], ["y"], name="fc")]
+    model = _model(nodes, [_w("w", (288, 4)), _w("c", (1, 4))], out_shape=(1, 4), opset=13)
+    rewritten, count = gemm_bias_as_vector(onnx.load_from_string(model.SerializeToString()))
+    assert count == 1 and list(next(t for t in rewritten.graph.initializer if t.name == "c").dims) == [4]
+    feed = _feeds(1)[0]
+    np.testing.assert_allclose(_run(rewritten, feed), _run(model, feed), rtol=1e-6)
+    formats.static_qdq(rewritten, _ranges(rewritten, _feeds()), formats.spec_for("cpu", rewritten, vnni=True))  # no error

@@ -42,6 +42,7 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, af
         proto = ort_offline(proto, level="basic")
     proto, _ = fold_conv_affine(proto)
     proto, _ = whole_window_pools_to_global(proto)
+    proto, _ = gemm_bias_as_vector(proto)
     proto, _ = fuse_hardswish(proto)
     if affine_into_next:
         proto, _ = fold_affine(proto)
@@ -244,6 +245,30 @@ def whole_window_pools_to_global(proto: onnx.ModelProto) -> tuple[onnx.ModelProt
         node.op_type = "Global" + node.op_type
         del node.attribute[:]
         changed += 1
+    return proto, changed
+
+
+def gemm_bias_as_vector(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Gemm's C of shape [1, N] becomes [N] (the same broadcast over rows).
+
+    onnxruntime's MatMul+Add fusion writes C as [1, N]; its QDQ quantizer then
+    compares a row of the per-channel bias with a scalar and fails ("truth value of
+    an array ... is ambiguous", magika_v3_3)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    changed = 0
+    for node in proto.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits or readers[node.input[2]] != 1:
+            continue
+        c = inits[node.input[2]]
+        if len(c.dims) == 2 and c.dims[0] == 1:
+            c.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(c).reshape(-1), c.name))
+            changed += 1
     return proto, changed
 
 
