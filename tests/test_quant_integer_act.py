@@ -2,8 +2,6 @@
 and the whole-window pool rewrite of the float baseline (prepare.whole_window_pools_to_global)."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnx
 import onnxruntime as ort

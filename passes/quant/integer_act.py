@@ -63,8 +63,10 @@ def integer_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             new_nodes.append(node)
             continue
         dq, q = site
-        build = _hardswish if node.op_type == "HardSwish" else _hardsigmoid
-        new_nodes.extend(build(node, dq, q, consumers, graph, inits))
+        if node.op_type == "HardSwish":
+            new_nodes.extend(_hardswish(node, dq, q, graph, inits))
+        else:
+            new_nodes.extend(_hardsigmoid(node, q, consumers, graph, inits))
         rewritten += 1
     if rewritten:
         new_nodes = [n for n in new_nodes if id(n) not in dropped]
@@ -98,7 +100,7 @@ def _scalar_u8(inits, scale_name, zero_name) -> bool:
     )
 
 
-def _hardswish(node, dq, q, consumers, graph, inits):
+def _hardswish(node, dq, q, graph, inits):
     """y -> Add(+3) -> Q(6/255) -> DQ -> Mul(y, .) -> Q(6 s, z) (the old Q, rescaled)."""
     base = node.name or node.output[0]
     y_again = f"{base}_y"
@@ -120,7 +122,7 @@ def _hardswish(node, dq, q, consumers, graph, inits):
     return nodes
 
 
-def _hardsigmoid(node, dq, q, consumers, graph, inits):
+def _hardsigmoid(node, q, consumers, graph, inits):
     """y -> Add(b/a) -> Q(1/(255 a), 0); the DQs reading it use (1/255, 0)."""
     base = node.name or node.output[0]
     alpha, beta = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
