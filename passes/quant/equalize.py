@@ -341,110 +341,16 @@ def _cle(model, sites: list[Site], iterations: int) -> int:
 
 
 def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """h -> Mul(a) [-> Add(b)] -> Conv(W) with per-channel/scalar constants: the
-    affine moves into the Conv, which then reads h (one Q/DQ point instead of
-    three, and two fewer elementwise kernels). With y = a*h + b:
-      * Conv without padding: Conv_W(a*h + b) = Conv_{W*a}(h) + B with
-        B[o] = sum_{i,k} W[o, i, k] * b_i (b is constant over space);
-      * padded Conv: padding inserts 0, not b, at the borders, so only the Mul
-        moves: a*h + b = a*(h + b/a) for a != 0, giving Add(b/a) -> Conv_{W*a};
-      * Mul alone: Conv_W(pad(a*h)) = Conv_{W*a}(pad(h)), padding or not.
-    Every intermediate tensor must have one reader and not be a graph output."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    producers, readers, inits, outputs = _maps(out)
-    removed: set[int] = set()
-    folded = 0
-    for conv in list(out.graph.node):
-        if conv.op_type != "Conv" or not _weighted(conv, inits) or not _private(conv.input[0], readers, outputs):
-            continue
-        chain = _affine_chain(conv, producers, readers, inits, outputs)
-        if chain is None:
-            continue
-        mul, add, a, b = chain
-        if _fold_one(out, inits, conv, mul, add, a, b):
-            removed.update(id(n) for n in (mul, add) if n is not None and not (n is add and conv.input[0] == add.output[0]))
-            folded += 1
-    kept = [n for n in out.graph.node if id(n) not in removed]
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    _drop_unused(out)
-    return out, folded
+    """h -> Mul(a) [-> Add(b)] -> Conv: the affine moves into the Conv (one Q/DQ
+    point instead of three, two fewer elementwise kernels). The rewrite is the
+    -O2 fusion ``fuse-affine-into-conv`` (passes/fusion/affine_conv.py, its math
+    and preconditions there), run on ``model`` alone; the copy and the number of
+    folds are returned."""
+    from onnxforge.context import PassContext
+    from onnxforge.model import Model
+    from onnxforge.passes.fusion.affine_conv import FuseAffineIntoConv
 
+    working = Model.from_proto(model)
+    result = FuseAffineIntoConv().run(working.graph, PassContext(model=working))
+    return working.to_proto(), int(result.stats.get("affine-into-conv", 0))
 
-def _affine_chain(conv, producers, readers, inits, outputs):
-    """(mul, add or None, a, b or None) for Conv <- [Add(b)] <- Mul(a), constants per input channel."""
-    channels = int(inits[conv.input[1]].dims[1]) * _group(conv)
-    node = producers.get(conv.input[0])
-    add = b = None
-    if node is not None and node.op_type == "Add":
-        add, b = node, _const_operand(node, inits, channels)
-        if b is None or not _private(_other(node, inits), readers, outputs):
-            return None
-        node = producers.get(_other(node, inits))
-    if node is None or node.op_type != "Mul":
-        return None
-    a = _const_operand(node, inits, channels)
-    return None if a is None else (node, add, a, b)
-
-
-def _other(node, inits) -> str:
-    return node.input[0] if node.input[1] in inits else node.input[1]
-
-
-def _const_operand(node, inits, channels: int) -> np.ndarray | None:
-    """The constant operand as a [channels] vector when it is scalar or per NCHW channel."""
-    names = [i for i in node.input if i in inits]
-    if len(node.input) != 2 or len(names) != 1:
-        return None
-    value = numpy_helper.to_array(inits[names[0]]).astype(np.float64)
-    if value.size == 1:
-        return np.full(channels, float(value.reshape(-1)[0]))
-    if value.size == channels and value.ndim >= 3 and value.shape[-3] == channels:
-        return value.reshape(-1)
-    return None
-
-
-def _unpadded(conv) -> bool:
-    attrs = {a.name: a for a in conv.attribute}
-    auto = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
-    if auto not in ("NOTSET", "VALID"):
-        return False
-    return auto == "VALID" or "pads" not in attrs or not any(attrs["pads"].ints)
-
-
-def _fold_one(model, inits, conv, mul, add, a, b) -> bool:
-    h = _other(mul, inits)
-    weight = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
-    if add is None:
-        _scale_reader(model, inits, conv, a)
-        conv.input[0] = h
-        return True
-    if _unpadded(conv):
-        shift = _input_sum(conv, weight, b)
-        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
-        name = _add_init(model, inits, conv.name + "_affine_bias", (bias + shift).astype(np.float32))
-        _scale_reader(model, inits, conv, a)
-        if len(conv.input) > 2:
-            conv.input[2] = name
-        else:
-            conv.input.append(name)
-        conv.input[0] = h
-        return True
-    if np.any(a == 0):
-        return False
-    _scale_reader(model, inits, conv, a)
-    add.input[:] = [h, _add_init(model, inits, add.name + "_shift", (b / a).reshape(-1, 1, 1).astype(np.float32))]
-    return True
-
-
-def _input_sum(conv, weight: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """B[o] = sum over input channels i (of o's group) and the kernel of W[o, i, k] * b_i."""
-    group, per_in = _group(conv), weight.shape[1]
-    per_out = weight.shape[0] // group
-    sums = weight.reshape(weight.shape[0], per_in, -1).sum(axis=2)  # [O, per_in]
-    out = np.zeros(weight.shape[0])
-    for g in range(group):
-        rows = slice(g * per_out, (g + 1) * per_out)
-        out[rows] = sums[rows] @ b[g * per_in : (g + 1) * per_in]
-    return out

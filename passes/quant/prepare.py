@@ -35,7 +35,8 @@ MIN_QDQ_OPSET = 13
 
 def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, affine_into_next: bool = True) -> onnx.ModelProto:
     """The cleaned, opset>=13, BN-folded float model as a ModelProto."""
-    proto = _onnxforge_pipeline(model)
+    # -O2 folds affines into the next conv too (fuse-affine-into-conv): off with them
+    proto = _onnxforge_pipeline(model, skip=() if affine_into_next else ("fuse-affine-into-conv",))
     proto = lower_constants(proto)
     proto = raise_opset(proto, MIN_QDQ_OPSET)
     if ort_basic:
@@ -49,12 +50,12 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, af
     return proto
 
 
-def _onnxforge_pipeline(model: Model | onnx.ModelProto) -> onnx.ModelProto:
-    """Run onnxforge's -O2 passes to a fixpoint when they exist."""
+def _onnxforge_pipeline(model: Model | onnx.ModelProto, skip: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """Run onnxforge's -O2 passes (less ``skip``) to a fixpoint when they exist."""
     from onnxforge.passes.registry import level_pipeline, resolve
 
     proto = model if isinstance(model, onnx.ModelProto) else model.to_proto()
-    names = level_pipeline(2)
+    names = [n for n in level_pipeline(2) if n not in skip]
     if not names:
         return proto
     try:
