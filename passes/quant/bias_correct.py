@@ -30,6 +30,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .calibrate import session_with_outputs
+from .equalize import graph_maps
+
 
 def correct_biases(
     float_model: onnx.ModelProto,
@@ -86,12 +89,11 @@ class _Site:
 def _sites(float_model, qdq_model) -> list[_Site]:
     """Quantized Conv/ConvTranspose/Gemm whose bias is DQ(int32 initializer) and whose
     float twin (same op, same output name) has that float bias initializer, in graph order."""
-    inits = {t.name: t for t in qdq_model.graph.initializer}
+    producers, _readers, inits, _outputs = graph_maps(qdq_model)
     float_inits = {t.name for t in float_model.graph.initializer}
     # A Relu the quantizer folded into its Conv's Q range leaves the Conv writing
     # the Relu's tensor name: only a Conv in both models is the same tensor.
     float_convs = {n.output[0]: n for n in float_model.graph.node if n.op_type in CORRECTED_OPS and len(n.input) > 2}
-    producers = {o: n for n in qdq_model.graph.node for o in n.output}
     sites = []
     for node in qdq_model.graph.node:
         twin = float_convs.get(node.output[0]) if node.op_type in CORRECTED_OPS and len(node.input) > 2 else None
@@ -110,23 +112,19 @@ def _sites(float_model, qdq_model) -> list[_Site]:
 
 
 def _session(model, outputs: list[str], inputs: Mapping[str, np.ndarray]):
-    import onnxruntime as ort
-
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    graph = exposed.graph
-    have = {o.name for o in graph.output}
-    graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in have)
-    if inputs:  # biases become inputs: one session, new values per run
+    """calibrate's exposing session; ``inputs`` (the int32 biases) become graph
+    inputs, so one session serves every step with new values per run."""
+    if inputs:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        graph = copy.graph
         keep = [t for t in graph.initializer if t.name not in inputs]
         del graph.initializer[:]
         graph.initializer.extend(keep)
         for name, value in inputs.items():
             graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT32, list(value.shape)))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        model = copy
+    return session_with_outputs(model, outputs)
 
 
 def _channel_means(session, names: list[str], feeds, extra: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -234,7 +234,7 @@ def collect_histograms(
     cached: list | None = None if reusable or len(groups) == 1 else []
     count = 0
     for index, group in enumerate(groups):
-        session = _session_with_outputs(model, group, providers)
+        session = session_with_outputs(model, group, providers)
         source = _replay(first, iterator) if index == 0 else (iter(feeds) if reusable else iter(cached))
         count = 0
         for feed in source:
@@ -262,7 +262,8 @@ def _update(session, feed, group: list[str], histograms) -> None:
     del outputs
 
 
-def _session_with_outputs(model: onnx.ModelProto, names: list[str], providers):
+def session_with_outputs(model: onnx.ModelProto, names: list[str], providers=("CPUExecutionProvider",)):
+    """A session on ``model`` with ``names`` also as outputs, onnxruntime rewrites off."""
     import onnxruntime as ort
 
     exposed = onnx.ModelProto()

@@ -68,7 +68,8 @@ class Site:
         return 1 if self.reader.op_type == "Conv" else -1
 
 
-def _maps(model: onnx.ModelProto):
+def graph_maps(model: onnx.ModelProto):
+    """(producer by tensor, readers by tensor, initializers by name, graph output names) of the main graph."""
     producers = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -89,7 +90,7 @@ def _weighted(node: onnx.NodeProto, inits) -> bool:
 
 def find_sites(model: onnx.ModelProto) -> list[Site]:
     """Every Conv/MatMul whose input chain absorbs a per-channel 1/s exactly."""
-    producers, readers, inits, outputs = _maps(model)
+    producers, readers, inits, outputs = graph_maps(model)
     sites = []
     for node in model.graph.node:
         if not _weighted(node, inits) or node.input[0] in inits:

@@ -37,16 +37,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .equalize import graph_maps
+
 
 def integer_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Rewrite HardSwish/HardSigmoid between Q/DQ in ``model`` (in place); returns (model, count)."""
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producer, consumers, inits, _outputs = graph_maps(model)
     rewritten = 0
     dropped: set[int] = set()
     for node in graph.node:

@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.model import Model
 
-from .equalize import fold_affine
+from .equalize import fold_affine, graph_maps
 
 log = logging.getLogger("onnxforge.quant")
 
@@ -257,14 +257,10 @@ def gemm_bias_as_vector(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     an array ... is ambiguous", magika_v3_3)."""
     from onnx import numpy_helper
 
-    inits = {t.name: t for t in proto.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    _producers, readers, inits, _outputs = graph_maps(proto)
     changed = 0
     for node in proto.graph.node:
-        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits or readers[node.input[2]] != 1:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits or len(readers[node.input[2]]) != 1:
             continue
         c = inits[node.input[2]]
         if len(c.dims) == 2 and c.dims[0] == 1:

@@ -371,10 +371,11 @@ def _fallback_recorrected(plan: _Plan, start, evaluate, threshold: float, deadli
     best, steps, start_deltas, best_deltas = start, [], plan.bias_deltas, plan.bias_deltas
     log(f"{report.metric} {start.score:.5f} misses the budget {threshold:.5f}: returning the noisiest layers to float, "
         "bias correction re-run each time")
+    timed_out = False
     for k in range(1, len(ranked) + 1):
         if time.monotonic() > deadline:
-            plan.bias_deltas = best_deltas if best.met else start_deltas
-            return dataclasses.replace(best, steps=steps, timed_out=True)
+            timed_out = True
+            break
         began = time.monotonic()
         excluded = ranked[:k]
         plan.bias_deltas = {}
@@ -391,7 +392,7 @@ def _fallback_recorrected(plan: _Plan, start, evaluate, threshold: float, deadli
             break
     # met: the plan now builds the kept model; missed: the generic search goes on from the start
     plan.bias_deltas = best_deltas if best.met else start_deltas
-    return dataclasses.replace(best, steps=steps)
+    return dataclasses.replace(best, steps=steps, timed_out=timed_out)
 
 
 def _bias_deltas(plan: _Plan, model, deadline: float) -> dict:
@@ -434,9 +435,10 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
     log(f"calibrating ({method}) ...")
     symmetric = spec.symmetric_activations
     methods = AUTO_METHODS if method == "auto" else (method,)
-    _ranges, hists, count = calibrate(baseline, tee, methods[0], symmetric=symmetric)
+    first_ranges, hists, count = calibrate(baseline, tee, methods[0], symmetric=symmetric)
     report.calibration_feeds = count
-    options = {m: {name: compute_range(h, m, symmetric) for name, h in hists.items()} for m in methods}
+    options = {m: first_ranges if m == methods[0] else {name: compute_range(h, m, symmetric) for name, h in hists.items()}
+               for m in methods}
     if not symmetric:  # u8 grids: no levels below what HardSwish readers saturate anyway
         options = {m: saturated_by_readers(baseline, r) for m, r in options.items()}
     plan = _static_plan(baseline, spec, fixed, options[methods[0]], tee.kept)
