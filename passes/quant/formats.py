@@ -31,6 +31,7 @@ import onnx
 from onnxforge.errors import OptionError
 
 from .integer_act import integer_activations
+from .layout import nhwc_data_movement, worth_it
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -177,7 +178,18 @@ def static_qdq(
     out = quantizer.model.model
     if spec.provider == "cpu" and not spec.symmetric_activations:
         out, _ = integer_activations(out)  # HardSwish/HardSigmoid as QLinearAdd/QLinearMul
+        out = _upsampling_in_nhwc(out)
     return _toposorted(_without_unused_initializers(out))
+
+
+def _upsampling_in_nhwc(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Nearest Resize / DepthToSpace of integers written in NHWC, when onnxruntime's
+    layout transposes cancel around them (see layout.py)."""
+    moved, count = nhwc_data_movement(_copy(model))
+    if not count:
+        return model
+    moved = _toposorted(_without_unused_initializers(moved))
+    return moved if worth_it(model, moved) else model
 
 
 def dynamic_matmul(model: onnx.ModelProto, spec: FormatSpec, exclude: list[str] = ()) -> onnx.ModelProto:

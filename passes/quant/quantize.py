@@ -50,6 +50,7 @@ from .formats import (
     CPU_STATIC_LEAN_OPS, FormatSpec, dynamic_matmul, integer_kernels, provider_exclusions, spec_for, stale_float_weights,
     static_qdq, summarize_kernels, write_tensorrt_cache,
 )
+from .layout import convtranspose_as_conv_shuffle
 from .prepare import constant_nodes_to_initializers, float_baseline
 
 RANDOM_WARNING = (
@@ -432,6 +433,8 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
         build = lambda excluded: dynamic_matmul(baseline, spec, list(fixed) + list(excluded))  # noqa: E731
         return _Plan(build, {k: v for k, v in candidates.items() if k not in fixed}, fixed, {}, kept)
     baseline, tee = _equalized(baseline, tee, equalize, report, log)
+    if spec.provider == "cpu" and not spec.symmetric_activations:
+        baseline = _shuffled_convtransposes(baseline, report)
     log(f"calibrating ({method}) ...")
     symmetric = spec.symmetric_activations
     methods = AUTO_METHODS if method == "auto" else (method,)
@@ -449,6 +452,17 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
                        for n in baseline.graph.node if n.op_type in set(spec.op_types) - set(CPU_STATIC_LEAN_OPS)}
         plan.lean = _static_plan(baseline, lean, {**fixed, **elementwise}, plan.ranges, tee.kept)
     return plan
+
+
+def _shuffled_convtransposes(baseline, report: QuantReport):
+    """Non-overlapping ConvTranspose as 1x1 Conv + pixel shuffle: the conv gets an
+    integer kernel on CPU, onnxruntime has none for ConvTranspose (layout.py)."""
+    shuffled = onnx.ModelProto()
+    shuffled.CopyFrom(baseline)
+    shuffled, count = convtranspose_as_conv_shuffle(shuffled)
+    if count:
+        report.notes.append(f"{count} ConvTranspose (kernel == stride) rewritten as 1x1 Conv + DepthToSpace for integer kernels (exact)")
+    return shuffled
 
 
 def _static_plan(baseline, spec: FormatSpec, fixed: dict, ranges, kept_feeds) -> _Plan:

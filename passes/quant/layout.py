@@ -1,0 +1,313 @@
+"""Upsampling that onnxruntime's CPU provider runs slowly in its int8 layout, rewritten exactly.
+
+onnxruntime runs quantized convolutions channels-last (NHWC) and pushes the
+layout transposes through the ops around them, so data movement between
+integer kernels runs in NHWC too. Two upsampling ops pay for it:
+
+  * ConvTranspose has no integer kernel: it stays float with a
+    DequantizeLinear before and a QuantizeLinear after. With kernel == stride
+    and no padding its windows do not overlap, and it is a 1x1 convolution
+    followed by a pixel shuffle (convtranspose_as_conv_shuffle):
+
+      y[n, o, k*i + a, k*j + b] = B[o] + sum_c x[n, c, i, j] W[c, o, a, b]
+                                = DepthToSpace_DCR(Conv1x1(x; V, B'), k)
+      with V[(a*k + b)*O + o, c] = W[c, o, a, b] and B'[(a*k + b)*O + o] = B[o].
+
+    Preconditions: 4-D, group 1, kernel == strides (square), pads 0,
+    dilations 1, no output_padding/output_shape, constant weight and bias.
+    A unary elementwise op reading the result moves before the shuffle (it
+    commutes with any movement), so the conv's activation fuses as before.
+  * Resize (nearest, integer factors) on u8 in NHWC takes onnxruntime's
+    generic per-element path (2.2 ms for 80x80x96 -> 160x160x96 where NCHW
+    takes 0.09 ms), and DepthToSpace on u8 is slower still.
+
+nhwc_data_movement rewrites DQ(q) -> {Resize | DepthToSpace} [-> Q] into the
+same movement of the integer tensor q written in NHWC:
+
+    Transpose(NCHW->NHWC) -> NHWC movement -> Transpose(NHWC->NCHW) [-> DQ]
+
+  Resize, factors (sh, sw):  Unsqueeze(axes 2, 4) -> Expand(1,1,sh,1,sw,1)
+                             -> Reshape(N, H*sh, W*sw, C)     (repeats rows of C)
+  DepthToSpace DCR, block k: Split(channels, k) -> Unsqueeze(2) each -> Concat(2)
+                             -> Reshape(N, H*k, W*k, C)       (moves runs of k*C;
+                             half the time of the equivalent 5-D Transpose)
+
+Moving integers commutes with the elementwise DQ, and a Q with the DQ's scale
+and zero point after pure movement gives back the same integers, so the result
+is bit-exact. onnxruntime cancels the two outer transposes against the ones it
+puts around the NHWC kernels; where it cannot (no integer kernel beside the
+op), they would run for real, so the caller keeps the rewrite only when the
+optimized graph has no more Transpose nodes than before (``worth_it``).
+
+Resize counts as nearest repetition when mode is nearest, scales are
+[1, 1, sh, sw] with integer sh, sw >= 1 and the coordinate mapping sends
+output i to input floor(i / s): asymmetric with nearest_mode floor, or
+half_pixel / pytorch_half_pixel with either round_prefer mode (the source
+coordinate (i + 0.5) / s - 0.5 lies strictly within half a step of i // s).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .equalize import graph_maps
+
+REPEATING_MODES = {
+    ("asymmetric", "floor"),
+    ("half_pixel", "round_prefer_floor"),
+    ("half_pixel", "round_prefer_ceil"),
+    ("pytorch_half_pixel", "round_prefer_floor"),
+    ("pytorch_half_pixel", "round_prefer_ceil"),
+}
+TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+# the same map on every element; Clip's bounds must be constants
+UNARY_ELEMENTWISE = ("Relu", "LeakyRelu", "Sigmoid", "Clip", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Softplus")
+
+
+# ------------------------------------------------------------------ float: ConvTranspose -> Conv + DepthToSpace
+
+
+def convtranspose_as_conv_shuffle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Non-overlapping ConvTranspose -> 1x1 Conv + DepthToSpace(DCR), in place; (model, count)."""
+    graph = model.graph
+    _producers, readers, inits, _outputs = graph_maps(model)
+    new_nodes, changed = [], 0
+    for node in graph.node:
+        k = _shuffle_block(node, inits, readers)
+        if k is None:
+            new_nodes.append(node)
+            continue
+        new_nodes.extend(_conv_then_shuffle(node, k, graph, inits))
+        changed += 1
+    if changed:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        _sink_shuffles(model)
+    return model, changed
+
+
+def _sink_shuffles(model: onnx.ModelProto) -> None:
+    """DepthToSpace -> unary elementwise op becomes op -> DepthToSpace (movement
+    commutes with elementwise maps), so the activation fuses into the integer conv."""
+    moved = True
+    while moved:
+        moved = False
+        _producers, readers, inits, outputs = graph_maps(model)
+        nodes = list(model.graph.node)
+        for shuffle in nodes:
+            if shuffle.op_type != "DepthToSpace" or shuffle.output[0] in outputs:
+                continue
+            users = readers.get(shuffle.output[0], [])
+            if len(users) != 1 or not _unary_elementwise(users[0], shuffle.output[0], inits):
+                continue
+            act = users[0]
+            act.input[0], old_out = shuffle.input[0], act.output[0]
+            act.output[0] = shuffle.input[0] + "_" + (act.name or act.op_type)
+            shuffle.input[0], shuffle.output[0] = act.output[0], old_out
+            nodes.remove(shuffle)
+            nodes.insert(nodes.index(act) + 1, shuffle)
+            del model.graph.node[:]
+            model.graph.node.extend(nodes)
+            moved = True
+            break
+
+
+def _unary_elementwise(node, data, inits) -> bool:
+    if node.domain not in ("", "ai.onnx") or node.op_type not in UNARY_ELEMENTWISE or node.input[0] != data:
+        return False
+    return len(node.output) == 1 and all(not name or name in inits for name in node.input[1:])
+
+
+def _shuffle_block(node, inits, readers) -> int | None:
+    """The block size k when ``node`` is a ConvTranspose that is a 1x1 conv + pixel shuffle."""
+    if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    weight = inits.get(node.input[1])
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if weight is None or len(weight.dims) != 4 or (bias is not None and bias not in inits):
+        return None
+    if len(readers.get(node.input[1], [])) != 1:
+        return None
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    kernel = list(a.get("kernel_shape", weight.dims[2:]))
+    if kernel != list(weight.dims[2:]) or kernel[0] != kernel[1] or kernel[0] < 1:
+        return None
+    k = kernel[0]
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if a.get("group", 1) != 1 or list(a.get("strides", [1, 1])) != [k, k] or auto_pad not in ("NOTSET", "VALID"):
+        return None
+    if any(a.get("pads", [0] * 4)) or any(d != 1 for d in a.get("dilations", [1, 1])):
+        return None
+    if any(a.get("output_padding", [0, 0])) or "output_shape" in a:
+        return None
+    return k
+
+
+def _conv_then_shuffle(node, k, graph, inits) -> list[onnx.NodeProto]:
+    base = node.name or node.output[0]
+    w = numpy_helper.to_array(inits[node.input[1]])  # [C, O, k, k]
+    c_in, c_out = w.shape[0], w.shape[1]
+    v = w.transpose(2, 3, 1, 0).reshape(k * k * c_out, c_in, 1, 1)  # row (a*k + b)*O + o
+    names = [node.input[0], _init(graph, inits, numpy_helper.from_array(np.ascontiguousarray(v), f"{base}_as_conv_weight"))]
+    if len(node.input) > 2 and node.input[2]:
+        b = numpy_helper.to_array(inits[node.input[2]])
+        names.append(_init(graph, inits, numpy_helper.from_array(np.tile(b, k * k), f"{base}_as_conv_bias")))
+    stacked = f"{base}_blocks"
+    return [
+        helper.make_node("Conv", names, [stacked], name=f"{base}_as_conv", kernel_shape=[1, 1]),
+        helper.make_node("DepthToSpace", [stacked], [node.output[0]], name=f"{base}_shuffle", blocksize=k, mode="DCR"),
+    ]
+
+
+# ------------------------------------------------------------------ int8: movement of the integers in NHWC
+
+
+def nhwc_data_movement(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """DQ -> Resize/DepthToSpace [-> Q] as NHWC movement of the integers (in place); (model, count)."""
+    graph = model.graph
+    producers, readers, inits, outputs = graph_maps(model)
+    new_nodes, dropped, changed = [], set(), 0
+    for node in graph.node:
+        site = _movement_site(node, producers, readers, inits, outputs)
+        if site is None:
+            new_nodes.append(node)
+            continue
+        dq, requantizers, chain = site
+        new_nodes.extend(_integer_chain(node, dq, requantizers, chain, graph, inits))
+        dropped.update(id(q) for q in requantizers)
+        changed += 1
+    if changed:
+        # a DQ nothing reads any more goes too
+        still_read = {name for n in new_nodes if id(n) not in dropped for name in n.input}
+        kept = [n for n in new_nodes if id(n) not in dropped and not (n.op_type == "DequantizeLinear" and n.output[0] not in still_read and n.output[0] not in outputs)]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return model, changed
+
+
+def _movement_site(node, producers, readers, inits, outputs):
+    """(input DQ, output Qs that only restore the same grid, chain spec) or None."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Resize":
+        chain = _resize_factors(node, inits)
+    elif node.op_type == "DepthToSpace":
+        mode = _attr(node, "mode", "DCR")
+        chain = ("d2s", _attr(node, "blocksize", 0)) if mode == "DCR" else None
+    else:
+        return None
+    if chain is None:
+        return None
+    dq = producers.get(node.input[0])
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in inits or not _per_tensor(dq, inits):
+        return None
+    users = readers.get(node.output[0], [])
+    same_grid = [u for u in users if u.op_type == "QuantizeLinear" and _per_tensor(u, inits) and _same_grid(dq, u, inits)]
+    if node.output[0] in outputs:
+        same_grid = []
+    return dq, same_grid if len(same_grid) == len(users) else [], chain
+
+
+def _resize_factors(node, inits):
+    if len(node.input) < 3 or node.input[2] not in inits or (len(node.input) > 3 and node.input[3]):
+        return None
+    if _attr(node, "mode", "nearest") != "nearest":
+        return None
+    if (_attr(node, "coordinate_transformation_mode", "half_pixel"), _attr(node, "nearest_mode", "round_prefer_floor")) not in REPEATING_MODES:
+        return None
+    scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1)
+    if scales.size != 4 or scales[0] != 1 or scales[1] != 1:
+        return None
+    sh, sw = scales[2:]
+    if sh < 1 or sw < 1 or sh != int(sh) or sw != int(sw) or (sh, sw) == (1, 1):
+        return None
+    return ("repeat", int(sh), int(sw))
+
+
+def _integer_chain(node, dq, requantizers, chain, graph, inits) -> list[onnx.NodeProto]:
+    base = node.name or node.output[0]
+    q_in = dq.input[0]
+    moved = f"{base}_nhwc_moved"
+    nodes = [helper.make_node("Transpose", [q_in], [f"{base}_nhwc_in"], name=f"{base}_to_nhwc", perm=TO_NHWC)]
+    nodes.append(helper.make_node("Shape", [f"{base}_nhwc_in"], [f"{base}_nhwc_shape"], name=f"{base}_nhwc_shape"))
+    if chain[0] == "repeat":
+        _, sh, sw = chain
+        nodes += [
+            helper.make_node("Unsqueeze", [f"{base}_nhwc_in", _i64(graph, inits, f"{base}_unsqueeze_axes", [2, 4])], [f"{base}_nhwc_6d"], name=f"{base}_nhwc_unsqueeze"),
+            helper.make_node("Expand", [f"{base}_nhwc_6d", _i64(graph, inits, f"{base}_repeats", [1, 1, sh, 1, sw, 1])], [f"{base}_nhwc_repeated"], name=f"{base}_nhwc_expand"),
+            helper.make_node("Mul", [f"{base}_nhwc_shape", _i64(graph, inits, f"{base}_grow", [1, sh, sw, 1])], [f"{base}_nhwc_out_shape"], name=f"{base}_nhwc_out_shape"),
+            helper.make_node("Reshape", [f"{base}_nhwc_repeated", f"{base}_nhwc_out_shape"], [moved], name=f"{base}_nhwc_merge"),
+        ]
+    else:
+        _, k = chain
+        nodes += [
+            # row k*i + a of the output is the a-th k*C run of every pixel of row i:
+            # split the channels into k runs and stack them under each row
+            helper.make_node("Split", [f"{base}_nhwc_in"], [f"{base}_nhwc_run{a}" for a in range(k)], name=f"{base}_nhwc_runs", axis=3),
+            *[helper.make_node("Unsqueeze", [f"{base}_nhwc_run{a}", _i64(graph, inits, f"{base}_row_axis", [2])], [f"{base}_nhwc_row{a}"], name=f"{base}_nhwc_row{a}") for a in range(k)],
+            helper.make_node("Concat", [f"{base}_nhwc_row{a}" for a in range(k)], [f"{base}_nhwc_interleaved"], name=f"{base}_nhwc_interleave", axis=2),
+            helper.make_node("Mul", [f"{base}_nhwc_shape", _i64(graph, inits, f"{base}_grow", [1, k, k, 1])], [f"{base}_nhwc_grown"], name=f"{base}_nhwc_grown"),
+            helper.make_node("Div", [f"{base}_nhwc_grown", _i64(graph, inits, f"{base}_shrink", [1, 1, 1, k * k])], [f"{base}_nhwc_out_shape"], name=f"{base}_nhwc_out_shape"),
+            helper.make_node("Reshape", [f"{base}_nhwc_interleaved", f"{base}_nhwc_out_shape"], [moved], name=f"{base}_nhwc_merge"),
+        ]
+    if requantizers:  # the Qs gave back the same integers: their readers read the moved ones
+        nodes.append(helper.make_node("Transpose", [moved], [requantizers[0].output[0]], name=f"{base}_to_nchw", perm=TO_NCHW))
+        nodes += [helper.make_node("Identity", [requantizers[0].output[0]], [q.output[0]], name=f"{q.name}_same") for q in requantizers[1:]]
+    else:
+        nodes.append(helper.make_node("Transpose", [moved], [f"{base}_nchw_q"], name=f"{base}_to_nchw", perm=TO_NCHW))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{base}_nchw_q", *dq.input[1:]], [node.output[0]], name=f"{base}_dq"))
+    return nodes
+
+
+def worth_it(before: onnx.ModelProto, after: onnx.ModelProto) -> bool:
+    """True when onnxruntime's optimized CPU graph of ``after`` holds no more
+    Transpose nodes than that of ``before`` (the added layout transposes cancelled)."""
+    from .prepare import ort_offline
+
+    def transposes(model):
+        return sum(1 for n in ort_offline(model, level="all").graph.node if n.op_type == "Transpose")
+
+    return transposes(after) <= transposes(before)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _per_tensor(qdq, inits) -> bool:
+    scale = inits.get(qdq.input[1])
+    zero = inits.get(qdq.input[2]) if len(qdq.input) > 2 and qdq.input[2] else None
+    return scale is not None and int(np.prod(scale.dims)) == 1 and (zero is None or int(np.prod(zero.dims)) == 1)
+
+
+def _same_grid(dq, q, inits) -> bool:
+    def value(name, default):
+        return float(numpy_helper.to_array(inits[name]).reshape(-1)[0]) if name else default
+
+    dq_zero = dq.input[2] if len(dq.input) > 2 else ""
+    q_zero = q.input[2] if len(q.input) > 2 else ""
+    if dq_zero and q_zero and inits[dq_zero].data_type != inits[q_zero].data_type:
+        return False
+    return value(dq.input[1], 1.0) == value(q.input[1], 1.0) and value(dq_zero, 0.0) == value(q_zero, 0.0) and bool(dq_zero) == bool(q_zero)
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            value = helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+def _init(graph, inits, tensor) -> str:
+    graph.initializer.append(tensor)
+    inits[tensor.name] = tensor
+    return tensor.name
+
+
+def _i64(graph, inits, name, values) -> str:
+    if name not in inits:
+        _init(graph, inits, numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    return name
+

@@ -1,0 +1,264 @@
+"""Upsampling rewritten for onnxruntime's int8 NHWC layout (passes/quant/layout.py):
+ConvTranspose (kernel == stride) as 1x1 Conv + DepthToSpace in float, and nearest
+Resize / DepthToSpace of integers written as NHWC movement in QDQ models."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxforge.passes.quant import formats
+from onnxforge.passes.quant.layout import convtranspose_as_conv_shuffle, nhwc_data_movement, worth_it
+from onnxforge.passes.quant.prepare import ort_offline
+
+RNG = np.random.default_rng(11)
+
+
+def _model(nodes, inits, in_shape, out_shape=None, opset=17):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape or ["n", "c", "h", "w"])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def _w(name, shape, scale=0.3):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _run(model, feed):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def _ops(model):
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _copy(model):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _convtranspose(k=2, stride=2, act="Relu", **attrs):
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["t"], name="up", kernel_shape=[k, k], strides=[stride, stride], **attrs)]
+    if act:
+        nodes.append(helper.make_node(act, ["t"], ["y"], name="act"))
+    else:
+        nodes[0].output[0] = "y"
+    groups = attrs.get("group", 1)
+    return _model(nodes, [_w("w", (8, 6 // groups, k, k)), _w("b", (6,), 1.0)], [1, 8, 5, 7])
+
+
+# ------------------------------------------------------------------ ConvTranspose -> Conv + DepthToSpace
+
+
+@pytest.mark.parametrize("act", ["Relu", "Sigmoid", None])
+def test_convtranspose_becomes_conv_and_shuffle_exactly(act):
+    model = _convtranspose(act=act)
+    feed = {"x": RNG.standard_normal((1, 8, 5, 7)).astype(np.float32)}
+    before = _run(model, feed)
+    rewritten, count = convtranspose_as_conv_shuffle(_copy(model))
+    onnx.checker.check_model(rewritten)
+    ops = _ops(rewritten)
+    assert count == 1 and ops["ConvTranspose"] == 0 and ops["Conv"] == 1 and ops["DepthToSpace"] == 1
+    if act:  # the activation moved before the shuffle: it reads the conv
+        order = [n.op_type for n in rewritten.graph.node]
+        assert order == ["Conv", act, "DepthToSpace"]
+    np.testing.assert_allclose(_run(rewritten, feed), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "why, kwargs",
+    [
+        ("overlapping windows (kernel 3, stride 2)", dict(k=3, stride=2)),
+        ("grouped", dict(group=2)),
+        ("padded", dict(pads=[1, 1, 1, 1])),
+        ("output_padding", dict(output_padding=[1, 1])),
+        ("dilated", dict(dilations=[2, 2])),
+    ],
+)
+def test_convtranspose_refusals(why, kwargs):
+    model = _convtranspose(**kwargs)
+    _, count = convtranspose_as_conv_shuffle(_copy(model))
+    assert count == 0, why
+
+
+def test_convtranspose_with_activation_weight_is_left():
+    nodes = [helper.make_node("ConvTranspose", ["x", "wx"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 7]), helper.make_tensor_value_info("wx", TensorProto.FLOAT, [8, 6, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert convtranspose_as_conv_shuffle(model)[1] == 0
+
+
+# ------------------------------------------------------------------ integer movement in NHWC
+
+
+def _q(name, tensor, scale, zero):
+    return [
+        numpy_helper.from_array(np.array(scale, np.float32), f"{name}_s"),
+        numpy_helper.from_array(np.array(zero, np.uint8), f"{name}_z"),
+    ], helper.make_node("QuantizeLinear", [tensor, f"{name}_s", f"{name}_z"], [f"{name}_q"], name=f"{name}_quant")
+
+
+def _qdq_movement(op, attrs, extra_inputs, in_shape, requantize=True, out_grid=(0.05, 120)):
+    """x -> Q -> DQ -> op -> [Q (same grid or not) -> DQ] -> y."""
+    inits, q = _q("in", "x", 0.05, 120)
+    nodes = [q, helper.make_node("DequantizeLinear", ["in_q", "in_s", "in_z"], ["in_dq"], name="in_dequant")]
+    nodes.append(helper.make_node(op, ["in_dq", *[n for n, _ in extra_inputs]], ["moved" if requantize else "y"], name="move", **attrs))
+    inits += [v for _, v in extra_inputs if v is not None]
+    if requantize:
+        more, q2 = _q("out", "moved", *out_grid)
+        inits += more
+        nodes += [q2, helper.make_node("DequantizeLinear", ["out_q", "out_s", "out_z"], ["y"], name="out_dequant")]
+    return _model(nodes, inits, in_shape)
+
+
+def _nearest(scales, ctm="asymmetric", nearest_mode="floor", mode="nearest"):
+    return "Resize", dict(mode=mode, coordinate_transformation_mode=ctm, nearest_mode=nearest_mode), [
+        ("", None), ("scales", numpy_helper.from_array(np.array(scales, np.float32), "scales"))
+    ]
+
+
+@pytest.mark.parametrize(
+    "op, attrs, extra, shape",
+    [
+        (*_nearest([1, 1, 2, 2]), [1, 6, 5, 7]),
+        (*_nearest([1, 1, 4, 8]), [2, 3, 3, 2]),
+        (*_nearest([1, 1, 3, 3], "half_pixel", "round_prefer_floor"), [1, 4, 4, 5]),
+        (*_nearest([1, 1, 4, 4], "pytorch_half_pixel", "round_prefer_ceil"), [1, 4, 3, 3]),
+        ("DepthToSpace", dict(blocksize=2, mode="DCR"), [], [1, 12, 5, 7]),
+        ("DepthToSpace", dict(blocksize=3, mode="DCR"), [], [2, 18, 2, 3]),
+    ],
+)
+@pytest.mark.parametrize("requantize", [True, False])
+def test_integer_movement_is_bit_exact(op, attrs, extra, shape, requantize):
+    model = _qdq_movement(op, attrs, extra, shape, requantize)
+    feed = {"x": (RNG.standard_normal(shape) * 3).astype(np.float32)}
+    before = _run(model, feed)
+    rewritten, count = nhwc_data_movement(_copy(model))
+    onnx.checker.check_model(rewritten)
+    ops = _ops(rewritten)
+    assert count == 1 and ops[op] == 0 and ops["Transpose"] == 2
+    # a Q to the same grid after the op is gone (the moved integers are read
+    # directly); the DQ before it too: one Q (the input's) and one DQ remain
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1
+    np.testing.assert_array_equal(_run(rewritten, feed), before)
+
+
+def test_integer_movement_keeps_a_requantization_to_another_grid():
+    model = _qdq_movement(*_nearest([1, 1, 2, 2]), [1, 6, 5, 7], out_grid=(0.1, 128))
+    feed = {"x": (RNG.standard_normal((1, 6, 5, 7)) * 3).astype(np.float32)}
+    rewritten, count = nhwc_data_movement(_copy(model))
+    assert count == 1 and _ops(rewritten)["QuantizeLinear"] == 2  # the other grid's Q stays
+    np.testing.assert_array_equal(_run(rewritten, feed), _run(model, feed))
+
+
+@pytest.mark.parametrize(
+    "why, op, attrs, extra",
+    [
+        ("linear interpolation", *_nearest([1, 1, 2, 2], mode="linear")),
+        ("fractional factor", *_nearest([1, 1, 1.5, 2])),
+        ("channel factor", *_nearest([1, 2, 2, 2])),
+        ("round_prefer_floor with asymmetric (not a repeat at factor 4)", *_nearest([1, 1, 4, 4], "asymmetric", "round_prefer_floor")),
+        ("tf_half_pixel_for_nearest", *_nearest([1, 1, 2, 2], "tf_half_pixel_for_nearest", "round_prefer_floor")),
+        ("CRD DepthToSpace", "DepthToSpace", dict(blocksize=2, mode="CRD"), []),
+    ],
+)
+def test_integer_movement_refusals(why, op, attrs, extra):
+    model = _qdq_movement(op, attrs, extra, [1, 12, 4, 4])
+    assert nhwc_data_movement(_copy(model))[1] == 0, why
+
+
+def test_float_input_is_left():
+    op, attrs, extra = _nearest([1, 1, 2, 2])
+    model = _model([helper.make_node(op, ["x", *[n for n, _ in extra]], ["y"], **attrs)], [v for _, v in extra if v is not None], [1, 3, 4, 4])
+    assert nhwc_data_movement(model)[1] == 0
+
+
+# ------------------------------------------------------------------ kept only where onnxruntime cancels the transposes
+
+
+def _conv_resize_conv():
+    """Conv -> Relu -> Resize x2 -> Conv, quantized for the CPU."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Resize", ["r1", "", "scales"], ["up"], name="up", mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("Conv", ["up", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    inits = [_w("w1", (16, 8, 3, 3)), _w("b1", (16,)), _w("w2", (8, 16, 3, 3)), _w("b2", (8,)),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    model = _model(nodes, inits, [1, 8, 12, 12], opset=13)
+    feeds = [{"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(4)]
+    ranges = _ranges(model, feeds)
+    spec = formats.spec_for("cpu", model, vnni=True)
+    return formats.static_qdq(model, ranges, spec), feeds
+
+
+def _ranges(model, feeds):
+    names = ["x"] + [o for n in model.graph.node for o in n.output]
+    exposed = _copy(model)
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n != "y")
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    lo, hi = {}, {}
+    for feed in feeds:
+        for info, value in zip(session.get_outputs(), session.run(None, feed)):
+            lo[info.name] = min(lo.get(info.name, 0.0), float(value.min()))
+            hi[info.name] = max(hi.get(info.name, 0.0), float(value.max()))
+    return {k: (lo[k], hi[k]) for k in lo}
+
+
+def test_static_qdq_writes_resize_in_nhwc_between_integer_convs():
+    quantized, feeds = _conv_resize_conv()
+    assert _ops(quantized)["Resize"] == 0 and _ops(quantized)["Expand"] == 1
+    optimized = _ops(ort_offline(quantized, level="all"))
+    assert optimized["Resize"] == 0 and optimized["Transpose"] <= 2  # only the model's own input/output layout
+    assert any(op in optimized for op in ("QLinearConv", "NhwcQLinearConv"))
+
+
+def test_worth_it_refuses_transposes_that_would_run():
+    """No integer kernel around the Resize: onnxruntime keeps NCHW and the two
+    layout transposes would run for real."""
+    model = _qdq_movement(*_nearest([1, 1, 2, 2]), [1, 6, 5, 7])
+    moved, count = nhwc_data_movement(_copy(model))
+    assert count == 1 and not worth_it(model, moved)
+
+
+# ------------------------------------------------------------------ end to end through quantize()
+
+
+def test_quantize_runs_fpn_upsampling_on_integer_kernels():
+    """Conv -> ConvTranspose(2, 2) -> Relu -> Conv and Conv -> Resize x2 -> Add: after
+    quantize() onnxruntime runs no ConvTranspose, no Resize and no float Conv."""
+    from onnxforge.passes.quant.quantize import quantize
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("ConvTranspose", ["r1", "wt", "bt"], ["t"], name="up_learned", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Relu", ["t"], ["rt"], name="relu_t"),
+        helper.make_node("Resize", ["r1", "", "scales"], ["up"], name="up_nearest", mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("Add", ["rt", "up"], ["s"], name="merge"),
+        helper.make_node("Conv", ["s", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    inits = [_w("w1", (16, 8, 3, 3)), _w("b1", (16,)), _w("wt", (16, 16, 2, 2)), _w("bt", (16,)), _w("w2", (8, 16, 3, 3)), _w("b2", (8,)),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    model = _model(nodes, inits, [1, 8, 10, 10], opset=13)
+    feeds = [{"x": RNG.standard_normal((1, 8, 10, 10)).astype(np.float32)} for _ in range(6)]
+    out, report = quantize(model, feeds, measure_latency=False, budget_seconds=60, log=lambda m: None)
+    optimized = _ops(ort_offline(out.to_proto(), level="all"))
+    assert optimized["ConvTranspose"] == 0 and optimized["Resize"] == 0 and optimized["Conv"] == 0
+    assert optimized["QLinearConv"] + optimized["NhwcQLinearConv"] == 3
+    assert report.score >= 0.99
+    assert any("ConvTranspose" in note for note in report.notes)
