@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.passes.quant import formats
-from onnxforge.passes.quant.layout import convtranspose_as_conv_shuffle, nhwc_data_movement, worth_it
+from onnxforge.passes.quant.layout import convtranspose_as_conv_shuffle, nhwc_data_movement, wide_channel_scales, worth_it
 from onnxforge.passes.quant.prepare import ort_offline
 
 RNG = np.random.default_rng(11)
@@ -262,3 +262,66 @@ def test_quantize_runs_fpn_upsampling_on_integer_kernels():
     assert optimized["QLinearConv"] + optimized["NhwcQLinearConv"] == 3
     assert report.score >= 0.99
     assert any("ConvTranspose" in note for note in report.notes)
+
+
+# ------------------------------------------------------------------ per-channel scales widened along W
+
+
+def _scaled(op="Mul", scale_shape=(1, 6, 1, 1), x_shape=(1, 6, 5, 7)):
+    """x -> Q -> DQ, s -> Q -> DQ, op(x, s) -> Q -> DQ -> y (a squeeze-excitation product)."""
+    inits, qx = _q("xq", "x", 0.05, 120)
+    more, qs = _q("sq", "s", 1 / 255, 0)
+    inits += more
+    out, qy = _q("yq", "prod", 0.02, 128)
+    inits += out
+    nodes = [
+        qx, helper.make_node("DequantizeLinear", ["xq_q", "xq_s", "xq_z"], ["x_dq"]),
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=1) if scale_shape[2:] == (1, 1) else helper.make_node("Identity", ["x"], ["m"]),
+        helper.make_node("Sigmoid", ["m"], ["s"]),
+        qs, helper.make_node("DequantizeLinear", ["sq_q", "sq_s", "sq_z"], ["s_dq"]),
+        helper.make_node(op, ["x_dq", "s_dq"], ["prod"], name="scale"),
+        qy, helper.make_node("DequantizeLinear", ["yq_q", "yq_s", "yq_z"], ["y"]),
+    ]
+    return _model(nodes, inits, list(x_shape), opset=17)
+
+
+@pytest.mark.parametrize("op", ["Mul", "Add"])
+def test_channel_scale_widened_exactly(op):
+    model = _scaled(op)
+    feed = {"x": (RNG.standard_normal((1, 6, 5, 7)) * 3).astype(np.float32)}
+    rewritten, count = wide_channel_scales(_copy(model))
+    onnx.checker.check_model(rewritten)
+    assert count == 1 and _ops(rewritten)["Expand"] == 1
+    np.testing.assert_array_equal(_run(rewritten, feed), _run(model, feed))
+
+
+def test_channel_scale_refusals():
+    one_channel = _scaled()
+    for node in one_channel.graph.node:  # the scale is one value per sample: already a long span
+        if node.op_type == "ReduceMean":
+            node.attribute[0].ints[:] = [1, 2, 3]
+    assert wide_channel_scales(one_channel)[1] == 0, "scale with one channel"
+    flat = _scaled(x_shape=(1, 6, 1, 7))
+    assert wide_channel_scales(flat)[1] == 0, "operand of height 1"
+    same = _scaled(scale_shape=(1, 6, 5, 7))
+    assert wide_channel_scales(same)[1] == 0, "no broadcast"
+
+
+def test_static_qdq_widens_squeeze_excitation_scales_between_integer_convs():
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="squeeze"),
+        helper.make_node("Conv", ["g", "we", "be"], ["e"], name="excite"),
+        helper.make_node("Sigmoid", ["e"], ["gate"], name="gate"),
+        helper.make_node("Mul", ["r1", "gate"], ["scaled"], name="scale"),
+        helper.make_node("Conv", ["scaled", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    inits = [_w("w1", (16, 8, 3, 3)), _w("b1", (16,)), _w("we", (16, 16, 1, 1)), _w("be", (16,)), _w("w2", (8, 16, 3, 3)), _w("b2", (8,))]
+    model = _model(nodes, inits, [1, 8, 12, 12], opset=13)
+    feeds = [{"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(4)]
+    spec = formats.spec_for("cpu", model, vnni=True)
+    quantized = formats.static_qdq(model, _ranges(model, feeds), spec)
+    assert _ops(quantized)["Expand"] == 1
+    optimized = _ops(ort_offline(quantized, level="all"))
+    assert optimized["QLinearMul"] == 1 and optimized["Transpose"] <= 2

@@ -31,7 +31,7 @@ import onnx
 from onnxforge.errors import OptionError
 
 from .integer_act import integer_activations
-from .layout import nhwc_data_movement, worth_it
+from .layout import nhwc_data_movement, ort_transposes, wide_channel_scales
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -183,13 +183,21 @@ def static_qdq(
 
 
 def _upsampling_in_nhwc(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Nearest Resize / DepthToSpace of integers written in NHWC, when onnxruntime's
-    layout transposes cancel around them (see layout.py)."""
-    moved, count = nhwc_data_movement(_copy(model))
-    if not count:
-        return model
-    moved = _toposorted(_without_unused_initializers(moved))
-    return moved if worth_it(model, moved) else model
+    """Nearest Resize / DepthToSpace of integers and per-channel scales written in
+    NHWC, each kind kept when onnxruntime's layout transposes cancel around it
+    (the optimized graph holds no more Transpose nodes; see layout.py)."""
+    baseline_transposes = None
+    for rewrite in (nhwc_data_movement, wide_channel_scales):
+        candidate, count = rewrite(_copy(model))
+        if not count:
+            continue
+        candidate = _toposorted(_without_unused_initializers(candidate))
+        if baseline_transposes is None:
+            baseline_transposes = ort_transposes(model)
+        after = ort_transposes(candidate)
+        if after <= baseline_transposes:
+            model, baseline_transposes = candidate, after
+    return model
 
 
 def dynamic_matmul(model: onnx.ModelProto, spec: FormatSpec, exclude: list[str] = ()) -> onnx.ModelProto:
