@@ -74,6 +74,14 @@ def test_convtranspose_becomes_conv_and_shuffle_exactly(act):
     np.testing.assert_allclose(_run(rewritten, feed), before, rtol=1e-5, atol=1e-5)
 
 
+def test_one_by_one_convtranspose_becomes_a_conv():
+    model = _convtranspose(k=1, stride=1, act=None)
+    feed = {"x": RNG.standard_normal((1, 8, 5, 7)).astype(np.float32)}
+    rewritten, count = convtranspose_as_conv_shuffle(_copy(model))
+    assert count == 1 and _ops(rewritten) == Counter({"Conv": 1})
+    np.testing.assert_allclose(_run(rewritten, feed), _run(model, feed), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "why, kwargs",
     [

@@ -156,6 +156,8 @@ def _conv_then_shuffle(node, k, graph, inits) -> list[onnx.NodeProto]:
     if len(node.input) > 2 and node.input[2]:
         b = numpy_helper.to_array(inits[node.input[2]])
         names.append(_init(graph, inits, numpy_helper.from_array(np.tile(b, k * k), f"{base}_as_conv_bias")))
+    if k == 1:  # a 1x1 ConvTranspose is a 1x1 Conv with the weight transposed: nothing to shuffle
+        return [helper.make_node("Conv", names, [node.output[0]], name=f"{base}_as_conv", kernel_shape=[1, 1])]
     stacked = f"{base}_blocks"
     return [
         helper.make_node("Conv", names, [stacked], name=f"{base}_as_conv", kernel_shape=[1, 1]),
