@@ -150,14 +150,16 @@ def _nearest(scales, ctm="asymmetric", nearest_mode="floor", mode="nearest"):
     ],
 )
 @pytest.mark.parametrize("requantize", [True, False])
-def test_integer_movement_is_bit_exact(op, attrs, extra, shape, requantize):
-    model = _qdq_movement(op, attrs, extra, shape, requantize)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_integer_movement_is_bit_exact(op, attrs, extra, shape, requantize, dynamic):
+    # static shapes: the output shape is a constant; dynamic: computed from Shape
+    model = _qdq_movement(op, attrs, extra, ["n", shape[1], "h", "w"] if dynamic else shape, requantize)
     feed = {"x": (RNG.standard_normal(shape) * 3).astype(np.float32)}
     before = _run(model, feed)
     rewritten, count = nhwc_data_movement(_copy(model))
     onnx.checker.check_model(rewritten)
     ops = _ops(rewritten)
-    assert count == 1 and ops[op] == 0 and ops["Transpose"] == 2
+    assert count == 1 and ops[op] == 0 and ops["Transpose"] == 2 and ops["Shape"] == int(dynamic)
     # a Q to the same grid after the op is gone (the moved integers are read
     # directly); the DQ before it too: one Q (the input's) and one DQ remain
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1
@@ -294,12 +296,13 @@ def _scaled(op="Mul", scale_shape=(1, 6, 1, 1), x_shape=(1, 6, 5, 7)):
 
 
 @pytest.mark.parametrize("op", ["Mul", "Add"])
-def test_channel_scale_widened_exactly(op):
-    model = _scaled(op)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_channel_scale_widened_exactly(op, dynamic):
+    model = _scaled(op, x_shape=("n", 6, "h", "w") if dynamic else (1, 6, 5, 7))
     feed = {"x": (RNG.standard_normal((1, 6, 5, 7)) * 3).astype(np.float32)}
     rewritten, count = wide_channel_scales(_copy(model))
     onnx.checker.check_model(rewritten)
-    assert count == 1 and _ops(rewritten)["Expand"] == 1
+    assert count == 1 and _ops(rewritten)["Expand"] == 1 and _ops(rewritten)["Shape"] == int(dynamic)
     np.testing.assert_array_equal(_run(rewritten, feed), _run(model, feed))
 
 

@@ -170,8 +170,11 @@ def _conv_then_shuffle(node, k, graph, inits) -> list[onnx.NodeProto]:
 
 def nhwc_data_movement(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """DQ -> Resize/DepthToSpace [-> Q] as NHWC movement of the integers (in place); (model, count)."""
+    from .prepare import _static_shapes
+
     graph = model.graph
     producers, readers, inits, outputs = graph_maps(model)
+    shapes = _static_shapes(model)
     new_nodes, dropped, changed = [], set(), 0
     for node in graph.node:
         site = _movement_site(node, producers, readers, inits, outputs)
@@ -179,7 +182,7 @@ def nhwc_data_movement(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             new_nodes.append(node)
             continue
         dq, requantizers, chain = site
-        new_nodes.extend(_integer_chain(node, dq, requantizers, chain, graph, inits))
+        new_nodes.extend(_integer_chain(node, dq, requantizers, chain, shapes.get(node.input[0]), graph, inits))
         dropped.update(id(q) for q in requantizers)
         changed += 1
     if changed:
@@ -230,31 +233,30 @@ def _resize_factors(node, inits):
     return ("repeat", int(sh), int(sw))
 
 
-def _integer_chain(node, dq, requantizers, chain, graph, inits) -> list[onnx.NodeProto]:
+def _integer_chain(node, dq, requantizers, chain, dims, graph, inits) -> list[onnx.NodeProto]:
+    """``dims``: the NCHW input shape when known (the output shape is then a constant)."""
     base = node.name or node.output[0]
     q_in = dq.input[0]
     moved = f"{base}_nhwc_moved"
     nodes = [helper.make_node("Transpose", [q_in], [f"{base}_nhwc_in"], name=f"{base}_to_nhwc", perm=TO_NHWC)]
-    nodes.append(helper.make_node("Shape", [f"{base}_nhwc_in"], [f"{base}_nhwc_shape"], name=f"{base}_nhwc_shape"))
     if chain[0] == "repeat":
         _, sh, sw = chain
+        out_shape = _out_shape(nodes, base, dims, (sh, sw, 1), graph, inits)
         nodes += [
             helper.make_node("Unsqueeze", [f"{base}_nhwc_in", _i64(graph, inits, f"{base}_unsqueeze_axes", [2, 4])], [f"{base}_nhwc_6d"], name=f"{base}_nhwc_unsqueeze"),
             helper.make_node("Expand", [f"{base}_nhwc_6d", _i64(graph, inits, f"{base}_repeats", [1, 1, sh, 1, sw, 1])], [f"{base}_nhwc_repeated"], name=f"{base}_nhwc_expand"),
-            helper.make_node("Mul", [f"{base}_nhwc_shape", _i64(graph, inits, f"{base}_grow", [1, sh, sw, 1])], [f"{base}_nhwc_out_shape"], name=f"{base}_nhwc_out_shape"),
-            helper.make_node("Reshape", [f"{base}_nhwc_repeated", f"{base}_nhwc_out_shape"], [moved], name=f"{base}_nhwc_merge"),
+            helper.make_node("Reshape", [f"{base}_nhwc_repeated", out_shape], [moved], name=f"{base}_nhwc_merge"),
         ]
     else:
         _, k = chain
+        out_shape = _out_shape(nodes, base, dims, (k, k, k * k), graph, inits)
         nodes += [
             # row k*i + a of the output is the a-th k*C run of every pixel of row i:
             # split the channels into k runs and stack them under each row
             helper.make_node("Split", [f"{base}_nhwc_in"], [f"{base}_nhwc_run{a}" for a in range(k)], name=f"{base}_nhwc_runs", axis=3),
             *[helper.make_node("Unsqueeze", [f"{base}_nhwc_run{a}", _i64(graph, inits, f"{base}_row_axis", [2])], [f"{base}_nhwc_row{a}"], name=f"{base}_nhwc_row{a}") for a in range(k)],
             helper.make_node("Concat", [f"{base}_nhwc_row{a}" for a in range(k)], [f"{base}_nhwc_interleaved"], name=f"{base}_nhwc_interleave", axis=2),
-            helper.make_node("Mul", [f"{base}_nhwc_shape", _i64(graph, inits, f"{base}_grow", [1, k, k, 1])], [f"{base}_nhwc_grown"], name=f"{base}_nhwc_grown"),
-            helper.make_node("Div", [f"{base}_nhwc_grown", _i64(graph, inits, f"{base}_shrink", [1, 1, 1, k * k])], [f"{base}_nhwc_out_shape"], name=f"{base}_nhwc_out_shape"),
-            helper.make_node("Reshape", [f"{base}_nhwc_interleaved", f"{base}_nhwc_out_shape"], [moved], name=f"{base}_nhwc_merge"),
+            helper.make_node("Reshape", [f"{base}_nhwc_interleaved", out_shape], [moved], name=f"{base}_nhwc_merge"),
         ]
     if requantizers:  # the Qs gave back the same integers: their readers read the moved ones
         nodes.append(helper.make_node("Transpose", [moved], [requantizers[0].output[0]], name=f"{base}_to_nchw", perm=TO_NCHW))
@@ -263,6 +265,21 @@ def _integer_chain(node, dq, requantizers, chain, graph, inits) -> list[onnx.Nod
         nodes.append(helper.make_node("Transpose", [moved], [f"{base}_nchw_q"], name=f"{base}_to_nchw", perm=TO_NCHW))
         nodes.append(helper.make_node("DequantizeLinear", [f"{base}_nchw_q", *dq.input[1:]], [node.output[0]], name=f"{base}_dq"))
     return nodes
+
+
+def _out_shape(nodes, base, dims, factors, graph, inits) -> str:
+    """The NHWC output shape [N, H*fh, W*fw, C/fc]: a constant when H, W, C are known
+    (0 keeps N), else computed from the input's shape (appended to ``nodes``)."""
+    fh, fw, fc = factors
+    if dims is not None and len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        _n, c, h, w = dims
+        return _i64(graph, inits, f"{base}_nhwc_out_shape", [0, h * fh, w * fw, c // fc])
+    nodes += [
+        helper.make_node("Shape", [f"{base}_nhwc_in"], [f"{base}_nhwc_shape"], name=f"{base}_nhwc_shape"),
+        helper.make_node("Mul", [f"{base}_nhwc_shape", _i64(graph, inits, f"{base}_grow", [1, fh, fw, 1])], [f"{base}_nhwc_grown"], name=f"{base}_nhwc_grown"),
+        helper.make_node("Div", [f"{base}_nhwc_grown", _i64(graph, inits, f"{base}_shrink", [1, 1, 1, fc])], [f"{base}_nhwc_out_shape"], name=f"{base}_nhwc_out_shape"),
+    ]
+    return f"{base}_nhwc_out_shape"
 
 
 def wide_channel_scales(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -288,7 +305,8 @@ def wide_channel_scales(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         site = _channel_scale_site(node, producers, inits, shapes)
         if site is not None:
             small_dq, big_dq = site
-            new_nodes.extend(_widened(small_dq, big_dq, node.name or node.output[0], graph, inits))
+            width = shapes[node.input[0 if producers[node.input[0]] is big_dq else 1]][3]
+            new_nodes.extend(_widened(small_dq, big_dq, width, node.name or node.output[0], graph, inits))
             changed += 1
         new_nodes.append(node)
     if changed:
@@ -315,15 +333,23 @@ def _channel_scale_site(node, producers, inits, shapes):
     return None
 
 
-def _widened(small_dq, big_dq, base, graph, inits) -> list[onnx.NodeProto]:
-    """Nodes that make small_dq read its integers expanded along W (its input is rewired)."""
+def _widened(small_dq, big_dq, width, base, graph, inits) -> list[onnx.NodeProto]:
+    """Nodes that make small_dq read its integers expanded along W (its input is rewired);
+    ``width``: W when known (the Expand target is then a constant)."""
     base = f"{base}_wide_scale"
-    nodes = [
-        helper.make_node("Shape", [big_dq.input[0]], [f"{base}_big_shape"], name=f"{base}_big_shape"),
-        helper.make_node("Slice", [f"{base}_big_shape", _i64(graph, inits, f"{base}_w_from", [3]), _i64(graph, inits, f"{base}_w_to", [4])], [f"{base}_w"], name=f"{base}_w"),
-        helper.make_node("Concat", [_i64(graph, inits, f"{base}_ones", [1, 1]), f"{base}_w", _i64(graph, inits, f"{base}_one", [1])], [f"{base}_target"], name=f"{base}_target", axis=0),
+    if isinstance(width, int) and width > 0:
+        nodes = []
+        target = _i64(graph, inits, f"{base}_target", [1, 1, width, 1])
+    else:
+        target = f"{base}_target"
+        nodes = [
+            helper.make_node("Shape", [big_dq.input[0]], [f"{base}_big_shape"], name=f"{base}_big_shape"),
+            helper.make_node("Slice", [f"{base}_big_shape", _i64(graph, inits, f"{base}_w_from", [3]), _i64(graph, inits, f"{base}_w_to", [4])], [f"{base}_w"], name=f"{base}_w"),
+            helper.make_node("Concat", [_i64(graph, inits, f"{base}_ones", [1, 1]), f"{base}_w", _i64(graph, inits, f"{base}_one", [1])], [target], name=f"{base}_target", axis=0),
+        ]
+    nodes += [
         helper.make_node("Transpose", [small_dq.input[0]], [f"{base}_nhwc"], name=f"{base}_to_nhwc", perm=TO_NHWC),
-        helper.make_node("Expand", [f"{base}_nhwc", f"{base}_target"], [f"{base}_nhwc_wide"], name=f"{base}_expand"),
+        helper.make_node("Expand", [f"{base}_nhwc", target], [f"{base}_nhwc_wide"], name=f"{base}_expand"),
         helper.make_node("Transpose", [f"{base}_nhwc_wide"], [f"{base}_nchw"], name=f"{base}_to_nchw", perm=TO_NCHW),
     ]
     small_dq.input[0] = f"{base}_nchw"
