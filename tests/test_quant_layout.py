@@ -74,6 +74,17 @@ def test_convtranspose_becomes_conv_and_shuffle_exactly(act):
     np.testing.assert_allclose(_run(rewritten, feed), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [3, 4])
+def test_larger_blocks_and_batches_stay_exact(k):
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["t"], kernel_shape=[k, k], strides=[k, k]),
+             helper.make_node("LeakyRelu", ["t"], ["y"], alpha=0.1)]
+    model = _model(nodes, [_w("w", (8, 5, k, k)), _w("b", (5,), 1.0)], [2, 8, 3, 4])
+    feed = {"x": RNG.standard_normal((2, 8, 3, 4)).astype(np.float32)}
+    rewritten, count = convtranspose_as_conv_shuffle(_copy(model))
+    assert count == 1
+    np.testing.assert_allclose(_run(rewritten, feed), _run(model, feed), rtol=1e-5, atol=1e-5)
+
+
 def test_one_by_one_convtranspose_becomes_a_conv():
     model = _convtranspose(k=1, stride=1, act=None)
     feed = {"x": RNG.standard_normal((1, 8, 5, 7)).astype(np.float32)}
@@ -190,6 +201,58 @@ def test_integer_movement_refusals(why, op, attrs, extra):
     assert nhwc_data_movement(_copy(model))[1] == 0, why
 
 
+def test_opset_18_split_names_its_outputs():
+    model = _qdq_movement("DepthToSpace", dict(blocksize=2, mode="DCR"), [], [1, 12, 5, 7])
+    model.opset_import[0].version = 18
+    feed = {"x": (RNG.standard_normal((1, 12, 5, 7)) * 3).astype(np.float32)}
+    rewritten, count = nhwc_data_movement(_copy(model))
+    assert count == 1
+    np.testing.assert_array_equal(_run(rewritten, feed), _run(model, feed))
+
+
+def test_several_same_grid_requantizers_and_an_output():
+    """The moved integers feed two Qs of the same grid (unnamed) and the float result is a graph output too."""
+    model = _qdq_movement(*_nearest([1, 1, 2, 2]), [1, 6, 5, 7])
+    graph = model.graph
+    more, q2 = _q("out", "moved", 0.05, 120)
+    q2.name = ""
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] == "moved":
+            node.name = ""
+    q2.output[0] = "out_q2"
+    graph.node.extend([q2, helper.make_node("DequantizeLinear", ["out_q2", "out_s", "out_z"], ["y2"])])
+    graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["n", "c", "h", "w"]))
+    feed = {"x": (RNG.standard_normal((1, 6, 5, 7)) * 3).astype(np.float32)}
+    rewritten, count = nhwc_data_movement(_copy(model))
+    onnx.checker.check_model(rewritten)
+    assert count == 1 and _ops(rewritten)["Identity"] == 1
+    for a, b in zip(_run_all(rewritten, feed), _run_all(model, feed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resize_output_that_is_a_graph_output():
+    model = _qdq_movement(*_nearest([1, 1, 2, 2]), [1, 6, 5, 7], requantize=False)
+    feed = {"x": (RNG.standard_normal((1, 6, 5, 7)) * 3).astype(np.float32)}
+    rewritten, count = nhwc_data_movement(_copy(model))
+    assert count == 1 and rewritten.graph.output[0].name == "y"
+    np.testing.assert_array_equal(_run(rewritten, feed), _run(model, feed))
+
+
+def test_resize_with_sizes_is_left():
+    inits, q = _q("in", "x", 0.05, 120)
+    nodes = [q, helper.make_node("DequantizeLinear", ["in_q", "in_s", "in_z"], ["in_dq"]),
+             helper.make_node("Resize", ["in_dq", "", "", "sizes"], ["y"], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")]
+    inits.append(numpy_helper.from_array(np.array([1, 6, 10, 14], np.int64), "sizes"))
+    model = _model(nodes, inits, [1, 6, 5, 7])
+    assert nhwc_data_movement(model)[1] == 0
+
+
+def _run_all(model, feed):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
 def test_float_input_is_left():
     op, attrs, extra = _nearest([1, 1, 2, 2])
     model = _model([helper.make_node(op, ["x", *[n for n, _ in extra]], ["y"], **attrs)], [v for _, v in extra if v is not None], [1, 3, 4, 4])
@@ -304,6 +367,29 @@ def test_channel_scale_widened_exactly(op, dynamic):
     onnx.checker.check_model(rewritten)
     assert count == 1 and _ops(rewritten)["Expand"] == 1 and _ops(rewritten)["Shape"] == int(dynamic)
     np.testing.assert_array_equal(_run(rewritten, feed), _run(model, feed))
+
+
+def test_shared_scale_gets_a_dq_per_product():
+    """One gate DQ read by two products of different widths and by the graph output."""
+    model = _scaled()
+    graph = model.graph
+    inits, qz = _q("zq", "x2", 0.05, 120)
+    graph.initializer.extend(inits)
+    more, qy2 = _q("y2q", "prod2", 0.02, 128)
+    graph.initializer.extend(more)
+    graph.input.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1, 6, 4, 9]))
+    graph.node.extend([
+        qz, helper.make_node("DequantizeLinear", ["zq_q", "zq_s", "zq_z"], ["x2_dq"]),
+        helper.make_node("Mul", ["x2_dq", "s_dq"], ["prod2"], name="scale2"),
+        qy2, helper.make_node("DequantizeLinear", ["y2q_q", "y2q_s", "y2q_z"], ["y2"]),
+    ])
+    graph.output.extend([helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 6, 4, 9]), helper.make_tensor_value_info("s_dq", TensorProto.FLOAT, [1, 6, 1, 1])])
+    feed = {"x": (RNG.standard_normal((1, 6, 5, 7)) * 3).astype(np.float32), "x2": (RNG.standard_normal((1, 6, 4, 9)) * 3).astype(np.float32)}
+    rewritten, count = wide_channel_scales(_copy(model))
+    onnx.checker.check_model(rewritten)
+    assert count == 2 and _ops(rewritten)["Expand"] == 2
+    for a, b in zip(_run_all(rewritten, feed), _run_all(model, feed)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_channel_scale_refusals():

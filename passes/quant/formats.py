@@ -192,9 +192,12 @@ def _upsampling_in_nhwc(model: onnx.ModelProto) -> onnx.ModelProto:
         if not count:
             continue
         candidate = _toposorted(_without_unused_initializers(candidate))
-        if baseline_transposes is None:
-            baseline_transposes = ort_transposes(model)
-        after = ort_transposes(candidate)
+        try:
+            if baseline_transposes is None:
+                baseline_transposes = ort_transposes(model)
+            after = ort_transposes(candidate)
+        except Exception:  # noqa: BLE001 - a rewrite onnxruntime cannot load is simply not kept
+            continue
         if after <= baseline_transposes:
             model, baseline_transposes = candidate, after
     return model

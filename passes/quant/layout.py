@@ -63,6 +63,7 @@ REPEATING_MODES = {
     ("pytorch_half_pixel", "round_prefer_ceil"),
 }
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+SHUFFLE_SUFFIX = "_shuffle"
 # the same map on every element; Clip's bounds must be constants
 UNARY_ELEMENTWISE = ("Relu", "LeakyRelu", "Sigmoid", "Clip", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Softplus")
 
@@ -85,11 +86,11 @@ def convtranspose_as_conv_shuffle(model: onnx.ModelProto) -> tuple[onnx.ModelPro
     if changed:
         del graph.node[:]
         graph.node.extend(new_nodes)
-        _sink_shuffles(model)
+        _sink_shuffles(model, {n.name for n in new_nodes if n.op_type == "DepthToSpace" and n.name.endswith(SHUFFLE_SUFFIX)})
     return model, changed
 
 
-def _sink_shuffles(model: onnx.ModelProto) -> None:
+def _sink_shuffles(model: onnx.ModelProto, ours: set[str]) -> None:
     """DepthToSpace -> unary elementwise op becomes op -> DepthToSpace (movement
     commutes with elementwise maps), so the activation fuses into the integer conv."""
     moved = True
@@ -98,14 +99,14 @@ def _sink_shuffles(model: onnx.ModelProto) -> None:
         _producers, readers, inits, outputs = graph_maps(model)
         nodes = list(model.graph.node)
         for shuffle in nodes:
-            if shuffle.op_type != "DepthToSpace" or shuffle.output[0] in outputs:
+            if shuffle.name not in ours or shuffle.output[0] in outputs:
                 continue
             users = readers.get(shuffle.output[0], [])
             if len(users) != 1 or not _unary_elementwise(users[0], shuffle.output[0], inits):
                 continue
             act = users[0]
             act.input[0], old_out = shuffle.input[0], act.output[0]
-            act.output[0] = shuffle.input[0] + "_" + (act.name or act.op_type)
+            act.output[0] = _fresh_name(model, f"{shuffle.input[0]}_{act.op_type.lower()}")
             shuffle.input[0], shuffle.output[0] = act.output[0], old_out
             nodes.remove(shuffle)
             nodes.insert(nodes.index(act) + 1, shuffle)
@@ -161,7 +162,7 @@ def _conv_then_shuffle(node, k, graph, inits) -> list[onnx.NodeProto]:
     stacked = f"{base}_blocks"
     return [
         helper.make_node("Conv", names, [stacked], name=f"{base}_as_conv", kernel_shape=[1, 1]),
-        helper.make_node("DepthToSpace", [stacked], [node.output[0]], name=f"{base}_shuffle", blocksize=k, mode="DCR"),
+        helper.make_node("DepthToSpace", [stacked], [node.output[0]], name=f"{base}{SHUFFLE_SUFFIX}", blocksize=k, mode="DCR"),
     ]
 
 
@@ -175,23 +176,36 @@ def nhwc_data_movement(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = model.graph
     producers, readers, inits, outputs = graph_maps(model)
     shapes = _static_shapes(model)
-    new_nodes, dropped, changed = [], set(), 0
+    opset = _default_opset(model)
+    new_nodes, dropped, bypassed, changed = [], set(), [], 0
     for node in graph.node:
         site = _movement_site(node, producers, readers, inits, outputs)
         if site is None:
             new_nodes.append(node)
             continue
         dq, requantizers, chain = site
-        new_nodes.extend(_integer_chain(node, dq, requantizers, chain, shapes.get(node.input[0]), graph, inits))
+        new_nodes.extend(_integer_chain(node, dq, requantizers, chain, shapes.get(node.input[0]), opset, graph, inits))
         dropped.update(id(q) for q in requantizers)
+        bypassed.append(dq)
         changed += 1
     if changed:
-        # a DQ nothing reads any more goes too
-        still_read = {name for n in new_nodes if id(n) not in dropped for name in n.input}
-        kept = [n for n in new_nodes if id(n) not in dropped and not (n.op_type == "DequantizeLinear" and n.output[0] not in still_read and n.output[0] not in outputs)]
         del graph.node[:]
-        graph.node.extend(kept)
+        graph.node.extend(n for n in new_nodes if id(n) not in dropped)
+        _drop_unread(graph, bypassed, outputs)  # the DQs the moved integers bypass
     return model, changed
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _fresh_name(model: onnx.ModelProto, stem: str) -> str:
+    taken = {name for n in model.graph.node for name in (*n.input, *n.output)}
+    name, i = stem, 0
+    while name in taken:
+        i += 1
+        name = f"{stem}_{i}"
+    return name
 
 
 def _movement_site(node, producers, readers, inits, outputs):
@@ -208,10 +222,12 @@ def _movement_site(node, producers, readers, inits, outputs):
     if chain is None:
         return None
     dq = producers.get(node.input[0])
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in inits or not _per_tensor(dq, inits):
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or dq.input[0] in inits:
         return None
+    if not _per_tensor(dq, inits) or len(dq.input) < 3 or not dq.input[2]:
+        return None  # without a zero point the integer type is not known here
     users = readers.get(node.output[0], [])
-    same_grid = [u for u in users if u.op_type == "QuantizeLinear" and _per_tensor(u, inits) and _same_grid(dq, u, inits)]
+    same_grid = [u for u in users if u.op_type == "QuantizeLinear" and u.domain in ("", "ai.onnx") and _per_tensor(u, inits) and _same_grid(dq, u, inits)]
     if node.output[0] in outputs:
         same_grid = []
     return dq, same_grid if len(same_grid) == len(users) else [], chain
@@ -233,7 +249,7 @@ def _resize_factors(node, inits):
     return ("repeat", int(sh), int(sw))
 
 
-def _integer_chain(node, dq, requantizers, chain, dims, graph, inits) -> list[onnx.NodeProto]:
+def _integer_chain(node, dq, requantizers, chain, dims, opset, graph, inits) -> list[onnx.NodeProto]:
     """``dims``: the NCHW input shape when known (the output shape is then a constant)."""
     base = node.name or node.output[0]
     q_in = dq.input[0]
@@ -253,14 +269,15 @@ def _integer_chain(node, dq, requantizers, chain, dims, graph, inits) -> list[on
         nodes += [
             # row k*i + a of the output is the a-th k*C run of every pixel of row i:
             # split the channels into k runs and stack them under each row
-            helper.make_node("Split", [f"{base}_nhwc_in"], [f"{base}_nhwc_run{a}" for a in range(k)], name=f"{base}_nhwc_runs", axis=3),
+            helper.make_node("Split", [f"{base}_nhwc_in"], [f"{base}_nhwc_run{a}" for a in range(k)], name=f"{base}_nhwc_runs", axis=3,
+                             **({"num_outputs": k} if opset >= 18 else {})),
             *[helper.make_node("Unsqueeze", [f"{base}_nhwc_run{a}", _i64(graph, inits, f"{base}_row_axis", [2])], [f"{base}_nhwc_row{a}"], name=f"{base}_nhwc_row{a}") for a in range(k)],
             helper.make_node("Concat", [f"{base}_nhwc_row{a}" for a in range(k)], [f"{base}_nhwc_interleaved"], name=f"{base}_nhwc_interleave", axis=2),
             helper.make_node("Reshape", [f"{base}_nhwc_interleaved", out_shape], [moved], name=f"{base}_nhwc_merge"),
         ]
     if requantizers:  # the Qs gave back the same integers: their readers read the moved ones
         nodes.append(helper.make_node("Transpose", [moved], [requantizers[0].output[0]], name=f"{base}_to_nchw", perm=TO_NCHW))
-        nodes += [helper.make_node("Identity", [requantizers[0].output[0]], [q.output[0]], name=f"{q.name}_same") for q in requantizers[1:]]
+        nodes += [helper.make_node("Identity", [requantizers[0].output[0]], [q.output[0]], name=f"{base}_same_grid{i}") for i, q in enumerate(requantizers[1:])]
     else:
         nodes.append(helper.make_node("Transpose", [moved], [f"{base}_nchw_q"], name=f"{base}_to_nchw", perm=TO_NCHW))
         nodes.append(helper.make_node("DequantizeLinear", [f"{base}_nchw_q", *dq.input[1:]], [node.output[0]], name=f"{base}_dq"))
@@ -299,23 +316,35 @@ def wide_channel_scales(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
     graph = model.graph
     shapes = _static_shapes(model)
-    producers, _readers, inits, _outputs = graph_maps(model)
-    new_nodes, changed = [], 0
+    producers, _readers, inits, outputs = graph_maps(model)
+    new_nodes, bypassed = [], []
     for node in graph.node:
         site = _channel_scale_site(node, producers, inits, shapes)
         if site is not None:
             small_dq, big_dq = site
             width = shapes[node.input[0 if producers[node.input[0]] is big_dq else 1]][3]
-            new_nodes.extend(_widened(small_dq, big_dq, width, node.name or node.output[0], graph, inits))
-            changed += 1
+            base = _fresh_name(model, f"{node.name or node.output[0]}_wide_scale")
+            new_nodes.extend(_widened(node, small_dq, big_dq, width, base, graph, inits))
+            bypassed.append(small_dq)
         new_nodes.append(node)
-    if changed:
-        from .formats import _toposorted  # the rewired DQs now read tensors made after them
+    if bypassed:
+        from .formats import _toposorted
 
         del graph.node[:]
         graph.node.extend(new_nodes)
+        _drop_unread(graph, bypassed, outputs)
         _toposorted(model)
-    return model, changed
+    return model, len(bypassed)
+
+
+def _drop_unread(graph, dqs, outputs) -> None:
+    """Remove the DQs in ``dqs`` that nothing (subgraphs included) reads any more."""
+    from .formats import _all_nodes
+
+    still_read = {name for n in _all_nodes(graph) for name in n.input} | set(outputs)
+    for dq in dqs:
+        if dq.output[0] not in still_read and dq in graph.node:
+            graph.node.remove(dq)
 
 
 def _channel_scale_site(node, producers, inits, shapes):
@@ -333,10 +362,9 @@ def _channel_scale_site(node, producers, inits, shapes):
     return None
 
 
-def _widened(small_dq, big_dq, width, base, graph, inits) -> list[onnx.NodeProto]:
-    """Nodes that make small_dq read its integers expanded along W (its input is rewired);
-    ``width``: W when known (the Expand target is then a constant)."""
-    base = f"{base}_wide_scale"
+def _widened(node, small_dq, big_dq, width, base, graph, inits) -> list[onnx.NodeProto]:
+    """Nodes that give ``node`` a DQ of its own reading the scale's integers expanded
+    along W; ``width``: W when known (the Expand target is then a constant)."""
     if isinstance(width, int) and width > 0:
         nodes = []
         target = _i64(graph, inits, f"{base}_target", [1, 1, width, 1])
@@ -352,7 +380,11 @@ def _widened(small_dq, big_dq, width, base, graph, inits) -> list[onnx.NodeProto
         helper.make_node("Expand", [f"{base}_nhwc", target], [f"{base}_nhwc_wide"], name=f"{base}_expand"),
         helper.make_node("Transpose", [f"{base}_nhwc_wide"], [f"{base}_nchw"], name=f"{base}_to_nchw", perm=TO_NCHW),
     ]
-    small_dq.input[0] = f"{base}_nchw"
+    # a DQ of its own: the original may have other readers or be a graph output
+    nodes.append(helper.make_node("DequantizeLinear", [f"{base}_nchw", *small_dq.input[1:]], [f"{base}_dq"], name=f"{base}_dq", domain=small_dq.domain))
+    for a in small_dq.attribute:
+        nodes[-1].attribute.append(a)
+    node.input[list(node.input).index(small_dq.output[0])] = f"{base}_dq"
     return nodes
 
 
@@ -384,9 +416,10 @@ def _same_grid(dq, q, inits) -> bool:
 
     dq_zero = dq.input[2] if len(dq.input) > 2 else ""
     q_zero = q.input[2] if len(q.input) > 2 else ""
-    if dq_zero and q_zero and inits[dq_zero].data_type != inits[q_zero].data_type:
+    # both zero points given and of one type: the Q's output type is the DQ's input type
+    if not dq_zero or not q_zero or inits[dq_zero].data_type != inits[q_zero].data_type or _attr(q, "output_dtype", 0):
         return False
-    return value(dq.input[1], 1.0) == value(q.input[1], 1.0) and value(dq_zero, 0.0) == value(q_zero, 0.0) and bool(dq_zero) == bool(q_zero)
+    return value(dq.input[1], 1.0) == value(q.input[1], 1.0) and value(dq_zero, 0.0) == value(q_zero, 0.0)
 
 
 def _attr(node, name, default):
