@@ -6,12 +6,15 @@ Order of work:
   2. the float baseline (prepare.float_baseline): cleanup, opset >= 13,
      BN/bias folded; it is also the reference for accuracy and latency;
   3. static formats: cross-layer equalization (equalize.py, exact in float;
-     data-free CLE by default, SmoothQuant-style smoothing on request), then
+     data-free CLE by default, SmoothQuant-style smoothing on request); on CPU
+     non-overlapping ConvTranspose as 1x1 Conv + pixel shuffle (layout.py), then
      streaming calibration (calibrate.py) of the equalized model; method
      "auto" derives minmax and percentile ranges from the same histograms;
      u8 ranges of tensors only HardSwish reads start just below -3 (exact);
   4. provider placement (formats.py; on CPU HardSwish/HardSigmoid and
-     constant shifts become integer ops, integer_act.py); per range option the
+     constant shifts become integer ops, integer_act.py, and nearest Resize,
+     pixel shuffles and squeeze-excitation scales move integers in
+     onnxruntime's NHWC layout, layout.py); per range option the
      model is built, scored, bias-corrected layer by layer (bias_correct.py)
      and scored again, and the best is kept; when it still misses the budget,
      the same placement with elementwise ops left float is scored too and the
