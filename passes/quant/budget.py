@@ -31,6 +31,8 @@ import onnx
 
 from onnxforge.errors import OptionError
 
+from .ortsession import session as ort_session
+
 METRICS = ("cosine", "sqnr", "top1")
 
 Outputs = list[list[np.ndarray]]  # per feed, per output
@@ -44,7 +46,7 @@ def run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model, options)
     wanted = {i.name for i in session.get_inputs()}
     return [session.run(names, {k: v for k, v in feed.items() if k in wanted}) for feed in feeds]
 

@@ -30,6 +30,8 @@ import onnx
 
 from onnxforge.errors import DataError, OptionError
 
+from .ortsession import session as ort_session
+
 METHODS = ("minmax", "entropy", "percentile", "mse")
 DEFAULT_BINS = 2048
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -276,7 +278,7 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str], providers=("C
     options.log_severity_level = 3
     # Basic-level rewrites would fuse calibrated tensors away; keep every one.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(exposed.SerializeToString(), options, providers=list(providers))
+    return ort_session(exposed, options, providers)
 
 
 def _groups_under_budget(model, names: list[str], feed, budget: int) -> list[list[str]]:

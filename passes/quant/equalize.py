@@ -49,6 +49,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .ortsession import session as ort_session
+
 ALPHA = 0.5
 MAX_SCALE = 100.0
 HOMOGENEOUS = ("Relu", "LeakyRelu")
@@ -189,7 +191,7 @@ def channel_amax(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[Map
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(exposed, options)
     wanted = {i.name for i in session.get_inputs()}
     amax: dict[str, np.ndarray] = {}
     for feed in feeds:

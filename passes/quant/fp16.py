@@ -32,6 +32,7 @@ from onnxforge.model import Model
 
 from . import budget as budget_mod
 from .calibrate import collect_histograms, float_activation_names
+from .ortsession import session as ort_session
 from .prepare import float_baseline
 
 FP16_MAX = 65504.0
@@ -246,7 +247,7 @@ def _runnable(model_fn: Callable[[set[str]], onnx.ModelProto], blocked: dict[str
         try:
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            ort.InferenceSession(candidate.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            ort_session(candidate, options)
             return candidate
         except Exception as exc:  # noqa: BLE001 - only the no-kernel case is handled
             name = _missing_kernel(exc)

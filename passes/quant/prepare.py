@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.model import Model
 
 from .equalize import fold_affine, graph_maps
+from .ortsession import is_large, write_with_external_data
 
 log = logging.getLogger("onnxforge.quant")
 
@@ -129,8 +130,14 @@ def ort_offline(proto: onnx.ModelProto, level: str = "basic", providers=("CPUExe
         options.log_severity_level = 3
         options.graph_optimization_level = levels[level]
         options.optimized_model_filepath = str(target)
-        ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
-        optimized = onnx.load(str(target))
+        if is_large(proto):  # > 2 GB: the rewritten model keeps its weights in a file beside it
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            source = str(write_with_external_data(proto, Path(tmp) / "source.onnx"))
+        else:
+            source = proto.SerializeToString()
+        ort.InferenceSession(source, options, providers=list(providers))
+        optimized = onnx.load(str(target))  # external weights read into memory
     # Keep the user's model-level fields; ORT rewrites producer fields.
     out = onnx.ModelProto()
     out.CopyFrom(proto)

@@ -138,11 +138,14 @@ def _as_proto(model: Model | onnx.ModelProto | str | os.PathLike) -> onnx.ModelP
         from onnxforge.versions import cap_proto_versions
 
         return cap_proto_versions(model)[0]  # IR/opset this onnxruntime loads
-    if isinstance(model, Model):
-        return model.to_proto()
-    from onnxforge.io import load
+    from .ortsession import with_external_data_loaded
 
-    return load(model).to_proto()
+    if not isinstance(model, Model):
+        from onnxforge.io import load
+
+        model = load(model)
+    # weights in external files are read into memory: every later copy and session is self-contained
+    return with_external_data_loaded(model.to_proto(), model.source.parent if model.source else None)
 
 
 def _feeds(data, proto: onnx.ModelProto, what: str) -> tuple[Iterable[dict], str]:
