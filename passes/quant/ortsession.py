@@ -15,8 +15,12 @@ from pathlib import Path
 
 import onnx
 
+from onnxforge.model import copy_fields
+
 # Below protobuf's 2 GiB limit with room for the graph itself.
 LARGE_MODEL_BYTES = 1_800_000_000
+# initializers at least this large go to the data file (small ones stay inline)
+EXTERNAL_MIN_BYTES = 1024
 
 
 def with_external_data_loaded(proto: onnx.ModelProto, base_dir: Path | None) -> onnx.ModelProto:
@@ -49,11 +53,29 @@ def session(proto: onnx.ModelProto, options, providers=("CPUExecutionProvider",)
 
 
 def write_with_external_data(proto: onnx.ModelProto, path: Path) -> Path:
-    """Save a copy of ``proto`` to ``path`` with its weights in ``path.data`` (``proto`` is left as it is)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    """Save ``proto`` to ``path`` with its large initializers in ``path.data``, streamed
+    one tensor at a time: ``proto`` is left as it is and never copied whole (a copy
+    of a 2 GB model is 2 GB more at the peak)."""
+    data_name = path.name + ".data"
+    light = onnx.ModelProto()
+    copy_fields(proto, light, {"graph"})
+    copy_fields(proto.graph, light.graph, {"initializer"})
+    offset = 0
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in proto.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                light.graph.initializer.add().CopyFrom(tensor)
+                continue
+            data.write(tensor.raw_data)
+            ref = light.graph.initializer.add()
+            ref.name, ref.data_type = tensor.name, tensor.data_type
+            ref.dims.extend(tensor.dims)
+            ref.data_location = onnx.TensorProto.EXTERNAL
+            for key, val in (("location", data_name), ("offset", str(offset)), ("length", str(len(tensor.raw_data)))):
+                entry = ref.external_data.add()
+                entry.key, entry.value = key, val
+            offset += len(tensor.raw_data)
+    path.write_bytes(light.SerializeToString())
     return path
 
 

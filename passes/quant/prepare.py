@@ -24,10 +24,10 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxforge.model import Model
+from onnxforge.model import Model, copy_fields
 
 from .equalize import fold_affine, graph_maps
-from .ortsession import is_large, write_with_external_data
+from .ortsession import is_large, with_external_data_loaded, write_with_external_data
 
 log = logging.getLogger("onnxforge.quant")
 
@@ -38,6 +38,8 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, af
     """The cleaned, opset>=13, BN-folded float model as a ModelProto."""
     # -O2 folds affines into the next conv too (fuse-affine-into-conv): off with them
     proto = _onnxforge_pipeline(model, skip=() if affine_into_next else ("fuse-affine-into-conv",))
+    if isinstance(model, Model) and model.source is not None:  # weights in external files: into memory now
+        proto = with_external_data_loaded(proto, model.source.parent)
     proto = lower_constants(proto)
     proto = raise_opset(proto, MIN_QDQ_OPSET)
     if ort_basic:
@@ -137,13 +139,18 @@ def ort_offline(proto: onnx.ModelProto, level: str = "basic", providers=("CPUExe
         else:
             source = proto.SerializeToString()
         ort.InferenceSession(source, options, providers=list(providers))
+        del source
         optimized = onnx.load(str(target))  # external weights read into memory
-    # Keep the user's model-level fields; ORT rewrites producer fields.
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    out.graph.CopyFrom(optimized.graph)
+    # Keep the user's model-level fields (ORT rewrites producer fields); the graph is
+    # moved, not copied (a copy is the model's size again at the peak).
+    ort_opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in optimized.opset_import]
+    out = optimized
+    for field, _ in list(out.ListFields()):
+        if field.name != "graph":
+            out.ClearField(field.name)
+    copy_fields(proto, out, {"graph"})
     have = {o.domain for o in out.opset_import}
-    for imp in optimized.opset_import:
+    for imp in ort_opsets:
         if imp.domain not in have:
             out.opset_import.append(imp)
     return out
