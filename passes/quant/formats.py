@@ -178,11 +178,11 @@ def static_qdq(
     out = quantizer.model.model
     if spec.provider == "cpu" and not spec.symmetric_activations:
         out, _ = integer_activations(out)  # HardSwish/HardSigmoid as QLinearAdd/QLinearMul
-        out = _upsampling_in_nhwc(out)
+        out = _movement_in_nhwc(out)
     return _toposorted(_without_unused_initializers(out))
 
 
-def _upsampling_in_nhwc(model: onnx.ModelProto) -> onnx.ModelProto:
+def _movement_in_nhwc(model: onnx.ModelProto) -> onnx.ModelProto:
     """Nearest Resize / DepthToSpace of integers and per-channel scales written in
     NHWC, each kind kept when onnxruntime's layout transposes cancel around it
     (the optimized graph holds no more Transpose nodes; see layout.py)."""
