@@ -76,3 +76,24 @@ def test_session_leaves_the_model_as_it_was(monkeypatch):
     feed = _feeds(1)[0]
     y = ortsession.session(model, options).run(None, feed)[0]
     assert model.SerializeToString() == before and y.shape == (1, 8, 8, 8)
+
+
+def test_shape_inference_past_the_size_limit_keeps_types(monkeypatch):
+    """fp16 conversion and calibration read tensor types from shape inference, which
+    onnx refuses past 2 GB: the weight-less copy gives the same types."""
+    model = _conv_model()
+    expected = {v.name: v.type.tensor_type.elem_type for v in ortsession.infer_shapes(model).graph.value_info}
+    monkeypatch.setattr(ortsession, "LARGE_MODEL_BYTES", 16)
+    monkeypatch.setattr(ortsession, "EXTERNAL_MIN_BYTES", 16)
+    inferred = ortsession.infer_shapes(model)
+    assert {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info} == expected == {"c1": 1, "r1": 1}
+
+
+def test_fp16_of_a_large_model_casts_consistently(monkeypatch):
+    from onnxforge.passes.quant.fp16 import convert_fp16
+
+    monkeypatch.setattr(ortsession, "LARGE_MODEL_BYTES", 16)
+    monkeypatch.setattr(ortsession, "EXTERNAL_MIN_BYTES", 16)
+    out, report = convert_fp16(_conv_model(), calib=_feeds(), log=lambda _m: None)
+    proto = out.to_proto()
+    assert any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer) and report.score >= 0.99

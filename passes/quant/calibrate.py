@@ -30,7 +30,7 @@ import onnx
 
 from onnxforge.errors import DataError, OptionError
 
-from .ortsession import session as ort_session
+from .ortsession import infer_shapes, session as ort_session
 
 METHODS = ("minmax", "entropy", "percentile", "mse")
 DEFAULT_BINS = 2048
@@ -204,7 +204,7 @@ def _float_value_names(model: onnx.ModelProto) -> set[str]:
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model)
+        return infer_shapes(model)  # past 2 GB too (a weight-less copy)
     except Exception:  # noqa: BLE001 - an uninferable model still calibrates its typed tensors
         return model
 

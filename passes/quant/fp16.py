@@ -32,7 +32,7 @@ from onnxforge.model import Model
 
 from . import budget as budget_mod
 from .calibrate import collect_histograms, float_activation_names
-from .ortsession import session as ort_session
+from .ortsession import infer_shapes, session as ort_session
 from .prepare import float_baseline
 
 FP16_MAX = 65504.0
@@ -158,7 +158,7 @@ def to_fp16(model: onnx.ModelProto, blocked: set[str], keep_io_types: bool = Tru
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)  # past 2 GB too (a weight-less copy)
     except Exception:  # noqa: BLE001 - fall back to the types the model declares
         inferred = model
     infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)

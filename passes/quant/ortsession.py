@@ -79,6 +79,29 @@ def write_with_external_data(proto: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
+def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference that also works past 2 GB: it reads types, dims and small
+    constants, so large initializers are left out of the copy it runs on (their
+    declared type and dims stay). Returns the inferred model (weights not included
+    when the model is large: read types and shapes from it, nothing else)."""
+    if not is_large(proto):
+        return onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    light = onnx.ModelProto()
+    copy_fields(proto, light, {"graph"})
+    copy_fields(proto.graph, light.graph, {"initializer"})
+    for tensor in proto.graph.initializer:
+        kept = light.graph.initializer.add()
+        if len(tensor.raw_data) < EXTERNAL_MIN_BYTES and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            kept.CopyFrom(tensor)
+        else:  # a placeholder of the same type and dims whose data nothing may read
+            kept.name, kept.data_type = tensor.name, tensor.data_type
+            kept.dims.extend(tensor.dims)
+            kept.data_location = onnx.TensorProto.EXTERNAL
+            entry = kept.external_data.add()
+            entry.key, entry.value = "location", "weights-left-out-for-shape-inference"
+    return onnx.shape_inference.infer_shapes(light, strict_mode=False)
+
+
 def _tensors(graph: onnx.GraphProto):
     yield from graph.initializer
     for node in graph.node:

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.model import Model, copy_fields
 
 from .equalize import fold_affine, graph_maps
-from .ortsession import is_large, with_external_data_loaded, write_with_external_data
+from .ortsession import infer_shapes, is_large, with_external_data_loaded, write_with_external_data
 
 log = logging.getLogger("onnxforge.quant")
 
@@ -285,7 +285,7 @@ def gemm_bias_as_vector(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 def _static_shapes(proto: onnx.ModelProto) -> dict[str, list]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+        inferred = infer_shapes(proto)
     except Exception:  # noqa: BLE001 - without shapes nothing is rewritten
         return {}
     shapes = {}
