@@ -368,6 +368,34 @@ def test_fp16_keeps_overflowing_nodes_in_fp32_and_io_types():
     assert FP16_MAX == 65504.0
 
 
+def test_fp16_initializer_checks():
+    from onnxforge.passes.quant.fp16 import initializer_fp16_problem
+
+    weight = RNG.standard_normal(100_000).astype(np.float32) * 0.05
+    weight[:5] = [1e-9, -3e-10, 1e-12, 2e-8, -5e-9]  # flush to zero in fp16: harmless
+    assert initializer_fp16_problem(weight) is None
+    assert "overflows" in initializer_fp16_problem(np.array([1.0, 1e6], np.float32))
+    assert "underflows" in initializer_fp16_problem(np.array(1e-6, np.float32))  # an epsilon
+    assert "underflows" in initializer_fp16_problem(np.array(1e-12, np.float32))
+    assert initializer_fp16_problem(np.zeros(4, np.float32)) is None
+    mostly_tiny = np.full(10_000, 1e-6, np.float32)
+    mostly_tiny[0] = 1.0e-4  # in range, but most of the tensor's energy lies in fp16's subnormals
+    assert "precision" in initializer_fp16_problem(mostly_tiny)
+
+
+def test_fp16_converts_weights_with_a_few_tiny_values():
+    """A large weight with some values below fp16's smallest subnormal is fp16 in the result."""
+    w = (RNG.standard_normal((8, 8)) * 0.1).astype(np.float32)
+    w[0, 0] = 1e-10
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    out, report = convert_fp16(model, log=lambda _m: None)
+    assert "mm" not in report.float32_nodes
+    assert [t.data_type for t in out.to_proto().graph.initializer] == [TensorProto.FLOAT16]
+
+
 def test_fp16_io_types_on_request():
     feeds = [{"x": np.ones((2, 8), np.float32)}]
     out, _ = convert_fp16(_overflow_model(), calib=feeds, keep_io_types=False, log=lambda _m: None)
