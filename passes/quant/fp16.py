@@ -296,12 +296,13 @@ def convert_fp16(
     val: Any = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Model, Fp16Report]:
-    from .quantize import RANDOM_WARNING, _as_proto, _feeds, _take
+    from .quantize import RANDOM_WARNING, _as_model, _as_proto, _feeds, _take
 
     started = time.monotonic()
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    original = _as_proto(model)
-    baseline = float_baseline(original)
+    source = _as_model(model)  # the -O2 passes run on it with external weights still on disk
+    original = _as_proto(source if source is not None else model)
+    baseline = float_baseline(source if source is not None else original)
     report = Fp16Report(keep_io_types, "none", metric if isinstance(metric, str) else "user", max_drop)
     blocked = overflowing_initializer_nodes(baseline)
     feeds: list[dict] = []
