@@ -301,7 +301,8 @@ def convert_fp16(
     started = time.monotonic()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     source = _as_model(model)  # the -O2 passes run on it with external weights still on disk
-    original = _as_proto(source if source is not None else model)
+    # only the inputs of the original are read (for feeds): its weights stay on disk
+    original = source.to_proto() if source is not None else _as_proto(model)
     baseline = float_baseline(source if source is not None else original)
     report = Fp16Report(keep_io_types, "none", metric if isinstance(metric, str) else "user", max_drop)
     blocked = overflowing_initializer_nodes(baseline)
