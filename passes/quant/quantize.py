@@ -246,8 +246,12 @@ def quantize(
         )
     metric_fn = budget_mod.metric_function(metric)
     source = _as_model(model)
-    original = _as_proto(source if source is not None else model)
+    # detection reads types, feeds read inputs: the original's weights stay on disk
+    # unless its int8 weights are reused (weight-only models)
+    original = source.to_proto() if source is not None else _as_proto(model)
     detection = detect(original)
+    if detection.weight_only and source is not None:
+        original = _as_proto(source)
     if detection.refuses:
         raise OptionError(
             f"the model is already quantized: {detection.describe()}; quantizing it again would round "
