@@ -76,7 +76,7 @@ def _site(node, producer, consumers, inits):
     """(input DQ, output Q) when ``node`` is a rewritable HardSwish/HardSigmoid."""
     if node.op_type not in ("HardSwish", "HardSigmoid") or node.domain not in ("", "ai.onnx"):
         return None
-    if node.op_type == "HardSigmoid" and _attr(node, "alpha", 0.2) <= 0:
+    if node.op_type == "HardSigmoid" and node_attr(node, "alpha", 0.2) <= 0:
         return None
     dq = producer.get(node.input[0])
     users = consumers.get(node.output[0], [])
@@ -84,7 +84,7 @@ def _site(node, producer, consumers, inits):
         return None
     q = users[0]
     for qdq in (dq, q):
-        if len(qdq.input) < 3 or not _scalar_u8(inits, qdq.input[1], qdq.input[2]) or _attr(qdq, "axis", None) not in (None, 1):
+        if len(qdq.input) < 3 or not _scalar_u8(inits, qdq.input[1], qdq.input[2]) or node_attr(qdq, "axis", None) not in (None, 1):
             return None
     return dq, q
 
@@ -122,7 +122,7 @@ def _hardswish(node, dq, q, graph, inits):
 def _hardsigmoid(node, q, consumers, graph, inits):
     """y -> Add(b/a) -> Q(1/(255 a), 0); the DQs reading it use (1/255, 0)."""
     base = node.name or node.output[0]
-    alpha, beta = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
+    alpha, beta = node_attr(node, "alpha", 0.2), node_attr(node, "beta", 0.5)
     shift = beta / alpha
     shift_q, shift_s, shift_z = _const(graph, inits, f"{base}_shift", shift)
     q.input[1] = _scale(graph, inits, f"{base}_presat_scale", 1.0 / (255.0 * alpha))
@@ -163,7 +163,7 @@ def _shift_into_zero_point(add, producer, consumers, graph, inits) -> list[onnx.
     k = int(round(float(c.flat[0]) / scale))
     if not 0 <= zero - k <= 255:
         return []
-    shifted = _add(graph, inits, numpy_helper.from_array(np.array(zero - k, dtype=np.uint8), f"{add.name or add.output[0]}_shifted_zero_point"))
+    shifted = add_initializer(graph, inits, numpy_helper.from_array(np.array(zero - k, dtype=np.uint8), f"{add.name or add.output[0]}_shifted_zero_point"))
     for reader in readers:
         reader.input[:] = [h_dq.input[0], h_dq.input[1], shifted]
         for a in list(reader.attribute):
@@ -190,25 +190,28 @@ def _dequantized(dq, inits) -> np.ndarray | None:
 # ------------------------------------------------------------------ helpers
 
 
-def _attr(node, name, default):
+def node_attr(node, name, default):
+    """An attribute's value (strings decoded), or ``default``."""
     for a in node.attribute:
         if a.name == name:
-            return helper.get_attribute_value(a)
+            value = helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
     return default
 
 
-def _add(graph, inits, tensor):
+def add_initializer(graph, inits, tensor):
+    """Append ``tensor`` to the graph and to ``inits``; returns its name."""
     graph.initializer.append(tensor)
     inits[tensor.name] = tensor
     return tensor.name
 
 
 def _scale(graph, inits, name, value):
-    return _add(graph, inits, numpy_helper.from_array(np.array(value, dtype=np.float32), name))
+    return add_initializer(graph, inits, numpy_helper.from_array(np.array(value, dtype=np.float32), name))
 
 
 def _zero(graph, inits, name):
-    return _add(graph, inits, numpy_helper.from_array(np.array(0, dtype=np.uint8), name))
+    return add_initializer(graph, inits, numpy_helper.from_array(np.array(0, dtype=np.uint8), name))
 
 
 def _const(graph, inits, name, value):
@@ -221,7 +224,7 @@ def _const(graph, inits, name, value):
     else:
         q, scale, zero = 0, -value / 255.0, 255
     return (
-        _add(graph, inits, numpy_helper.from_array(np.array(q, dtype=np.uint8), name + "_quantized")),
+        add_initializer(graph, inits, numpy_helper.from_array(np.array(q, dtype=np.uint8), name + "_quantized")),
         _scale(graph, inits, name + "_scale", scale),
-        _add(graph, inits, numpy_helper.from_array(np.array(zero, dtype=np.uint8), name + "_zero_point")),
+        add_initializer(graph, inits, numpy_helper.from_array(np.array(zero, dtype=np.uint8), name + "_zero_point")),
     )

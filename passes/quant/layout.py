@@ -54,6 +54,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .equalize import graph_maps
+from .integer_act import add_initializer, node_attr
 
 REPEATING_MODES = {
     ("asymmetric", "floor"),
@@ -137,8 +138,7 @@ def _shuffle_block(node, inits, readers) -> int | None:
     if kernel != list(weight.dims[2:]) or kernel[0] != kernel[1] or kernel[0] < 1:
         return None
     k = kernel[0]
-    auto_pad = a.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = node_attr(node, "auto_pad", "NOTSET")
     if a.get("group", 1) != 1 or list(a.get("strides", [1, 1])) != [k, k] or auto_pad not in ("NOTSET", "VALID"):
         return None
     if any(a.get("pads", [0] * 4)) or any(d != 1 for d in a.get("dilations", [1, 1])):
@@ -153,10 +153,10 @@ def _conv_then_shuffle(node, k, graph, inits) -> list[onnx.NodeProto]:
     w = numpy_helper.to_array(inits[node.input[1]])  # [C, O, k, k]
     c_in, c_out = w.shape[0], w.shape[1]
     v = w.transpose(2, 3, 1, 0).reshape(k * k * c_out, c_in, 1, 1)  # row (a*k + b)*O + o
-    names = [node.input[0], _init(graph, inits, numpy_helper.from_array(np.ascontiguousarray(v), f"{base}_as_conv_weight"))]
+    names = [node.input[0], add_initializer(graph, inits, numpy_helper.from_array(np.ascontiguousarray(v), f"{base}_as_conv_weight"))]
     if len(node.input) > 2 and node.input[2]:
         b = numpy_helper.to_array(inits[node.input[2]])
-        names.append(_init(graph, inits, numpy_helper.from_array(np.tile(b, k * k), f"{base}_as_conv_bias")))
+        names.append(add_initializer(graph, inits, numpy_helper.from_array(np.tile(b, k * k), f"{base}_as_conv_bias")))
     if k == 1:  # a 1x1 ConvTranspose is a 1x1 Conv with the weight transposed: nothing to shuffle
         return [helper.make_node("Conv", names, [node.output[0]], name=f"{base}_as_conv", kernel_shape=[1, 1])]
     stacked = f"{base}_blocks"
@@ -215,8 +215,8 @@ def _movement_site(node, producers, readers, inits, outputs):
     if node.op_type == "Resize":
         chain = _resize_factors(node, inits)
     elif node.op_type == "DepthToSpace":
-        mode = _attr(node, "mode", "DCR")
-        chain = ("d2s", _attr(node, "blocksize", 0)) if mode == "DCR" else None
+        mode = node_attr(node, "mode", "DCR")
+        chain = ("d2s", node_attr(node, "blocksize", 0)) if mode == "DCR" else None
     else:
         return None
     if chain is None:
@@ -236,9 +236,9 @@ def _movement_site(node, producers, readers, inits, outputs):
 def _resize_factors(node, inits):
     if len(node.input) < 3 or node.input[2] not in inits or (len(node.input) > 3 and node.input[3]):
         return None
-    if _attr(node, "mode", "nearest") != "nearest":
+    if node_attr(node, "mode", "nearest") != "nearest":
         return None
-    if (_attr(node, "coordinate_transformation_mode", "half_pixel"), _attr(node, "nearest_mode", "round_prefer_floor")) not in REPEATING_MODES:
+    if (node_attr(node, "coordinate_transformation_mode", "half_pixel"), node_attr(node, "nearest_mode", "round_prefer_floor")) not in REPEATING_MODES:
         return None
     scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(-1)
     if scales.size != 4 or scales[0] != 1 or scales[1] != 1:
@@ -417,27 +417,13 @@ def _same_grid(dq, q, inits) -> bool:
     dq_zero = dq.input[2] if len(dq.input) > 2 else ""
     q_zero = q.input[2] if len(q.input) > 2 else ""
     # both zero points given and of one type: the Q's output type is the DQ's input type
-    if not dq_zero or not q_zero or inits[dq_zero].data_type != inits[q_zero].data_type or _attr(q, "output_dtype", 0):
+    if not dq_zero or not q_zero or inits[dq_zero].data_type != inits[q_zero].data_type or node_attr(q, "output_dtype", 0):
         return False
     return value(dq.input[1], 1.0) == value(q.input[1], 1.0) and value(dq_zero, 0.0) == value(q_zero, 0.0)
 
 
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            value = helper.get_attribute_value(a)
-            return value.decode() if isinstance(value, bytes) else value
-    return default
-
-
-def _init(graph, inits, tensor) -> str:
-    graph.initializer.append(tensor)
-    inits[tensor.name] = tensor
-    return tensor.name
-
-
 def _i64(graph, inits, name, values) -> str:
     if name not in inits:
-        _init(graph, inits, numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        add_initializer(graph, inits, numpy_helper.from_array(np.array(values, dtype=np.int64), name))
     return name
 
