@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 
+from onnxforge.io import iter_tensor_protos
 from onnxforge.model import copy_fields
 
 # Below protobuf's 2 GiB limit with room for the graph itself.
@@ -34,11 +35,11 @@ def with_external_data_loaded(proto: onnx.ModelProto, base_dir: Path | None) -> 
 
 
 def has_external_data(proto: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(proto.graph))
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t, _where in iter_tensor_protos(proto))
 
 
 def is_large(proto: onnx.ModelProto) -> bool:
-    return has_external_data(proto) or sum(len(t.raw_data) for t in _tensors(proto.graph)) > LARGE_MODEL_BYTES
+    return has_external_data(proto) or sum(len(t.raw_data) for t, _where in iter_tensor_protos(proto)) > LARGE_MODEL_BYTES
 
 
 def session(proto: onnx.ModelProto, options, providers=("CPUExecutionProvider",)):
@@ -100,15 +101,3 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
             entry = kept.external_data.add()
             entry.key, entry.value = "location", "weights-left-out-for-shape-inference"
     return onnx.shape_inference.infer_shapes(light, strict_mode=False)
-
-
-def _tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _tensors(sub)
