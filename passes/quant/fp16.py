@@ -296,13 +296,11 @@ def convert_fp16(
     val: Any = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[Model, Fp16Report]:
-    from .quantize import RANDOM_WARNING, _as_model, _as_proto, _feeds, _take
+    from .quantize import RANDOM_WARNING, _feeds, _source_and_original, _take
 
     started = time.monotonic()
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    source = _as_model(model)  # the -O2 passes run on it with external weights still on disk
-    # only the inputs of the original are read (for feeds): its weights stay on disk
-    original = source.to_proto() if source is not None else _as_proto(model)
+    source, original = _source_and_original(model)  # only the original's inputs are read (feeds)
     baseline = float_baseline(source if source is not None else original)
     report = Fp16Report(keep_io_types, "none", metric if isinstance(metric, str) else "user", max_drop)
     blocked = overflowing_initializer_nodes(baseline)

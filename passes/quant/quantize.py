@@ -133,30 +133,27 @@ def _jsonable(value: Any):
 # ------------------------------------------------------------------ inputs
 
 
-def _as_model(model) -> Model | None:
-    """The onnxforge Model for a path or Model input (weights in external files stay on disk)."""
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, onnx.ModelProto):
-        return None
-    from onnxforge.io import load
-
-    return load(model)
-
-
-def _as_proto(model: Model | onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+def _source_and_original(model: Model | onnx.ModelProto | str | os.PathLike) -> tuple[Model | None, onnx.ModelProto]:
+    """(the model as onnxforge loads it, weights in external files still on disk, or
+    None for a ModelProto input; the original as a ModelProto). The proto's external
+    weights are not read (types and inputs are what callers read; the -O2 passes
+    run on the lazy Model): ``_with_weights`` reads them."""
     if isinstance(model, onnx.ModelProto):
         from onnxforge.versions import cap_proto_versions
 
-        return cap_proto_versions(model)[0]  # IR/opset this onnxruntime loads
-    from .ortsession import with_external_data_loaded
-
+        return None, cap_proto_versions(model)[0]  # IR/opset this onnxruntime loads
     if not isinstance(model, Model):
         from onnxforge.io import load
 
         model = load(model)
-    # weights in external files are read into memory: every later copy and session is self-contained
-    return with_external_data_loaded(model.to_proto(), model.source.parent if model.source else None)
+    return model, model.to_proto()
+
+
+def _with_weights(original: onnx.ModelProto, source: Model | None) -> onnx.ModelProto:
+    """``original`` with the weights of external files read into memory (in place)."""
+    from .ortsession import with_external_data_loaded
+
+    return with_external_data_loaded(original, source.source.parent if source is not None and source.source else None)
 
 
 def _feeds(data, proto: onnx.ModelProto, what: str) -> tuple[Iterable[dict], str]:
@@ -245,13 +242,12 @@ def quantize(
             hint="pass --calib DIR (a folder of .npz feed dicts), or --calib random to accept meaningless accuracy",
         )
     metric_fn = budget_mod.metric_function(metric)
-    source = _as_model(model)
     # detection reads types, feeds read inputs: the original's weights stay on disk
     # unless its int8 weights are reused (weight-only models)
-    original = source.to_proto() if source is not None else _as_proto(model)
+    source, original = _source_and_original(model)
     detection = detect(original)
-    if detection.weight_only and source is not None:
-        original = _as_proto(source)
+    if detection.weight_only:
+        original = _with_weights(original, source)
     if detection.refuses:
         raise OptionError(
             f"the model is already quantized: {detection.describe()}; quantizing it again would round "
