@@ -396,11 +396,6 @@ def ort_transposes(model: onnx.ModelProto) -> int:
     return sum(1 for n in ort_offline(model, level="all").graph.node if n.op_type == "Transpose")
 
 
-def worth_it(before: onnx.ModelProto, after: onnx.ModelProto) -> bool:
-    """True when onnxruntime's optimized graph of ``after`` holds no more Transpose nodes than ``before``'s."""
-    return ort_transposes(after) <= ort_transposes(before)
-
-
 # ------------------------------------------------------------------ helpers
 
 
