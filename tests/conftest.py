@@ -24,6 +24,23 @@ def corpus_model(name: str) -> Path:
     return path
 
 
+def tensor_ranges(model: onnx.ModelProto, feeds, input_name: str = "x", output_name: str = "y") -> dict:
+    """Exact min/max (widened to include 0) of the graph input and every node output over ``feeds``."""
+    import onnxruntime as ort
+
+    names = [input_name] + [o for n in model.graph.node for o in n.output]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n != output_name)
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    lo, hi = {}, {}
+    for feed in feeds:
+        for info, value in zip(session.get_outputs(), session.run(None, feed)):
+            lo[info.name] = min(lo.get(info.name, 0.0), float(value.min()))
+            hi[info.name] = max(hi.get(info.name, 0.0), float(value.max()))
+    return {k: (lo[k], hi[k]) for k in lo}
+
+
 def run_proto(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     import onnxruntime as ort
 

@@ -6,33 +6,12 @@ import os
 
 import numpy as np
 import onnx
-import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
+
+from test_quant import _conv_model, _feeds
 
 from onnxforge.passes.quant import ortsession
 from onnxforge.passes.quant.quantize import quantize
-
-RNG = np.random.default_rng(5)
-
-
-def _conv_model() -> onnx.ModelProto:
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
-    ]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
-        [numpy_helper.from_array(RNG.standard_normal((8, 4, 3, 3)).astype(np.float32), "w1"),
-         numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
-         numpy_helper.from_array((RNG.standard_normal((8, 8, 1, 1)) * 0.1).astype(np.float32), "w2")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-
-
-def _feeds(n=4):
-    return [{"x": RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(n)]
 
 
 def _int8_weights(model: onnx.ModelProto) -> int:
@@ -46,7 +25,7 @@ def test_quantize_a_model_with_external_data_from_another_directory(tmp_path, mo
     onnx.save_model(_conv_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="conv.onnx.data", size_threshold=0)
     monkeypatch.chdir(tmp_path)  # relative data paths must resolve against the model, not the cwd
-    out, report = quantize(str(path), _feeds(), measure_latency=False, log=lambda _m: None)
+    out, report = quantize(str(path), _feeds(4), measure_latency=False, log=lambda _m: None)
     proto = out.to_proto()
     assert _int8_weights(proto) == 2 and not ortsession.has_external_data(proto)
     assert report.score > 0.99
@@ -61,7 +40,7 @@ def test_large_models_take_the_file_path(monkeypatch):
     monkeypatch.setattr(ortsession, "write_with_external_data", lambda proto, path: calls.append(path) or real(proto, path))
     from onnxforge.passes.quant import prepare
     monkeypatch.setattr(prepare, "write_with_external_data", ortsession.write_with_external_data)
-    out, report = quantize(_conv_model(), _feeds(), measure_latency=False, log=lambda _m: None)
+    out, report = quantize(_conv_model(), _feeds(4), measure_latency=False, log=lambda _m: None)
     assert calls and _int8_weights(out.to_proto()) == 2 and report.score > 0.99
     assert all(not os.path.exists(p) for p in calls)  # temporary folders are gone
 
@@ -94,6 +73,6 @@ def test_fp16_of_a_large_model_casts_consistently(monkeypatch):
 
     monkeypatch.setattr(ortsession, "LARGE_MODEL_BYTES", 16)
     monkeypatch.setattr(ortsession, "EXTERNAL_MIN_BYTES", 16)
-    out, report = convert_fp16(_conv_model(), calib=_feeds(), log=lambda _m: None)
+    out, report = convert_fp16(_conv_model(), calib=_feeds(4), log=lambda _m: None)
     proto = out.to_proto()
     assert any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer) and report.score >= 0.99

@@ -8,6 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import tensor_ranges
+
 from onnxforge.passes.quant import formats
 from onnxforge.passes.quant.integer_act import integer_activations
 from onnxforge.passes.quant.prepare import ort_offline, whole_window_pools_to_global
@@ -40,25 +42,10 @@ def _feeds(n=6, seed=0):
     return [{"x": (rng.standard_normal((1, 8, 6, 6)) * 2).astype(np.float32)} for _ in range(n)]
 
 
-def _ranges(model, feeds):
-    """Exact min/max of every float tensor (graph inputs and node outputs)."""
-    names = ["x"] + [o for n in model.graph.node for o in n.output]
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n != "y")
-    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
-    lo, hi = {}, {}
-    for feed in feeds:
-        for name, value in zip(session.get_outputs(), session.run(None, feed)):
-            lo[name.name] = min(lo.get(name.name, 0.0), float(value.min()))
-            hi[name.name] = max(hi.get(name.name, 0.0), float(value.max()))
-    return {k: (lo[k], hi[k]) for k in lo}
-
-
 def _qdq(model, rewrite: bool):
     feeds = _feeds()
     spec = formats.spec_for("cpu", model, vnni=True)
-    ranges = _ranges(model, feeds)
+    ranges = tensor_ranges(model, feeds)
     saved = formats.integer_activations
     if not rewrite:
         formats.integer_activations = lambda m: (m, 0)
@@ -205,4 +192,4 @@ def test_gemm_row_bias_becomes_a_vector_and_quantizes():
     assert count == 1 and list(next(t for t in rewritten.graph.initializer if t.name == "c").dims) == [4]
     feed = _feeds(1)[0]
     np.testing.assert_allclose(_run(rewritten, feed), _run(model, feed), rtol=1e-6)
-    formats.static_qdq(rewritten, _ranges(rewritten, _feeds()), formats.spec_for("cpu", rewritten, vnni=True))  # no error
+    formats.static_qdq(rewritten, tensor_ranges(rewritten, _feeds()), formats.spec_for("cpu", rewritten, vnni=True))  # no error

@@ -11,6 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import tensor_ranges
+
 from onnxforge.passes.quant import formats
 from onnxforge.passes.quant.layout import convtranspose_as_conv_shuffle, nhwc_data_movement, ort_transposes, wide_channel_scales
 from onnxforge.passes.quant.prepare import ort_offline
@@ -30,10 +32,22 @@ def _w(name, shape, scale=0.3):
     return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
 
 
-def _run(model, feed):
+def _run_all(model, feed):
+    """Every output, onnxruntime's optimizations on (its NHWC int8 layout is what is exercised)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def _run(model, feed):
+    return _run_all(model, feed)[0]
+
+
+def _assert_same_outputs(rewritten, model, feed):
+    """Valid, and every output bit-identical to ``model``'s."""
+    onnx.checker.check_model(rewritten)
+    for a, b in zip(_run_all(rewritten, feed), _run_all(model, feed)):
+        np.testing.assert_array_equal(a, b)
 
 
 def _ops(model):
@@ -224,10 +238,8 @@ def test_several_same_grid_requantizers_and_an_output():
     graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["n", "c", "h", "w"]))
     feed = {"x": (RNG.standard_normal((1, 6, 5, 7)) * 3).astype(np.float32)}
     rewritten, count = nhwc_data_movement(_copy(model))
-    onnx.checker.check_model(rewritten)
     assert count == 1 and _ops(rewritten)["Identity"] == 1
-    for a, b in zip(_run_all(rewritten, feed), _run_all(model, feed)):
-        np.testing.assert_array_equal(a, b)
+    _assert_same_outputs(rewritten, model, feed)
 
 
 def test_resize_output_that_is_a_graph_output():
@@ -245,12 +257,6 @@ def test_resize_with_sizes_is_left():
     inits.append(numpy_helper.from_array(np.array([1, 6, 10, 14], np.int64), "sizes"))
     model = _model(nodes, inits, [1, 6, 5, 7])
     assert nhwc_data_movement(model)[1] == 0
-
-
-def _run_all(model, feed):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
 def test_float_input_is_left():
@@ -274,22 +280,9 @@ def _conv_resize_conv():
              numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
     model = _model(nodes, inits, [1, 8, 12, 12], opset=13)
     feeds = [{"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(4)]
-    ranges = _ranges(model, feeds)
+    ranges = tensor_ranges(model, feeds)
     spec = formats.spec_for("cpu", model, vnni=True)
     return formats.static_qdq(model, ranges, spec), feeds
-
-
-def _ranges(model, feeds):
-    names = ["x"] + [o for n in model.graph.node for o in n.output]
-    exposed = _copy(model)
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n != "y")
-    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
-    lo, hi = {}, {}
-    for feed in feeds:
-        for info, value in zip(session.get_outputs(), session.run(None, feed)):
-            lo[info.name] = min(lo.get(info.name, 0.0), float(value.min()))
-            hi[info.name] = max(hi.get(info.name, 0.0), float(value.max()))
-    return {k: (lo[k], hi[k]) for k in lo}
 
 
 def test_static_qdq_writes_resize_in_nhwc_between_integer_convs():
@@ -386,10 +379,8 @@ def test_shared_scale_gets_a_dq_per_product():
     graph.output.extend([helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 6, 4, 9]), helper.make_tensor_value_info("s_dq", TensorProto.FLOAT, [1, 6, 1, 1])])
     feed = {"x": (RNG.standard_normal((1, 6, 5, 7)) * 3).astype(np.float32), "x2": (RNG.standard_normal((1, 6, 4, 9)) * 3).astype(np.float32)}
     rewritten, count = wide_channel_scales(_copy(model))
-    onnx.checker.check_model(rewritten)
     assert count == 2 and _ops(rewritten)["Expand"] == 2
-    for a, b in zip(_run_all(rewritten, feed), _run_all(model, feed)):
-        np.testing.assert_array_equal(a, b)
+    _assert_same_outputs(rewritten, model, feed)
 
 
 def test_channel_scale_refusals():
@@ -418,7 +409,7 @@ def test_static_qdq_widens_squeeze_excitation_scales_between_integer_convs():
     model = _model(nodes, inits, [1, 8, 12, 12], opset=13)
     feeds = [{"x": RNG.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(4)]
     spec = formats.spec_for("cpu", model, vnni=True)
-    quantized = formats.static_qdq(model, _ranges(model, feeds), spec)
+    quantized = formats.static_qdq(model, tensor_ranges(model, feeds), spec)
     assert _ops(quantized)["Expand"] == 1
     optimized = _ops(ort_offline(quantized, level="all"))
     assert optimized["QLinearMul"] == 1 and optimized["Transpose"] <= 2
