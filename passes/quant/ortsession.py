@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from onnxforge.io import iter_tensor_protos
-from onnxforge.model import copy_fields
+from onnxforge.model import copy_fields, tensor_header
 
 # Below protobuf's 2 GiB limit with room for the graph itself.
 LARGE_MODEL_BYTES = 1_800_000_000
@@ -58,24 +58,15 @@ def write_with_external_data(proto: onnx.ModelProto, path: Path) -> Path:
     one tensor at a time: ``proto`` is left as it is and never copied whole (a copy
     of a 2 GB model is 2 GB more at the peak)."""
     data_name = path.name + ".data"
-    light = onnx.ModelProto()
-    copy_fields(proto, light, {"graph"})
-    copy_fields(proto.graph, light.graph, {"initializer"})
     offset = 0
     with open(path.parent / data_name, "wb") as data:
-        for tensor in proto.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
-                light.graph.initializer.add().CopyFrom(tensor)
-                continue
+        def stored(tensor: onnx.TensorProto) -> dict[str, str]:
+            nonlocal offset
             data.write(tensor.raw_data)
-            ref = light.graph.initializer.add()
-            ref.name, ref.data_type = tensor.name, tensor.data_type
-            ref.dims.extend(tensor.dims)
-            ref.data_location = onnx.TensorProto.EXTERNAL
-            for key, val in (("location", data_name), ("offset", str(offset)), ("length", str(len(tensor.raw_data)))):
-                entry = ref.external_data.add()
-                entry.key, entry.value = key, val
             offset += len(tensor.raw_data)
+            return {"location": data_name, "offset": str(offset - len(tensor.raw_data)), "length": str(len(tensor.raw_data))}
+
+        light = _with_large_initializers_external(proto, stored, keep_external=True)
     path.write_bytes(light.SerializeToString())
     return path
 
@@ -87,17 +78,27 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     when the model is large: read types and shapes from it, nothing else)."""
     if not is_large(proto):
         return onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    # placeholders whose data nothing may read
+    light = _with_large_initializers_external(proto, lambda _t: {"location": "weights-left-out-for-shape-inference"})
+    return onnx.shape_inference.infer_shapes(light, strict_mode=False)
+
+
+def _with_large_initializers_external(proto: onnx.ModelProto, reference, keep_external: bool = False) -> onnx.ModelProto:
+    """A copy of ``proto`` whose initializers of EXTERNAL_MIN_BYTES or more (and, unless
+    ``keep_external``, those already external) are headers pointing where
+    ``reference(tensor)`` says (external_data entries); the others are copied."""
     light = onnx.ModelProto()
     copy_fields(proto, light, {"graph"})
     copy_fields(proto.graph, light.graph, {"initializer"})
     for tensor in proto.graph.initializer:
-        kept = light.graph.initializer.add()
-        if len(tensor.raw_data) < EXTERNAL_MIN_BYTES and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            kept.CopyFrom(tensor)
-        else:  # a placeholder of the same type and dims whose data nothing may read
-            kept.name, kept.data_type = tensor.name, tensor.data_type
-            kept.dims.extend(tensor.dims)
-            kept.data_location = onnx.TensorProto.EXTERNAL
-            entry = kept.external_data.add()
-            entry.key, entry.value = "location", "weights-left-out-for-shape-inference"
-    return onnx.shape_inference.infer_shapes(light, strict_mode=False)
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        if (external and keep_external) or (not external and len(tensor.raw_data) < EXTERNAL_MIN_BYTES):
+            light.graph.initializer.add().CopyFrom(tensor)
+            continue
+        header = light.graph.initializer.add()
+        header.CopyFrom(tensor_header(tensor))
+        header.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in reference(tensor).items():
+            entry = header.external_data.add()
+            entry.key, entry.value = key, value
+    return light
