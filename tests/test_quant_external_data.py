@@ -37,7 +37,7 @@ def test_large_models_take_the_file_path(monkeypatch):
     monkeypatch.setattr(ortsession, "LARGE_MODEL_BYTES", 16)
     calls = []
     real = ortsession.write_with_external_data
-    monkeypatch.setattr(ortsession, "write_with_external_data", lambda proto, path: calls.append(path) or real(proto, path))
+    monkeypatch.setattr(ortsession, "write_with_external_data", lambda proto, path, *rest: calls.append(path) or real(proto, path, *rest))
     from onnxforge.passes.quant import prepare
     monkeypatch.setattr(prepare, "write_with_external_data", ortsession.write_with_external_data)
     out, report = quantize(_conv_model(), _feeds(4), measure_latency=False, log=lambda _m: None)
@@ -76,3 +76,95 @@ def test_fp16_of_a_large_model_casts_consistently(monkeypatch):
     out, report = convert_fp16(_conv_model(), calib=_feeds(4), log=lambda _m: None)
     proto = out.to_proto()
     assert any(t.data_type == TensorProto.FLOAT16 for t in proto.graph.initializer) and report.score >= 0.99
+
+
+def _saved_with_external_data(model: onnx.ModelProto, folder) -> str:
+    folder.mkdir()
+    path = folder / "model.onnx"
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # saving rewrites the proto's tensors
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    return str(path)
+
+
+def test_baseline_streams_external_weights_to_onnxruntime(tmp_path, monkeypatch):
+    """A model with external data: its weights go file to file into onnxruntime's offline
+    rewrite and are read once, from its output; the baseline is the in-memory one."""
+    from onnxforge.io import load
+    from onnxforge.passes.quant import prepare
+    from onnxforge.passes.quant.budget import run_outputs
+
+    model = _conv_model(channels=64)  # weights above the size -O2 reads to compare constants
+    expected = prepare.float_baseline(model)
+    path = _saved_with_external_data(model, tmp_path / "m")
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the weights were loaded into memory before onnxruntime")
+
+    monkeypatch.setattr(prepare, "with_external_data_loaded", refuse)
+    monkeypatch.setattr(prepare, "lower_constants", refuse)
+    baseline = prepare.float_baseline(load(path))
+    assert not ortsession.has_external_data(baseline)
+    assert [n.op_type for n in baseline.graph.node] == [n.op_type for n in expected.graph.node]
+    feeds = _feeds(2)
+    for got, want in zip(run_outputs(baseline, feeds), run_outputs(expected, feeds)):
+        np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_write_with_external_data_copies_external_bytes(tmp_path):
+    model = _conv_model()
+    source = _saved_with_external_data(model, tmp_path / "src")
+    light = onnx.load(source, load_external_data=False)
+    out = ortsession.write_with_external_data(light, tmp_path / "copy.onnx", base_dir=tmp_path / "src")
+    copied = onnx.load(str(out))
+    for a, b in zip(copied.graph.initializer, model.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+def test_write_with_external_data_refuses_references_outside_the_folder(tmp_path):
+    import pytest
+
+    from onnxforge.errors import UnsafeModelError
+
+    source = _saved_with_external_data(_conv_model(), tmp_path / "src")
+    light = onnx.load(source, load_external_data=False)
+    light.graph.initializer[0].external_data[0].value = "../outside.data"
+    (tmp_path / "outside.data").write_bytes(b"\0" * 4096)
+    with pytest.raises(UnsafeModelError):
+        ortsession.write_with_external_data(light, tmp_path / "copy.onnx", base_dir=tmp_path / "src")
+
+
+def test_dynamic_matmul_is_onnxruntimes_result_without_its_model_copies(monkeypatch):
+    """The dynamic quantizer's own shape inference deep-copies, saves and reloads the
+    model; formats.dynamic_matmul infers types on the model it holds instead. The
+    result is the same graph and the same weights, and onnxruntime is left unpatched."""
+    import copy
+
+    from onnxruntime.quantization import onnx_quantizer
+    from onnxruntime.quantization.quant_utils import QuantizationMode
+    from test_quant import _transformer_block
+
+    from onnxforge.passes.quant import formats
+
+    model = _transformer_block()
+    spec = formats.spec_for("cpu", model, mode="dynamic")
+    theirs = onnx_quantizer.ONNXQuantizer(
+        copy.deepcopy(model), spec.per_channel, spec.reduce_range, QuantizationMode.IntegerOps, False,
+        formats._qtype("s8"), formats._qtype("u8"), None, None, [], ["MatMul", "Gemm"],
+        {"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
+    )
+    theirs.quantize_model()
+    theirs = formats._without_unused_initializers(theirs.model.model)
+    original = onnx_quantizer.save_and_reload_model_with_shape_infer
+    deep_copies = []
+    real_deepcopy = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a: deep_copies.append(type(x)) or real_deepcopy(x, *a))
+    ours = formats.dynamic_matmul(model, spec, [])
+    assert onnx.ModelProto not in deep_copies
+    assert onnx_quantizer.save_and_reload_model_with_shape_infer is original
+    assert [n.SerializeToString() for n in ours.graph.node] == [n.SerializeToString() for n in theirs.graph.node]
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in theirs.graph.initializer}
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in ours.graph.initializer}
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
+    assert not any(p.key == "onnx.infer" for p in ours.metadata_props)
+    assert sum(n.op_type == "MatMulInteger" for n in ours.graph.node) >= 4

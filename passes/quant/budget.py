@@ -31,7 +31,7 @@ import onnx
 
 from onnxforge.errors import OptionError
 
-from .ortsession import session as ort_session
+from .ortsession import return_freed_memory, session as ort_session
 
 METRICS = ("cosine", "sqnr", "top1")
 
@@ -48,7 +48,10 @@ def run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]
     )
     session = ort_session(model, options)
     wanted = {i.name for i in session.get_inputs()}
-    return [session.run(names, {k: v for k, v in feed.items() if k in wanted}) for feed in feeds]
+    outputs = [session.run(names, {k: v for k, v in feed.items() if k in wanted}) for feed in feeds]
+    del session
+    return_freed_memory()
+    return outputs
 
 
 def _float_parts(outputs: list[np.ndarray]) -> np.ndarray:

@@ -347,13 +347,14 @@ def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """h -> Mul(a) [-> Add(b)] -> Conv: the affine moves into the Conv (one Q/DQ
     point instead of three, two fewer elementwise kernels). The rewrite is the
     -O2 fusion ``fuse-affine-into-conv`` (passes/fusion/affine_conv.py, its math
-    and preconditions there), run on ``model`` alone; the copy and the number of
-    folds are returned."""
+    and preconditions there), run on ``model`` alone; the copy (``model`` itself
+    when nothing folds) and the number of folds are returned."""
     from onnxforge.context import PassContext
     from onnxforge.model import Model
     from onnxforge.passes.fusion.affine_conv import FuseAffineIntoConv
 
     working = Model.from_proto(model)
     result = FuseAffineIntoConv().run(working.graph, PassContext(model=working))
-    return working.to_proto(), int(result.stats.get("affine-into-conv", 0))
+    folded = int(result.stats.get("affine-into-conv", 0))
+    return (working.to_proto() if folded else model), folded
 

@@ -54,6 +54,7 @@ from .formats import (
     static_qdq, summarize_kernels, write_tensorrt_cache,
 )
 from .layout import convtranspose_as_conv_shuffle
+from .ortsession import return_freed_memory
 from .prepare import constant_nodes_to_initializers, float_baseline
 
 RANDOM_WARNING = (
@@ -257,6 +258,7 @@ def quantize(
     # the -O2 passes run on the lazily loaded model when there is one: weights in
     # external files are read once, after them (2.2 GB Llama: 8 GB less at the peak)
     baseline = float_baseline(source if source is not None else original)
+    return_freed_memory()
     spec = spec_for(provider, baseline, mode)
     calib_feeds, calib_desc = _feeds(calib, original, "calibration")
     report = QuantReport(provider, spec.as_dict(), method, calib_desc, 0, "", metric if isinstance(metric, str) else "user", max_drop)
