@@ -35,6 +35,7 @@ def test_large_models_take_the_file_path(monkeypatch):
     """Past the size limit every session (calibration, budget, onnxruntime's offline
     rewrites) loads from a temporary file with external data: forced here for a small model."""
     monkeypatch.setattr(ortsession, "LARGE_MODEL_BYTES", 16)
+    monkeypatch.setattr(ortsession, "SESSION_FILE_BYTES", 16)
     calls = []
     real = ortsession.write_with_external_data
     monkeypatch.setattr(ortsession, "write_with_external_data", lambda proto, path, *rest: calls.append(path) or real(proto, path, *rest))
@@ -46,7 +47,7 @@ def test_large_models_take_the_file_path(monkeypatch):
 
 
 def test_session_leaves_the_model_as_it_was(monkeypatch):
-    monkeypatch.setattr(ortsession, "LARGE_MODEL_BYTES", 16)
+    monkeypatch.setattr(ortsession, "SESSION_FILE_BYTES", 16)
     model = _conv_model()
     before = model.SerializeToString()
     import onnxruntime as ort
@@ -168,3 +169,16 @@ def test_dynamic_matmul_is_onnxruntimes_result_without_its_model_copies(monkeypa
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
     assert not any(p.key == "onnx.infer" for p in ours.metadata_props)
     assert sum(n.op_type == "MatMulInteger" for n in ours.graph.node) >= 4
+
+
+def test_offline_graph_without_weights_reads_the_same_nodes(monkeypatch):
+    """Kernel and transpose counts read only onnxruntime's optimized graph: past the
+    session-file size its large weights are not read back."""
+    from onnxforge.passes.quant.prepare import ort_offline
+
+    model = _conv_model(channels=64)
+    full = ort_offline(model, level="extended")
+    monkeypatch.setattr(ortsession, "SESSION_FILE_BYTES", 16)
+    graph_only = ort_offline(model, level="extended", weights=False)
+    assert [n.op_type for n in graph_only.graph.node] == [n.op_type for n in full.graph.node]
+    assert ortsession.has_external_data(graph_only) and not ortsession.has_external_data(full)

@@ -334,7 +334,7 @@ def integer_kernels(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, 
 
     if provider != "cpu":
         raise OptionError("integer kernel check runs on the CPU provider only")
-    optimized = ort_offline(model, level="extended")
+    optimized = ort_offline(model, level="extended", weights=False)
     counts: dict[str, int] = {}
     for node in _all_nodes(optimized.graph):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

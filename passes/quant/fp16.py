@@ -24,17 +24,17 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxforge.model import Model
+from onnxforge.model import Model, copy_fields
 
 from . import budget as budget_mod
 from .calibrate import collect_histograms, float_activation_names
-from .ortsession import infer_shapes, session as ort_session
+from .ortsession import infer_shapes, return_freed_memory, session as ort_session
 from .prepare import float_baseline
 
 FP16_MAX = 65504.0
@@ -138,14 +138,18 @@ def activation_absmax(model: onnx.ModelProto, feeds) -> dict[str, float]:
 def to_fp16(model: onnx.ModelProto, blocked: set[str], keep_io_types: bool = True) -> onnx.ModelProto:
     """``model`` with every float32 tensor of a node outside ``blocked`` in float16."""
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    copy_fields(model, out, {"graph"})
+    # the weights are added at the end, each float32 one only if still read as such:
+    # a whole copy first would hold every weight twice (and protobuf frees dropped
+    # parts of a message only with the message)
+    copy_fields(model.graph, out.graph, {"initializer"})
     graph = out.graph
-    floats = _float_tensors(out)
+    floats = _float_tensors(model)
     for node in graph.node:
         if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
             blocked.add(node.name)
     precision: dict[str, str] = {}  # float tensor -> "16" | "32"
-    inits = {t.name: t for t in graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     for inp in graph.input:
         if inp.name in floats and inp.name not in inits:
             precision[inp.name] = "32" if keep_io_types else "16"
@@ -173,12 +177,11 @@ def to_fp16(model: onnx.ModelProto, blocked: set[str], keep_io_types: bool = Tru
         if want == "16":
             _retype_attributes(node)
         new_nodes.append(node)
-    _add_half_initializers(graph, half_inits)
     _fix_outputs(graph, precision, keep_io_types, new_nodes, casts)
     del graph.node[:]
     graph.node.extend(new_nodes)
     del graph.value_info[:]
-    _drop_unused_initializers(graph)
+    _add_used_initializers(graph, model.graph.initializer, half_inits)
     return out
 
 
@@ -211,11 +214,16 @@ def _retype_attributes(node: onnx.NodeProto) -> None:
             attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
 
 
-def _add_half_initializers(graph: onnx.GraphProto, half_inits: dict[str, str]) -> None:
-    inits = {t.name: t for t in graph.initializer}
-    for name, half in half_inits.items():
-        values = numpy_helper.to_array(inits[name]).astype(np.float16)
-        graph.initializer.append(numpy_helper.from_array(values, half))
+def _add_used_initializers(graph: onnx.GraphProto, source: Sequence[onnx.TensorProto], half_inits: dict[str, str]) -> None:
+    """The initializers ``graph`` reads: float32 ones copied from ``source``, the
+    float16 ones (``half_inits``: float32 name -> float16 name) converted from them."""
+    used = _read_names(graph)
+    for tensor in source:
+        if tensor.name in used:
+            graph.initializer.add().CopyFrom(tensor)
+        half = half_inits.get(tensor.name)
+        if half in used:
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), half))
 
 
 def _fix_outputs(graph, precision, keep_io_types: bool, new_nodes: list, casts: dict) -> None:
@@ -247,15 +255,13 @@ def _rename_producer(nodes, old: str, new: str) -> None:
                 node.input[i] = new
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {i for n in graph.node for i in n.input}
+def _read_names(graph: onnx.GraphProto) -> set[str]:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for n in graph.node:
         for a in n.attribute:
             if a.HasField("g"):
                 used.update(i for sub in a.g.node for i in sub.input)
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    return used
 
 
 def _missing_kernel(error: Exception) -> str | None:
@@ -273,7 +279,11 @@ def _runnable(model_fn: Callable[[set[str]], onnx.ModelProto], blocked: dict[str
         try:
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            # kernels are chosen at any level; without optimizations onnxruntime does
+            # not fold its float32 casts of fp16 weights (Llama 570M: 2 GB less)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             ort_session(candidate, options)
+            return_freed_memory()
             return candidate
         except Exception as exc:  # noqa: BLE001 - only the no-kernel case is handled
             name = _missing_kernel(exc)

@@ -393,7 +393,7 @@ def ort_transposes(model: onnx.ModelProto) -> int:
     transposes written here cancel only where integer kernels run in NHWC around them."""
     from .prepare import ort_offline
 
-    return sum(1 for n in ort_offline(model, level="all").graph.node if n.op_type == "Transpose")
+    return sum(1 for n in ort_offline(model, level="all", weights=False).graph.node if n.op_type == "Transpose")
 
 
 # ------------------------------------------------------------------ helpers

@@ -21,6 +21,9 @@ from onnxforge.model import copy_fields, tensor_header
 
 # Below protobuf's 2 GiB limit with room for the graph itself.
 LARGE_MODEL_BYTES = 1_800_000_000
+# Sessions of models with more weights than this load from a file: from bytes,
+# onnxruntime holds the serialized model, its parse and its tensors at once.
+SESSION_FILE_BYTES = 256_000_000
 # initializers at least this large go to the data file (small ones stay inline)
 EXTERNAL_MIN_BYTES = 1024
 
@@ -50,15 +53,22 @@ def has_external_data(proto: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t, _where in iter_tensor_protos(proto))
 
 
-def is_large(proto: onnx.ModelProto) -> bool:
-    return has_external_data(proto) or sum(len(t.raw_data) for t, _where in iter_tensor_protos(proto)) > LARGE_MODEL_BYTES
+def is_large(proto: onnx.ModelProto, limit: int | None = None) -> bool:
+    """Has external data, or more than ``limit`` (LARGE_MODEL_BYTES) of weights."""
+    limit = LARGE_MODEL_BYTES if limit is None else limit
+    return has_external_data(proto) or sum(t.ByteSize() for t, _where in iter_tensor_protos(proto)) > limit
+
+
+def loads_from_file(proto: onnx.ModelProto) -> bool:
+    """Whether onnxruntime should get ``proto`` as a file with external data (see SESSION_FILE_BYTES)."""
+    return is_large(proto, SESSION_FILE_BYTES)
 
 
 def session(proto: onnx.ModelProto, options, providers=("CPUExecutionProvider",)):
     """An ``onnxruntime.InferenceSession`` for ``proto`` (see the module docstring)."""
     import onnxruntime as ort
 
-    if not is_large(proto):
+    if not loads_from_file(proto):
         return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-session-") as tmp:
         path = write_with_external_data(proto, Path(tmp) / "model.onnx")

@@ -28,7 +28,8 @@ from onnxforge.model import Model, copy_fields
 
 from .equalize import fold_affine, graph_maps
 from .ortsession import (
-    has_external_data, infer_shapes, is_large, return_freed_memory, with_external_data_loaded, write_with_external_data,
+    has_external_data, infer_shapes, loads_from_file, return_freed_memory, with_external_data_loaded,
+    write_with_external_data,
 )
 
 log = logging.getLogger("onnxforge.quant")
@@ -124,18 +125,21 @@ def raise_opset(proto: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
 
 
 def ort_offline(proto: onnx.ModelProto, level: str = "basic", providers=("CPUExecutionProvider",),
-                base_dir: Path | None = None) -> onnx.ModelProto:
+                base_dir: Path | None = None, weights: bool = True) -> onnx.ModelProto:
     """The graph onnxruntime writes after its session-time rewrites at ``level``.
     Weights still in external files under ``base_dir`` are streamed to onnxruntime's
-    copy, never held in memory here; the result holds them all in memory."""
-    if not is_large(proto):
+    copy, never held in memory here; the result holds them all in memory, or, with
+    ``weights=False`` and a model past SESSION_FILE_BYTES, none of the large ones
+    (their headers point at a file that is gone: read the graph, not the values)."""
+    if not loads_from_file(proto):
         return _ort_offline_source(proto.SerializeToString(), proto, level, providers)
     with tempfile.TemporaryDirectory(prefix="onnxforge-quant-") as tmp:
         source = write_with_external_data(proto, Path(tmp) / "source.onnx", base_dir)
-        return _ort_offline_source(str(source), proto, level, providers)
+        return _ort_offline_source(str(source), proto, level, providers, weights)
 
 
-def _ort_offline_source(source: bytes | str, header: onnx.ModelProto, level: str, providers) -> onnx.ModelProto:
+def _ort_offline_source(source: bytes | str, header: onnx.ModelProto, level: str, providers,
+                        weights: bool = True) -> onnx.ModelProto:
     """Run onnxruntime on ``source`` (serialized model or path) and read back the model it
     writes, with ``header``'s model-level fields (onnxruntime rewrites the producer)."""
     import onnxruntime as ort
@@ -157,7 +161,7 @@ def _ort_offline_source(source: bytes | str, header: onnx.ModelProto, level: str
         ort.InferenceSession(source, options, providers=list(providers))
         del source
         return_freed_memory()  # what onnxruntime's session held
-        optimized = onnx.load(str(target))  # external weights read into memory
+        optimized = onnx.load(str(target), load_external_data=weights)
     # the graph is moved, not copied (a copy is the model's size again at the peak)
     ort_opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in optimized.opset_import]
     out = optimized
