@@ -1,0 +1,109 @@
+"""Peak memory and time of `onnxforge quantize` and `onnxforge convert-fp16` on one model.
+
+    python bench/quant_memory.py MODEL [--markdown FILE] [--keep DIR]
+
+Each command runs as its own child process (the CLI exactly as a user runs it), so
+the child's ``ru_maxrss`` is the peak resident memory of that command alone. The
+quantizer calibrates on seeded random feeds (``--calib random --no-latency``): what
+is measured is memory and time, not accuracy (the cosine the report prints on those
+feeds is copied as a sanity check). Weight bytes are read from the model's external
+data and inline tensors without loading them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+COMMANDS = {
+    "quantize": ["quantize", "{model}", "-o", "{out}", "--calib", "random", "--no-latency"],
+    "convert-fp16": ["convert-fp16", "{model}", "-o", "{out}"],
+}
+
+
+def weight_bytes(model_path: str) -> int:
+    from onnxforge.io import load
+    from onnxforge.model import weight_bytes as graph_weight_bytes
+
+    return graph_weight_bytes(load(model_path).graph)
+
+
+def run(name: str, model: str, out: str, shown: str | None = None) -> dict:
+    """Run one CLI command in a child and return its peak RSS, wall time and exit code."""
+    args = [a.format(model=model, out=out) for a in COMMANDS[name]]
+    wrapper = (
+        "import resource, subprocess, sys; "
+        "rc = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True); "
+        "print(rc.stdout); print('RC', rc.returncode); "
+        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    cli = [sys.executable, "-m", "onnxforge.cli"]
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", wrapper, *cli, *args], capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - started
+    text = done.stdout
+    peak_kb = int(re.search(r"MAXRSS_KB (\d+)", text).group(1))
+    cosine = re.search(r"cosine vs float[^:]*: ([0-9.]+)", text)
+    return {
+        "command": "onnxforge " + " ".join(args).replace(out, Path(out).name).replace(model, shown or model),
+        "rc": int(re.search(r"RC (-?\d+)", text).group(1)),
+        "seconds": round(seconds, 1),
+        "peak_bytes": peak_kb * 1024,
+        "out_bytes": _size_with_data(out),
+        "cosine": cosine.group(1) if cosine else "-",
+        "tail": text.strip().splitlines()[-4:],
+    }
+
+
+def _size_with_data(path: str) -> int:
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.parent.glob(p.name + "*")) if p.exists() else 0
+
+
+def markdown(model: str, weights: int, results: dict[str, dict]) -> str:
+    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    lines = [
+        f"Model: `{model}`, weights {gb(weights)}.",
+        "",
+        "| command | exit | time | peak RSS | peak / weights | output | cosine (random feeds) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results.values():
+        lines.append(
+            f"| `{r['command']}` | {r['rc']} | {r['seconds']} s | {gb(r['peak_bytes'])} | "
+            f"{r['peak_bytes'] / max(weights, 1):.2f}x | {gb(r['out_bytes'])} | {r['cosine']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--markdown", help="write the table to this file")
+    parser.add_argument("--keep", help="write the outputs here (default: a temporary folder)")
+    parser.add_argument("--only", choices=sorted(COMMANDS), action="append", help="run only these commands")
+    args = parser.parse_args()
+    weights = weight_bytes(args.model)
+    with tempfile.TemporaryDirectory(prefix="quant-memory-") as tmp:
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        results = {}
+        for name in args.only or list(COMMANDS):
+            out = str(folder / f"{Path(args.model).stem}.{name}.onnx")
+            results[name] = run(name, os.path.abspath(args.model), out, shown=args.model)
+            print(f"{name}: rc {results[name]['rc']}, {results[name]['seconds']} s, "
+                  f"peak {results[name]['peak_bytes'] / 1e9:.2f} GB", file=sys.stderr)
+        table = markdown(args.model, weights, results)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0 if all(r["rc"] == 0 for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
