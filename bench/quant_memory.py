@@ -1,12 +1,15 @@
 """Peak memory and time of `onnxforge quantize` and `onnxforge convert-fp16` on one model.
 
-    python bench/quant_memory.py MODEL [--markdown FILE] [--keep DIR]
+    python bench/quant_memory.py MODEL [--calib DIR [--val DIR]] [--markdown FILE] [--keep DIR]
 
 Each command runs as its own child process (the CLI exactly as a user runs it), so
-the child's ``ru_maxrss`` is the peak resident memory of that command alone. The
-quantizer calibrates on seeded random feeds (``--calib random --no-latency``): what
-is measured is memory and time, not accuracy (the cosine the report prints on those
-feeds is copied as a sanity check). Weight bytes are read from the model's external
+the child's ``ru_maxrss`` is the peak resident memory of that command alone. Without
+``--calib`` the quantizer calibrates on seeded random feeds (``--calib random``):
+what is measured is memory and time, not accuracy (the cosine the report prints is
+copied as a sanity check). With ``--calib DIR`` it calibrates on DIR, and
+onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax, the bench/quant.py
+recipe) runs on the same feeds for comparison: its calibrator keeps every
+intermediate output of every feed. Weight bytes are read from the model's external
 data and inline tensors without loading them.
 """
 from __future__ import annotations
@@ -21,8 +24,9 @@ import time
 from pathlib import Path
 
 COMMANDS = {
-    "quantize": ["quantize", "{model}", "-o", "{out}", "--calib", "random", "--no-latency"],
-    "convert-fp16": ["convert-fp16", "{model}", "-o", "{out}"],
+    "quantize": ["-m", "onnxforge.cli", "quantize", "{model}", "-o", "{out}", "--calib", "{calib}", "--no-latency"],
+    "convert-fp16": ["-m", "onnxforge.cli", "convert-fp16", "{model}", "-o", "{out}"],
+    "ort-quantize-static": [__file__, "--ort-static", "{model}", "{out}", "{calib}"],
 }
 
 
@@ -33,24 +37,27 @@ def weight_bytes(model_path: str) -> int:
     return graph_weight_bytes(load(model_path).graph)
 
 
-def run(name: str, model: str, out: str, shown: str | None = None) -> dict:
-    """Run one CLI command in a child and return its peak RSS, wall time and exit code."""
-    args = [a.format(model=model, out=out) for a in COMMANDS[name]]
+def run(name: str, model: str, out: str, calib: str = "random", val: str | None = None, shown: str | None = None) -> dict:
+    """Run one command in a child and return its peak RSS, wall time and exit code."""
+    args = [a.format(model=model, out=out, calib=calib) for a in COMMANDS[name]]
+    if val and name == "quantize":
+        args += ["--val", val]
     wrapper = (
         "import resource, subprocess, sys; "
         "rc = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True); "
         "print(rc.stdout); print('RC', rc.returncode); "
         "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    cli = [sys.executable, "-m", "onnxforge.cli"]
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", wrapper, *cli, *args], capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-c", wrapper, sys.executable, *args], capture_output=True, text=True, check=False)
     seconds = time.monotonic() - started
     text = done.stdout
     peak_kb = int(re.search(r"MAXRSS_KB (\d+)", text).group(1))
     cosine = re.search(r"cosine vs float[^:]*: ([0-9.]+)", text)
+    shown_args = args[2:] if args[0] == "-m" else ["(onnxruntime quantize_static)", *args[2:]]
     return {
-        "command": "onnxforge " + " ".join(args).replace(out, Path(out).name).replace(model, shown or model),
+        "command": ("onnxforge " if args[0] == "-m" else "")
+        + " ".join(shown_args).replace(out, Path(out).name).replace(model, shown or model),
         "rc": int(re.search(r"RC (-?\d+)", text).group(1)),
         "seconds": round(seconds, 1),
         "peak_bytes": peak_kb * 1024,
@@ -58,6 +65,22 @@ def run(name: str, model: str, out: str, shown: str | None = None) -> dict:
         "cosine": cosine.group(1) if cosine else "-",
         "tail": text.strip().splitlines()[-4:],
     }
+
+
+def ort_static(model: str, out: str, calib: str) -> None:
+    """onnxruntime's quantize_static on the feeds in ``calib`` (bench/quant.py's recipe)."""
+    import onnx
+
+    from onnxforge.bench.quant import ort_quantize_static
+    from onnxforge.passes.quant.quantize import _feeds
+
+    proto = onnx.load(model)
+    feeds = list(_feeds(calib, proto, "calibration")[0])
+    with tempfile.TemporaryDirectory(prefix="ort-static-") as tmp:
+        quantized, status = ort_quantize_static(proto, feeds, Path(tmp))
+        if quantized is None:
+            raise SystemExit(f"onnxruntime quantize_static failed: {status}")
+        onnx.save(quantized, out)
 
 
 def _size_with_data(path: str) -> int:
@@ -70,7 +93,7 @@ def markdown(model: str, weights: int, results: dict[str, dict]) -> str:
     lines = [
         f"Model: `{model}`, weights {gb(weights)}.",
         "",
-        "| command | exit | time | peak RSS | peak / weights | output | cosine (random feeds) |",
+        "| command | exit | time | peak RSS | peak / weights | output | cosine (onnxforge's report) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results.values():
@@ -86,16 +109,24 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("--markdown", help="write the table to this file")
     parser.add_argument("--keep", help="write the outputs here (default: a temporary folder)")
+    parser.add_argument("--calib", help="calibration folder (default: seeded random feeds, no onnxruntime run)")
+    parser.add_argument("--val", help="validation folder for onnxforge quantize's accuracy budget (default: the calibration feeds)")
     parser.add_argument("--only", choices=sorted(COMMANDS), action="append", help="run only these commands")
+    if len(sys.argv) == 5 and sys.argv[1] == "--ort-static":  # the child of "ort-quantize-static"
+        ort_static(*sys.argv[2:])
+        return 0
     args = parser.parse_args()
     weights = weight_bytes(args.model)
     with tempfile.TemporaryDirectory(prefix="quant-memory-") as tmp:
         folder = Path(args.keep or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         results = {}
-        for name in args.only or list(COMMANDS):
+        default = ["quantize", "convert-fp16"] + (["ort-quantize-static"] if args.calib else [])
+        for name in args.only or default:
             out = str(folder / f"{Path(args.model).stem}.{name}.onnx")
-            results[name] = run(name, os.path.abspath(args.model), out, shown=args.model)
+            calib = os.path.abspath(args.calib) if args.calib else "random"
+            val = os.path.abspath(args.val) if args.val else None
+            results[name] = run(name, os.path.abspath(args.model), out, calib, val, shown=args.model)
             print(f"{name}: rc {results[name]['rc']}, {results[name]['seconds']} s, "
                   f"peak {results[name]['peak_bytes'] / 1e9:.2f} GB", file=sys.stderr)
         table = markdown(args.model, weights, results)

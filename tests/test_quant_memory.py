@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -15,8 +16,8 @@ LLAMA = CORPUS / "llama_570m_seq128_extdata.onnx"
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "quant_memory.py"
 
 
-def _bench(model: Path, out_md: Path, *only: str) -> str:
-    args = [sys.executable, str(BENCH), str(model), "--markdown", str(out_md)]
+def _bench(model: Path, out_md: Path, *only: str, calib: Path | None = None) -> str:
+    args = [sys.executable, str(BENCH), str(model), "--markdown", str(out_md)] + (["--calib", str(calib)] if calib else [])
     for name in only:
         args += ["--only", name]
     done = subprocess.run(args, capture_output=True, text=True, timeout=1200)
@@ -36,6 +37,21 @@ def test_bench_runs_both_commands_on_a_small_model(tmp_path):
     assert f"| `onnxforge quantize {model} -o conv.quantize.onnx --calib random --no-latency` | 0 |" in table
     assert f"| `onnxforge convert-fp16 {model} -o conv.convert-fp16.onnx` | 0 |" in table
     assert _peak_over_weights(table, "quantize") > 1  # the interpreter alone outweighs 21 KB of weights
+
+
+def test_bench_compares_onnxruntime_quantize_static_on_the_same_calibration_feeds(tmp_path):
+    from test_quant import _feeds
+
+    model = tmp_path / "conv.onnx"
+    onnx.save(_conv_model(channels=64), str(model))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, feed in enumerate(_feeds(3)):
+        np.savez(calib / f"{i}.npz", **feed)
+    table = _bench(model, tmp_path / "table.md", "quantize", "ort-quantize-static", calib=calib)
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == 2 and all(row.split("|")[2].strip() == "0" for row in rows)
+    assert "(onnxruntime quantize_static)" in rows[1] and f"--calib {calib}" in rows[0]
 
 
 @pytest.mark.slow
