@@ -89,7 +89,7 @@ def _size_with_data(path: str) -> int:
 
 
 def markdown(model: str, weights: int, results: dict[str, dict]) -> str:
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    gb = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"  # noqa: E731
     lines = [
         f"Model: `{model}`, weights {gb(weights)}.",
         "",
