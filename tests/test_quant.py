@@ -430,3 +430,21 @@ def test_quantize_command_exit_codes(tmp_path):
     args = _parser().parse_args(["quantize", str(model_path), "-o", str(tmp_path / "q2.onnx"), "--calib", str(calib),
                                  "--no-latency", "--max-drop", "0", "--budget-seconds", "0"])
     assert args.func(args) == 3
+
+
+def test_fp16_keeps_an_initializer_that_is_also_a_graph_input():
+    """The input's default stays (else the input becomes required); nodes read the fp16 copy."""
+    from onnxforge.passes.quant.fp16 import to_fp16
+
+    w = numpy_helper.from_array(np.full((4, 4), 0.5, np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]), helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    out = to_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), set())
+    onnx.checker.check_model(out)
+    assert {t.name: t.data_type for t in out.graph.initializer} == {"w": TensorProto.FLOAT, "w_fp16": TensorProto.FLOAT16}
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 4), np.float32)})[0]
+    np.testing.assert_allclose(y, np.full((1, 4), 2.0))

@@ -27,6 +27,10 @@ def test_quantize_a_model_with_external_data_from_another_directory(tmp_path, mo
     onnx.save_model(_conv_model(channels), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="conv.onnx.data", size_threshold=0)
     monkeypatch.chdir(tmp_path)  # relative data paths must resolve against the model, not the cwd
+    if channels == 64:  # the streamed baseline: graphsurgeon never folds loaded weights
+        from onnxforge.passes.quant import prepare
+
+        monkeypatch.setattr(prepare, "lower_constants", lambda *_a: (_ for _ in ()).throw(AssertionError("loaded")))
     out, report = quantize(str(path), _feeds(4), measure_latency=False, log=lambda _m: None)
     proto = out.to_proto()
     assert _int8_weights(proto) == 2 and not ortsession.has_external_data(proto)
@@ -169,6 +173,10 @@ def test_dynamic_matmul_is_onnxruntimes_result_without_its_model_copies(monkeypa
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
     assert not any(p.key == "onnx.infer" for p in ours.metadata_props)
     assert sum(n.op_type == "MatMulInteger" for n in ours.graph.node) >= 4
+    # a model that carries the mark itself keeps it, once
+    onnx.helper.set_model_props(model, {"onnx.infer": "onnxruntime.quant", "author": "me"})
+    marks = [(p.key, p.value) for p in formats.dynamic_matmul(model, spec, []).metadata_props]
+    assert sorted(marks) == [("author", "me"), ("onnx.infer", "onnxruntime.quant")]
 
 
 def test_offline_graph_without_weights_reads_the_same_nodes(monkeypatch):
@@ -182,3 +190,39 @@ def test_offline_graph_without_weights_reads_the_same_nodes(monkeypatch):
     graph_only = ort_offline(model, level="extended", weights=False)
     assert [n.op_type for n in graph_only.graph.node] == [n.op_type for n in full.graph.node]
     assert ortsession.has_external_data(graph_only) and not ortsession.has_external_data(full)
+
+
+def _matmul_with_if_branch_weight() -> onnx.ModelProto:
+    """x0 @ w0 -> If(cond): then x @ w_then (a subgraph initializer), else x."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w_then = numpy_helper.from_array(rng.random((64, 64), dtype=np.float32), "w_then")
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w_then"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 64])], [w_then])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 64])])
+    w0 = numpy_helper.from_array(rng.random((64, 64), dtype=np.float32), "w0")
+    nodes = [helper.make_node("MatMul", ["x0", "w0"], ["x"], name="mm0"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 64]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w0])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_external_weights_inside_subgraphs_are_loaded_not_streamed(tmp_path):
+    """Only main-graph initializers are streamed to onnxruntime; a subgraph's external
+    tensor would point into the temporary folder, so such models take the loading path."""
+    from onnx.reference import ReferenceEvaluator
+
+    from onnxforge.io import load
+    from onnxforge.passes.quant import prepare
+    from onnxforge.passes.quant.budget import run_outputs
+
+    model = _matmul_with_if_branch_weight()
+    path = _saved_with_external_data(model, tmp_path / "m")
+    baseline = prepare.float_baseline(load(path))
+    feed = {"x0": np.ones((1, 64), np.float32), "cond": np.array(True)}
+    want = ReferenceEvaluator(model).run(None, feed)[0]
+    np.testing.assert_allclose(run_outputs(baseline, [feed])[0][0], want, rtol=1e-5)

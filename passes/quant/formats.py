@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import struct
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -209,9 +210,11 @@ def dynamic_matmul(model: onnx.ModelProto, spec: FormatSpec, exclude: list[str] 
     from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
     from onnxruntime.quantization.quant_utils import QuantizationMode
 
+    working = _copy(model)
+    marked = _mark_inferred(_with_inferred_types(working))
     with _shapes_inferred_in_place():
         quantizer = ONNXQuantizer(
-            _marked_inferred(_copy(model)),
+            working,
             spec.per_channel,
             spec.reduce_range,
             QuantizationMode.IntegerOps,
@@ -226,9 +229,10 @@ def dynamic_matmul(model: onnx.ModelProto, spec: FormatSpec, exclude: list[str] 
         )
         quantizer.quantize_model()
     worked = _without_unused_initializers(quantizer.model.model)
-    kept = [p for p in worked.metadata_props if p.key != _INFER_MARK[0]]
-    del worked.metadata_props[:]
-    worked.metadata_props.extend(kept)
+    if marked:  # the user's own mark, if the model had one, stays
+        kept = [p for p in worked.metadata_props if (p.key, p.value) != _INFER_MARK]
+        del worked.metadata_props[:]
+        worked.metadata_props.extend(kept)
     # protobuf frees a message's parts only with the whole message: the float weights
     # the quantizer dropped stay allocated until ``worked`` goes (Llama 570M: 2.2 GB)
     return _copy(worked)
@@ -249,28 +253,35 @@ def _with_inferred_types(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _marked_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    model = _with_inferred_types(model)
+def _mark_inferred(model: onnx.ModelProto) -> bool:
+    """Add onnxruntime's "shapes inferred" mark unless it is there; True if added."""
+    if any((p.key, p.value) == _INFER_MARK for p in model.metadata_props):
+        return False
     model.metadata_props.add(key=_INFER_MARK[0], value=_INFER_MARK[1])
-    return model
+    return True
+
+
+_PATCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def _shapes_inferred_in_place():
     """onnxruntime's dynamic quantizer re-infers shapes by deep-copying the model, saving
     it and loading it back: two more copies of every weight at once (Llama 570M: 4.4 GB).
-    Within this block it adds the inferred types to the model it holds instead."""
+    Within this block it adds the inferred types to the model it holds instead (one
+    block at a time: the patch is onnxruntime's module attribute)."""
     from onnxruntime.quantization import onnx_quantizer
 
-    original = getattr(onnx_quantizer, "save_and_reload_model_with_shape_infer", None)
-    if original is None:  # another onnxruntime layout: leave it as it is
-        yield
-        return
-    onnx_quantizer.save_and_reload_model_with_shape_infer = _with_inferred_types
-    try:
-        yield
-    finally:
-        onnx_quantizer.save_and_reload_model_with_shape_infer = original
+    with _PATCH_LOCK:
+        original = getattr(onnx_quantizer, "save_and_reload_model_with_shape_infer", None)
+        if original is None:  # another onnxruntime layout: leave it as it is
+            yield
+            return
+        onnx_quantizer.save_and_reload_model_with_shape_infer = _with_inferred_types
+        try:
+            yield
+        finally:
+            onnx_quantizer.save_and_reload_model_with_shape_infer = original
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -256,11 +256,14 @@ def _rename_producer(nodes, old: str, new: str) -> None:
 
 
 def _read_names(graph: onnx.GraphProto) -> set[str]:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for n in graph.node:
-        for a in n.attribute:
-            if a.HasField("g"):
-                used.update(i for sub in a.g.node for i in sub.input)
+    """Names read by ``graph``'s nodes (subgraphs at any depth included), its outputs,
+    and its inputs (an initializer that is also an input is the input's default)."""
+    used = {o.name for o in graph.output} | {i.name for i in graph.input}
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                used |= _read_names(sub)
     return used
 
 

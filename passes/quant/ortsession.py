@@ -11,11 +11,13 @@ folder can go right after).
 from __future__ import annotations
 
 import ctypes
+import os
 import tempfile
 from pathlib import Path
 
 import onnx
 
+from onnxforge.errors import UnsafeModelError
 from onnxforge.io import iter_tensor_protos
 from onnxforge.model import copy_fields, tensor_header
 
@@ -102,8 +104,11 @@ def _copy_external_bytes(tensor: onnx.TensorProto, base_dir: Path, out, chunk: i
     """Copy ``tensor``'s bytes from its (validated) external file under ``base_dir`` to ``out``."""
     from onnxforge.io import check_external_location
 
-    source, offset, length, _identity = check_external_location(tensor, base_dir)
+    source, offset, length, identity = check_external_location(tensor, base_dir)
     with open(source, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino) != identity:  # swapped between the check and the open
+            raise UnsafeModelError(f"tensor {tensor.name!r}: external data {source} changed while being read")
         f.seek(offset)
         left = length
         while left:

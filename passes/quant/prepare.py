@@ -24,11 +24,12 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxforge.io import iter_tensor_protos
 from onnxforge.model import Model, copy_fields
 
 from .equalize import fold_affine, graph_maps
 from .ortsession import (
-    has_external_data, infer_shapes, loads_from_file, return_freed_memory, with_external_data_loaded,
+    infer_shapes, loads_from_file, return_freed_memory, with_external_data_loaded,
     write_with_external_data,
 )
 
@@ -42,7 +43,7 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, af
     # -O2 folds affines into the next conv too (fuse-affine-into-conv): off with them
     proto = _onnxforge_pipeline(model, skip=() if affine_into_next else ("fuse-affine-into-conv",))
     base_dir = model.source.parent if isinstance(model, Model) and model.source is not None else None
-    if ort_basic and base_dir is not None and has_external_data(proto) and _opset(proto) >= MIN_QDQ_OPSET:
+    if ort_basic and base_dir is not None and _external_only_in_initializers(proto) and _opset(proto) >= MIN_QDQ_OPSET:
         # onnxruntime reads the weights from their files and folds constants and lifts
         # Constant nodes itself: they are loaded once, from its output (2.2 GB Llama:
         # 6 GB less at the peak than loading them, folding with graphsurgeon, and copying)
@@ -109,6 +110,15 @@ def constant_nodes_to_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(kept)
     return out
+
+
+def _external_only_in_initializers(proto: onnx.ModelProto) -> bool:
+    """Some tensor is in an external file, and each such one is a main-graph initializer
+    (the ones write_with_external_data streams; others are loaded the usual way)."""
+    external = onnx.TensorProto.EXTERNAL
+    in_initializers = sum(t.data_location == external for t in proto.graph.initializer)
+    anywhere = sum(t.data_location == external for t, _where in iter_tensor_protos(proto))
+    return 0 < in_initializers == anywhere
 
 
 def _opset(proto: onnx.ModelProto, default: int = 1) -> int:
