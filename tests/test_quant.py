@@ -448,3 +448,23 @@ def test_fp16_keeps_an_initializer_that_is_also_a_graph_input():
 
     y = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 4), np.float32)})[0]
     np.testing.assert_allclose(y, np.full((1, 4), 2.0))
+
+
+def test_fp16_keeps_ops_whose_schema_has_no_float16():
+    """Range takes float but not float16 (yolov8's anchor grid): onnxruntime rejects the
+    graph outright, so it stays float32 with the reason, and the rest converts."""
+    from onnxforge.passes.quant.fp16 import nodes_without_fp16_types
+
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("start", 0.0), ("delta", 1.0))]
+    graph = helper.make_graph(
+        [helper.make_node("Range", ["start", "limit", "delta"], ["r"], name="grid"),
+         helper.make_node("Add", ["x", "r"], ["y"], name="add")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("limit", TensorProto.FLOAT, [])],  # not folded away
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert set(nodes_without_fp16_types(model)) == {"grid"}
+    feeds = [{"x": np.arange(4, dtype=np.float32).reshape(1, 4), "limit": np.array(4.0, np.float32)}]
+    out, report = convert_fp16(model, calib=feeds, log=lambda _m: None)
+    assert "takes no float16" in report.float32_nodes["grid"] and "add" not in report.float32_nodes
+    assert report.score > 0.999

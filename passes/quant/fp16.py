@@ -81,6 +81,30 @@ class Fp16Report:
 # ------------------------------------------------------------------ what stays float32
 
 
+def nodes_without_fp16_types(model: onnx.ModelProto) -> dict[str, str]:
+    """Nodes that stay float32 by type: those holding subgraphs (their bodies are not
+    converted), and those whose ONNX schema allows float but not float16 for an input or
+    output (Range, ...: onnxruntime rejects the graph, it is not a missing kernel)."""
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+    kept: dict[str, str] = {}
+    for node in model.graph.node:
+        if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
+            kept[node.name] = f"{node.op_type} holds a subgraph: its body is not converted"
+            continue
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), domain)
+        except onnx.defs.SchemaError:  # contrib ops: left to the kernel check
+            continue
+        allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+        for formal in list(schema.inputs) + list(schema.outputs):
+            types = allowed.get(formal.type_str, set())
+            if "tensor(float)" in types and "tensor(float16)" not in types:
+                kept[node.name] = f"ONNX {node.op_type}-{schema.since_version} takes no float16 ({formal.name})"
+                break
+    return kept
+
+
 def overflowing_initializer_nodes(model: onnx.ModelProto) -> dict[str, str]:
     inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     verdicts: dict[str, str | None] = {}  # initializer -> why it stays float32 (None: fp16 holds it)
@@ -316,7 +340,7 @@ def convert_fp16(
     source, original = _source_and_original(model)  # only the original's inputs are read (feeds)
     baseline = float_baseline(source if source is not None else original)
     report = Fp16Report(keep_io_types, "none", metric if isinstance(metric, str) else "user", max_drop)
-    blocked = overflowing_initializer_nodes(baseline)
+    blocked = {**nodes_without_fp16_types(baseline), **overflowing_initializer_nodes(baseline)}
     feeds: list[dict] = []
     if calib is not None:
         stream, report.calibration = _feeds(calib, original, "calibration")

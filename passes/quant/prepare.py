@@ -17,6 +17,7 @@ ONNX ops only and so stay portable across providers. The same baseline is the
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -85,11 +86,25 @@ def lower_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Constant nodes become initializers and constant subexpressions are folded."""
     graph = gs.import_onnx(proto)
     try:
-        graph.fold_constants(error_ok=True)
+        with _graphsurgeon_quiet():  # its failed partial folds print onnxruntime errors
+            graph.fold_constants(error_ok=True)
     except Exception as exc:  # noqa: BLE001 - folding is an improvement, not a precondition
         log.warning("constant folding failed (%s)", exc)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return _with_graph(proto, graph)
+
+
+@contextlib.contextmanager
+def _graphsurgeon_quiet():
+    """graphsurgeon's warnings off (onnxruntime's basic level folds what it leaves)."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    previous = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.ERROR + 1
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = previous
 
 
 def constant_nodes_to_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
