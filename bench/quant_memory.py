@@ -49,9 +49,8 @@ def run(name: str, model: str, out: str, calib: str = "random", val: str | None 
         "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", wrapper, sys.executable, *args], capture_output=True, text=True, check=False)
+    text = subprocess.run([sys.executable, "-c", wrapper, sys.executable, *args], capture_output=True, text=True, check=False).stdout
     seconds = time.monotonic() - started
-    text = done.stdout
     peak_kb = int(re.search(r"MAXRSS_KB (\d+)", text).group(1))
     cosine = re.search(r"cosine vs float[^:]*: ([0-9.]+)", text)
     shown_args = args[2:] if args[0] == "-m" else ["(onnxruntime quantize_static)", *args[2:]]
@@ -63,7 +62,6 @@ def run(name: str, model: str, out: str, calib: str = "random", val: str | None 
         "peak_bytes": peak_kb * 1024,
         "out_bytes": _size_with_data(out),
         "cosine": cosine.group(1) if cosine else "-",
-        "tail": text.strip().splitlines()[-4:],
     }
 
 

@@ -325,6 +325,10 @@ def _toposorted(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def holds_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.HasField("g") or len(a.graphs) for a in node.attribute)
+
+
 def _all_nodes(graph: onnx.GraphProto):
     for node in graph.node:
         yield node

@@ -34,6 +34,7 @@ from onnxforge.model import Model, copy_fields
 
 from . import budget as budget_mod
 from .calibrate import collect_histograms, float_activation_names
+from .formats import holds_subgraph
 from .ortsession import infer_shapes, return_freed_memory, session as ort_session
 from .prepare import float_baseline
 
@@ -88,7 +89,7 @@ def nodes_without_fp16_types(model: onnx.ModelProto) -> dict[str, str]:
     opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
     kept: dict[str, str] = {}
     for node in model.graph.node:
-        if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
+        if holds_subgraph(node):
             kept[node.name] = f"{node.op_type} holds a subgraph: its body is not converted"
             continue
         domain = "" if node.domain == "ai.onnx" else node.domain
@@ -169,9 +170,7 @@ def to_fp16(model: onnx.ModelProto, blocked: set[str], keep_io_types: bool = Tru
     copy_fields(model.graph, out.graph, {"initializer"})
     graph = out.graph
     floats = _float_tensors(model)
-    for node in graph.node:
-        if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
-            blocked.add(node.name)
+    blocked.update(node.name for node in graph.node if holds_subgraph(node))
     precision: dict[str, str] = {}  # float tensor -> "16" | "32"
     inits = {t.name: t for t in model.graph.initializer}
     for inp in graph.input:

@@ -189,11 +189,7 @@ def _ort_offline_source(source: bytes | str, header: onnx.ModelProto, level: str
         optimized = onnx.load(str(target), load_external_data=weights)
     # the graph is moved, not copied (a copy is the model's size again at the peak)
     ort_opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in optimized.opset_import]
-    out = optimized
-    for field, _ in list(out.ListFields()):
-        if field.name != "graph":
-            out.ClearField(field.name)
-    copy_fields(header, out, {"graph"})
+    out = _with_model_fields(optimized, header)
     have = {o.domain for o in out.opset_import}
     for imp in ort_opsets:
         if imp.domain not in have:
@@ -406,9 +402,13 @@ def _clip_partner(mul):
 def _with_graph(proto: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
     """``proto``'s model-level fields around ``graph`` exported. The exported graph
     is kept, not copied: each copy is the model's size again at the peak."""
-    out = gs.export_onnx(graph, do_type_check=False)
+    return _with_model_fields(gs.export_onnx(graph, do_type_check=False), proto)
+
+
+def _with_model_fields(out: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+    """``out`` (its graph kept in place) with ``source``'s model-level fields instead of its own."""
     for field, _ in list(out.ListFields()):
         if field.name != "graph":
             out.ClearField(field.name)
-    copy_fields(proto, out, {"graph"})
+    copy_fields(source, out, {"graph"})
     return out

@@ -50,8 +50,8 @@ from .calibrate import METHODS, calibrate, compute_range, saturated_by_readers
 from .equalize import equalize as equalize_model
 from .detect import detect, int8_weights_to_dynamic_matmul
 from .formats import (
-    CPU_STATIC_LEAN_OPS, FormatSpec, dynamic_matmul, integer_kernels, provider_exclusions, spec_for, stale_float_weights,
-    static_qdq, summarize_kernels, write_tensorrt_cache,
+    CPU_STATIC_LEAN_OPS, FormatSpec, dynamic_matmul, holds_subgraph, integer_kernels, provider_exclusions, spec_for,
+    stale_float_weights, static_qdq, summarize_kernels, write_tensorrt_cache,
 )
 from .layout import convtranspose_as_conv_shuffle
 from .ortsession import return_freed_memory
@@ -308,7 +308,7 @@ def quantize(
         report.latency = compare(baseline, final, val_feeds[0]).as_dict()
         if report.latency["ci_low"] > 1.0:
             final = _slower(report, baseline, final, keep_float_if_slower)
-    if not plan.candidates and any(a.HasField("g") or len(a.graphs) for n in baseline.graph.node for a in n.attribute):
+    if not plan.candidates and any(holds_subgraph(n) for n in baseline.graph.node):
         report.warnings.append(
             "the model's computation lies in If/Loop/Scan subgraphs, which are not quantized: the result is the float model"
         )
