@@ -212,12 +212,17 @@ class Model:
         """Re-list overridable initializers as graph inputs, in the user's order."""
         if not self.overridable_inputs:
             return
-        inits = {t.name: t for t in graph.initializer}
+        inits = {t.name for t in graph.initializer}
         present = {i.name: i for i in graph.input}
+        # Types come from the graph's constants, not the exported initializers: the
+        # streaming writer exports empty placeholders for those (data_type 0).
+        tensors = self.graph.tensors()
         for name in self.overridable_inputs:
-            if name in inits and name not in present:
-                t = inits[name]
-                present[name] = onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims))
+            const = tensors.get(name)
+            if name in inits and name not in present and isinstance(const, gs.Constant):
+                elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(const.dtype)) if not isinstance(
+                    const.dtype, int) else const.dtype
+                present[name] = onnx.helper.make_tensor_value_info(name, elem, list(const.shape))
         rank = {name: i for i, name in enumerate(self.input_order)}
         ordered = sorted(present.values(), key=lambda v: rank.get(v.name, len(rank)))
         del graph.input[:]
