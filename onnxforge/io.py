@@ -22,7 +22,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -451,8 +451,12 @@ def save(
     *,
     external_data: bool | None = None,
     size_threshold: int = 1024,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``model`` atomically to ``path``.
+
+    ``check(written_path)`` runs on the written file (and its data file beside it)
+    before it is moved into place; when it raises, nothing lands at ``path``.
 
     ``external_data``: True writes every tensor of at least ``size_threshold``
     bytes to ``<name>.data`` beside the model, False writes one file, None decides
@@ -464,14 +468,14 @@ def save(
     check_output_path(path)
     external = external_data if external_data is not None else _needs_external(model)
     try:
-        _write(model, path, external, size_threshold)
+        _write(model, path, external, size_threshold, check)
     except _TooLarge:
         if external_data is not None:
             raise ModelSaveError(
                 f"{path}: the model exceeds protobuf's 2 GB limit for a single file",
                 hint="save with external data (CLI: --external-data)",
             ) from None
-        _write(model, path, True, size_threshold)
+        _write(model, path, True, size_threshold, check)
     return path
 
 
@@ -533,7 +537,7 @@ def _samefile(a: Path, b: Path) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _write(model: Model, path: Path, external: bool, threshold: int) -> None:
+def _write(model: Model, path: Path, external: bool, threshold: int, check=None) -> None:
     data_name = path.name + ".data"
     _refuse_overwriting_inputs(model, [path, path.with_name(data_name)] if external else [path])
     try:
@@ -551,6 +555,8 @@ def _write(model: Model, path: Path, external: bool, threshold: int) -> None:
             del proto
         else:
             _write_single_file(model, tmp_model)
+        if check is not None:
+            check(tmp_model)
         # Data first: the model file that lands is never without its data.
         if external:
             os.replace(tmp_data, path.with_name(data_name))
