@@ -254,7 +254,10 @@ def test_detects_each_quantized_form():
 
 
 def _weight_only_model() -> onnx.ModelProto:
-    wq = RNG.integers(-127, 128, (4, 6)).astype(np.int8)
+    """int8 weights over the full 8-bit range (rows 0-1 at +-127: two u8 x s8 products
+    past int16, which saturate on CPUs without VNNI), seeded apart from RNG's order."""
+    wq = np.random.default_rng(11).integers(-127, 128, (4, 6)).astype(np.int8)
+    wq[:2] = np.where(np.arange(6) % 2, 127, -127)
     nodes = [
         helper.make_node("Cast", ["wq"], ["wf"], name="cast", to=TensorProto.FLOAT),
         helper.make_node("Mul", ["wf", "ws"], ["w"], name="dequant"),
@@ -267,16 +270,49 @@ def _weight_only_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def _reused_weight(proto: onnx.ModelProto) -> tuple[onnx.NodeProto, np.ndarray, np.ndarray]:
+    """The DynamicQuantizeMatMul, its stored weight values and their zero point."""
+    node = next(n for n in proto.graph.node if n.op_type == "DynamicQuantizeMatMul")
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return node, inits[node.input[1]], inits[node.input[3]]
+
+
 def test_int8_weights_are_reused_not_requantized():
     model = _weight_only_model()
     out, report = _quantize(model, calib=[{"x": RNG.standard_normal((2, 4)).astype(np.float32)} for _ in range(3)])
-    proto = out.to_proto()
-    node = next(n for n in proto.graph.node if n.op_type == "DynamicQuantizeMatMul")
-    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    node, stored, zero = _reused_weight(out.to_proto())
     original = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "wq"))
-    np.testing.assert_array_equal(inits[node.input[1]], original)  # same int8 values
+    # the same int8 values: stored as they are, or (no VNNI) shifted exactly by the zero point
+    np.testing.assert_array_equal(stored.astype(np.int32) - zero.astype(np.int32), original)
+    if formats.cpu_has_vnni():
+        assert stored.dtype == np.int8 and node.input[1] == "wq" and not zero.any()
+    else:  # u8 x s8 saturates here: u8 x u8 on the same values
+        assert stored.dtype == np.uint8 and (zero == 128).all() and "no VNNI" in report.notes[0]
     assert any("not quantized again" in n for n in report.notes)
+    assert not report.float_nodes and report.int8_nodes == ["matmul"]
     assert report.score > 0.99
+
+
+def test_reused_int8_weights_saturate_only_as_signed_without_vnni():
+    """Why the shift: u8 x s8 products saturate on CPUs without VNNI; the uint8 form is
+    right on every CPU, the int8 form on VNNI CPUs only."""
+    import onnxruntime as ort
+
+    model = _weight_only_model()
+    x = np.array([[3.0, 2.9, 0.2, -0.1], [2.8, 3.0, -0.3, 0.1]], np.float32)  # u8 255 on the +-127 rows
+    reference = x @ (numpy_helper.to_array(model.graph.initializer[0]).astype(np.float32) * 0.02)
+    errors = {}
+    for saturating in (False, True):
+        rewritten, names = det.int8_weights_to_dynamic_matmul(model, det.detect(model), saturating)
+        assert names == ["matmul_int8"]
+        assert _reused_weight(rewritten)[1].dtype == (np.uint8 if saturating else np.int8)
+        y = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        errors[saturating] = float(np.abs(y - reference).max() / np.abs(reference).max())
+    assert errors[True] < 0.02  # the dynamic u8 rounding of x only
+    if formats.cpu_has_vnni():
+        assert errors[False] < 0.02
+    else:
+        assert errors[False] > 0.2  # the saturated int16 sums
 
 
 # ------------------------------------------------------------------ budget and warnings

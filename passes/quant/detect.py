@@ -14,6 +14,11 @@ it is, except that a MatMul reading such a weight with a per-tensor or
 per-column scale can run as DynamicQuantizeMatMul on the *same* int8 values:
   MatMul(X, Cast(Wq) * s) == DynamicQuantizeMatMul(X, Wq, s, 0)
 up to the dynamic (per call) u8 quantization of X; no weight is re-rounded.
+Without VNNI, onnxruntime's u8 x s8 kernel (VPMADDUBSW) saturates the 16-bit
+sum of two products, 255 * 127 * 2 > 32767: int8 weights past the 7-bit range
+([-64, 64] cannot saturate) are then stored shifted, exactly, as uint8 with
+zero point 128 (Wq + 128 - 128), which runs on the u8 x u8 kernel instead:
+  DynamicQuantizeMatMul(X, Wq + 128, s, 128)
 """
 from __future__ import annotations
 
@@ -132,9 +137,17 @@ def _weight_only(graph: onnx.GraphProto) -> list[WeightOnly]:
 # ------------------------------------------------------------------ reuse the int8 weights
 
 
-def int8_weights_to_dynamic_matmul(model: onnx.ModelProto, detection: Detection) -> tuple[onnx.ModelProto, list[str]]:
+# |w| <= 64: two u8 x s8 products stay within int16 (255 * 64 * 2 = 32640)
+SATURATION_FREE = 64
+
+
+def int8_weights_to_dynamic_matmul(
+    model: onnx.ModelProto, detection: Detection, saturating: bool = False,
+) -> tuple[onnx.ModelProto, list[str]]:
     """MatMuls reading a Cast+Mul int8 weight become DynamicQuantizeMatMul on the same
-    int8 values. Returns the model and the names of the rewritten MatMuls."""
+    int8 values. ``saturating``: the CPU's u8 x s8 products saturate (no VNNI), so
+    int8 weights past 7 bits are stored as the same values shifted to uint8 (zero
+    point 128). Returns the model and the names of the rewritten MatMuls."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -155,11 +168,16 @@ def int8_weights_to_dynamic_matmul(model: onnx.ModelProto, detection: Detection)
         columns = qw.dims[1]
         scale_name, zp_name = weight.quantized + "_dq_scale", weight.quantized + "_dq_zero_point"
         new_inits.append(numpy_helper.from_array(np.broadcast_to(scale.reshape(-1), (columns,)).astype(np.float32).copy(), scale_name))
-        zp_type = np.int8 if qw.data_type == onnx.TensorProto.INT8 else np.uint8
-        new_inits.append(numpy_helper.from_array(np.zeros(columns, dtype=zp_type), zp_name))
+        values, zero = weight.quantized, np.zeros(columns, dtype=helper.tensor_dtype_to_np_dtype(qw.data_type))
+        if saturating and qw.data_type == onnx.TensorProto.INT8:
+            shifted = _unsigned_if_saturating(numpy_helper.to_array(qw), weight.quantized + "_u8")
+            if shifted is not None:
+                new_inits.append(shifted)
+                values, zero = shifted.name, np.full(columns, 128, np.uint8)
+        new_inits.append(numpy_helper.from_array(zero, zp_name))
         for matmul in matmuls:
             replacement = helper.make_node(
-                "DynamicQuantizeMatMul", [matmul.input[0], weight.quantized, scale_name, zp_name], list(matmul.output),
+                "DynamicQuantizeMatMul", [matmul.input[0], values, scale_name, zp_name], list(matmul.output),
                 name=(matmul.name or matmul.output[0]) + "_int8", domain="com.microsoft",
             )
             matmul.CopyFrom(replacement)
@@ -170,6 +188,13 @@ def int8_weights_to_dynamic_matmul(model: onnx.ModelProto, detection: Detection)
         if not any(o.domain == "com.microsoft" for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out, rewritten
+
+
+def _unsigned_if_saturating(values: np.ndarray, name: str) -> onnx.TensorProto | None:
+    """``values`` + 128 as uint8 (exact) when some exceed the saturation-free range, else None."""
+    if not values.size or max(-int(values.min()), int(values.max())) <= SATURATION_FREE:
+        return None
+    return numpy_helper.from_array((values.astype(np.int16) + 128).astype(np.uint8), name)
 
 
 def _column_scale(scale: np.ndarray, columns: int) -> bool:

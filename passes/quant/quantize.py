@@ -50,7 +50,7 @@ from .calibrate import METHODS, calibrate, compute_range, saturated_by_readers
 from .equalize import equalize as equalize_model
 from .detect import detect, int8_weights_to_dynamic_matmul
 from .formats import (
-    CPU_STATIC_LEAN_OPS, FormatSpec, dynamic_matmul, holds_subgraph, integer_kernels, provider_exclusions, spec_for,
+    CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, dynamic_matmul, holds_subgraph, integer_kernels, provider_exclusions, spec_for,
     stale_float_weights, static_qdq, summarize_kernels, write_tensorrt_cache,
 )
 from .layout import convtranspose_as_conv_shuffle
@@ -445,7 +445,7 @@ def _leaner(plan: _Plan, first, first_score: float, evaluate, report: QuantRepor
 def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log, equalize: str = "none") -> _Plan:
     tee = _Tee(calib_feeds, MAX_VALIDATION_FEEDS)
     if detection.weight_only:
-        return _plan_reuse(original, detection, tee, report, log)
+        return _plan_reuse(original, detection, tee, report, log, saturating=not cpu_has_vnni())
     fixed = provider_exclusions(baseline, spec)
     if spec.dynamic_matmul:
         kept = _take(tee, MAX_VALIDATION_FEEDS)
@@ -558,11 +558,16 @@ def without_tensors_of(model: onnx.ModelProto, ranges: Mapping[str, tuple[float,
     return {k: v for k, v in ranges.items() if k not in touched}, sorted(names | neighbours)
 
 
-def _plan_reuse(original, detection, tee, report, log) -> _Plan:
+def _plan_reuse(original, detection, tee, report, log, saturating: bool) -> _Plan:
+    """``saturating``: this CPU lacks VNNI (DynamicQuantizeMatMul is a CPU kernel
+    whichever provider was asked for), so full-range int8 weights run shifted to uint8."""
     message = (
         f"the model already holds int8 weights ({detection.describe()}); they are not quantized again: "
         "MatMuls reading them run as DynamicQuantizeMatMul on the same int8 values"
     )
+    if saturating:
+        message += (" (no VNNI on this CPU: weights past 7 bits are stored as the same values + 128 in uint8, "
+                    "zero point 128, because u8 x s8 products saturate without it)")
     log(message)
     report.notes.append(message)
     kept = _take(tee, MAX_VALIDATION_FEEDS)
@@ -571,7 +576,8 @@ def _plan_reuse(original, detection, tee, report, log) -> _Plan:
 
     def build(excluded: list[str]) -> onnx.ModelProto:
         keep = [w for w in lowered_detection.weight_only if not set(w.consumers) & set(excluded)]
-        rewritten, _names = int8_weights_to_dynamic_matmul(lowered, dataclasses.replace(lowered_detection, weight_only=keep))
+        rewritten, _names = int8_weights_to_dynamic_matmul(
+            lowered, dataclasses.replace(lowered_detection, weight_only=keep), saturating)
         return rewritten  # onnxruntime folds the remaining Cast+Mul chains at session time
 
     matmuls = {n.name for n in lowered.graph.node if n.op_type == "MatMul"}
