@@ -70,3 +70,114 @@ def test_quantize_cli_reuses_int8_weights_on_this_cpu(tmp_path, capsys):
         assert stored.dtype == np.int8 and not zero.any()
     else:
         assert stored.dtype == np.uint8 and (zero == 128).all() and "no VNNI" in out
+
+
+# ------------------------------------------------------------------ B: convert-fp16 on If bodies and float-only contrib ops
+
+
+def _vi(name: str, shape=(2, 3)) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+
+def _if_model() -> onnx.ModelProto:
+    """a = x * w (float16-able) is read inside both branches of an If, next to the
+    branches' own float initializer and Constant; the else branch nests another If
+    reading the outer x and a. The If's output feeds float16-able nodes again."""
+    then = helper.make_graph([helper.make_node("Add", ["a", "c_then"], ["t_out"], name="then_add")], "then", [],
+                             [_vi("t_out")], [numpy_helper.from_array(np.full((2, 3), 0.5, np.float32), "c_then")])
+    inner_then = helper.make_graph([helper.make_node("Sub", ["a", "x"], ["n_out"], name="inner_sub")], "inner_then", [], [_vi("n_out")])
+    inner_else = helper.make_graph([helper.make_node("Mul", ["a", "w"], ["m_out"], name="inner_mul")], "inner_else", [], [_vi("m_out")])
+    els = helper.make_graph([
+        helper.make_node("Constant", [], ["c_else"], name="else_const", value=numpy_helper.from_array(np.full(3, 2.0, np.float32))),
+        helper.make_node("Mul", ["a", "c_else"], ["e_mid"], name="else_mul"),
+        helper.make_node("If", ["cond"], ["e_if"], name="inner_if", then_branch=inner_then, else_branch=inner_else),
+        helper.make_node("Add", ["e_mid", "e_if"], ["e_out"], name="else_add"),
+    ], "else", [], [_vi("e_out")])
+    nodes = [
+        helper.make_node("Mul", ["x", "w"], ["a"], name="mul"),
+        helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        helper.make_node("If", ["cond"], ["i_out"], name="if", then_branch=then, else_branch=els),
+        helper.make_node("Relu", ["i_out"], ["r"], name="relu"),
+        helper.make_node("Add", ["r", "a"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "g", [_vi("x")], [_vi("y")], [
+        numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3) / 3, "w"),
+        numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _max_rel_error(original: str, converted: str, feeds: list[dict], fp16_inputs: bool = False) -> float:
+    import onnxruntime as ort
+
+    a = ort.InferenceSession(original, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(converted, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for feed in feeds:
+        ya = a.run(None, feed)[0]
+        yb = b.run(None, {k: v.astype(np.float16) if fp16_inputs else v for k, v in feed.items()})[0].astype(np.float32)
+        worst = max(worst, float(np.abs(ya - yb).max() / np.abs(ya).max()))
+    return worst
+
+
+@pytest.mark.parametrize("extra", [[], ["--fp16-io"], ["--calib", "CALIB"]])
+def test_convert_fp16_cli_if_bodies_read_float32(tmp_path, capsys, extra):
+    onnx.save(_if_model(), tmp_path / "if.onnx")
+    rng = np.random.default_rng(0)
+    feeds = [{"x": (np.abs(rng.standard_normal((2, 3))) * sign).astype(np.float32)} for sign in (1, -1, 1, -1)]
+    extra = [_calib(tmp_path / "calib", feeds) if a == "CALIB" else a for a in extra]
+    code, out, err = _run(["convert-fp16", str(tmp_path / "if.onnx"), "-o", str(tmp_path / "h.onnx"),
+                           "--report", str(tmp_path / "r.json"), *extra], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["float32_nodes"]) == {"if"} and "subgraph" in report["float32_nodes"]["if"]
+    converted = onnx.load(tmp_path / "h.onnx")
+    assert {t.data_type for t in converted.graph.initializer} >= {TensorProto.FLOAT16}  # the rest did convert
+    # both branches (sum > 0 and < 0) within fp16 rounding of the float32 model
+    assert _max_rel_error(str(tmp_path / "if.onnx"), str(tmp_path / "h.onnx"), feeds, "--fp16-io" in extra) < 2e-3
+
+
+def _lstm_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    hidden, size = 8, 4
+    nodes = [
+        helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y", "Yh"], name="lstm", hidden_size=hidden),
+        helper.make_node("Squeeze", ["Yh", "axes"], ["h"], name="squeeze"),
+        helper.make_node("MatMul", ["h", "wo"], ["y"], name="head"),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, size)).astype(np.float32) * 0.3, "W"),
+        numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32) * 0.3, "R"),
+        numpy_helper.from_array(np.zeros((1, 8 * hidden), np.float32), "B"),
+        numpy_helper.from_array(np.array([0], np.int64), "axes"),
+        numpy_helper.from_array(rng.standard_normal((hidden, 3)).astype(np.float32), "wo"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_convert_fp16_cli_keeps_float_only_contrib_ops_float32(tmp_path, capsys):
+    """DynamicQuantizeLSTM (com.microsoft) takes float X only: it stays float32 with the
+    reason, the nodes around it convert; `quantize` refuses the model (already quantized)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx.save(_lstm_model(), tmp_path / "lstm.onnx")
+    quantize_dynamic(str(tmp_path / "lstm.onnx"), str(tmp_path / "q.onnx"), op_types_to_quantize=["LSTM"],
+                     weight_type=QuantType.QInt8)
+    assert any(n.op_type == "DynamicQuantizeLSTM" for n in onnx.load(tmp_path / "q.onnx").graph.node)
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((5, 1, 4)).astype(np.float32)} for _ in range(3)]
+    calib = _calib(tmp_path / "calib", feeds)
+    code, _, err = _run(["quantize", str(tmp_path / "q.onnx"), "-o", str(tmp_path / "qq.onnx"), "--calib", calib], capsys)
+    assert code == 2 and "already quantized" in err
+    code, out, err = _run(["convert-fp16", str(tmp_path / "q.onnx"), "-o", str(tmp_path / "h.onnx"), "--calib", calib,
+                           "--report", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    (name, why), = report["float32_nodes"].items()
+    assert "com.microsoft.DynamicQuantizeLSTM" in why and "takes no float16" in why and why in out
+    converted = onnx.load(tmp_path / "h.onnx")
+    head = next(n for n in converted.graph.node if n.op_type == "MatMul")
+    assert TensorProto.FLOAT16 in {t.data_type for t in converted.graph.initializer if t.name in head.input}
+    assert _max_rel_error(str(tmp_path / "q.onnx"), str(tmp_path / "h.onnx"), feeds) < 2e-3

@@ -37,6 +37,8 @@ from .calibrate import collect_histograms, float_activation_names
 from .formats import holds_subgraph
 from .ortsession import infer_shapes, return_freed_memory, session as ort_session
 from .prepare import float_baseline
+from .schemas import float_only_formal, op_schema
+from .scope import outer_reads, rename_outer_reads
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 6.104e-5
@@ -84,8 +86,9 @@ class Fp16Report:
 
 def nodes_without_fp16_types(model: onnx.ModelProto) -> dict[str, str]:
     """Nodes that stay float32 by type: those holding subgraphs (their bodies are not
-    converted), and those whose ONNX schema allows float but not float16 for an input or
-    output (Range, ...: onnxruntime rejects the graph, it is not a missing kernel)."""
+    converted), and those whose schema (ONNX's, or onnxruntime's for its contrib ops)
+    allows float but not float16 for an input or output they use (Range,
+    DynamicQuantizeLSTM, ...: onnxruntime rejects the graph, it is not a missing kernel)."""
     opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
     kept: dict[str, str] = {}
     for node in model.graph.node:
@@ -93,16 +96,15 @@ def nodes_without_fp16_types(model: onnx.ModelProto) -> dict[str, str]:
             kept[node.name] = f"{node.op_type} holds a subgraph: its body is not converted"
             continue
         domain = "" if node.domain == "ai.onnx" else node.domain
-        try:
-            schema = onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), domain)
-        except onnx.defs.SchemaError:  # contrib ops: left to the kernel check
+        found = op_schema(node.op_type, domain, opsets.get(domain, 1))
+        if found is None:  # unknown to both: left to the kernel check
             continue
-        allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
-        for formal in list(schema.inputs) + list(schema.outputs):
-            types = allowed.get(formal.type_str, set())
-            if "tensor(float)" in types and "tensor(float16)" not in types:
-                kept[node.name] = f"ONNX {node.op_type}-{schema.since_version} takes no float16 ({formal.name})"
-                break
+        schema, source = found
+        float32_inputs = [i for op, i in FLOAT32_INPUTS if op == node.op_type]
+        formal = float_only_formal(schema, node, float32_inputs)
+        if formal is not None:
+            op = f"{domain}.{node.op_type}" if domain else node.op_type
+            kept[node.name] = f"{source} {op}-{schema.since_version} takes no float16 ({formal})"
     return kept
 
 
@@ -199,6 +201,8 @@ def to_fp16(model: onnx.ModelProto, blocked: set[str], keep_io_types: bool = Tru
                 node.input[i] = _cast(name, target, casts, new_nodes)
         if want == "16":
             _retype_attributes(node)
+        else:
+            _outer_reads_in_float32(node, floats, inits, precision, casts, new_nodes)
         new_nodes.append(node)
     _fix_outputs(graph, precision, keep_io_types, new_nodes, casts)
     del graph.node[:]
@@ -206,6 +210,15 @@ def to_fp16(model: onnx.ModelProto, blocked: set[str], keep_io_types: bool = Tru
     del graph.value_info[:]
     _add_used_initializers(graph, model.graph.initializer, half_inits)
     return out
+
+
+def _outer_reads_in_float32(node, floats, inits, precision, casts: dict, new_nodes: list) -> None:
+    """A float32 node's bodies (If/Loop/Scan, left as written) read float32: the
+    outer tensors they read that became float16 are read through casts back."""
+    mapping = {name: _cast(name, "32", casts, new_nodes) for name in outer_reads(node)
+               if name in floats and name not in inits and precision.get(name, "32") == "16"}
+    if mapping:
+        rename_outer_reads(node, mapping)
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
@@ -290,14 +303,23 @@ def _read_names(graph: onnx.GraphProto) -> set[str]:
     return used
 
 
-def _missing_kernel(error: Exception) -> str | None:
-    """Node name from onnxruntime's 'no implementation' error, if that is what it is."""
+def _rejected_node(error: Exception) -> tuple[str, str] | None:
+    """(node name, why) when onnxruntime refused a node's float16: no kernel for it, or
+    a float16 tensor its schema does not take (a schema neither onnx nor onnxruntime's
+    Python API lists); None for any other error."""
     match = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']*)'", str(error))
-    return match.group(2) if match else None
+    if match:
+        return match.group(2), "no float16 kernel on the CPU provider"
+    match = re.search(r"Type 'tensor\(float16\)' of (?:input|output) parameter \(([^)]*)\) of operator "
+                      r"\((\w+)\) in node \(([^)]*)\) is invalid", str(error))
+    if match:
+        return match.group(3), f"onnxruntime {match.group(2)} takes no float16 ({match.group(1)})"
+    return None
 
 
 def _runnable(model_fn: Callable[[set[str]], onnx.ModelProto], blocked: dict[str, str]) -> onnx.ModelProto:
-    """Build, and keep float32 the nodes the CPU provider has no fp16 kernel for."""
+    """Build, and keep float32 the nodes the CPU provider has no fp16 kernel for or
+    refuses float16 inputs of."""
     import onnxruntime as ort
 
     for _ in range(MAX_KERNEL_RETRIES):
@@ -312,10 +334,10 @@ def _runnable(model_fn: Callable[[set[str]], onnx.ModelProto], blocked: dict[str
             return_freed_memory()
             return candidate
         except Exception as exc:  # noqa: BLE001 - only the no-kernel case is handled
-            name = _missing_kernel(exc)
-            if name is None or name in blocked:
+            rejected = _rejected_node(exc)
+            if rejected is None or rejected[0] in blocked:
                 raise
-            blocked[name] = "no float16 kernel on the CPU provider"
+            blocked[rejected[0]] = rejected[1]
     return model_fn(set(blocked))
 
 
