@@ -51,6 +51,7 @@ def optimize(
     extra_passes: Sequence = (),
     provider: str = "cpu",
     input_shapes: dict[str, tuple] | None = None,
+    verify_shapes: dict[str, tuple] | None = None,
     options: dict[str, dict] | None = None,
     verify: str = "numeric",
     strict: bool = False,
@@ -68,7 +69,8 @@ def optimize(
     m = as_model(model)
     pipeline = build_pipeline(level, passes, disable, provider, extra_passes)
     ctx = PassContext(
-        model=m, provider=provider, input_shapes=dict(input_shapes or {}), options=dict(options or {}), explain=explain
+        model=m, provider=provider, input_shapes=dict(input_shapes or {}), options=dict(options or {}), explain=explain,
+        verify_shapes=dict(verify_shapes or {}),
     )
     manager = PassManager(
         pipeline, max_iterations=max_iterations, verify=verify, strict=strict, feeds=feeds,

@@ -36,14 +36,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_onnxruntime()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (exit 2, one line) and --help/--version (0)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .io import guarding_inputs
+
     try:
-        return int(args.func(args) or 0)
+        with guarding_inputs():
+            _protect_inputs(args)
+            return int(args.func(args) or 0)
     except OnnxForgeError as exc:
         if args.debug:
             raise
@@ -60,6 +68,61 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         print("hint: rerun with --debug for the traceback and report it", file=sys.stderr)
         return 1
+
+
+def _quiet_onnxruntime() -> None:
+    """onnxruntime's C++ logger writes coloured lines to stderr; failures reach the
+    user as one ``error:`` line instead."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    onnxruntime.set_default_logger_severity(4)
+
+
+# Arguments naming files a command reads: no output of the run may replace them.
+READ_ARGUMENTS = {
+    "input": "the input model", "model": "the input model", "models": "a benchmarked model",
+    "a": "a compared model", "b": "a compared model", "reference": "the --reference model",
+    "profile": "the --profile file", "data": "a --data file", "calib": "a --calib file", "val": "a --val file",
+    "eval": "an --eval file", "recipe": "the recipe",
+}
+
+
+def _protect_inputs(args) -> None:
+    from .io import protect
+
+    for attr, what in READ_ARGUMENTS.items():
+        value = getattr(args, attr, None)
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or item == "random":
+                continue
+            model, sep, profile = item.rpartition("@")  # bench's MODEL@PROFILE.json
+            if attr == "models" and sep and model and profile.endswith(".json"):
+                protect(model, what)
+                protect(profile, "a model's profile")
+            else:
+                protect(item, what)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _bounded_int(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded_int(text, 0, "an integer >= 0")
+
+
+def _bounded_int(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +163,8 @@ def _add_optimize(sub) -> None:
     p.add_argument("--passes", help="comma-separated pass names (or module:Class) instead of the level's pipeline")
     p.add_argument("--disable", default="", help="comma-separated pass names to skip")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="pin a dynamic input, e.g. x:1x3x224x224")
+    p.add_argument("--verify-shape", action="append", metavar="NAME:DIMS",
+                   help="input size for verification only (the saved model keeps its dynamic dims)")
     p.add_argument("--verify", default="numeric", choices=["none", "structural", "numeric"])
     p.add_argument("--data", help="inputs for numeric verification: folder of .npz feed dicts or .npy files")
     p.add_argument("--strict", action="store_true", help="stop when verification fails instead of rolling back")
@@ -107,7 +172,7 @@ def _add_optimize(sub) -> None:
     p.add_argument("--report", help="write the report as JSON here")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
-    p.add_argument("--max-iterations", type=int, default=10)
+    p.add_argument("--max-iterations", type=positive_int, default=10)
     p.add_argument("--debug-dir", help="where to save models around a failing pass")
     p.add_argument("--tune", action="store_true", help="tune session options for --provider and write OUTPUT's profile")
     p.add_argument("--tune-budget", default="60s", help="time for --tune (e.g. 30s, 2m)")
@@ -132,25 +197,28 @@ def _progress():
 def cmd_optimize(args) -> int:
     from .api import optimize
     from .inputs import load_feeds, parse_shape_specs
-    from .io import check_output_path, load, save
+    from .io import check_output_paths, load_input, save
     from .report import render, write_json
 
     output = Path(args.output)
-    check_output_path(output)
     shapes = parse_shape_specs(args.input_shape)
-    model = load(args.input)
+    check_output_paths(output)
+    model = load_input(args.input)
+    check_output_paths(output, output.with_name(output.name + ".data") if args.external_data else None,
+                       args.report, _profile_beside(output) if args.tune else None)
     feeds = load_feeds(args.data, [t.name for t in model.graph.inputs], limit=8) if args.data else None
     status, progress = _progress()
     try:
         result, report = optimize(
             model, level=args.level, passes=_split(args.passes) or None, disable=_split(args.disable),
-            provider=args.provider, input_shapes=shapes, verify=args.verify, strict=args.strict, feeds=feeds,
+            provider=args.provider, input_shapes=shapes, verify_shapes=parse_shape_specs(args.verify_shape),
+            verify=args.verify, strict=args.strict, feeds=feeds,
             explain=args.explain, max_iterations=args.max_iterations, debug_dir=args.debug_dir, progress=progress,
         )
     finally:
         if status:
             status.stop()
-    save(result, output, external_data=True if args.external_data else None)
+    save(result, output, external_data=True if args.external_data else None, check=report.check_written)
     report.output = str(output)
     report.before["file_bytes"] = _file_bytes(Path(args.input))
     report.after["file_bytes"] = _file_bytes(output)
@@ -164,6 +232,12 @@ def cmd_optimize(args) -> int:
         render(report, explain=args.explain)
         print(f"wrote {output}")
     return 0
+
+
+def _profile_beside(output: Path) -> Path:
+    from onnxforge.runtime.profile import profile_path_for
+
+    return profile_path_for(output)
 
 
 def _tune_after_optimize(output: Path, args) -> None:

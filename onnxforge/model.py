@@ -134,6 +134,9 @@ class Model:
     # onnx-graphsurgeon imports them as constants only; export puts them back.
     overridable_inputs: list[str] = dataclasses.field(default_factory=list)
     input_order: list[str] = dataclasses.field(default_factory=list)
+    # Types onnx-graphsurgeon cannot hold (map, optional, sparse, sequences of those),
+    # by value name, in every graph: export puts them back.
+    value_types: dict[str, onnx.TypeProto] = dataclasses.field(default_factory=dict)
 
     @property
     def source_files(self) -> set[Path]:
@@ -170,7 +173,7 @@ class Model:
         meta = onnx.ModelProto()
         meta.CopyFrom(self.meta)
         return Model(self.graph.copy(), meta, self.source, list(self.notes),
-                     list(self.overridable_inputs), list(self.input_order))
+                     list(self.overridable_inputs), list(self.input_order), dict(self.value_types))
 
     def to_proto(self) -> onnx.ModelProto:
         """Export to a ModelProto; external tensors stay references, nothing is loaded.
@@ -186,6 +189,7 @@ class Model:
                 proto.ClearField(field.name)
         proto.MergeFrom(self.meta)  # meta has no graph: only the model fields are set
         self._restore_overridable_inputs(proto.graph)
+        restore_value_types(proto.graph, self.value_types)
         # Domains the graph uses but meta does not declare (a pass added a node of a
         # new domain without calling ensure_domain) are declared at version 1.
         for imp in added:
@@ -196,10 +200,13 @@ class Model:
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, source: Path | None = None) -> "Model":
         graph = gs.import_onnx(proto)
+        _tensor_kinds_for_export(graph)
         inits = {t.name for t in proto.graph.initializer}
         overridable = [i.name for i in proto.graph.input if i.name in inits]
         order = [i.name for i in proto.graph.input] if overridable else []
-        model = cls(graph, model_fields(proto), source, overridable_inputs=overridable, input_order=order)
+        model = cls(graph, model_fields(proto), source, overridable_inputs=overridable, input_order=order,
+                    value_types=collect_value_types(proto.graph))
+        _dedupe_opsets(model)
         if overridable:
             model.notes.append(
                 f"{len(overridable)} graph input(s) have default initializers ({', '.join(overridable[:3])}"
@@ -227,6 +234,79 @@ class Model:
         ordered = sorted(present.values(), key=lambda v: rank.get(v.name, len(rank)))
         del graph.input[:]
         graph.input.extend(ordered)
+
+
+def _iter_value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
+    """Inputs, outputs and value_info of ``graph`` and of every subgraph in it."""
+    yield from graph.input
+    yield from graph.output
+    yield from graph.value_info
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _iter_value_infos(sub)
+
+
+def _graphsurgeon_holds(t: onnx.TypeProto) -> bool:
+    kind = t.WhichOneof("value")
+    if kind == "tensor_type":
+        return True
+    return kind == "sequence_type" and t.sequence_type.elem_type.WhichOneof("value") == "tensor_type"
+
+
+def _dedupe_opsets(model: "Model") -> None:
+    """One opset_import entry per domain ("" and "ai.onnx" are one): skl2onnx writes the
+    default domain twice, which onnxruntime's quantizer refuses. The highest version stays."""
+    entries: dict[str, onnx.OperatorSetIdProto] = {}
+    doubled = []
+    for imp in model.meta.opset_import:
+        key = "" if imp.domain in ("", "ai.onnx") else imp.domain
+        kept = entries.get(key)
+        if kept is None:
+            entries[key] = imp
+            continue
+        doubled.append(key or "ai.onnx")
+        if imp.version > kept.version:
+            entries[key] = imp
+    if not doubled:
+        return
+    kept_entries = [onnx.OperatorSetIdProto(domain=e.domain, version=e.version) for e in entries.values()]
+    del model.meta.opset_import[:]
+    model.meta.opset_import.extend(kept_entries)
+    model.notes.append(f"opset_import listed {', '.join(sorted(set(doubled)))} more than once; kept one entry "
+                       "each, at the highest version")
+
+
+def _tensor_kinds_for_export(graph: gs.Graph) -> None:
+    """graphsurgeon imports map and optional values with a ``type`` its exporter cannot
+    write (it crashes); they export as tensors and ``restore_value_types`` puts the
+    real type back."""
+    for g in iter_graphs(graph):
+        for tensor in g.tensors().values():
+            if getattr(tensor, "type", "tensor_type") not in ("tensor_type", "sequence_type", "sparse_tensor_type"):
+                tensor.type = "tensor_type"
+                tensor.dtype, tensor.shape = None, None  # gs put the TypeProto there
+
+
+def collect_value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    types: dict[str, onnx.TypeProto] = {}
+    for info in _iter_value_infos(graph):
+        if info.HasField("type") and not _graphsurgeon_holds(info.type):
+            types.setdefault(info.name, onnx.TypeProto()).CopyFrom(info.type)
+    return types
+
+
+def restore_value_types(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto]) -> None:
+    """Put back a type the export lost (no type, or a tensor of element type 0)."""
+    if not types:
+        return
+    for info in _iter_value_infos(graph):
+        saved = types.get(info.name)
+        if saved is None:
+            continue
+        kind = info.type.WhichOneof("value")
+        if kind != saved.WhichOneof("value") or (kind == "tensor_type" and not info.type.tensor_type.elem_type):
+            info.type.CopyFrom(saved)
 
 
 def model_fields(proto: onnx.ModelProto) -> onnx.ModelProto:

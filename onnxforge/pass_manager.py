@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -26,7 +25,7 @@ from .errors import OptionError, PassError, VerificationError
 from .io import runtime_only_op
 from .model import ExternalValues, Model, constants
 from .report import OptimizeReport, PassRecord, model_stats
-from .verify import MODES, Verification, numeric_check, reference_outputs, structural_check
+from .verify import MODES, Verification, Verifier, compare_arrays, reference_outputs, run_outputs, structural_check
 
 log = logging.getLogger("onnxforge")
 
@@ -86,42 +85,54 @@ class PassManager:
         apply_input_shapes(model, ctx.input_shapes)
         report = OptimizeReport(before=model_stats(model))
         original = snapshot(model)
-        feeds, reference = self._reference(original, ctx)
+        verifier = self.verifier = self._verifier(original, ctx)
         disabled: set[int] = set()
         current = model
         while True:
             try:
                 steps, iterations = self._run_pipeline(current, ctx, disabled, report)
-                verification = self._check(current, feeds, reference, steps)
+                verification = self._check(current, steps)
             except PassFailure as failure:
                 name = self.passes[failure.pass_index].name
                 if self.strict:
                     raise PassError(f"pass {name} failed: {failure.error}") from failure.error
                 log.debug(failure.trace)
-                disabled.add(failure.pass_index)
+                self._disable(disabled, failure.pass_index, str(failure.error))
                 report.rolled_back.append({"pass": name, "reason": f"raised {type(failure.error).__name__}: {failure.error}"})
                 current, ctx = self._restart(original, ctx, report)
                 continue
             if verification.ok:
                 break
-            culprit, saved = self._bisect(original, ctx, steps, feeds, reference)
+            culprit, saved = self._bisect(original, ctx, steps, verification)
             name = self.passes[culprit].name
-            where = f"models before and after it saved in {saved}"
+            where = (f"models before and after it saved in {saved}" if saved
+                     else "rerun with --debug-dir DIR to save the models before and after it")
             if self.strict:
                 raise VerificationError(
                     f"pass {name} breaks {verification.mode} verification ({verification.detail}); {where}",
                     hint="rerun without --strict to roll it back, or --disable " + name,
                 )
-            disabled.add(culprit)
+            self._disable(disabled, culprit, verification.detail)
             report.rolled_back.append({"pass": name, "reason": f"{verification.detail} ({where})"})
             current, ctx = self._restart(original, ctx, report)
         report.iterations = iterations
         report.verification = verification.as_dict() if self.verify != "none" else None
+        report.verifier = verifier
         report.after = model_stats(current)
-        report.warnings = list(dict.fromkeys(current.notes + ctx.warnings))
+        report.warnings = list(dict.fromkeys(verifier.notes + current.notes + ctx.warnings))
         report.refusals = [dataclasses.asdict(r) for r in ctx.refusals]
         report.seconds = time.perf_counter() - start
         return current, report
+
+    def _disable(self, disabled: set[int], index: int, why: str) -> None:
+        """Each restart disables a pass not disabled before, so restarts are bounded by
+        the pipeline's length; blaming a pass twice means the fault lies elsewhere."""
+        if index in disabled or len(disabled) >= len(self.passes):
+            raise VerificationError(
+                f"verification still fails with pass {self.passes[index].name} disabled: {why}",
+                hint="rerun with --verify structural, or report this model",
+            )
+        disabled.add(index)
 
     def _restart(self, original: Model, ctx: PassContext, report: OptimizeReport) -> tuple[Model, PassContext]:
         report.records.clear()
@@ -165,13 +176,66 @@ class PassManager:
 
     # ------------------------------------------------------------------ verification
 
-    def _reference(self, original: Model, ctx: PassContext):
-        if self.verify != "numeric":
-            return None, None
-        from .inputs import seeded_feeds
+    def _verifier(self, original: Model, ctx: PassContext) -> Verifier:
+        """Fixes what the run is judged against before any pass runs."""
+        if self.verify == "none":
+            return Verifier("none")
+        names = [t.name for t in original.graph.outputs]
+        notes: list[str] = []
+        checked = structural_check(original)
+        fails = None if checked.ok or runtime_only_op(checked.detail) else checked.detail
+        if fails:
+            # Not a pass's fault: the checker cannot judge the result, onnxruntime does.
+            notes.append(f"the original model fails onnx's checker ({fails}); results are judged by onnxruntime")
+        if self.verify == "structural":
+            return Verifier("structural", output_names=names, original_fails_checker=fails, notes=notes)
+        if self.feeds:
+            feeds, reference = self.feeds, reference_outputs(original, self.feeds)
+        else:
+            found = self._find_inputs(original, ctx)
+            if found.feeds is None:
+                notes.append(
+                    f"verified structurally only: the original model did not run on {found.tries} generated input "
+                    f"set(s) (last: {found.error}); give real inputs with --data DIR or sizes with --verify-shape"
+                )
+                return Verifier("structural", output_names=names, original_fails_checker=fails, notes=notes)
+            if found.label != "seeded":
+                notes.append(f"verification inputs: {found.label} (the original does not run on the seeded ones)")
+            feeds, reference = found.feeds, found.reference
+        unstable = self._unstable(original, feeds, reference, names)
+        if unstable:
+            notes.append(f"output(s) {', '.join(sorted(unstable))} differ between two runs of the original (random "
+                         "ops): compared by type and shape only")
+        return Verifier("numeric", feeds, reference, names, fails, unstable, notes)
 
-        feeds = self.feeds or [seeded_feeds(original, ctx.input_shapes, seed=ctx.seed)]
-        return feeds, reference_outputs(original, feeds)
+    @staticmethod
+    def _find_inputs(original: Model, ctx: PassContext):
+        from .errors import DataError, first_line
+        from .verify import session_for
+        from .verify_feeds import find_inputs
+
+        pinned = {**ctx.input_shapes, **ctx.verify_shapes}
+        try:
+            return find_inputs(original, lambda: session_for(original), pinned, ctx.seed)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(
+                f"onnxruntime cannot load the original model: {first_line(exc, limit=300)}",
+                hint="verify with --verify structural, or check the model with `onnxforge inspect`",
+            ) from exc
+
+    @staticmethod
+    def _unstable(original: Model, feeds, reference, names) -> frozenset:
+        """Outputs that differ between two runs of the original (random ops): no pass
+        can be judged on their values."""
+        again = run_outputs(original, feeds)
+        unstable = set()
+        for refs, outs in zip(reference, again):
+            for name, r, o in zip(names, refs, outs):
+                if not compare_arrays(name, r, o, *DEFAULT_TOLERANCE).ok:
+                    unstable.add(name)
+        return frozenset(unstable)
 
     def _tolerance(self, steps: Sequence[Step]) -> tuple[float, float]:
         tol = DEFAULT_TOLERANCE
@@ -180,18 +244,12 @@ class PassManager:
             tol = (max(tol[0], rtol), max(tol[1], atol))
         return tol
 
-    def _check(self, model: Model, feeds, reference, steps: Sequence[Step]) -> Verification:
-        if self.verify == "none":
-            return Verification("none", True)
-        structural = structural_check(model)
-        # In numeric mode an op only onnxruntime knows is judged by running it, not by the checker.
-        if self.verify == "structural" or (not structural.ok and not runtime_only_op(structural.detail)):
-            return structural
-        names = [t.name for t in model.graph.outputs]
-        return numeric_check(model, feeds, reference, names, self._tolerance(steps))
+    def _check(self, model: Model, steps: Sequence[Step]) -> Verification:
+        return self.verifier.check(model, self._tolerance(steps))
 
-    def _bisect(self, original: Model, ctx: PassContext, steps: Sequence[Step], feeds, reference):
-        """First step whose replayed prefix fails; saves the models around it."""
+    def _bisect(self, original: Model, ctx: PassContext, steps: Sequence[Step], verification: Verification):
+        """First step whose replayed prefix fails; saves the models around it when
+        ``debug_dir`` is set (once per culprit, overwritten on a rerun)."""
 
         def replay(k: int) -> Model:
             m = snapshot(original)
@@ -203,21 +261,28 @@ class PassManager:
                     pass  # the failing prefix is found either way
             return m
 
+        empty = self._check(replay(0), [])
+        if not steps or not empty.ok:
+            raise VerificationError(
+                f"the unchanged model fails {verification.mode} verification, so no pass is to blame: "
+                f"{empty.detail or verification.detail}",
+                hint="rerun with --verify structural, or give real inputs with --data DIR",
+            )
         lo, hi = 0, len(steps)  # prefix lo passes, prefix hi fails
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self._check(replay(mid), feeds, reference, steps[:mid]).ok:
+            if self._check(replay(mid), steps[:mid]).ok:
                 lo = mid
             else:
                 hi = mid
-        culprit = steps[hi - 1].index if steps else 0
-        saved = self._save_pair(replay(hi - 1), replay(hi), self.passes[culprit].name)
+        culprit = steps[hi - 1].index
+        saved = self._save_pair(replay(hi - 1), replay(hi), self.passes[culprit].name) if self.debug_dir else None
         return culprit, saved
 
     def _save_pair(self, before: Model, after: Model, name: str) -> Path:
         from .io import save
 
-        folder = self.debug_dir or Path(tempfile.mkdtemp(prefix="onnxforge-failed-"))
+        folder = self.debug_dir
         folder.mkdir(parents=True, exist_ok=True)
         for label, m in (("before", before), ("after", after)):
             try:

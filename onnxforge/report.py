@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +61,26 @@ class OptimizeReport:
     seconds: float = 0.0
     input: str | None = None
     output: str | None = None
+    # What the run was verified against (verify.Verifier); judges the written file too.
+    verifier: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def check_written(self, path: Path) -> None:
+        """Verify the file as written (reloaded from disk) with the run's verifier and
+        tolerance; the report's verdict becomes the file's. Raises when it fails, so
+        ``io.save(check=...)`` never moves a failing file into place."""
+        from .errors import VerificationError
+
+        if self.verifier is None or self.verification is None:
+            return
+        tol = self.verification.get("tolerance") or {}
+        result = self.verifier.check_file(Path(path), (tol.get("rtol", 0.0), tol.get("atol", 0.0)))
+        result.tolerance = (tol.get("rtol", 0.0), tol.get("atol", 0.0))
+        self.verification = {**result.as_dict(), "file": "written file, reloaded from disk"}
+        if not result.ok:
+            raise VerificationError(
+                f"the written model fails {result.mode} verification, so it was not written: {result.detail}",
+                hint="report this model; --verify none writes it unverified",
+            )
 
     def per_pass(self) -> list[dict[str, Any]]:
         table: dict[str, dict[str, Any]] = {}
@@ -93,17 +112,10 @@ class OptimizeReport:
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
-    """Atomically write a JSON document."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically write a JSON document through the guarded writer (never over a file the run reads)."""
+    from .io import write_text
+
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def _fmt_bytes(n: int | None) -> str:

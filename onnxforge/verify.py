@@ -56,18 +56,21 @@ class Verification:
 
 
 @contextlib.contextmanager
-def session_for(model: Model | onnx.ModelProto, *, optimize: bool = False, threads: int = 0) -> Iterator:
-    """An onnxruntime CPU session for an in-memory model. Models whose weights live
-    in external data (or exceed 2 GB) are written to a temporary folder first."""
+def session_for(model: Model | onnx.ModelProto | Path, *, optimize: bool = False, threads: int = 0) -> Iterator:
+    """An onnxruntime CPU session for an in-memory model or a model file. Models whose
+    weights live in external data (or exceed 2 GB) are written to a temporary folder first."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach the user as one line, not as onnxruntime's log
     if threads:
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"]
+    if isinstance(model, (str, Path)):
+        yield ort.InferenceSession(str(model), options, providers=providers)
+        return
     if isinstance(model, Model) and any(True for _ in external_values(model.graph)):
         from .io import save
 
@@ -80,7 +83,7 @@ def session_for(model: Model | onnx.ModelProto, *, optimize: bool = False, threa
     yield ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
 
 
-def run_outputs(model: Model | onnx.ModelProto, feeds: Sequence[dict]) -> list[list[np.ndarray]]:
+def run_outputs(model: Model | onnx.ModelProto | Path, feeds: Sequence[dict]) -> list[list[np.ndarray]]:
     with session_for(model) as sess:
         names = [i.name for i in sess.get_inputs()]
         return [sess.run(None, {n: f[n] for n in names if n in f}) for f in feeds]
@@ -89,7 +92,11 @@ def run_outputs(model: Model | onnx.ModelProto, feeds: Sequence[dict]) -> list[l
 # ------------------------------------------------------------------ comparison
 
 
-def compare_arrays(name: str, ref: np.ndarray, out: np.ndarray, rtol: float, atol: float) -> OutputDiff:
+def compare_arrays(name: str, ref, out, rtol: float, atol: float) -> OutputDiff:
+    """Worst error between two output values: tensors, or the sequences (lists), maps
+    (dicts) and empty optionals (None) onnxruntime returns for non-tensor types."""
+    if isinstance(ref, (list, tuple, dict)) or ref is None or isinstance(out, (list, tuple, dict)) or out is None:
+        return _compare_nested(name, ref, out, rtol, atol)
     ref, out = np.asarray(ref), np.asarray(out)
     if ref.shape != out.shape or ref.dtype != out.dtype:
         return OutputDiff(name, float("inf"), float("inf"), 0.0, False)
@@ -108,6 +115,25 @@ def compare_arrays(name: str, ref: np.ndarray, out: np.ndarray, rtol: float, ato
     return OutputDiff(name, max_abs, max_rel, cosine, bool(ok))
 
 
+def _compare_nested(name: str, ref, out, rtol: float, atol: float) -> OutputDiff:
+    mismatch = OutputDiff(name, float("inf"), float("inf"), 0.0, False)
+    if ref is None or out is None:
+        return OutputDiff(name, 0.0, 0.0, 1.0, True) if ref is None and out is None else mismatch
+    if isinstance(ref, dict) or isinstance(out, dict):
+        if not (isinstance(ref, dict) and isinstance(out, dict)) or ref.keys() != out.keys():
+            return mismatch
+        keys = list(ref)
+        parts = [compare_arrays(name, ref[k], out[k], rtol, atol) for k in keys]
+    else:
+        if not isinstance(out, (list, tuple)) or not isinstance(ref, (list, tuple)) or len(ref) != len(out):
+            return mismatch
+        parts = [compare_arrays(name, r, o, rtol, atol) for r, o in zip(ref, out)]
+    if not parts:
+        return OutputDiff(name, 0.0, 0.0, 1.0, True)
+    return OutputDiff(name, max(p.max_abs for p in parts), max(p.max_rel for p in parts),
+                      min(p.cosine for p in parts), all(p.ok for p in parts))
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.nan_to_num(a.ravel()), np.nan_to_num(b.ravel())
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
@@ -116,6 +142,13 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     if na == 0 or nb == 0:
         return 0.0
     return float(np.dot(a, b) / (na * nb))
+
+
+def _same_kind(name: str, ref, out) -> OutputDiff:
+    a, b = np.asarray(ref) if not isinstance(ref, (list, dict)) and ref is not None else ref, out
+    same = type(ref) is type(out) if not isinstance(a, np.ndarray) else (
+        isinstance(out, np.ndarray) and a.shape == out.shape and a.dtype == out.dtype)
+    return OutputDiff(name, 0.0, 0.0, 1.0, True) if same else OutputDiff(name, float("inf"), float("inf"), 0.0, False)
 
 
 def merge_diffs(per_feed: Iterable[list[OutputDiff]]) -> list[OutputDiff]:
@@ -163,9 +196,10 @@ def reference_outputs(model: Model, feeds: Sequence[dict]) -> list[list[np.ndarr
 
 
 def numeric_check(
-    candidate: Model, feeds: Sequence[dict], reference: list[list[np.ndarray]], output_names: list[str],
-    tolerance: tuple[float, float],
+    candidate: Model | Path, feeds: Sequence[dict], reference: list[list[np.ndarray]], output_names: list[str],
+    tolerance: tuple[float, float], unstable: frozenset = frozenset(),
 ) -> Verification:
+    """``unstable`` outputs (random in the original itself) must only keep their type and shape."""
     rtol, atol = tolerance
     try:
         outputs = run_outputs(candidate, feeds)
@@ -173,13 +207,82 @@ def numeric_check(
         return Verification("numeric", False, f"onnxruntime cannot run the optimized model: {first_line(exc, limit=300)}",
                             tolerance=tolerance)
     per_feed = [
-        [compare_arrays(n, r, o, rtol, atol) for n, r, o in zip(output_names, refs, outs)]
+        [compare_arrays(n, r, o, rtol, atol) if n not in unstable else _same_kind(n, r, o)
+         for n, r, o in zip(output_names, refs, outs)]
         for refs, outs in zip(reference, outputs)
     ]
+    if any(len(outs) != len(output_names) for outs in outputs):
+        return Verification("numeric", False, "the optimized model has another number of outputs", tolerance=tolerance)
     diffs = merge_diffs(per_feed)
     bad = [d for d in diffs if not d.ok]
     detail = "; ".join(f"{d.name}: max abs {d.max_abs:.3g}, rel {d.max_rel:.3g}" for d in bad)
     return Verification("numeric", not bad, detail, diffs, tolerance)
+
+
+def file_structural_check(path: Path) -> Verification:
+    """The checker on a written file (reads its external data from beside it)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        return Verification("structural", False, first_line(exc, limit=300))
+    return Verification("structural", True)
+
+
+@dataclasses.dataclass
+class Verifier:
+    """What one run is verified against, fixed before any pass runs.
+
+    ``numeric``: the original's outputs on ``feeds``. ``original_fails_checker``: why
+    the original itself fails onnx's checker (then the checker cannot judge a result
+    and onnxruntime does). ``unstable``: outputs that differ between two runs of the
+    original (random ops), compared by type and shape only. ``notes``: how the feeds
+    were found, or why numeric verification fell back to structural."""
+
+    mode: str
+    feeds: list[dict] | None = None
+    reference: list[list] | None = None
+    output_names: list[str] = dataclasses.field(default_factory=list)
+    original_fails_checker: str | None = None
+    unstable: frozenset = frozenset()
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def check(self, model: Model, tolerance: tuple[float, float]) -> Verification:
+        """Judge an in-memory candidate."""
+        if self.mode == "none":
+            return Verification("none", True)
+        if self.original_fails_checker is None:
+            from .io import runtime_only_op
+
+            structural = structural_check(model)
+            # In numeric mode an op only onnxruntime knows is judged by running it, not by the checker.
+            if not structural.ok and (self.mode == "structural" or not runtime_only_op(structural.detail)):
+                return structural
+        if self.mode == "structural":
+            return self._loads(model)
+        return self._numeric(model, tolerance)
+
+    def check_file(self, path: Path, tolerance: tuple[float, float]) -> Verification:
+        """Judge the file written, reloaded from disk (with its external data)."""
+        if self.mode == "none":
+            return Verification("none", True)
+        if self.original_fails_checker is None and self.mode == "structural":
+            structural = file_structural_check(path)
+            if not structural.ok:
+                return structural
+        if self.mode == "structural":
+            return self._loads(path)
+        return self._numeric(path, tolerance)
+
+    def _loads(self, model) -> Verification:
+        try:
+            with session_for(model):
+                pass
+        except Exception as exc:
+            return Verification("structural", False, f"onnxruntime cannot load it: {first_line(exc, limit=300)}")
+        return Verification("structural", True)
+
+    def _numeric(self, model, tolerance: tuple[float, float]) -> Verification:
+        return numeric_check(model, self.feeds, self.reference, self.output_names, tolerance, self.unstable)
 
 
 def assert_ok(verification: Verification) -> None:

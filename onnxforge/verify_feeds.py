@@ -1,0 +1,179 @@
+"""Inputs the original model runs on, found before any pass runs.
+
+Seeded inputs (``inputs.seeded_feeds``) fit most models. Some need more: a dim of at
+least N samples (audio front-ends), a Reshape that needs one size, indices or shapes
+fed as inputs, sequence and optional inputs, rank-0 bools. When the seeded inputs do
+not run, candidates are tried in a fixed order, a bounded number of times, on one
+onnxruntime session of the original:
+
+1. the seeded sizes with other values for integer inputs: zeros (always a valid
+   index), then ones with -1 last where the input is a Reshape target;
+2. a ladder of sizes for the dynamic dims (every dim but the first, then all of them),
+   with the seeded values, then with zeros for integers.
+
+Dims the user pinned (``--input-shape``, ``--verify-shape``) never vary. Candidates
+over ``MAX_ELEMENTS`` are skipped, so the search is bounded by a count of runs and a
+size, never by wall-clock time: the same model always gets the same inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from typing import Mapping
+
+import numpy as np
+
+from .errors import first_line
+from .inputs import _default_dim, _values, index_bounds
+
+MAX_TRIES = 24
+MAX_ELEMENTS = 1 << 26  # 64 M elements over all inputs of one candidate
+SIZE_LADDER = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 400, 512, 1024, 2048, 4096, 16000)
+ALL_DIMS_LADDER = (2, 3, 4)
+
+_ORT_TYPES = {
+    "float": np.float32, "double": np.float64, "float16": np.float16, "bool": np.bool_, "string": np.object_,
+    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One graph input as onnxruntime sees it: ``kind`` tensor|seq|optional-tensor|optional-seq|map."""
+
+    name: str
+    kind: str
+    dtype: np.dtype | None
+    shape: tuple  # ints, or dim names / None for dynamic dims
+
+
+def input_specs(session) -> list[InputSpec]:
+    specs = []
+    for arg in session.get_inputs():
+        kind, elem = _parse_type(arg.type)
+        shape = tuple(arg.shape) if arg.shape is not None and kind in ("tensor", "optional-tensor") else ()
+        specs.append(InputSpec(arg.name, kind, np.dtype(_ORT_TYPES[elem]) if elem in _ORT_TYPES else None, shape))
+    return specs
+
+
+def _parse_type(text: str) -> tuple[str, str | None]:
+    """'seq(tensor(float))' -> ('seq', 'float'); 'optional(tensor(int64))' -> ('optional-tensor', 'int64')."""
+    m = re.fullmatch(r"(optional\()?(seq\()?tensor\((\w+)\)\)?\)?", text)
+    if m:
+        kind = "seq" if m.group(2) else "tensor"
+        return ("optional-" + kind) if m.group(1) else kind, m.group(3)
+    return ("map" if text.startswith("map") else "other"), None
+
+
+def candidate_plans(specs: list[InputSpec], pinned: Mapping[str, tuple]) -> list[tuple[str, dict, str]]:
+    """(label, {name: shape}, value strategy) in the order they are tried."""
+    default = {s.name: _shape(s, pinned, None, True) for s in specs}
+    plans = [("seeded", default, "seeded"), ("zeros for integers", default, "zeros"),
+             ("ones for integers", default, "ones")]
+    dynamic = any(d is None or isinstance(d, str) for s in specs if s.name not in pinned for d in s.shape)
+    if dynamic:
+        for size in SIZE_LADDER:
+            plans.append((f"dynamic dims {size}", {s.name: _shape(s, pinned, size, True) for s in specs}, "seeded"))
+        for size in ALL_DIMS_LADDER:
+            plans.append((f"all dynamic dims {size}", {s.name: _shape(s, pinned, size, False) for s in specs}, "seeded"))
+        for size in SIZE_LADDER:
+            plans.append((f"dynamic dims {size}, zeros", {s.name: _shape(s, pinned, size, True) for s in specs}, "zeros"))
+    seen, unique = set(), []
+    for label, shapes, values in plans:
+        key = (tuple(sorted(shapes.items())), values)
+        if key not in seen:
+            seen.add(key)
+            unique.append((label, shapes, values))
+    return unique
+
+
+def _shape(spec: InputSpec, pinned: Mapping[str, tuple], size: int | None, keep_first: bool) -> tuple[int, ...]:
+    if spec.name in pinned:
+        return tuple(pinned[spec.name])
+    dims = []
+    for i, d in enumerate(spec.shape):
+        if isinstance(d, int) and d >= 0:
+            dims.append(d)
+        elif size is None or (keep_first and i == 0 and len(spec.shape) > 1):
+            dims.append(_default_dim(i, d, spec.shape))
+        else:
+            dims.append(size)
+    return tuple(dims)
+
+
+def make_feed(specs: list[InputSpec], shapes: Mapping[str, tuple], values: str, bounds: Mapping[str, int],
+              reshape_targets: set[str], seed: int) -> dict | None:
+    """One feed dict, or None when it would exceed ``MAX_ELEMENTS``."""
+    if sum(int(np.prod(shapes[s.name], dtype=np.int64)) for s in specs) > MAX_ELEMENTS:
+        return None
+    feed = {}
+    for spec in specs:
+        rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
+        dtype = spec.dtype if spec.dtype is not None else np.dtype(np.float32)
+        shape = shapes[spec.name]
+        if spec.kind in ("seq", "optional-seq"):
+            shape = shape or (2, 3)
+            feed[spec.name] = [_tensor(spec.name, shape, dtype, values, bounds, set(), rng) for _ in range(2)]
+        elif spec.kind in ("tensor", "optional-tensor"):
+            feed[spec.name] = _tensor(spec.name, shape, dtype, values, bounds, reshape_targets, rng)
+        else:
+            return None  # maps and other types are not fed from Python
+    return feed
+
+
+def _tensor(name, shape, dtype, values, bounds, reshape_targets, rng) -> np.ndarray:
+    integer = np.issubdtype(dtype, np.integer)
+    if integer and values == "zeros":
+        return np.zeros(shape, dtype)
+    if integer and values == "ones":
+        out = np.ones(shape, dtype)
+        if name in reshape_targets and out.size:
+            out.reshape(-1)[-1] = -1
+        return out
+    # np.asarray: a rank-0 bool comes back from numpy as a scalar, which onnxruntime refuses.
+    return np.asarray(_values(name, shape, dtype, bounds.get(name), rng), dtype=dtype)
+
+
+def reshape_target_inputs(graph) -> set[str]:
+    names = set()
+    for inp in graph.inputs:
+        for node in inp.outputs:
+            if node.op == "Reshape" and len(node.inputs) > 1 and node.inputs[1] is inp:
+                names.add(inp.name)
+    return names
+
+
+@dataclasses.dataclass
+class FoundInputs:
+    feeds: list[dict] | None
+    reference: list[list] | None
+    label: str
+    tries: int
+    error: str = ""
+
+
+def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int = 0) -> FoundInputs:
+    """The first candidate the original runs on. ``session_factory()`` opens the session
+    (a model that onnxruntime cannot load is bad input: its error propagates)."""
+    with session_factory() as session:
+        specs = input_specs(session)
+        bounds = index_bounds(model.graph)
+        targets = reshape_target_inputs(model.graph)
+        names = [s.name for s in specs]
+        tries, last_error = 0, ""
+        for label, shapes, values in candidate_plans(specs, pinned):
+            if tries >= MAX_TRIES:
+                break
+            feed = make_feed(specs, shapes, values, bounds, targets, seed)
+            if feed is None:
+                continue
+            tries += 1
+            try:
+                outputs = session.run(None, {n: feed[n] for n in names})
+            except Exception as exc:
+                last_error = first_line(exc, limit=200)
+                continue
+            return FoundInputs([feed], [outputs], label, tries)
+        return FoundInputs(None, None, "", tries, last_error)
