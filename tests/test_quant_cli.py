@@ -181,3 +181,81 @@ def test_convert_fp16_cli_keeps_float_only_contrib_ops_float32(tmp_path, capsys)
     head = next(n for n in converted.graph.node if n.op_type == "MatMul")
     assert TensorProto.FLOAT16 in {t.data_type for t in converted.graph.initializer if t.name in head.input}
     assert _max_rel_error(str(tmp_path / "q.onnx"), str(tmp_path / "h.onnx"), feeds) < 2e-3
+
+
+# ------------------------------------------------------------------ C: the default domain listed twice (skl2onnx 1.20)
+
+
+def _conv_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w1"),
+         numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
+         numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32) * 0.1, "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _matmul_model() -> onnx.ModelProto:
+    w = np.random.default_rng(6).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _doubled(model: onnx.ModelProto, domain: str) -> onnx.ModelProto:
+    model.opset_import.append(helper.make_opsetid(domain, 17))
+    return model
+
+
+def _default_entries(model: onnx.ModelProto) -> list[tuple[str, int]]:
+    return [(o.domain, o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")]
+
+
+@pytest.mark.parametrize("domain", ["", "ai.onnx"])
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_quantize_cli_default_domain_listed_twice(tmp_path, capsys, domain, mode):
+    model = _conv_model() if mode == "static" else _matmul_model()
+    onnx.save(_doubled(model, domain), tmp_path / "m.onnx")  # no checker: as skl2onnx writes it
+    rng = np.random.default_rng(2)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    calib = _calib(tmp_path / "calib", [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(4)])
+    code, _, err = _run(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib", calib,
+                         "--mode", mode, "--no-latency", "--report", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert _default_entries(quantized) == [("", 17)]
+    assert json.loads((tmp_path / "r.json").read_text())["int8_nodes"]
+    import onnxruntime as ort
+
+    ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("domain", ["", "ai.onnx"])
+def test_quant_paths_take_the_default_domain_listed_twice(domain):
+    """The quant code's own ModelProto paths, whatever the loader did: onnxruntime's
+    quantizers (static and dynamic), its offline rewrite, the int8-weight reuse."""
+    from onnxforge.passes.quant.detect import detect, int8_weights_to_dynamic_matmul
+    from onnxforge.passes.quant.prepare import ort_offline
+    from onnxforge.passes.quant.quantize import quantize
+
+    model = _doubled(_conv_model(), domain)
+    spec = formats.spec_for("cpu", model, vnni=True)
+    ranges = {name: (-4.0, 4.0) for name in ("x", "c1", "r1", "y")}
+    assert _default_entries(formats.static_qdq(model, ranges, spec)) == [("", 17)]
+    dynamic = formats.dynamic_matmul(_doubled(_matmul_model(), domain), spec)
+    assert _default_entries(dynamic) == [("", 17)] and any(n.op_type != "MatMul" for n in dynamic.graph.node)
+    assert _default_entries(ort_offline(model)) == [("", 17)]
+    reused = _doubled(_weight_only_model(), domain)
+    rewritten, names = int8_weights_to_dynamic_matmul(reused, detect(reused))
+    assert names and _default_entries(rewritten) == [("", 17)]
+    out, report = quantize(reused, [{"x": np.ones((2, 4), np.float32)}], measure_latency=False, log=lambda _m: None)
+    assert _default_entries(out.to_proto()) == [("", 17)] and report.int8_nodes == ["matmul"]
+    assert len(model.opset_import) == 2  # the caller's proto is left as it was

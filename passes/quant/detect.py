@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .opsets import one_default_domain
+
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 INTEGER_OPS = (
     "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -150,6 +152,7 @@ def int8_weights_to_dynamic_matmul(
     point 128). Returns the model and the names of the rewritten MatMuls."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    one_default_domain(out)
     graph = out.graph
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}

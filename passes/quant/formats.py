@@ -34,6 +34,7 @@ from onnxforge.errors import OptionError
 
 from .integer_act import integer_activations
 from .layout import nhwc_data_movement, ort_transposes, wide_channel_scales
+from .opsets import one_default_domain
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -285,9 +286,10 @@ def _shapes_inferred_in_place():
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for onnxruntime's quantizers, which need the default domain listed once."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    return out
+    return one_default_domain(out)
 
 
 def _without_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

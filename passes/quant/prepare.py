@@ -29,6 +29,7 @@ from onnxforge.io import iter_tensor_protos
 from onnxforge.model import Model, copy_fields
 
 from .equalize import fold_affine, graph_maps
+from .opsets import DEFAULT_DOMAINS, one_default_domain
 from .ortsession import (
     infer_shapes, loads_from_file, return_freed_memory, with_external_data_loaded,
     write_with_external_data,
@@ -192,7 +193,7 @@ def _ort_offline_source(source: bytes | str, header: onnx.ModelProto, level: str
     out = _with_model_fields(optimized, header)
     have = {o.domain for o in out.opset_import}
     for imp in ort_opsets:
-        if imp.domain not in have:
+        if imp.domain not in have and not (imp.domain in DEFAULT_DOMAINS and have & set(DEFAULT_DOMAINS)):
             out.opset_import.append(imp)
     return out
 
@@ -406,9 +407,10 @@ def _with_graph(proto: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
 
 
 def _with_model_fields(out: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
-    """``out`` (its graph kept in place) with ``source``'s model-level fields instead of its own."""
+    """``out`` (its graph kept in place) with ``source``'s model-level fields instead of its
+    own, the default domain listed once."""
     for field, _ in list(out.ListFields()):
         if field.name != "graph":
             out.ClearField(field.name)
     copy_fields(source, out, {"graph"})
-    return out
+    return one_default_domain(out)

@@ -54,6 +54,7 @@ from .formats import (
     stale_float_weights, static_qdq, summarize_kernels, write_tensorrt_cache,
 )
 from .layout import convtranspose_as_conv_shuffle
+from .opsets import one_default_domain
 from .ortsession import return_freed_memory
 from .prepare import constant_nodes_to_initializers, float_baseline
 
@@ -142,12 +143,13 @@ def _source_and_original(model: Model | onnx.ModelProto | str | os.PathLike) -> 
     if isinstance(model, onnx.ModelProto):
         from onnxforge.versions import cap_proto_versions
 
+        model = one_default_domain(model, copy=True)  # the caller's proto keeps its entries
         return None, cap_proto_versions(model)[0]  # IR/opset this onnxruntime loads
     if not isinstance(model, Model):
         from onnxforge.io import load
 
         model = load(model)
-    return model, model.to_proto()
+    return model, one_default_domain(model.to_proto())
 
 
 def _with_weights(original: onnx.ModelProto, source: Model | None) -> onnx.ModelProto:
