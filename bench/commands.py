@@ -6,6 +6,7 @@ writes the requested files and returns the exit code.
 """
 from __future__ import annotations
 
+from onnxforge.cli import nonnegative_int, positive_int
 from onnxforge.runtime.providers import PROVIDERS
 
 
@@ -21,11 +22,11 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--input-shape", action="append", metavar="NAME:SHAPE",
                    help="pin a dynamic input, e.g. x:1x3x224x224 (a MIN-OPT-MAX range runs at OPT)")
     p.add_argument("--data", help="real inputs: folder of .npz feed dicts or .npy files (cycled)")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs per model after the first (default 3)")
-    p.add_argument("--iterations", type=int, help="runs per model per round (default: about 0.15 s worth)")
-    p.add_argument("--threads", type=int, help="intra-op threads for every model (default: the profile's)")
-    p.add_argument("--recreate-every", type=int, metavar="N",
+    p.add_argument("--rounds", type=positive_int, default=15, help="interleaved rounds (default 15)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed runs per model after the first (default 3)")
+    p.add_argument("--iterations", type=positive_int, help="runs per model per round (default: about 0.15 s worth)")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads for every model (default: the profile's)")
+    p.add_argument("--recreate-every", type=positive_int, metavar="N",
                    help="fresh sessions every N rounds, so session-level effects average out (default: never)")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic inputs and round order")
     p.add_argument("--reference", help="original model: report max error and cosine per output against it")
@@ -39,8 +40,9 @@ def add_bench_parser(subparsers) -> None:
 def bench_from_args(args, progress=None):
     """Run the benchmark described by parsed ``args``; returns a BenchResult."""
     from onnxforge.bench.harness import BenchConfig, load_profile_arg, make_variants, parse_model_spec, run_bench
-    from onnxforge.runtime.shapes import opt_shapes, parse_shape_ranges
+    from onnxforge.runtime.shapes import opt_shapes
 
+    ranges = checked_shape_ranges(args.input_shape)
     shared_profile = load_profile_arg(args.profile)
     models, profiles = [], []
     for spec in args.models:
@@ -49,9 +51,20 @@ def bench_from_args(args, progress=None):
         profiles.append(load_profile_arg(own_profile) if own_profile else shared_profile)
     variants = make_variants(models, profiles, args.provider)
     config = BenchConfig(rounds=args.rounds, warmup=args.warmup, iterations=args.iterations, threads=args.threads,
-                         seed=args.seed, input_shapes=opt_shapes(parse_shape_ranges(args.input_shape)),
+                         seed=args.seed, input_shapes=opt_shapes(ranges),
                          data=args.data, reference=args.reference, recreate_every=args.recreate_every)
     return run_bench(variants, config, progress=progress)
+
+
+def checked_shape_ranges(specs: list[str] | None) -> dict:
+    """``--input-shape`` ranges (NAME:SHAPE[-OPT-MAX]), each refused when absurdly large."""
+    from onnxforge.inputs import check_feed_size
+    from onnxforge.runtime.shapes import parse_shape_ranges
+
+    ranges = parse_shape_ranges(specs)
+    for name, rng in ranges.items():
+        check_feed_size(name, rng.max)
+    return ranges
 
 
 def cmd_bench(args) -> int:
@@ -59,7 +72,11 @@ def cmd_bench(args) -> int:
 
     from onnxforge.bench.outputs import render_table, write_csv, write_json, write_markdown
     from onnxforge.bench.plot import plot_result
+    from onnxforge.io import check_output_paths, write_file
 
+    outputs = ((write_json, args.json), (write_csv, args.csv), (write_markdown, args.markdown),
+               (plot_result, args.plot))
+    check_output_paths(*(target for _, target in outputs))
     console = Console(stderr=True)
     if console.is_terminal:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -71,9 +88,8 @@ def cmd_bench(args) -> int:
     else:
         result = bench_from_args(args)
     render_table(result)
-    for writer, target in ((write_json, args.json), (write_csv, args.csv), (write_markdown, args.markdown),
-                           (plot_result, args.plot)):
+    for writer, target in outputs:
         if target:
-            writer(result, target)
+            write_file(target, lambda tmp, writer=writer: writer(result, tmp))
             console.print(f"wrote {target}", highlight=False)
     return 0

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-import onnx
 
 from onnxforge.bench.stats import RatioCI, ratio_ci, summarize
 from onnxforge.errors import DataError, OptionError
-from onnxforge.inputs import load_feeds, seeded_feeds
+from onnxforge.inputs import check_data, load_feeds, seeded_feeds
+from onnxforge.io import load_input
 from onnxforge.runtime.env import environment
 from onnxforge.runtime.profile import Profile, load_profile, profile_path_for, resolve_profile
 from onnxforge.runtime.session import make_runner, outputs_as_numpy, session
@@ -152,12 +152,12 @@ def _warm_runtime() -> None:
 def make_feeds(model_path: str | os.PathLike, input_shapes: Mapping | None = None, data: str | None = None,
                seed: int = 0) -> list[dict]:
     """Feed dicts for a model: from ``data`` (npz folder/file, npy folder) or seeded."""
-    proto = onnx.load(str(model_path), load_external_data=False)
-    initializers = {i.name for i in proto.graph.initializer}
-    names = [i.name for i in proto.graph.input if i.name not in initializers]
+    model = load_input(model_path, "a benchmarked model")
+    names = [i.name for i in model.graph.inputs]
     if data:
+        check_data(model, data, "--data")
         return load_feeds(data, input_names=names)
-    return [seeded_feeds(proto, dict(input_shapes or {}), seed)]
+    return [seeded_feeds(model, dict(input_shapes or {}), seed)]
 
 
 # ---------------------------------------------------------------------- running
@@ -337,8 +337,9 @@ def make_variants(models: Sequence, profiles: Sequence | None = None, provider: 
     variants, taken = [], set()
     for model, prof in zip(models, profiles):
         path = Path(model)
-        if not path.is_file():
-            raise DataError(f"{path}: no such model file")
+        if not os.path.lexists(path):  # DataError: what callers of make_variants catch
+            raise DataError(f"{path}: no such model file", hint="check that the path points to a complete .onnx file")
+        load_input(path, "a benchmarked model")  # refuses what optimize refuses (exit 2), validates external data
         source = _profile_source(prof, path)
         name = path.stem if source in ("default", "beside", "given") else f"{path.stem}@{Path(source).stem}"
         label = unique_label(name, taken)
@@ -367,6 +368,8 @@ def run_bench(variants: Sequence[Variant], config: BenchConfig, feeds: list[dict
     if not variants:
         raise OptionError("bench: no models given")
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if config.reference:
+        load_input(config.reference, "the --reference model")  # validated before anything runs
     if feeds is None:
         feeds = make_feeds(variants[0].path, config.input_shapes, config.data, config.seed)
     if not feeds:

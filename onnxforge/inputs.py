@@ -8,6 +8,7 @@ stay below the table's size, so token ids never fall outside the vocabulary;
 from __future__ import annotations
 
 import os
+import stat
 import zlib
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .errors import DataError, OptionError
+from .errors import DataError, OptionError, first_line
 
 DEFAULT_DIM = 1
 DEFAULT_SEQUENCE = 16
@@ -38,6 +39,7 @@ def parse_shape_specs(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
             raise OptionError(f"--input-shape {spec!r}: dims must be integers separated by 'x'") from None
         if any(d <= 0 for d in shape):
             raise OptionError(f"--input-shape {spec!r}: dims must be positive")
+        check_feed_size(name, shape)
         shapes[name] = shape
     return shapes
 
@@ -141,28 +143,71 @@ def _values(name: str, shape, dtype: np.dtype, bound: int | None, rng) -> np.nda
     return np.zeros(shape, dtype=dtype)
 
 
+MAX_FEED_ELEMENTS = 1 << 28  # per input: 1 GiB of float32; more is a typo, not a feed
+
+
+def check_feed_size(name: str, shape, option: str = "--input-shape") -> None:
+    """Refuse a feed shape whose element count no machine should be asked to allocate."""
+    count = 1
+    for d in shape:
+        count *= int(d)
+    if count > MAX_FEED_ELEMENTS:
+        dims = "x".join(str(int(d)) for d in shape)
+        raise OptionError(f"{option} {name}:{dims}: {count:,} elements per feed is more than the "
+                          f"{MAX_FEED_ELEMENTS:,} onnxforge allows",
+                          hint="give the shape one real input has, e.g. a batch of 1")
+
+
+def data_files(path: str | os.PathLike, suffixes: tuple[str, ...] = (".npz", ".npy")) -> list[Path]:
+    """The data files at ``path`` (a file, or a folder's files with these suffixes), sorted;
+    each must be a regular file (a FIFO or device would block or never end)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file or folder") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix in suffixes)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot list the folder: {exc.strerror}") from None
+    else:
+        files = [path]
+    for f in files:
+        try:
+            mode = os.stat(f).st_mode
+        except OSError as exc:
+            raise DataError(f"{f}: cannot read: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{f}: is not a regular file", hint="data files must be plain .npz/.npy files")
+    return files
+
+
+def _read_npz(f: Path) -> dict:
+    try:
+        with np.load(f, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise DataError(f"{f}: not a readable .npz file ({first_line(exc)})") from None
+
+
 def load_feeds(path: str | os.PathLike, input_names: list[str] | None = None, limit: int | None = None) -> list[dict]:
     """Feed dicts from a folder of ``.npz`` files (one feed dict each), one ``.npz``
     file, or ``.npy`` files named after the inputs (a single feed)."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such data file or folder")
-    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    files = data_files(path)
     npz = [f for f in files if f.suffix == ".npz"]
     npy = [f for f in files if f.suffix == ".npy"]
     feeds: list[dict] = []
     if npz:
-        for f in npz[:limit] if limit else npz:
-            try:
-                with np.load(f, allow_pickle=False) as data:
-                    feeds.append({k: data[k] for k in data.files})
-            except Exception as exc:
-                raise DataError(f"{f}: not a readable .npz file ({exc})") from exc
+        feeds = [_read_npz(f) for f in (npz[:limit] if limit else npz)]
     elif npy:
         try:
             feeds.append({f.stem: np.load(f, allow_pickle=False) for f in npy})
         except Exception as exc:
-            raise DataError(f"{path}: unreadable .npy file ({exc})") from exc
+            raise DataError(f"{path}: unreadable .npy file ({first_line(exc)})") from None
     if not feeds:
         raise DataError(f"{path}: holds no .npz or .npy files")
     if input_names is not None:
@@ -176,9 +221,44 @@ def load_feeds(path: str | os.PathLike, input_names: list[str] | None = None, li
 def iter_feed_files(path: str | os.PathLike) -> Iterator[dict]:
     """Stream feed dicts one at a time (calibration over many files never holds them all)."""
     path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.suffix == ".npz") if path.is_dir() else [path]
+    files = data_files(path, (".npz",))
     if not files:
         raise DataError(f"{path}: holds no .npz files")
     for f in files:
-        with np.load(f, allow_pickle=False) as data:
-            yield {k: data[k] for k in data.files}
+        yield _read_npz(f)
+
+
+def check_data(model, path: str | os.PathLike, option: str, limit: int | None = None) -> None:
+    """Refuse (exit 2) data at ``path`` that does not fit ``model``'s inputs: a
+    missing input, another dtype, another rank or a fixed dim that differs.
+    Reads the feeds one file at a time, before any work."""
+    graph = _graph_of(model)
+    expected = {t.name: t for t in graph.inputs}
+    files = data_files(path)
+    npz = [f for f in files if f.suffix == ".npz"]
+    if not npz:
+        return  # .npy folders are checked by load_feeds' name check
+    for f in npz[:limit] if limit else npz:
+        feed = _read_npz(f)
+        for name, tensor in expected.items():
+            if name not in feed:
+                raise DataError(f"{option} {f}: lacks input {name!r}; it has {', '.join(feed) or 'nothing'}")
+            _check_array(f"{option} {f}", name, feed[name], tensor)
+
+
+def _check_array(where: str, name: str, value: np.ndarray, tensor) -> None:
+    try:
+        want = np.dtype(tensor.dtype) if tensor.dtype is not None else None
+    except TypeError:
+        want = None
+    if want is not None and want != value.dtype and not (want.kind in "OUS" and value.dtype.kind in "OUS"):
+        raise DataError(f"{where}: input {name!r} is {value.dtype}, the model takes {want}")
+    shape = tensor.shape
+    if shape is None:
+        return
+    if len(shape) != value.ndim:
+        raise DataError(f"{where}: input {name!r} has shape {list(value.shape)}, the model takes rank "
+                        f"{len(shape)} {list(shape)}")
+    for d, v in zip(shape, value.shape):
+        if isinstance(d, int) and d >= 0 and d != v:
+            raise DataError(f"{where}: input {name!r} has shape {list(value.shape)}, the model takes {list(shape)}")

@@ -25,15 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import onnx
 
 from .cache import StepCache, data_digest, environment_key, files_digest, saved_model_files, sha256_file
 from .errors import DataError, OnnxForgeError, OptionError, VerificationError, first_line
-from .io import check_output_path, load, save
+from .io import check_output_path, check_output_paths, guarding_inputs, load, load_input, protect, save, write_file
 from .model import Model, constants
-from .recipe import STEPS, Recipe, Step, import_file, load_recipe, parse_recipe, validate
+from .recipe import STEPS, Recipe, Step, import_file, load_recipe, parse_recipe, pass_file, user_code, validate
 from .report import model_stats
 
 REPORT_SCHEMA = "onnxforge.pipeline-report"
@@ -92,20 +92,27 @@ class Pipeline:
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
         progress: Callable[[str], None] | None = None,
+        also_writes: Sequence[str | os.PathLike] = (),
     ) -> PipelineResult:
         """Run every step on ``model`` and write the result to ``output`` (when given).
 
         Raises an ``OnnxForgeError`` (exit codes 2/3) or another exception (1) on
-        failure; the report so far is attached to it as ``.report``."""
+        failure; the report so far is attached to it as ``.report``. ``also_writes``:
+        files the caller writes afterwards (a report), refused like ``output``
+        when they name a file the run reads."""
         started = time.perf_counter()
         report = _empty_report(self.recipe)
         try:
-            if output is not None:
-                check_output_path(Path(output))
-            with tempfile.TemporaryDirectory(prefix="onnxforge-run-") as work:
+            with guarding_inputs(), tempfile.TemporaryDirectory(prefix="onnxforge-run-") as work:
+                _protect_recipe_files(self.recipe)
+                if isinstance(model, (str, os.PathLike)):
+                    protect(model, "the input model")
+                if output is not None:
+                    check_output_path(Path(output))
                 state = _Run(self.recipe, Path(work), report, progress or (lambda _m: None),
                              cache_dir=cache_dir, use_cache=use_cache)
                 state.start(model)
+                check_output_paths(output, *also_writes)  # the model's external data is known now
                 for step in self.recipe.steps:
                     state.run_step(step)
                 result = state.finish(Path(output) if output is not None else None)
@@ -148,7 +155,7 @@ class _Run:
     def start(self, model) -> None:
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
-            self.original = load(path)
+            self.original = load_input(path)
             self.original_file = path
             files = files_digest(sorted(self.original.source_files), path.parent)
             self.report["input"] = {"path": str(path), "sha256": sha256_file(path), "files": files}
@@ -295,7 +302,22 @@ def _write_profile(profile: dict, output: Path) -> Path:
 
     data = dict(profile)
     data["model"] = {"file": output.name}
-    return save_profile(Profile.from_dict(data, where="tuned profile"), profile_path_for(output))
+    checked = Profile.from_dict(data, where="tuned profile")
+    return write_file(profile_path_for(output), lambda tmp: save_profile(checked, tmp))
+
+
+def _protect_recipe_files(recipe: Recipe) -> None:
+    """The recipe, its data and its pass files are read by the run: no output may replace them."""
+    if recipe.text is not None and recipe.source != "<recipe>":
+        protect(recipe.source, "the recipe")
+    for step in recipe.steps:
+        for key, field in step.spec.fields.items():
+            value = step.params.get(key)
+            if field.kind in ("path", "data") and isinstance(value, str) and value != "random":
+                protect(value, f"the data of steps[{step.index + 1}].{key}")
+    for entry in user_code(recipe):
+        if entry.get("file"):
+            protect(entry["file"], f"the pass file of {entry['pass']}")
 
 
 # ------------------------------------------------------------------ executors
@@ -334,7 +356,7 @@ def _pass_name(name: str, base_dir: Path) -> str:
     """``file.py:Class`` becomes ``<imported module>:Class`` so the registry resolves it."""
     module_part, sep, attr = name.rpartition(":")
     if sep and module_part.endswith(".py"):
-        return f"{import_file(base_dir / module_part).__name__}:{attr}"
+        return f"{import_file(pass_file(base_dir, module_part)).__name__}:{attr}"
     return name
 
 
@@ -526,6 +548,7 @@ def _empty_report(recipe: Recipe) -> dict[str, Any]:
             "provider": recipe.provider,
             "input_shapes": {k: list(v) for k, v in recipe.settings["input_shapes"].items()},
             "seed": recipe.settings["seed"],
+            "user_code": user_code(recipe),
         },
         "input": None,
         "output": None,

@@ -27,15 +27,17 @@ def add_run_parser(subparsers) -> None:
 
 
 def cmd_run(args) -> int:
+    from .io import check_output_paths
     from .pipeline import Pipeline, REPORT_SCHEMA, REPORT_SCHEMA_VERSION
     from .report import write_json
 
     report_path = Path(args.report) if args.report else None
-    progress = None if args.quiet else (lambda message: print(message, file=sys.stderr))
+    progress = None if args.quiet else _progress()
     try:
+        check_output_paths(args.output, report_path)  # the recipe and the input are protected by the CLI
         pipeline = Pipeline.from_file(args.recipe)
         result = pipeline.run(args.input, args.output, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                              progress=progress)
+                              progress=progress, also_writes=[report_path] if report_path else [])
     except BaseException as exc:
         if report_path is not None and not isinstance(exc, KeyboardInterrupt):
             report = getattr(exc, "report", None) or _refused_report(exc, args, REPORT_SCHEMA, REPORT_SCHEMA_VERSION)
@@ -46,6 +48,15 @@ def cmd_run(args) -> int:
     if not args.quiet:
         _print_summary(result)
     return 0
+
+
+def _progress():
+    """Step lines on a terminal; elsewhere the debug log (an error is then the first line a script sees)."""
+    import logging
+
+    if sys.stderr.isatty():
+        return lambda message: print(message, file=sys.stderr)
+    return logging.getLogger("onnxforge.pipeline").info
 
 
 def _refused_report(exc: BaseException, args, schema: str, version: int) -> dict:
@@ -62,10 +73,14 @@ def _refused_report(exc: BaseException, args, schema: str, version: int) -> dict
 
 
 def _write_quietly(write_json, report: dict, path: Path) -> None:
+    from .errors import OnnxForgeError
+
     try:
         write_json(report, path)
-    except OSError as exc:  # the run's own error is what matters
-        print(f"warning: cannot write the report {path}: {exc}", file=sys.stderr)
+    except (OSError, OnnxForgeError) as exc:  # the run's own error is what matters
+        import logging
+
+        logging.getLogger("onnxforge.pipeline").info("cannot write the report %s: %s", path, exc)
 
 
 def _print_summary(result) -> None:
@@ -86,6 +101,9 @@ def _print_summary(result) -> None:
             elif acc.get("score") is not None:
                 line += f"  {acc['metric']} {acc['score']:.5f}"
         print(line)
+    for code in report["recipe"].get("user_code") or ():
+        print(f"user code: {code['pass']} from {code.get('file') or code.get('module')}"
+              + (f" (sha256 {code['sha256'][:16]}...)" if code.get("sha256") else ""))
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     out = report["output"]

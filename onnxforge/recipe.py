@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -632,11 +633,43 @@ def resolve_pass(name: str, base_dir: Path, instantiate: bool = True):
     if not sep or not module_part.endswith(".py"):
         instance = resolve(name)
         return instance if instantiate else type(instance)
-    module = import_file(base_dir / module_part)
+    module = import_file(pass_file(base_dir, module_part))
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
         raise OptionError(f"pass {name!r}: {attr} is not a subclass of onnxforge Pass in {module_part}")
     return cls() if instantiate else cls
+
+
+def pass_file(base_dir: Path, relative: str) -> Path:
+    """A recipe's ``file.py``: only from the recipe's folder (after resolving ``..``
+    and symbolic links); code elsewhere must be an importable module."""
+    base = Path(base_dir).resolve()
+    path = (base / relative).resolve()
+    if os.path.commonpath([str(base), str(path)]) != str(base):
+        raise OptionError(f"pass file {relative!r} resolves outside the recipe's folder ({path})",
+                          hint="put pass files beside the recipe, or install them and name them module:Class")
+    return path
+
+
+def user_code(recipe: "Recipe") -> list[dict]:
+    """The user code a recipe runs: each ``file.py:Class`` (path and SHA-256) and ``module:Class`` (its file)."""
+    import hashlib
+
+    seen: dict[str, dict] = {}
+    for step in recipe.steps:
+        for key in ("passes", "disable", "extra_passes"):
+            for name in step.params.get(key) or ():
+                module_part, sep, _attr = name.rpartition(":")
+                if not sep or name in seen or key == "disable":
+                    continue
+                if module_part.endswith(".py"):
+                    path = pass_file(recipe.base_dir, module_part)
+                    seen[name] = {"pass": name, "file": str(path),
+                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                else:
+                    module = sys.modules.get(module_part)
+                    seen[name] = {"pass": name, "module": module_part, "file": getattr(module, "__file__", None)}
+    return list(seen.values())
 
 
 def import_file(path: Path):

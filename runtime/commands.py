@@ -47,11 +47,11 @@ def add_tune_parser(subparsers) -> None:
 def cmd_tune(args) -> int:
     from rich.console import Console
 
-    from onnxforge.runtime.shapes import parse_shape_ranges
+    from onnxforge.bench.commands import checked_shape_ranges
     from onnxforge.runtime.tune import parse_budget, render_tune, tune
 
     budget = parse_budget(args.budget)
-    ranges = parse_shape_ranges(args.input_shape)
+    ranges = checked_shape_ranges(args.input_shape)
     console = Console(stderr=True)
     status = console.status("tuning") if console.is_terminal else None
     if status:

@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-import onnx
-
 from onnxforge.bench.harness import BenchConfig, LiveSession, Variant, make_feeds, run_rounds, start_session
 from onnxforge.bench.stats import RatioCI, ratio_ci
 from onnxforge.errors import OnnxForgeError, OptionError
+from onnxforge.io import check_output_paths, load_input, write_file
 from onnxforge.runtime.profile import Profile, ProviderEntry, default_profile, profile_path_for, save_profile
 from onnxforge.runtime.providers import profile_module
 from onnxforge.runtime.shapes import ShapeRange, opt_shapes
@@ -122,20 +121,11 @@ def parse_budget(text: str | float | int) -> float:
 
 
 def model_inputs(path: str | Path) -> dict[str, tuple | None]:
-    """Graph input name -> shape (ints for fixed dims, str/None for dynamic ones)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {i.name for i in graph.initializer}
-    shapes = {}
-    for inp in graph.input:
-        if inp.name in initializers:
-            continue
-        tensor = inp.type.tensor_type
-        if not tensor.HasField("shape"):
-            shapes[inp.name] = None
-            continue
-        shapes[inp.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                 for d in tensor.shape.dim)
-    return shapes
+    """Graph input name -> shape (ints for fixed dims, str/None for dynamic ones).
+    The model is read by onnxforge's loader (external data validated first)."""
+    graph = load_input(path).graph
+    return {t.name: None if t.shape is None else tuple(d if isinstance(d, int) else (d or None) for d in t.shape)
+            for t in graph.inputs}
 
 
 def _static(inputs: Mapping[str, tuple | None], ranges: Mapping[str, ShapeRange]) -> bool:
@@ -290,11 +280,13 @@ def tune(model: str | Path, provider: str = "cpu", budget_s: float = 60.0, *, ou
     optimization profiles). ``allow_lossy`` lets FP16/TF32 into the search.
     """
     model = Path(model)
+    target = None if output is False else Path(output or profile_path_for(model))
     clock = _Clock(time.monotonic(), float(budget_s))
     ranges = dict(shape_ranges or {})
     if provider == "tensorrt" and cache_dir is None:
         cache_dir = model.with_name(f"{model.stem}.trt_cache")
-    feeds = make_feeds(model, opt_shapes(ranges), data, seed)
+    feeds = make_feeds(model, opt_shapes(ranges), data, seed)  # loads the model: its files are protected now
+    check_output_paths(target)
     state = _State(model, provider, feeds, clock, seed=seed)
     notify = on_progress or (lambda _msg: None)
 
@@ -336,8 +328,8 @@ def tune(model: str | Path, provider: str = "cpu", budget_s: float = 60.0, *, ou
     result = TuneResult(final, state.trials, confirmation, kept_default, clock.elapsed(), clock.budget_s,
                         typical)
     final.tuning = result.report()
-    if output is not False:
-        result.path = save_profile(final, output or profile_path_for(model))
+    if target is not None:
+        result.path = write_file(target, lambda tmp: save_profile(final, tmp))
     return result
 
 

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from onnxforge.cli import positive_int
+
 
 def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -21,10 +23,10 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
                         help="channel importance (default: activation with --calib, else l1)")
     parser.add_argument("--calib", help="folder of .npz feed dicts for importance, sensitivity and refitting")
     parser.add_argument("--eval", help="folder of .npz feed dicts to report output cosine on (default: --calib)")
-    parser.add_argument("--calib-limit", type=int, default=16, help="use at most this many calibration feeds")
+    parser.add_argument("--calib-limit", type=positive_int, default=16, help="use at most this many calibration feeds")
     parser.add_argument("--no-reconstruct", action="store_true", help="do not refit consumers after pruning")
     parser.add_argument("--no-sensitivity", action="store_true", help="allocate without measuring sensitivity")
-    parser.add_argument("--round-to", type=int, default=16, help="kept channel counts are multiples of this "
+    parser.add_argument("--round-to", type=positive_int, default=16, help="kept channel counts are multiples of this "
                         "(16: the channel block of onnxruntime's AVX-512 NCHWc conv kernels)")
     parser.add_argument("--max-ratio", type=float, default=0.75, help="never remove more of one group than this")
     sparse = parser.add_mutually_exclusive_group()
@@ -38,24 +40,30 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_prune(args: argparse.Namespace) -> int:
     from onnxforge.errors import OptionError
-    from onnxforge.inputs import parse_shape_specs
-    from onnxforge.io import load, save
+    from onnxforge.inputs import check_data, parse_shape_specs
+    from onnxforge.io import check_output_paths, load_input, save, write_text
 
     from .prune import prune
 
     if args.target_flops is None and args.ratio is None and args.sparsity is None and args.pattern is None:
         raise OptionError("nothing to do", hint="give --target-flops, --ratio, --sparsity or --pattern")
     method = args.importance or ("activation" if args.calib else "l1")
-    model = load(args.model)
+    shapes = parse_shape_specs(args.input_shape) or None
+    check_output_paths(args.output, args.report)
+    model = load_input(args.model)
+    check_output_paths(args.output, Path(args.output).with_name(Path(args.output).name + ".data"), args.report)
+    for option, path in (("--calib", args.calib), ("--eval", args.eval)):
+        if path:
+            check_data(model, path, option)
     result, report = prune(
         model, target_flops=args.target_flops, ratio=args.ratio, method=method, calib_data=args.calib,
         reconstruct_weights=not args.no_reconstruct, sparsity_level=args.sparsity, pattern=args.pattern,
         target_params=args.target_params, round_to=args.round_to, max_ratio=args.max_ratio,
         sensitivity=False if args.no_sensitivity else None, calib_limit=args.calib_limit,
-        eval_data=args.eval, input_shapes=parse_shape_specs(args.input_shape) or None)
+        eval_data=args.eval, input_shapes=shapes)
     save(result, args.output)
     if args.report:
-        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        write_text(args.report, json.dumps(report.to_dict(), indent=2, default=str))
     print(summary(report))
     return 0
 

@@ -7,7 +7,9 @@ best model found is still written, the report says what was missed).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from onnxforge.errors import VerificationError
 
@@ -54,39 +56,62 @@ def add_fp16_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run_quantize(args) -> int:
-    from onnxforge.io import load, save
+def _prepare(args, *extra_outputs):
+    """Load the model (a protected input), refuse outputs that would replace an input,
+    and check the data against the model's inputs, all before any work."""
+    from onnxforge.inputs import check_data
+    from onnxforge.io import check_output_paths, load_input
 
+    check_output_paths(args.output, args.report, *extra_outputs)
+    model = load_input(args.model)
+    check_output_paths(args.output, Path(args.output).with_name(Path(args.output).name + ".data"), args.report,
+                       *extra_outputs)
+    for option, path in (("--calib", args.calib), ("--val", args.val)):
+        if path and path != "random":
+            check_data(model, path, option)
+    return model
+
+
+def _progress_log():
+    """Progress lines on a terminal; elsewhere they go to the debug log, so an
+    error is the first thing a script or CI log shows."""
+    if sys.stderr.isatty():
+        return lambda msg: print(msg, file=sys.stderr)
+    return logging.getLogger("onnxforge.quant").info
+
+
+def _write_outputs(args, result, report) -> None:
+    from onnxforge.io import save, write_file
+
+    save(result, args.output)
+    print(report.summary())
+    if args.report:
+        write_file(args.report, report.save)
+
+
+def run_quantize(args) -> int:
     from .quantize import quantize
 
-    model = load(args.model)
+    model = _prepare(args, args.trt_cache)
     result, report = quantize(
         model, args.calib, provider=args.provider, method=args.method, max_drop=args.max_drop,
         metric=args.metric, val=args.val, budget_seconds=args.budget_seconds, mode=args.mode,
         measure_latency=not args.no_latency, tensorrt_cache=args.trt_cache,
-        equalize=args.equalize, keep_float_if_slower=not args.keep_int8_if_slower,
+        equalize=args.equalize, keep_float_if_slower=not args.keep_int8_if_slower, log=_progress_log(),
     )
-    save(result, args.output)
-    print(report.summary())
-    if args.report:
-        report.save(args.report)
+    _write_outputs(args, result, report)
     return _budget_exit(report.budget_met, report.score, args.max_drop)
 
 
 def run_fp16(args) -> int:
-    from onnxforge.io import load, save
-
     from .fp16 import convert_fp16
 
-    model = load(args.model)
+    model = _prepare(args)
     result, report = convert_fp16(
         model, calib=args.calib, keep_io_types=not args.fp16_io, max_drop=args.max_drop,
-        metric=args.metric, val=args.val,
+        metric=args.metric, val=args.val, log=_progress_log(),
     )
-    save(result, args.output)
-    print(report.summary())
-    if args.report:
-        report.save(args.report)
+    _write_outputs(args, result, report)
     return _budget_exit(report.budget_met, report.score, args.max_drop)
 
 
