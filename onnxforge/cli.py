@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (exit 2, one line) and --help/--version (0)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    _quiet_graphsurgeon(args.debug)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # a reader that stopped early (`| head`) is not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -123,6 +129,15 @@ def _bounded_int(text: str, minimum: int, what: str) -> int:
     if value < minimum:
         raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def _quiet_graphsurgeon(debug: bool) -> None:
+    """graphsurgeon prints its warnings on stdout (before `inspect --json`'s JSON, among
+    the report): the CLI says what matters itself."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    if not debug:
+        G_LOGGER.severity = G_LOGGER.CRITICAL
 
 
 def build_parser() -> argparse.ArgumentParser:

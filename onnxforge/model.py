@@ -182,6 +182,7 @@ class Model:
         ``meta`` (copying the graph instead would hold in-memory weights twice)."""
         graph = self.graph
         graph.toposort(recurse_subgraphs=True)
+        _strings_as_tensor_protos(graph)
         proto = gs.export_onnx(graph, do_type_check=False)
         added = [imp for imp in proto.opset_import if self.opset(imp.domain) is None]
         for field, _ in proto.ListFields():
@@ -252,6 +253,15 @@ def _graphsurgeon_holds(t: onnx.TypeProto) -> bool:
     if kind == "tensor_type":
         return True
     return kind == "sequence_type" and t.sequence_type.elem_type.WhichOneof("value") == "tensor_type"
+
+
+def _strings_as_tensor_protos(graph: gs.Graph) -> None:
+    """graphsurgeon exports numpy string constants as raw_data, which ONNX forbids for
+    strings (the export raises): they are handed over as TensorProtos instead."""
+    for const in constants(graph):
+        values = const._values
+        if isinstance(values, np.ndarray) and values.dtype.kind in "OUS":
+            const._values = LazyValues(onnx.numpy_helper.from_array(values.astype(object), const.name))
 
 
 def _dedupe_opsets(model: "Model") -> None:

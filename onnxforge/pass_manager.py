@@ -184,7 +184,7 @@ class PassManager:
         notes: list[str] = []
         checked = structural_check(original)
         fails = None if checked.ok or runtime_only_op(checked.detail) else checked.detail
-        if fails:
+        if fails and not any(fails in note for note in original.notes):  # load may have said it already
             # Not a pass's fault: the checker cannot judge the result, onnxruntime does.
             notes.append(f"the original model fails onnx's checker ({fails}); results are judged by onnxruntime")
         if self.verify == "structural":

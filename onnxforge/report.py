@@ -179,7 +179,7 @@ def render(report: OptimizeReport, file=None, explain: bool = False) -> None:
     v = report.verification
     if v:
         status = "passed" if v["ok"] else "FAILED"
-        line = f"verification: {v['mode']} {status}"
+        line = f"verification: {v['mode']} {status}" + (" on the written file" if v.get("file") else "")
         outs = v.get("outputs") or []
         if outs:
             worst_rel = max(o["max_rel"] for o in outs)
