@@ -7,8 +7,12 @@ fp16 holds |x| <= 65504 with 11 significant bits. A node stays float32 when
     count: every large weight has some), or
   * a float activation it reads or writes reached that range on the
     calibration data (ranges from the streaming calibrator), or
-  * onnxruntime's CPU provider has no float16 kernel for it (found by building
-    the session; such nodes would not run at all), or it holds subgraphs.
+  * its schema (ONNX's, or onnxruntime's for contrib ops such as
+    DynamicQuantizeLSTM) takes float but not float16 for an input or output it
+    uses, or onnxruntime's CPU provider has no float16 kernel for it or refuses
+    its float16 types (found by building the session; such nodes would not run
+    at all), or it holds subgraphs (If/Loop/Scan: the bodies stay as written, and
+    the outer tensors they read are cast back to float32 for them).
 Casts go wherever a float32 node meets a float16 tensor and back. Graph inputs
 and outputs keep their types unless asked (``keep_io_types=False``). Shape and
 scale inputs that must be float32 by the ONNX spec (Resize roi/scales) stay so.
