@@ -30,6 +30,7 @@ import importlib
 import importlib.util
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 from types import MappingProxyType
@@ -381,6 +382,8 @@ class Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block for ever
+            raise OptionError(f"{path}: the recipe is not a regular file")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise OptionError(f"{path}: no such recipe file") from None

@@ -333,3 +333,14 @@ def test_the_error_line_comes_first(work, capsys):
         code, _, err = _run(args, capsys)
         assert err.startswith("error: "), err
         _assert_one_line_error(code, err)
+
+
+def test_a_fifo_recipe_or_data_file_is_refused(work, capsys):
+    os.mkfifo(work / "fifo.toml")
+    os.mkfifo(work / "fifo.npz")
+    model, out = work / "m" / "model.onnx", work / "out.onnx"
+    for args, needle in ((["run", work / "fifo.toml", model, "-o", out], "not a regular file"),
+                         (["quantize", model, "-o", out, "--calib", work / "fifo.npz"], "not a regular file"),
+                         (["optimize", model, "-o", out, "--data", work / "fifo.npz"], "not a regular file")):
+        code, _, err = _run(args, capsys)
+        _assert_one_line_error(code, err, needle)
