@@ -10,6 +10,7 @@ that read bytes from the (already validated) data file only when a pass asks.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 import stat
@@ -191,6 +192,7 @@ class Model:
         proto.MergeFrom(self.meta)  # meta has no graph: only the model fields are set
         self._restore_overridable_inputs(proto.graph)
         restore_value_types(proto.graph, self.value_types)
+        _restore_type_attributes(proto.graph)
         # Domains the graph uses but meta does not declare (a pass added a node of a
         # new domain without calling ensure_domain) are declared at version 1.
         for imp in added:
@@ -200,6 +202,7 @@ class Model:
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, source: Path | None = None) -> "Model":
+        proto = _type_attributes_as_strings(proto)
         graph = gs.import_onnx(proto)
         _tensor_kinds_for_export(graph)
         inits = {t.name for t in proto.graph.initializer}
@@ -253,6 +256,42 @@ def _graphsurgeon_holds(t: onnx.TypeProto) -> bool:
     if kind == "tensor_type":
         return True
     return kind == "sequence_type" and t.sequence_type.elem_type.WhichOneof("value") == "tensor_type"
+
+
+_TYPE_ATTR = "\x00onnxforge-type-proto:"
+
+
+def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _iter_nodes(sub)
+
+
+def _type_attributes_as_strings(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """graphsurgeon drops TYPE_PROTO attributes (Optional's ``type``: an empty optional
+    loses its type and onnxruntime refuses the model). They travel through it as
+    tagged strings on a copy of ``proto``; ``_restore_type_attributes`` turns them back."""
+    if not any(a.type == onnx.AttributeProto.TYPE_PROTO for n in _iter_nodes(proto.graph) for a in n.attribute):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for node in _iter_nodes(copy.graph):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TYPE_PROTO:
+                encoded = _TYPE_ATTR + base64.b64encode(attr.tp.SerializeToString()).decode()
+                attr.CopyFrom(onnx.helper.make_attribute(attr.name, encoded))
+    return copy
+
+
+def _restore_type_attributes(graph: onnx.GraphProto) -> None:
+    tag = _TYPE_ATTR.encode()
+    for node in _iter_nodes(graph):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.STRING and attr.s.startswith(tag):
+                tp = onnx.TypeProto.FromString(base64.b64decode(attr.s[len(tag):]))
+                attr.CopyFrom(onnx.helper.make_attribute(attr.name, tp))
 
 
 def _strings_as_tensor_protos(graph: gs.Graph) -> None:
