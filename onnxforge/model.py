@@ -346,16 +346,15 @@ def collect_value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
 
 
 def restore_value_types(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto]) -> None:
-    """Put back a type the export lost (no type, or a tensor of element type 0)."""
+    """Put back the types graphsurgeon lost (no type, or tensors of element type 0)."""
     if not types:
         return
     for info in _iter_value_infos(graph):
         saved = types.get(info.name)
         if saved is None:
             continue
-        kind = info.type.WhichOneof("value")
-        if kind != saved.WhichOneof("value") or (kind == "tensor_type" and not info.type.tensor_type.elem_type):
-            info.type.CopyFrom(saved)
+        # Only types graphsurgeon cannot hold are saved, and no pass changes those.
+        info.type.CopyFrom(saved)
 
 
 def model_fields(proto: onnx.ModelProto) -> onnx.ModelProto:

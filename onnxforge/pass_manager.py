@@ -229,8 +229,8 @@ class PassManager:
     def _unstable(original: Model, feeds, reference, names) -> frozenset:
         """Outputs that differ between two runs of the original (random ops): no pass
         can be judged on their values."""
+        unstable = set(random_outputs(original))
         again = run_outputs(original, feeds)
-        unstable = set()
         for refs, outs in zip(reference, again):
             for name, r, o in zip(names, refs, outs):
                 if not compare_arrays(name, r, o, *DEFAULT_TOLERANCE).ok:
@@ -314,6 +314,27 @@ def snapshot(model: Model) -> Model:
 def _external_key(tensor: onnx.TensorProto) -> tuple[str, str]:
     info = {e.key: e.value for e in tensor.external_data}
     return info.get("location", ""), info.get("offset", "0")
+
+
+RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                        "Bernoulli"})
+
+
+def random_outputs(model: Model) -> set[str]:
+    """Graph outputs downstream of a random op (a node whose subgraphs hold one counts):
+    onnxruntime draws other numbers once the graph around it changes."""
+    from .model import iter_graphs
+
+    def is_random(node) -> bool:
+        return node.op in RANDOM_OPS or any(
+            n.op in RANDOM_OPS for v in node.attrs.values() if isinstance(v, gs.Graph)
+            for g in iter_graphs(v) for n in g.nodes)
+
+    tainted: set[int] = set()
+    for node in model.graph.nodes:  # topological order
+        if is_random(node) or any(id(t) in tainted for t in node.inputs):
+            tainted.update(id(t) for t in node.outputs)
+    return {t.name for t in model.graph.outputs if id(t) in tainted}
 
 
 def forget_negative_dims(model: Model) -> None:
