@@ -93,7 +93,8 @@ class RulePass(Pass):
         for g in list(iter_graphs(graph)):
             for rule_cls in self.rules:
                 counts[rule_cls.name] = counts.get(rule_cls.name, 0) + self._apply(rule_cls(), g, ctx)
-            g.cleanup(remove_unused_graph_inputs=False).toposort()
+            # Every graph is visited here, so no call recurses into subgraphs.
+            g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(recurse_subgraphs=False)
         return PassResult.from_counts(counts)
 
     @staticmethod

@@ -166,12 +166,19 @@ class IndexedRulePass(RulePass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counts: dict[str, int] = {}
         types = self.types(graph, ctx)
+        index = None
         for g in list(iter_graphs(graph)):
             for rule_cls in self.rules:
                 rule = rule_cls()
-                rule.index = GraphIndex(graph)
+                # The index is rebuilt only after a rewrite (a model of many subgraphs
+                # rebuilt it per graph and rule: quadratic in the subgraph count).
+                index = index or GraphIndex(graph)
+                rule.index = index
                 rule.types = types
-                counts[rule_cls.name] = counts.get(rule_cls.name, 0) + self._apply(rule, g, ctx)
+                fired = self._apply(rule, g, ctx)
+                counts[rule_cls.name] = counts.get(rule_cls.name, 0) + fired
+                if fired:
+                    index = None
         finish(graph)
         return PassResult.from_counts(counts)
 
