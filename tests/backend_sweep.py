@@ -111,10 +111,22 @@ def _pb_index(path: str) -> int:
 def _feed(model: onnx.ModelProto, inputs) -> dict:
     initializers = {i.name for i in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in initializers] or [i.name for i in model.graph.input]
-    return {n: v for n, v in zip(names, inputs)}
+    return {n: _ort_value(v) for n, v in zip(names, inputs)}
+
+
+def _ort_value(value):
+    """What onnxruntime's Python binding takes: arrays (not numpy scalars, not TensorProtos)."""
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, np.generic):
+        return np.asarray(value)
+    if isinstance(value, list):
+        return [_ort_value(v) for v in value]
+    return value
 
 
 def _same(expected, got) -> bool:
+    expected = _ort_value(expected)
     if isinstance(expected, dict):
         return isinstance(got, dict) and expected.keys() == got.keys() and all(_same(expected[k], got[k]) for k in expected)
     if isinstance(expected, (list, tuple)):
@@ -198,53 +210,90 @@ def _error_line(stderr: str) -> str:
     return (lines[0] if lines else (stderr.strip().splitlines() or [""])[-1])[:300]
 
 
-def _worker(case: Case, conn) -> None:
+def _serve(conn) -> None:
+    """A long-lived worker (spawned: forking a process that holds onnxruntime sessions
+    can deadlock): runs the cases it is sent, each in a fresh temporary folder."""
     os.environ["OMP_NUM_THREADS"] = "1"
-    with tempfile.TemporaryDirectory(prefix="onnxforge-sweep-") as tmp:
-        try:
-            result = run_case(case, tmp)
-        except BaseException as exc:  # a crash of the harness itself is a finding too
-            result = Result(case.name, "crash", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    conn.send(result)
-    conn.close()
+    import onnxforge.cli  # noqa: F401  (imported once per worker)
+
+    while True:
+        case = conn.recv()
+        if case is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="onnxforge-sweep-") as tmp:
+            try:
+                result = run_case(case, tmp)
+            except BaseException as exc:  # a crash of the harness itself is a finding too
+                result = Result(case.name, "crash", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        conn.send(result)
+
+
+class _Worker:
+    def __init__(self, ctx):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        self.case: Case | None = None
+        self.started = 0.0
+
+    def give(self, case: Case) -> None:
+        self.case, self.started = case, time.monotonic()
+        self.conn.send(case)
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
 
 
 def sweep(cases: list[Case], jobs: int = 2, timeout: float = TIMEOUT_S, on_result=None) -> list[Result]:
-    """Each case in its own forked process (a hang or a crash cannot take the sweep down)."""
-    ctx = multiprocessing.get_context("fork")
+    """Cases over ``jobs`` worker processes; a hang or a crash costs that case only (its
+    worker is replaced)."""
+    ctx = multiprocessing.get_context("spawn")
     pending = list(cases)
-    running: list[tuple[Case, multiprocessing.Process, object, float]] = []
+    workers = [_Worker(ctx) for _ in range(min(jobs, len(cases)) or 1)]
     results: list[Result] = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            case = pending.pop(0)
-            recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(case, send), daemon=True)
-            proc.start()
-            send.close()
-            running.append((case, proc, recv, time.monotonic()))
-        time.sleep(0.02)
-        for item in list(running):
-            case, proc, recv, started = item
-            result = None
-            if recv.poll():
-                try:
-                    result = recv.recv()
-                except EOFError:
-                    result = Result(case.name, "crash", f"worker died (exit {proc.exitcode})")
-                proc.join(5)
-            elif not proc.is_alive():
-                result = Result(case.name, "crash", f"worker died (exit {proc.exitcode})")
-            elif time.monotonic() - started > timeout:
-                proc.kill()
-                proc.join()
-                result = Result(case.name, "timeout", f"no answer after {timeout:.0f} s", timeout)
-            if result is not None:
-                running.remove(item)
-                recv.close()
+    try:
+        while pending or any(w.case for w in workers):
+            for w in workers:
+                if w.case is None and pending:
+                    w.give(pending.pop(0))
+            time.sleep(0.01)
+            for i, w in enumerate(workers):
+                if w.case is None:
+                    continue
+                result = None
+                if w.conn.poll():
+                    try:
+                        result = w.conn.recv()
+                    except EOFError:
+                        result = Result(w.case.name, "crash", f"worker died (exit {w.proc.exitcode})")
+                elif not w.proc.is_alive():
+                    result = Result(w.case.name, "crash", f"worker died (exit {w.proc.exitcode})")
+                elif time.monotonic() - w.started > timeout:
+                    result = Result(w.case.name, "timeout", f"no answer after {timeout:.0f} s", timeout)
+                if result is None:
+                    continue
+                if result.status in ("crash", "timeout"):
+                    w.stop(kill=True)
+                    workers[i] = w = _Worker(ctx)
+                w.case = None
                 results.append(result)
                 if on_result:
                     on_result(result)
+    finally:
+        for w in workers:
+            w.stop()
     return results
 
 
@@ -280,8 +329,6 @@ def main(argv=None) -> int:
         cases = [c for c in cases if c.name in keep]
     if args.sample:
         cases = sample(cases, args.sample)
-    import onnxforge.cli  # noqa: F401  (imported once before forking)
-
     t0 = time.perf_counter()
 
     def show(r: Result) -> None:
