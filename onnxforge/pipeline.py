@@ -32,6 +32,7 @@ import onnx
 from .cache import StepCache, data_digest, environment_key, files_digest, saved_model_files, sha256_file
 from .errors import DataError, OnnxForgeError, OptionError, VerificationError, first_line
 from .io import check_output_path, check_output_paths, guarding_inputs, load, load_input, protect, save, write_file
+from .verify import written_equals
 from .model import Model, constants
 from .recipe import STEPS, Recipe, Step, import_file, load_recipe, parse_recipe, pass_file, user_code, validate
 from .report import model_stats
@@ -267,7 +268,7 @@ class _Run:
     def finish(self, output: Path | None) -> PipelineResult:
         target = output or (self.work / "output" / MODEL_FILE)
         target.parent.mkdir(exist_ok=True)
-        save(self.model, target, external_data=self.settings["external_data"])
+        save(self.model, target, external_data=self.settings["external_data"], check=written_equals(self.model))
         files = files_digest(saved_model_files(target), target.parent)
         self.report["output"] = {
             "path": str(output) if output else None, "sha256": files[target.name], "files": files,

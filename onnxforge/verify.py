@@ -285,6 +285,33 @@ class Verifier:
         return numeric_check(model, self.feeds, self.reference, self.output_names, tolerance, self.unstable)
 
 
+def written_equals(model: Model, tolerance: tuple[float, float] = (1e-5, 1e-6)):
+    """A ``check`` for ``io.save``: the file written, reloaded from disk, gives what the
+    in-memory ``model`` (the one a command judged) gives, on inputs it runs on. Outputs
+    of random ops are compared by type and shape only."""
+
+    def check(path: Path) -> None:
+        from .pass_manager import random_outputs
+        from .verify_feeds import find_inputs
+
+        try:
+            found = find_inputs(model, lambda: session_for(model), {})
+        except Exception as exc:
+            raise VerificationError(f"onnxruntime cannot load the model to write: {first_line(exc, limit=300)}",
+                                    hint="report this model") from None
+        names = [t.name for t in model.graph.outputs]
+        if found.feeds is None:  # nothing runs it: the file must at least load
+            result = Verifier("structural", original_fails_checker="not judged").check_file(path, tolerance)
+        else:
+            result = numeric_check(path, found.feeds, found.reference, names, tolerance,
+                                   frozenset(random_outputs(model)))
+        if not result.ok:
+            raise VerificationError(f"the written model is not the one verified, so it was not written: {result.detail}",
+                                    hint="report this model")
+
+    return check
+
+
 def assert_ok(verification: Verification) -> None:
     if not verification.ok:
         raise VerificationError(f"{verification.mode} verification failed: {verification.detail}")

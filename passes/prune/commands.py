@@ -42,6 +42,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from onnxforge.errors import OptionError
     from onnxforge.inputs import check_data, parse_shape_specs
     from onnxforge.io import check_output_paths, load_input, save, write_text
+    from onnxforge.verify import written_equals
 
     from .prune import prune
 
@@ -61,7 +62,7 @@ def run_prune(args: argparse.Namespace) -> int:
         target_params=args.target_params, round_to=args.round_to, max_ratio=args.max_ratio,
         sensitivity=False if args.no_sensitivity else None, calib_limit=args.calib_limit,
         eval_data=args.eval, input_shapes=shapes)
-    save(result, args.output)
+    save(result, args.output, check=written_equals(result))
     if args.report:
         write_text(args.report, json.dumps(report.to_dict(), indent=2, default=str))
     print(summary(report))

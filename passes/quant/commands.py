@@ -82,8 +82,9 @@ def _progress_log():
 
 def _write_outputs(args, result, report) -> None:
     from onnxforge.io import save, write_file
+    from onnxforge.verify import written_equals
 
-    save(result, args.output)
+    save(result, args.output, check=written_equals(result))
     print(report.summary())
     if args.report:
         write_file(args.report, report.save)
