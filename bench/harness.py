@@ -32,7 +32,8 @@ import numpy as np
 
 from onnxforge.bench.stats import RatioCI, ratio_ci, summarize
 from onnxforge.errors import DataError, OptionError
-from onnxforge.inputs import check_data, load_feeds, seeded_feeds
+from onnxforge.inputs import check_data, load_feeds
+from onnxforge.verify_feeds import runnable_feeds
 from onnxforge.io import load_input
 from onnxforge.runtime.env import environment
 from onnxforge.runtime.profile import Profile, load_profile, profile_path_for, resolve_profile
@@ -157,7 +158,7 @@ def make_feeds(model_path: str | os.PathLike, input_shapes: Mapping | None = Non
     if data:
         check_data(model, data, "--data")
         return load_feeds(data, input_names=names)
-    return [seeded_feeds(model, dict(input_shapes or {}), seed)]
+    return runnable_feeds(model, dict(input_shapes or {}), 1, seed)
 
 
 # ---------------------------------------------------------------------- running

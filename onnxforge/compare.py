@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from .errors import DataError
-from .inputs import load_feeds, seeded_feeds
+from .inputs import load_feeds
 from .io import load
 from .verify import compare_arrays, merge_diffs, run_outputs
+from .verify_feeds import runnable_feeds
 
 
 def compare_models(a, b, *, data=None, input_shapes=None, samples: int = 4, rtol: float | None = None) -> dict:
@@ -17,7 +18,7 @@ def compare_models(a, b, *, data=None, input_shapes=None, samples: int = 4, rtol
     if data:
         feeds = load_feeds(data, names_a, limit=samples)
     else:
-        feeds = [seeded_feeds(model_a, input_shapes, seed=s) for s in range(samples)]
+        feeds = runnable_feeds(model_a, input_shapes, samples)
     try:
         out_a = run_outputs(model_a, feeds)
     except Exception as exc:

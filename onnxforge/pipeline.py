@@ -188,13 +188,14 @@ class _Run:
         self.model, self._current_file = load(path), path
 
     def feeds(self, data: str | None, samples: int) -> list[dict]:
-        from .inputs import load_feeds, seeded_feeds
+        from .inputs import load_feeds
+        from .verify_feeds import runnable_feeds
 
         names = [t.name for t in self.original.graph.inputs]
         if data:
             return load_feeds(data, names, limit=samples)
         shapes, seed = self.settings["input_shapes"], self.settings["seed"]
-        return [seeded_feeds(self.original, shapes, seed=seed + i) for i in range(samples)]
+        return runnable_feeds(self.original, shapes, samples, seed)
 
     # ---------------------------------------------------------------- steps
 

@@ -25,7 +25,7 @@ from typing import Mapping
 import numpy as np
 
 from .errors import first_line
-from .inputs import _default_dim, _values, index_bounds
+from .inputs import _default_dim, _graph_of, _values, index_bounds
 
 MAX_TRIES = 24
 MAX_ELEMENTS = 1 << 26  # 64 M elements over all inputs of one candidate
@@ -152,6 +152,7 @@ class FoundInputs:
     label: str
     tries: int
     error: str = ""
+    plan: tuple | None = None  # (shapes, values) of the candidate that ran
 
 
 def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int = 0) -> FoundInputs:
@@ -159,8 +160,9 @@ def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int =
     (a model that onnxruntime cannot load is bad input: its error propagates)."""
     with session_factory() as session:
         specs = input_specs(session)
-        bounds = index_bounds(model.graph)
-        targets = reshape_target_inputs(model.graph)
+        graph = _graph_of(model)
+        bounds = index_bounds(graph)
+        targets = reshape_target_inputs(graph)
         names = [s.name for s in specs]
         tries, last_error = 0, ""
         for label, shapes, values in candidate_plans(specs, pinned):
@@ -175,5 +177,32 @@ def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int =
             except Exception as exc:
                 last_error = first_line(exc, limit=200)
                 continue
-            return FoundInputs([feed], [outputs], label, tries)
+            return FoundInputs([feed], [outputs], label, tries, plan=(shapes, values))
         return FoundInputs(None, None, "", tries, last_error)
+
+
+def runnable_feeds(model, pinned: Mapping[str, tuple] | None = None, samples: int = 1, seed: int = 0) -> list[dict]:
+    """``samples`` seeded feed dicts of the first kind the model runs on (the inputs every
+    command makes up when the user gives none). A model that runs on none of them is
+    bad input: one line, with how to give inputs."""
+    from .errors import DataError
+    from .verify import session_for
+
+    try:
+        found = find_inputs(model, lambda: session_for(model), pinned or {}, seed)
+    except Exception as exc:
+        raise DataError(f"onnxruntime cannot load the model: {first_line(exc, limit=300)}",
+                        hint="check the model with `onnxforge inspect`") from exc
+    if found.feeds is None:
+        raise DataError(
+            f"the model does not run on {found.tries} generated input set(s) (last: {found.error})",
+            hint="give real inputs with --data DIR (a folder of .npz feed dicts)",
+        )
+    feeds = list(found.feeds)
+    with session_for(model) as session:
+        specs = input_specs(session)
+    shapes, values = found.plan
+    graph = _graph_of(model)
+    for k in range(1, samples):
+        feeds.append(make_feed(specs, shapes, values, index_bounds(graph), reshape_target_inputs(graph), seed + k))
+    return feeds

@@ -161,10 +161,11 @@ def _with_weights(original: onnx.ModelProto, source: Model | None) -> onnx.Model
 
 def _feeds(data, proto: onnx.ModelProto, what: str) -> tuple[Iterable[dict], str]:
     """(feeds, description) from a folder/file path, an iterable of feed dicts, or "random"."""
-    from onnxforge.inputs import iter_feed_files, load_feeds, seeded_feeds
+    from onnxforge.inputs import iter_feed_files, load_feeds
+    from onnxforge.verify_feeds import runnable_feeds
 
     if isinstance(data, str) and data == "random":
-        return [seeded_feeds(proto, seed=i) for i in range(RANDOM_FEEDS)], "random (seeded)"
+        return runnable_feeds(proto, {}, RANDOM_FEEDS), "random (seeded)"
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.exists():
