@@ -44,7 +44,7 @@ def parse_shape_specs(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _graph_of(model) -> gs.Graph:
+def graph_of(model) -> gs.Graph:
     if isinstance(model, gs.Graph):
         return model
     if isinstance(model, onnx.ModelProto):
@@ -63,11 +63,11 @@ def resolve_shape(tensor: gs.Variable, pinned: Mapping[str, tuple[int, ...]] | N
         if isinstance(d, int) and d >= 0:
             dims.append(d)
         else:
-            dims.append(_default_dim(i, d, shape))
+            dims.append(default_dim(i, d, shape))
     return tuple(dims)
 
 
-def _default_dim(index: int, name, shape) -> int:
+def default_dim(index: int, name, shape) -> int:
     """A value for a dynamic dim: batch-like 1, sequence-like a short length,
     image sides 224, an unnamed trailing dim (audio samples, features) 256."""
     lname = str(name or "").lower()
@@ -107,18 +107,18 @@ def seeded_feeds(
     model, input_shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """One seeded feed dict for ``model`` (Model, ModelProto or gs.Graph)."""
-    graph = _graph_of(model)
+    graph = graph_of(model)
     bounds = index_bounds(graph)
     feeds = {}
     for inp in graph.inputs:
         rng = np.random.default_rng([seed, zlib.crc32(inp.name.encode())])
         shape = resolve_shape(inp, input_shapes)
         dtype = np.dtype(inp.dtype) if inp.dtype is not None else np.dtype(np.float32)
-        feeds[inp.name] = _values(inp.name, shape, dtype, bounds.get(inp.name), rng)
+        feeds[inp.name] = seeded_values(inp.name, shape, dtype, bounds.get(inp.name), rng)
     return feeds
 
 
-def _values(name: str, shape, dtype: np.dtype, bound: int | None, rng) -> np.ndarray:
+def seeded_values(name: str, shape, dtype: np.dtype, bound: int | None, rng) -> np.ndarray:
     lname = name.lower()
     if dtype == np.bool_:
         return rng.random(shape) < 0.5
@@ -232,7 +232,7 @@ def check_data(model, path: str | os.PathLike, option: str, limit: int | None = 
     """Refuse (exit 2) data at ``path`` that does not fit ``model``'s inputs: a
     missing input, another dtype, another rank or a fixed dim that differs.
     Reads the feeds one file at a time, before any work."""
-    graph = _graph_of(model)
+    graph = graph_of(model)
     expected = {t.name: t for t in graph.inputs}
     files = data_files(path)
     npz = [f for f in files if f.suffix == ".npz"]

@@ -25,7 +25,7 @@ from typing import Mapping
 import numpy as np
 
 from .errors import first_line
-from .inputs import _default_dim, _graph_of, _values, index_bounds
+from .inputs import default_dim, graph_of, _values, index_bounds
 
 MAX_TRIES = 24
 MAX_ELEMENTS = 1 << 26  # 64 M elements over all inputs of one candidate
@@ -97,7 +97,7 @@ def _shape(spec: InputSpec, pinned: Mapping[str, tuple], size: int | None, keep_
         if isinstance(d, int) and d >= 0:
             dims.append(d)
         elif size is None or (keep_first and i == 0 and len(spec.shape) > 1):
-            dims.append(_default_dim(i, d, spec.shape))
+            dims.append(default_dim(i, d, spec.shape))
         else:
             dims.append(size)
     return tuple(dims)
@@ -133,7 +133,7 @@ def _tensor(name, shape, dtype, values, bounds, reshape_targets, rng) -> np.ndar
             out.reshape(-1)[-1] = -1
         return out
     # np.asarray: a rank-0 bool comes back from numpy as a scalar, which onnxruntime refuses.
-    return np.asarray(_values(name, shape, dtype, bounds.get(name), rng), dtype=dtype)
+    return np.asarray(seeded_values(name, shape, dtype, bounds.get(name), rng), dtype=dtype)
 
 
 def reshape_target_inputs(graph) -> set[str]:
@@ -160,7 +160,7 @@ def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int =
     (a model that onnxruntime cannot load is bad input: its error propagates)."""
     with session_factory() as session:
         specs = input_specs(session)
-        graph = _graph_of(model)
+        graph = graph_of(model)
         bounds = index_bounds(graph)
         targets = reshape_target_inputs(graph)
         names = [s.name for s in specs]
@@ -202,7 +202,7 @@ def runnable_feeds(model, pinned: Mapping[str, tuple] | None = None, samples: in
     with session_for(model) as session:
         specs = input_specs(session)
     shapes, values = found.plan
-    graph = _graph_of(model)
+    graph = graph_of(model)
     for k in range(1, samples):
         feeds.append(make_feed(specs, shapes, values, index_bounds(graph), reshape_target_inputs(graph), seed + k))
     return feeds
