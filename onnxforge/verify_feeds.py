@@ -25,7 +25,7 @@ from typing import Mapping
 import numpy as np
 
 from .errors import first_line
-from .inputs import default_dim, graph_of, _values, index_bounds
+from .inputs import default_dim, graph_of, index_bounds, seeded_values
 
 MAX_TRIES = 24
 MAX_ELEMENTS = 1 << 26  # 64 M elements over all inputs of one candidate
