@@ -122,8 +122,6 @@ def test_layers_returned_to_float_drop_their_bias_correction():
 def test_fallback_reruns_bias_correction_for_each_configuration(monkeypatch):
     """When the corrected model misses the budget, layers go back to float one at a time
     and the corrections are recomputed for what stays int8 (not reused stale)."""
-    import time as _time
-
     from onnxforge.passes.quant import budget as budget_mod
     from onnxforge.passes.quant.quantize import _fallback_recorrected, _Plan, _with_deltas
 
@@ -155,13 +153,13 @@ def test_fallback_reruns_bias_correction_for_each_configuration(monkeypatch):
 
     quantize_mod = importlib.import_module("onnxforge.passes.quant.quantize")
 
-    def spy(float_model, qdq_model, feeds, deadline=None):
+    def spy(float_model, qdq_model, feeds, stop=None):
         producers = {o: n.op_type for n in qdq_model.graph.node for o in n.output}
         seen.append({n.name for n in qdq_model.graph.node if n.op_type == "Conv" and producers.get(n.input[0]) == "DequantizeLinear"})
-        return real(float_model, qdq_model, feeds, deadline)
+        return real(float_model, qdq_model, feeds, stop)
 
     monkeypatch.setattr(quantize_mod, "correct_biases", spy)
-    result = _fallback_recorrected(plan, start, evaluate, threshold=1.1, deadline=_time.monotonic() + 60, report=Report(), log=lambda _m: None)
+    result = _fallback_recorrected(plan, start, evaluate, threshold=1.1, search=budget_mod.SearchBudget(100), report=Report(), log=lambda _m: None)
     assert len(result.steps) == len(seen) >= 2  # one recorrection per configuration
     assert all(len(a) > len(b) for a, b in zip(seen, seen[1:]))  # ever fewer int8 convs
     assert [len(s.excluded) for s in result.steps] == list(range(1, len(result.steps) + 1))

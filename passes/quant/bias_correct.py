@@ -23,8 +23,7 @@ to the float model the QDQ model is built from (rebuilds keep them).
 """
 from __future__ import annotations
 
-import time
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -38,10 +37,11 @@ def correct_biases(
     float_model: onnx.ModelProto,
     qdq_model: onnx.ModelProto,
     feeds: Sequence[Mapping[str, np.ndarray]],
-    deadline: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, np.ndarray]:
     """Float bias deltas (bias initializer name -> delta per channel) for the
-    quantized convolutions of ``qdq_model``, in graph order until ``deadline``."""
+    quantized convolutions of ``qdq_model``, in graph order; ``stop()`` True ends
+    it early (a time limit: the caller reports the result as not reproducible)."""
     sites = _sites(float_model, qdq_model)
     if not sites or not feeds:
         return {}
@@ -50,7 +50,7 @@ def correct_biases(
     session = _session(qdq_model, [s.output for s in sites], biases)
     deltas: dict[str, np.ndarray] = {}
     for site, want in zip(sites, reference):
-        if deadline is not None and time.monotonic() > deadline:
+        if stop is not None and stop():
             break
         got = _channel_means(session, [site.output], feeds, biases)[0]
         if got.shape != want.shape or got.shape != site.scale.shape:  # e.g. a Gemm with a 3-D output

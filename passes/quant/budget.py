@@ -16,8 +16,13 @@ Sensitivity: one run of the float and quantized models exposes every
 quantized node's output; a node's sensitivity is the noise it *adds*, i.e.
 N/S at its output minus the worst N/S at its inputs, so upstream error is not
 charged twice. The fallback returns the most sensitive nodes to float one
-group at a time until the budget holds, nothing is left, or time runs out,
-keeping the best model evaluated so far.
+group at a time until the budget holds, nothing is left, or the search has
+spent its evaluations, keeping the best model evaluated so far.
+
+Determinism: what the search may do is counted in evaluations (a model built
+and scored), never in seconds, so a run's result does not depend on how busy
+the machine is (SearchBudget). A time limit is optional and only stops the
+search early; a run it stopped is reported as such and is not reproducible.
 """
 from __future__ import annotations
 
@@ -171,6 +176,62 @@ def _collect(model: onnx.ModelProto, feeds, names: list[str]) -> dict[str, list[
 # ------------------------------------------------------------------ fallback search
 
 
+# The fallback search returns nodes to float in at most this many groups.
+FALLBACK_GROUPS = 16
+
+
+@dataclasses.dataclass
+class SearchBudget:
+    """Evaluations the search may spend (they decide the result) and an optional
+    time limit (``deadline`` on ``clock``) that only stops it early.
+
+    ``take()`` before each evaluation: False when the count is spent (the
+    planned end of the search) or the time limit has passed (an early stop,
+    recorded in ``stopped_by_time``)."""
+
+    max_evaluations: int
+    deadline: float | None = None
+    clock: Callable[[], float] = time.monotonic
+    used: int = 0
+    stopped_by_time: bool = False
+
+    @classmethod
+    def start(cls, max_evaluations: int, seconds: float | None = None, clock: Callable[[], float] | None = None) -> "SearchBudget":
+        clock = clock or time.monotonic
+        return cls(max_evaluations, None if seconds is None else clock() + seconds, clock)
+
+    @property
+    def left(self) -> int:
+        return max(0, self.max_evaluations - self.used)
+
+    def time_up(self) -> bool:
+        """True (and recorded) once the time limit has passed."""
+        if self.deadline is not None and self.clock() > self.deadline:
+            self.stopped_by_time = True
+        return self.stopped_by_time
+
+    def take(self, *, force: bool = False) -> bool:
+        """Count one evaluation if the search may run it; ``force``: always (the first score)."""
+        if not force and (self.left == 0 or self.time_up()):
+            return False
+        self.used += 1
+        return True
+
+    def describe(self) -> str:
+        if self.stopped_by_time:
+            return (f"search stopped by the time limit after {self.used} of {self.max_evaluations} evaluations: "
+                    "the result is not reproducible (without the time limit the search would go on)")
+        return f"search used {self.used} of {self.max_evaluations} evaluations"
+
+
+def default_max_evaluations(range_options: int, weighted: int, recorrected: int) -> int:
+    """Evaluations the whole search needs at most, so the default never cuts it:
+    per range option a score before and after bias correction, the elementwise
+    variant, ``recorrected`` layers returned to float with bias correction re-run,
+    one sensitivity measurement per weighted node, and the fallback's groups."""
+    return 2 * max(1, range_options) + 1 + recorrected + weighted + FALLBACK_GROUPS
+
+
 @dataclasses.dataclass
 class BudgetStep:
     excluded: list[str]
@@ -185,7 +246,7 @@ class BudgetResult:
     met: bool
     excluded: list[str]
     steps: list[BudgetStep]
-    timed_out: bool = False
+    timed_out: bool = False  # stopped early by the time limit (not reproducible)
 
 
 def fallback_search(
@@ -196,24 +257,24 @@ def fallback_search(
     *,
     initial: tuple[onnx.ModelProto, float],
     group_size: int = 0,
-    deadline: float = math.inf,
+    search: SearchBudget | None = None,
 ) -> BudgetResult:
     """Return the most sensitive nodes of ``ranked`` to float a group at a time.
 
     ``build(excluded)`` quantizes with ``excluded`` kept float; ``evaluate`` scores
     a model. Stops when the score reaches ``threshold``, ``ranked`` is exhausted or
-    ``deadline`` (time.monotonic) passes; the best model so far is returned."""
+    ``search`` has no evaluation left (or its time limit passed); the best model
+    so far is returned."""
     best_model, best_score = initial
     best_excluded: list[str] = []
     steps: list[BudgetStep] = []
     if best_score >= threshold:
         return BudgetResult(best_model, best_score, True, [], steps)
-    size = group_size or max(1, math.ceil(len(ranked) / 16))
+    search = search or SearchBudget(math.inf)
+    size = group_size or max(1, math.ceil(len(ranked) / FALLBACK_GROUPS))
     excluded: list[str] = []
-    timed_out = False
     for start in range(0, len(ranked), size):
-        if time.monotonic() > deadline:
-            timed_out = True
+        if not search.take():
             break
         began = time.monotonic()
         excluded = excluded + ranked[start : start + size]
@@ -224,4 +285,4 @@ def fallback_search(
             best_model, best_score, best_excluded = model, score, list(excluded)
         if score >= threshold:
             break
-    return BudgetResult(best_model, best_score, best_score >= threshold, best_excluded, steps, timed_out)
+    return BudgetResult(best_model, best_score, best_score >= threshold, best_excluded, steps, search.stopped_by_time)

@@ -2,7 +2,8 @@
 
 Each ``func(args)`` returns an exit code: 0 done, 2 bad input (raised as an
 onnxforge InputError and mapped by the CLI), 3 accuracy budget missed (the
-best model found is still written, the report says what was missed).
+best model found is still written, the report says what was missed, and
+whether a time limit stopped the search before its evaluations were spent).
 """
 from __future__ import annotations
 
@@ -29,11 +30,19 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=0.01, help="allowed drop of the metric vs float (default 0.01)")
     p.add_argument("--metric", default="cosine", choices=("cosine", "sqnr", "top1"))
     p.add_argument("--val", help="validation feeds (default: the calibration feeds)")
-    p.add_argument("--budget-seconds", type=float, default=300.0, help="time for the float-fallback search")
+    p.add_argument("--max-evaluations", type=int, default=None, metavar="N",
+                   help="models the format and float-fallback search may build and score (default: all it can "
+                        "need, 2 per range option + 9 + one per Conv/Gemm/MatMul + 16); decides the result")
+    p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
+                   help="optional time limit that stops the search early (reported; the result is then not "
+                        "reproducible); default none")
     p.add_argument("--equalize", default="cle", choices=("cle", "smooth", "none"),
                    help="static formats: data-free cross-layer equalization (default), activation smoothing, or none")
+    p.add_argument("--keep-float-if-slower", action="store_true",
+                   help="return the float model when the INT8 one measures slower (a timing then decides the "
+                        "bytes: not reproducible)")
     p.add_argument("--keep-int8-if-slower", action="store_true",
-                   help="return the INT8 model even when it measures slower than the float one")
+                   help="return the INT8 model even when it measures slower (the default; kept for scripts)")
     p.add_argument("--trt-cache", help="also write a TensorRT calibration cache here")
     p.add_argument("--no-latency", action="store_true", help="skip the interleaved latency comparison")
     p.add_argument("--report", help="write the report as JSON")
@@ -97,11 +106,13 @@ def run_quantize(args) -> int:
     result, report = quantize(
         model, args.calib, provider=args.provider, method=args.method, max_drop=args.max_drop,
         metric=args.metric, val=args.val, budget_seconds=args.budget_seconds, mode=args.mode,
-        measure_latency=not args.no_latency, tensorrt_cache=args.trt_cache,
-        equalize=args.equalize, keep_float_if_slower=not args.keep_int8_if_slower, log=_progress_log(),
+        measure_latency=not args.no_latency, tensorrt_cache=args.trt_cache, max_evaluations=args.max_evaluations,
+        equalize=args.equalize, keep_float_if_slower=args.keep_float_if_slower and not args.keep_int8_if_slower,
+        log=_progress_log(),
     )
     _write_outputs(args, result, report)
-    return _budget_exit(report.budget_met, report.score, args.max_drop)
+    stopped = report.search if report.budget_timed_out else None
+    return _budget_exit(report.budget_met, report.score, args.max_drop, stopped)
 
 
 def run_fp16(args) -> int:
@@ -116,12 +127,15 @@ def run_fp16(args) -> int:
     return _budget_exit(report.budget_met, report.score, args.max_drop)
 
 
-def _budget_exit(met: bool | None, score: float | None, max_drop: float) -> int:
+def _budget_exit(met: bool | None, score: float | None, max_drop: float, stopped: str | None = None) -> int:
+    """``stopped``: how the time limit ended the search early, when it did."""
     if met is False:
-        error = VerificationError(
-            f"accuracy budget missed: score {score:.5f} < {1 - max_drop:.5f}; the best model found was written",
-            hint="raise --budget-seconds, allow a larger --max-drop, or try --method percentile/entropy",
-        )
+        message = f"accuracy budget missed: score {score:.5f} < {1 - max_drop:.5f}; the best model found was written"
+        hint = "allow a larger --max-drop, or try --method percentile/entropy"
+        if stopped:
+            message += f"; {stopped}"
+            hint = "raise or drop --budget-seconds, " + hint
+        error = VerificationError(message, hint=hint)
         print(f"error: {error.message}\nhint: {error.hint}", file=sys.stderr)
         return error.exit_code
     return 0

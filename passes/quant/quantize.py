@@ -21,12 +21,19 @@ Order of work:
      better one is kept;
   5. the accuracy budget (budget.py): evaluate on validation feeds, and if the
      budget is missed return the most sensitive nodes to float, group by group,
-     within ``budget_seconds``, keeping the best model;
+     keeping the best model;
   6. the report: int8 / float nodes with reasons, accuracy, latency, kernels;
      when the int8 model is measurably slower than the float one (the whole
      95% interval above 1) the report recommends float, and with
-     ``keep_float_if_slower`` (the CLI's default) returns the float model and
-     says so.
+     ``keep_float_if_slower`` returns the float model and says so.
+
+Determinism: steps 4 and 5 are bounded by a count of evaluations (a model built
+and scored: ``max_evaluations``, by default what the whole search needs), never
+by seconds, so the same input gives the same bytes on a busy machine too.
+``budget_seconds`` is an optional time limit that only stops the search early;
+the report then says so and marks the result not reproducible. Latency is
+measured for the report only: the model returned depends on it only with
+``keep_float_if_slower`` (opt-in; the report marks that result not reproducible).
 """
 from __future__ import annotations
 
@@ -85,7 +92,11 @@ class QuantReport:
     score: float | None = None
     score_before_fallback: float | None = None
     budget_met: bool | None = None
-    budget_timed_out: bool = False
+    budget_timed_out: bool = False  # the time limit stopped the search early
+    evaluations: int = 0  # models built and scored by the search
+    max_evaluations: int = 0
+    search: str = ""  # how the search ended (evaluations used; stopped by the time limit)
+    reproducible: bool = True  # False: a time limit or a latency measurement decided the result
     int8_nodes: list[str] = dataclasses.field(default_factory=list)
     float_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why
     kernels: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -223,15 +234,20 @@ def quantize(
     max_drop: float = 0.01,
     metric: str | Callable = "cosine",
     val: Any = None,
-    budget_seconds: float = 300.0,
+    budget_seconds: float | None = None,
     mode: str = "auto",
     measure_latency: bool = True,
     tensorrt_cache: str | os.PathLike | None = None,
     equalize: str = "cle",
     keep_float_if_slower: bool = False,
     log: Callable[[str], None] | None = None,
+    max_evaluations: int | None = None,
 ) -> tuple[Model, QuantReport]:
-    """Quantize ``model`` to INT8 for ``provider``; see the module docstring."""
+    """Quantize ``model`` to INT8 for ``provider``; see the module docstring.
+
+    ``max_evaluations``: models the search may build and score (None: all the
+    search can need, budget.default_max_evaluations); ``budget_seconds``: an
+    optional time limit on the search that stops it early (not reproducible)."""
     started = time.monotonic()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if method not in METHODS + ("auto",):
@@ -240,6 +256,10 @@ def quantize(
         raise OptionError(f"unknown equalization {equalize!r}", hint=f"choose one of {', '.join(EQUALIZE_MODES)}")
     if not 0 <= max_drop < 1:
         raise OptionError(f"--max-drop {max_drop}: must be in [0, 1)")
+    if max_evaluations is not None and max_evaluations < 1:
+        raise OptionError(f"--max-evaluations {max_evaluations}: must be at least 1")
+    if budget_seconds is not None and not budget_seconds >= 0:
+        raise OptionError(f"--budget-seconds {budget_seconds}: must be >= 0")
     if calib is None:
         raise DataError(
             "quantization needs calibration data",
@@ -277,26 +297,36 @@ def quantize(
     reference = budget_mod.run_outputs(baseline, val_feeds)
     evaluate = lambda m: metric_fn(reference, budget_mod.run_outputs(m, val_feeds))  # noqa: E731
     threshold = 1.0 - max_drop
+    weighted = sum(1 for op in plan.candidates.values() if op in WEIGHTED)
+    search = budget_mod.SearchBudget.start(
+        max_evaluations or budget_mod.default_max_evaluations(len(plan.range_options), weighted, MAX_RECORRECTED),
+        budget_seconds)
     if plan.range_options:
-        first, first_score = _tune_static(plan, evaluate, report, log, started + budget_seconds / 2)
+        first, first_score = _tune_static(plan, evaluate, report, log, search)
     else:
+        search.take(force=True)
         first = plan.build([])
         first_score = evaluate(first)
-    if first_score < threshold and plan.lean is not None:
+    if first_score < threshold and plan.lean is not None and search.take():
         first, first_score = _leaner(plan, first, first_score, evaluate, report, log)
     report.score_before_fallback = first_score
     result = budget_mod.BudgetResult(first, first_score, first_score >= threshold, [], [])
     if first_score < threshold and plan.candidates and plan.bias_deltas:
-        result = _fallback_recorrected(plan, result, evaluate, threshold, started + budget_seconds, report, log)
-    if not result.met and plan.candidates and time.monotonic() < started + budget_seconds:
+        result = _fallback_recorrected(plan, result, evaluate, threshold, search, report, log)
+    if not result.met and plan.candidates and search.left and not search.time_up():
         log(f"{report.metric} {first_score:.5f} misses the budget {threshold:.5f}: ranking node sensitivity")
-        deadline = started + budget_seconds
-        ranked = _ranked(baseline, first, plan, val_feeds[:2], metric_fn, started + budget_seconds / 2)
-        searched = budget_mod.fallback_search(plan.build, evaluate, ranked, threshold, initial=(first, first_score), deadline=deadline)
+        ranked = _ranked(baseline, first, plan, val_feeds[:2], metric_fn, search)
+        searched = budget_mod.fallback_search(plan.build, evaluate, ranked, threshold, initial=(first, first_score), search=search)
         if searched.score > result.score:
             result = dataclasses.replace(searched, steps=result.steps + searched.steps)
     final = result.model
-    report.score, report.budget_met, report.budget_timed_out = result.score, result.met, result.timed_out
+    report.score, report.budget_met = result.score, result.met
+    report.budget_timed_out = search.stopped_by_time
+    report.evaluations, report.max_evaluations = search.used, search.max_evaluations
+    report.reproducible = not search.stopped_by_time
+    report.search = search.describe()
+    log(report.search)
+    (report.warnings if search.stopped_by_time else report.notes).append(report.search)
     report.fallback_steps = [{"float": len(s.excluded), "score": s.score, "seconds": round(s.seconds, 2)} for s in result.steps]
     _fill_nodes(report, baseline, final, plan, result.excluded)
     _check_clean(final, report)
@@ -309,6 +339,8 @@ def quantize(
         from .latency import compare
 
         report.latency = compare(baseline, final, val_feeds[0]).as_dict()
+        if keep_float_if_slower:  # a measurement decides the bytes: load can flip it
+            report.reproducible = False
         if report.latency["ci_low"] > 1.0:
             final = _slower(report, baseline, final, keep_float_if_slower)
     if not plan.candidates and any(holds_subgraph(n) for n in baseline.graph.node):
@@ -326,13 +358,14 @@ def _slower(report: QuantReport, baseline, final, keep_float: bool) -> onnx.Mode
     if not keep_float:
         report.warnings.append(
             f"the INT8 model is {ratio:.2f}x the float latency on this machine (95% interval above 1): "
-            "use the float model (keep_float_if_slower=True returns it)"
+            "use the float model (--keep-float-if-slower / keep_float_if_slower=True returns it)"
         )
         return final
     report.kept_float = True
     report.warnings.append(
         f"the INT8 model is {ratio:.2f}x the float latency on this machine (95% interval above 1): "
-        "the float model was returned instead (--keep-int8-if-slower / keep_float_if_slower=False to get the INT8 one)"
+        "the float model was returned instead (a timing decided it: not reproducible; without --keep-float-if-slower "
+        "/ keep_float_if_slower=True the INT8 one is returned)"
     )
     report.float_nodes.update({n: "INT8 model slower than float: float model kept" for n in report.int8_nodes})
     report.int8_nodes = []
@@ -355,16 +388,19 @@ class _Plan:
     bias_deltas: dict = dataclasses.field(default_factory=dict)
 
 
-def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, deadline: float):
-    """Per range option: build, score, bias-correct layer by layer, score again; keep the best."""
+def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, search: budget_mod.SearchBudget):
+    """Per range option: build, score, bias-correct layer by layer, score again; keep the best.
+    Each score is one of ``search``'s evaluations (the first is always made)."""
     best = None
     for method, ranges in plan.range_options.items():
+        if not search.take(force=best is None):
+            break
         plan.ranges, plan.bias_deltas = ranges, {}
         model = plan.build([])
         score = evaluate(model)
-        deltas = _bias_deltas(plan, model, deadline)
+        deltas = _bias_deltas(plan, model, search)
         line = f"ranges {method}: {report.metric} {score:.5f}"
-        if deltas:
+        if deltas and search.take():
             plan.bias_deltas = deltas
             model_bc = plan.build([])
             score_bc = evaluate(model_bc)
@@ -386,26 +422,25 @@ def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, deadline: floa
     return model, score
 
 
-def _fallback_recorrected(plan: _Plan, start, evaluate, threshold: float, deadline: float, report: QuantReport, log):
+def _fallback_recorrected(plan: _Plan, start, evaluate, threshold: float, search: budget_mod.SearchBudget, report: QuantReport, log):
     """Return the noisiest layers to float one at a time, re-running bias correction for
     each configuration (a float layer makes the corrections downstream of it stale:
     without the re-run, PP-OCRv4 det scored lower with 9 float layers than with none).
-    Stops at the budget, at the deadline, or after MAX_RECORRECTED layers."""
+    Stops at the budget, after MAX_RECORRECTED layers, or when ``search`` has no
+    evaluation left (or its time limit passed)."""
     weighted = {n.name: n for n in plan.float_model.graph.node if n.name in plan.candidates and n.op_type in WEIGHTED}
     noise = budget_mod.node_sensitivity(plan.float_model, start.model, weighted, plan.kept_feeds[:2])
     ranked = sorted(noise, key=lambda k: -noise[k])[:MAX_RECORRECTED]
     best, steps, start_deltas, best_deltas = start, [], plan.bias_deltas, plan.bias_deltas
     log(f"{report.metric} {start.score:.5f} misses the budget {threshold:.5f}: returning the noisiest layers to float, "
         "bias correction re-run each time")
-    timed_out = False
     for k in range(1, len(ranked) + 1):
-        if time.monotonic() > deadline:
-            timed_out = True
+        if not search.take():
             break
         began = time.monotonic()
         excluded = ranked[:k]
         plan.bias_deltas = {}
-        deltas = _bias_deltas(plan, plan.build(excluded), deadline)
+        deltas = _bias_deltas(plan, plan.build(excluded), search, counted=True)
         plan.bias_deltas = deltas
         model = plan.build(excluded)
         score = evaluate(model)
@@ -418,14 +453,16 @@ def _fallback_recorrected(plan: _Plan, start, evaluate, threshold: float, deadli
             break
     # met: the plan now builds the kept model; missed: the generic search goes on from the start
     plan.bias_deltas = best_deltas if best.met else start_deltas
-    return dataclasses.replace(best, steps=steps, timed_out=timed_out)
+    return dataclasses.replace(best, steps=steps, timed_out=search.stopped_by_time)
 
 
-def _bias_deltas(plan: _Plan, model, deadline: float) -> dict:
+def _bias_deltas(plan: _Plan, model, search: budget_mod.SearchBudget, counted: bool = False) -> dict:
+    """Bias corrections for ``model``; none when no evaluation is left to score them
+    (``counted``: the caller already took the one that scores them) or time is up."""
     feeds = plan.kept_feeds[:BIAS_CORRECTION_FEEDS]
-    if time.monotonic() > deadline or not feeds:
+    if not feeds or (not counted and not search.left) or search.time_up():
         return {}
-    return correct_biases(plan.float_model, model, feeds, deadline)
+    return correct_biases(plan.float_model, model, feeds, search.time_up)
 
 
 def _leaner(plan: _Plan, first, first_score: float, evaluate, report: QuantReport, log):
@@ -594,13 +631,14 @@ def _weighted(model: onnx.ModelProto, ops: tuple[str, ...]) -> dict[str, str]:
     return {n.name: n.op_type for n in model.graph.node if n.op_type in ops and len(n.input) > 1 and n.input[1] in inits}
 
 
-def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, deadline: float) -> list[str]:
+def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, search: budget_mod.SearchBudget) -> list[str]:
     """Candidates, most sensitive first.
 
-    The cheap prior is the noise each node adds (one run of both models). Then,
-    until ``deadline``, each weighted node (in prior order) is returned to float
-    alone and the gain in the metric on ``feeds`` measured: the end-to-end effect,
-    which the local noise misjudges when early layers' error grows downstream."""
+    The cheap prior is the noise each node adds (one run of both models). Then
+    each weighted node (in prior order) is returned to float alone and the gain
+    in the metric on ``feeds`` measured: the end-to-end effect, which the local
+    noise misjudges when early layers' error grows downstream. Each measurement
+    is one of ``search``'s evaluations; the fallback's groups stay reserved."""
     nodes = {n.name: n for n in baseline.graph.node if n.name in plan.candidates}
     # Intermediate tensors are compared by name: against the float model the
     # int8 one rounds (equalization rescales channels of some of them).
@@ -609,8 +647,9 @@ def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, deadline: float)
     reference = budget_mod.run_outputs(baseline, feeds)
     base_score = metric_fn(reference, budget_mod.run_outputs(quantized, feeds))
     gains: dict[str, float] = {}
+    reserve = min(budget_mod.FALLBACK_GROUPS, len(prior))
     for name in [n for n in prior if nodes[n].op_type in WEIGHTED]:
-        if time.monotonic() > deadline:
+        if search.left <= reserve or not search.take():
             break
         gains[name] = metric_fn(reference, budget_mod.run_outputs(plan.build([name]), feeds)) - base_score
     measured = sorted(gains, key=lambda k: -gains[k])
