@@ -8,7 +8,7 @@ import onnx
 
 from .api import optimize
 from .demo_models import small_cnn, small_encoder
-from .io import load, save
+from .io import load, save, write_file
 from .report import render
 
 
@@ -18,10 +18,10 @@ def run_demo(out_dir: str | None = None, level: int = 3) -> int:
     for name, build in (("small_cnn", small_cnn), ("small_encoder", small_encoder)):
         src = folder / f"{name}.onnx"
         dst = folder / f"{name}.opt.onnx"
-        onnx.save(build(), src)
+        write_file(src, lambda tmp, build=build: onnx.save(build(), tmp))
         print(f"\n== {name}: onnxforge optimize {src} -o {dst} -O{level} --provider cpu")
         model, report = optimize(load(src), level=level, provider="cpu", verify="numeric")
-        save(model, dst)
+        save(model, dst, check=report.check_written)
         report.before["file_bytes"] = src.stat().st_size
         report.after["file_bytes"] = dst.stat().st_size
         render(report)

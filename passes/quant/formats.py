@@ -395,8 +395,10 @@ def write_tensorrt_cache(ranges: Mapping[str, tuple[float, float]], path: str | 
         amax[name] = bound
         scale = bound / 127.0 if bound > 0 else 1.0 / 127.0
         lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
-    path.write_text("\n".join(lines) + "\n")
-    path.with_suffix(path.suffix + ".json").write_text(json.dumps({"dynamic_range": amax}, indent=1, sort_keys=True))
+    from onnxforge.io import write_text  # guarded and atomic, like every output
+
+    write_text(path, "\n".join(lines) + "\n")
+    write_text(path.with_suffix(path.suffix + ".json"), json.dumps({"dynamic_range": amax}, indent=1, sort_keys=True))
     return path
 
 
