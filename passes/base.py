@@ -93,6 +93,7 @@ class RulePass(Pass):
         for g in list(iter_graphs(graph)):
             for rule_cls in self.rules:
                 counts[rule_cls.name] = counts.get(rule_cls.name, 0) + self._apply(rule_cls(), g, ctx)
+            unique_node_names(g)
             # Every graph is visited here, so no call recurses into subgraphs.
             g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(recurse_subgraphs=False)
         return PassResult.from_counts(counts)
@@ -115,3 +116,25 @@ class RulePass(Pass):
             consumed.update(id(n) for n in match.nodes)
             fired += 1
         return fired
+
+
+def unique_node_names(graph: gs.Graph) -> None:
+    """Rewrites name a new node after the node it replaces (``Conv_fused_Conv``), which
+    repeats a name where the model's nodes have empty or shared names; onnxruntime refuses
+    two nodes of one name in a graph. The first node keeps a name, later ones (the new ones:
+    rewrites append) get the first free ``_k`` suffix."""
+    taken: set[str] = set()
+    clashes = []
+    for node in graph.nodes:
+        if not node.name:
+            continue
+        if node.name in taken:
+            clashes.append(node)
+        else:
+            taken.add(node.name)
+    for node in clashes:
+        base, k = node.name, 1
+        while f"{base}_{k}" in taken:
+            k += 1
+        node.name = f"{base}_{k}"
+        taken.add(node.name)

@@ -17,7 +17,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.context import PassContext
 from onnxforge.model import ExternalValues, iter_graphs
-from onnxforge.passes.base import PassResult, RulePass
+from onnxforge.passes.base import PassResult, RulePass, unique_node_names
 
 NONDETERMINISTIC_OPS = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -179,6 +179,7 @@ class IndexedRulePass(RulePass):
                 counts[rule_cls.name] = counts.get(rule_cls.name, 0) + fired
                 if fired:
                     index = None
+            unique_node_names(g)
         finish(graph)
         return PassResult.from_counts(counts)
 
