@@ -224,12 +224,12 @@ class SearchBudget:
         return f"search used {self.used} of {self.max_evaluations} evaluations"
 
 
-def default_max_evaluations(range_options: int, weighted: int, recorrected: int) -> int:
+def default_max_evaluations(range_options: int, measured: int, recorrected: int) -> int:
     """Evaluations the whole search needs at most, so the default never cuts it:
     per range option a score before and after bias correction, the elementwise
     variant, ``recorrected`` layers returned to float with bias correction re-run,
-    one sensitivity measurement per weighted node, and the fallback's groups."""
-    return 2 * max(1, range_options) + 1 + recorrected + weighted + FALLBACK_GROUPS
+    ``measured`` end-to-end sensitivity measurements, and the fallback's groups."""
+    return 2 * max(1, range_options) + 1 + recorrected + measured + FALLBACK_GROUPS
 
 
 @dataclasses.dataclass

@@ -32,7 +32,8 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--val", help="validation feeds (default: the calibration feeds)")
     p.add_argument("--max-evaluations", type=int, default=None, metavar="N",
                    help="models the format and float-fallback search may build and score (default: all it can "
-                        "need, 2 per range option + 9 + one per Conv/Gemm/MatMul + 16); decides the result")
+                        "need: 2 per range option + 1 + 8 layers re-corrected + 8 sensitivities + 16 fallback groups, 41 with "
+                        "--method auto); decides the result")
     p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
                    help="optional time limit that stops the search early (reported; the result is then not "
                         "reproducible); default none")

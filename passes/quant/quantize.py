@@ -74,6 +74,9 @@ RANDOM_FEEDS = 8
 AUTO_METHODS = ("minmax", "percentile")
 BIAS_CORRECTION_FEEDS = 16
 MAX_RECORRECTED = 8  # layers the bias-corrected fallback returns to float before the generic search
+# weighted nodes whose end-to-end sensitivity the ranking measures (the top of the
+# prior); the rest keep the prior's order. Each is a model built and scored.
+MAX_MEASURED = 8
 EQUALIZE_MODES = ("cle", "smooth", "none")
 SMOOTH_FEEDS = 4
 MAX_VALIDATION_FEEDS = 16
@@ -299,7 +302,7 @@ def quantize(
     threshold = 1.0 - max_drop
     weighted = sum(1 for op in plan.candidates.values() if op in WEIGHTED)
     search = budget_mod.SearchBudget.start(
-        max_evaluations or budget_mod.default_max_evaluations(len(plan.range_options), weighted, MAX_RECORRECTED),
+        max_evaluations or budget_mod.default_max_evaluations(len(plan.range_options), min(weighted, MAX_MEASURED), MAX_RECORRECTED),
         budget_seconds)
     if plan.range_options:
         first, first_score = _tune_static(plan, evaluate, report, log, search)
@@ -635,7 +638,8 @@ def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, search: budget_m
     """Candidates, most sensitive first.
 
     The cheap prior is the noise each node adds (one run of both models). Then
-    each weighted node (in prior order) is returned to float alone and the gain
+    the first MAX_MEASURED weighted nodes (in prior order) are returned to float
+    one at a time and the gain
     in the metric on ``feeds`` measured: the end-to-end effect, which the local
     noise misjudges when early layers' error grows downstream. Each measurement
     is one of ``search``'s evaluations; the fallback's groups stay reserved."""
@@ -648,7 +652,7 @@ def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, search: budget_m
     base_score = metric_fn(reference, budget_mod.run_outputs(quantized, feeds))
     gains: dict[str, float] = {}
     reserve = min(budget_mod.FALLBACK_GROUPS, len(prior))
-    for name in [n for n in prior if nodes[n].op_type in WEIGHTED]:
+    for name in [n for n in prior if nodes[n].op_type in WEIGHTED][:MAX_MEASURED]:
         if search.left <= reserve or not search.take():
             break
         gains[name] = metric_fn(reference, budget_mod.run_outputs(plan.build([name]), feeds)) - base_score
