@@ -162,7 +162,7 @@ def _run_checker(proto: onnx.ModelProto, path: Path) -> list[str]:
     onnxruntime implements (its contrib ops, its default-domain LayerNormalization
     below opset 17: what -O3 emits) are left for onnxruntime to judge."""
     try:
-        onnx.checker.check_model(_checker_view(proto))
+        onnx.checker.check_model(checker_view(proto))
     except onnx.checker.ValidationError as exc:
         message = first_line(exc)
         unknown = runtime_only_op(message)
@@ -218,7 +218,7 @@ def _runtime_op_names() -> set[str]:
 CHECKER_INLINE_LIMIT = 4096  # tensors up to this size keep their data in the checker's copy
 
 
-def _checker_view(proto: onnx.ModelProto) -> onnx.ModelProto:
+def checker_view(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy for onnx's checker in which external and large tensors are empty.
 
     The checker serializes what it is given (the weights would be held twice

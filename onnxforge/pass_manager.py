@@ -188,17 +188,19 @@ class PassManager:
             # Not a pass's fault: the checker cannot judge the result, onnxruntime does.
             notes.append(f"the original model fails onnx's checker ({fails}); results are judged by onnxruntime")
         if self.verify == "structural":
-            return Verifier("structural", output_names=names, original_fails_checker=fails, notes=notes)
+            return self._loadable(Verifier("structural", output_names=names, original_fails_checker=fails,
+                                           notes=notes), original)
         if self.feeds:
             feeds, reference = self.feeds, reference_outputs(original, self.feeds)
         else:
             found = self._find_inputs(original, ctx)
             if found.feeds is None:
                 notes.append(
-                    f"verified structurally only: the original model did not run on {found.tries} generated input "
-                    f"set(s) (last: {found.error}); give real inputs with --data DIR or sizes with --verify-shape"
+                    f"verified structurally only: no made-up inputs ran the original ({found.tries} tried; last: "
+                    f"{found.error}); give real inputs with --data DIR or sizes with --verify-shape"
                 )
-                return Verifier("structural", output_names=names, original_fails_checker=fails, notes=notes)
+                return self._loadable(Verifier("structural", output_names=names, original_fails_checker=fails,
+                                               notes=notes), original)
             if found.label != "seeded":
                 notes.append(f"verification inputs: {found.label} (the original does not run on the seeded ones)")
             feeds, reference = found.feeds, found.reference
@@ -207,6 +209,18 @@ class PassManager:
             notes.append(f"output(s) {', '.join(sorted(unstable))} differ between two runs of the original (random "
                          "ops): compared by type and shape only")
         return Verifier("numeric", feeds, reference, names, fails, unstable, notes)
+
+    @staticmethod
+    def _loadable(verifier: Verifier, original: Model) -> Verifier:
+        """A structural verifier judges by loading in onnxruntime: an original that does
+        not load is bad input, not something a pass broke."""
+        from .errors import DataError
+
+        loads = verifier.check(original, DEFAULT_TOLERANCE)
+        if not loads.ok:
+            raise DataError(f"the model fails structural verification before any pass runs: {loads.detail}",
+                            hint="check the model with `onnxforge inspect`; --verify none skips verification")
+        return verifier
 
     @staticmethod
     def _find_inputs(original: Model, ctx: PassContext):

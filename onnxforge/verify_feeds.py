@@ -13,7 +13,9 @@ onnxruntime session of the original:
 
 Dims the user pinned (``--input-shape``, ``--verify-shape``) never vary. Candidates
 over ``MAX_ELEMENTS`` are skipped, so the search is bounded by a count of runs and a
-size, never by wall-clock time: the same model always gets the same inputs.
+size: the same model always gets the same inputs. One safety net uses the clock: a run
+longer than ``RUN_LIMIT_S`` (a model that blows up on made-up inputs) is stopped and ends
+the search, reported as such; it only cuts the search short.
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ import zlib
 from typing import Mapping
 
 import numpy as np
+import onnx
 
 from .errors import first_line
 from .inputs import default_dim, graph_of, index_bounds, seeded_values
 
-MAX_TRIES = 24
+MAX_TRIES = 16
+RUN_LIMIT_S = 30.0
 MAX_ELEMENTS = 1 << 26  # 64 M elements over all inputs of one candidate
 SIZE_LADDER = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 400, 512, 1024, 2048, 4096, 16000)
 ALL_DIMS_LADDER = (2, 3, 4)
@@ -155,6 +159,42 @@ class FoundInputs:
     plan: tuple | None = None  # (shapes, values) of the candidate that ran
 
 
+MAX_INTERMEDIATE = 1 << 29  # elements all node outputs of one run may hold (2 GiB of float32)
+
+
+def _weightless(model) -> onnx.ModelProto:
+    from .io import checker_view
+    from .model import Model
+
+    return checker_view(model.to_proto() if isinstance(model, Model) else model)
+
+
+def intermediate_elements(light: onnx.ModelProto, shapes: Mapping[str, tuple]) -> int | None:
+    """Elements all node outputs would hold for these input shapes, by onnx shape
+    inference on a weightless copy; None when inference cannot tell."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(light)
+    del probe.graph.value_info[:]
+    for info in probe.graph.input:
+        if info.name in shapes and info.type.HasField("tensor_type"):
+            dims = info.type.tensor_type.shape
+            dims.Clear()
+            for d in shapes[info.name]:
+                dims.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:
+        return None
+    total = 0
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+            continue
+        dims = info.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            total += int(np.prod([d.dim_value for d in dims], dtype=np.float64))
+    return total
+
+
 def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int = 0) -> FoundInputs:
     """The first candidate the original runs on. ``session_factory()`` opens the session
     (a model that onnxruntime cannot load is bad input: its error propagates)."""
@@ -164,21 +204,62 @@ def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int =
         bounds = index_bounds(graph)
         targets = reshape_target_inputs(graph)
         names = [s.name for s in specs]
-        tries, last_error = 0, ""
+        tries, last_error, light, sizes = 0, "", None, {}
         for label, shapes, values in candidate_plans(specs, pinned):
             if tries >= MAX_TRIES:
                 break
             feed = make_feed(specs, shapes, values, bounds, targets, seed)
             if feed is None:
                 continue
+            key = tuple(sorted(shapes.items()))
+            if key not in sizes:  # a run that would blow up is not tried (the clock cannot stop one kernel)
+                light = light if light is not None else _weightless(model)
+                sizes[key] = intermediate_elements(light, shapes)
+            if sizes[key] is not None and sizes[key] > MAX_INTERMEDIATE:
+                last_error = f"{label} inputs would make {sizes[key]:.3g} intermediate elements"
+                continue
             tries += 1
             try:
-                outputs = session.run(None, {n: feed[n] for n in names})
+                outputs = _bounded_run(session, {n: feed[n] for n in names})
+            except _TooLong:
+                return FoundInputs(None, None, "", tries, f"a run on {label} inputs took over {RUN_LIMIT_S:.0f} s "
+                                   "and was stopped")
             except Exception as exc:
                 last_error = first_line(exc, limit=200)
                 continue
             return FoundInputs([feed], [outputs], label, tries, plan=(shapes, values))
         return FoundInputs(None, None, "", tries, last_error)
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _bounded_run(session, feed: dict):
+    """``session.run`` that onnxruntime terminates after ``RUN_LIMIT_S``."""
+    import threading
+
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        options.terminate = True
+
+    timer = threading.Timer(RUN_LIMIT_S, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        return session.run(None, feed, options)
+    except Exception:
+        if fired.is_set():
+            raise _TooLong() from None
+        raise
+    finally:
+        timer.cancel()
 
 
 def runnable_feeds(model, pinned: Mapping[str, tuple] | None = None, samples: int = 1, seed: int = 0) -> list[dict]:
@@ -195,7 +276,7 @@ def runnable_feeds(model, pinned: Mapping[str, tuple] | None = None, samples: in
                         hint="check the model with `onnxforge inspect`") from exc
     if found.feeds is None:
         raise DataError(
-            f"the model does not run on {found.tries} generated input set(s) (last: {found.error})",
+            f"no made-up inputs run the model ({found.tries} tried; last: {found.error})",
             hint="give real inputs with --data DIR (a folder of .npz feed dicts)",
         )
     feeds = list(found.feeds)
