@@ -204,6 +204,10 @@ class Model:
     def from_proto(cls, proto: onnx.ModelProto, source: Path | None = None) -> "Model":
         proto = _type_attributes_as_strings(proto)
         graph = gs.import_onnx(proto)
+        # Model-local functions live in ``meta`` and are exported from there; graphsurgeon's
+        # copies are dropped: its toposort recurses without end when a model has both
+        # functions and subgraphs (silero_vad with a local function).
+        graph.functions = []
         _tensor_kinds_for_export(graph)
         inits = {t.name for t in proto.graph.initializer}
         overridable = [i.name for i in proto.graph.input if i.name in inits]

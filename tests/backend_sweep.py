@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import glob
 import io
-import multiprocessing
 import os
 import random
 import sys
@@ -210,91 +209,20 @@ def _error_line(stderr: str) -> str:
     return (lines[0] if lines else (stderr.strip().splitlines() or [""])[-1])[:300]
 
 
-def _serve(conn) -> None:
-    """A long-lived worker (spawned: forking a process that holds onnxruntime sessions
-    can deadlock): runs the cases it is sent, each in a fresh temporary folder."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import onnxforge.cli  # noqa: F401  (imported once per worker)
-
-    while True:
-        case = conn.recv()
-        if case is None:
-            return
-        with tempfile.TemporaryDirectory(prefix="onnxforge-sweep-") as tmp:
-            try:
-                result = run_case(case, tmp)
-            except BaseException as exc:  # a crash of the harness itself is a finding too
-                result = Result(case.name, "crash", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-        conn.send(result)
-
-
-class _Worker:
-    def __init__(self, ctx):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
-        self.proc.start()
-        child.close()
-        self.case: Case | None = None
-        self.started = 0.0
-
-    def give(self, case: Case) -> None:
-        self.case, self.started = case, time.monotonic()
-        self.conn.send(case)
-
-    def stop(self, kill: bool = False) -> None:
-        if kill:
-            self.proc.kill()
-        else:
-            try:
-                self.conn.send(None)
-            except OSError:
-                pass
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-        self.conn.close()
+def run_isolated_case(case: Case) -> Result:
+    """One case in a worker of ``isolated.run``, in a fresh temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="onnxforge-sweep-") as tmp:
+        return run_case(case, tmp)
 
 
 def sweep(cases: list[Case], jobs: int = 2, timeout: float = TIMEOUT_S, on_result=None) -> list[Result]:
-    """Cases over ``jobs`` worker processes; a hang or a crash costs that case only (its
-    worker is replaced)."""
-    ctx = multiprocessing.get_context("spawn")
-    pending = list(cases)
-    workers = [_Worker(ctx) for _ in range(min(jobs, len(cases)) or 1)]
-    results: list[Result] = []
-    try:
-        while pending or any(w.case for w in workers):
-            for w in workers:
-                if w.case is None and pending:
-                    w.give(pending.pop(0))
-            time.sleep(0.01)
-            for i, w in enumerate(workers):
-                if w.case is None:
-                    continue
-                result = None
-                if w.conn.poll():
-                    try:
-                        result = w.conn.recv()
-                    except EOFError:
-                        result = Result(w.case.name, "crash", f"worker died (exit {w.proc.exitcode})")
-                elif not w.proc.is_alive():
-                    result = Result(w.case.name, "crash", f"worker died (exit {w.proc.exitcode})")
-                elif time.monotonic() - w.started > timeout:
-                    result = Result(w.case.name, "timeout", f"no answer after {timeout:.0f} s", timeout)
-                if result is None:
-                    continue
-                if result.status in ("crash", "timeout"):
-                    w.stop(kill=True)
-                    workers[i] = w = _Worker(ctx)
-                w.case = None
-                results.append(result)
-                if on_result:
-                    on_result(result)
-    finally:
-        for w in workers:
-            w.stop()
-    return results
+    """Each case isolated from the others and from this process (tests/isolated.py)."""
+    import isolated
+
+    def failed(case: Case, status: str, detail: str) -> Result:
+        return Result(case.name, "crash" if status == "error" else status, detail)
+
+    return isolated.run(cases, run_isolated_case, jobs=jobs, timeout=timeout, on_failure=failed, on_result=on_result)
 
 
 def sample(cases: list[Case], n: int, seed: int = 0) -> list[Case]:

@@ -1,6 +1,6 @@
 """A seeded mutation fuzzer over the shared real-weight models: every mutant (a byte-level
 or a field-level change, see tests/mutants.py) run through ``onnxforge optimize M -o OUT -O3``
-in its own forked process exits 0 with an OUT that matches the mutant, or 2 (or 3) with one
+in its own isolated worker exits 0 with an OUT that matches the mutant, or 2 (or 3) with one
 ``error:`` line and an optional ``hint:``; never 1, never a traceback, a hang or a dead
 worker, and no file left behind (in the model's folder or the temp dir).
 
