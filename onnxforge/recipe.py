@@ -310,7 +310,10 @@ STEPS = MappingProxyType({
         "max_drop": Field("float", "accuracy budget: the metric may drop at most this much below 1", 0.01,
                           minimum=0, maximum=0.999999),
         "metric": Field("str", "accuracy metric against the float model", "cosine", choices=("cosine", "sqnr", "top1")),
-        "budget_seconds": Field("float", "time limit of the sensitivity search", 300.0, minimum=0),
+        "max_evaluations": Field("int", "models the search may build and score (default: all it can need); "
+                                 "the result never depends on time", None, minimum=1),
+        "budget_seconds": Field("float", "optional time limit: stops the search early, the result is then "
+                                "marked not reproducible (default: none)", None, minimum=0),
         "measure_latency": Field("bool", "measure INT8 against float latency (CPU)", True),
         "cache": CACHE_FIELD,
     }), cacheable=True, feature="onnxforge.passes.quant.quantize:quantize"),
