@@ -338,13 +338,15 @@ def _add_passes(sub) -> None:
 
 
 def cmd_passes(args) -> int:
-    from .passes.registry import all_passes, level_pipeline
+    from .passes.registry import all_passes, level_pipeline, rule_locations
 
     table = all_passes()
     for name in sorted(table):
         cls = table[name]
         doc = cls.description or (cls.__doc__ or "").strip().splitlines()[0:1]
         print(f"{name:36s} {doc if isinstance(doc, str) else ' '.join(doc)}")
+        for rule, where in rule_locations(cls):  # where to read or change each rewrite
+            print(f"    rule {rule:30s} {where}")
     for level in (1, 2, 3):
         print(f"-O{level} ({args.provider}): {', '.join(level_pipeline(level, args.provider))}")
     return 0

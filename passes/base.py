@@ -38,13 +38,11 @@ class Pass:
 
     ``tolerance`` is (rtol, atol) the numeric verifier allows for this pass:
     (0, 0) for passes that must be bit-exact up to float reassociation.
-    ``lossless`` passes never change results beyond float rounding.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     tolerance: ClassVar[tuple[float, float]] = (1e-5, 1e-6)
-    lossless: ClassVar[bool] = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

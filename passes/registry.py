@@ -31,12 +31,40 @@ CLEANUP_PIPELINE = (
 
 
 def all_passes() -> dict[str, type[Pass]]:
+    """Name -> pass class. Two passes with one name are a defect (the second would
+    silently win), so they raise."""
     table: dict[str, type[Pass]] = {}
     for module_name in PASS_MODULES:
         module = importlib.import_module(module_name)
         for cls in getattr(module, "PASSES", ()):
+            other = table.get(cls.name)
+            if other is not None and other is not cls:
+                raise DuplicatePassError(
+                    f"two passes are named {cls.name!r}: {other.__module__}.{other.__name__} and "
+                    f"{cls.__module__}.{cls.__name__}")
             table[cls.name] = cls
     return table
+
+
+class DuplicatePassError(RuntimeError):
+    """A pass name registered twice: a bug of onnxforge or of a plugin, not bad input."""
+
+
+def rule_locations(cls: type[Pass]) -> list[tuple[str, str]]:
+    """(rule name, ``path:line`` of its class) for each rule of a rule pass."""
+    import inspect
+    import os
+
+    out = []
+    for rule in getattr(cls, "rules", ()) or ():
+        try:
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the source tree
+            path = os.path.relpath(inspect.getsourcefile(rule) or "?", root)
+            line = inspect.getsourcelines(rule)[1]
+        except (OSError, TypeError):
+            path, line = "?", 0
+        out.append((getattr(rule, "name", rule.__name__), f"{path}:{line}"))
+    return out
 
 
 def level_pipeline(level: int, provider: str = "cpu") -> list[str]:

@@ -142,3 +142,36 @@ def test_input_shapes_pin_dims_and_reject_unknown_names():
 def test_user_pass_plugs_into_optimize():
     out, report = optimize(MODEL, passes=[], extra_passes=[DropIdentity()])
     assert "Identity" not in report.after["ops"]
+
+
+def test_two_passes_with_one_name_are_an_error(monkeypatch):
+    import types
+
+    from onnxforge.passes import registry
+
+    class Twin(Pass):
+        name = "eliminate-identity"
+
+        def run(self, graph, ctx):
+            return PassResult(False)
+
+    fake = types.ModuleType("fake_passes")
+    fake.PASSES = (Twin,)
+    monkeypatch.setitem(__import__("sys").modules, "fake_passes", fake)
+    monkeypatch.setattr(registry, "PASS_MODULES", registry.PASS_MODULES + ("fake_passes",))
+    with pytest.raises(registry.DuplicatePassError, match="eliminate-identity"):
+        registry.all_passes()
+
+
+def test_passes_lists_each_rule_with_its_file_and_line(capsys):
+    from pathlib import Path
+
+    from onnxforge.cli import main
+
+    assert main(["passes"]) == 0
+    rules = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("    rule ")]
+    assert len(rules) > 20
+    root = Path(__file__).resolve().parents[1]
+    for _, name, where in rules:
+        path, line = where.rsplit(":", 1)
+        assert (root / path).is_file() and int(line) > 0, (name, where)
