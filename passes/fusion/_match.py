@@ -18,8 +18,10 @@ from onnxforge.passes.base import Match, Rule
 MS_DOMAIN = "com.microsoft"
 
 
-def producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+def producer(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
+    """The node that makes ``tensor`` (when its op is one of ``ops``, if given; any domain)."""
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    return node if node is not None and (not ops or node.op in ops) else None
 
 
 def producer_op(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
@@ -52,7 +54,23 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
 
 
 def is_const(tensor: gs.Tensor | None) -> bool:
-    return const_value(tensor) is not None
+    """Whether ``const_value`` finds a value, decided without reading it (weights may be
+    external and large)."""
+    for _ in range(8):
+        if tensor is None:
+            return False
+        if isinstance(tensor, gs.Constant):
+            return True
+        node = producer(tensor)
+        if node is None:
+            return False
+        if node.op == "Constant" and not node.domain:
+            return isinstance(node.attrs.get("value"), gs.Constant) or any(
+                key in node.attrs for key in ("value_float", "value_int"))
+        if node.op != "Identity":
+            return False
+        tensor = node.inputs[0]
+    return False
 
 
 def scalar(tensor: gs.Tensor | None) -> float | None:

@@ -38,21 +38,17 @@ import onnx_graphsurgeon as gs
 from onnxforge.context import PassContext, Refusal
 from onnxforge.passes.base import Match, Rule, RulePass
 
+from ._match import MS_DOMAIN, const_value, is_const, producer
 from .attention_match import (
     Core,
     HeadSplit,
-    const_value,
     head_split,
-    is_constant,
     last_dim,
     match_core,
     merges_heads,
     peel_scales,
-    producer,
     scale_value,
 )
-
-MS_DOMAIN = "com.microsoft"
 
 
 # ------------------------------------------------------------------ shared checks
@@ -205,11 +201,11 @@ def projection_bias(tensor: gs.Tensor) -> tuple[gs.Tensor, np.ndarray | None] | 
     add = producer(tensor, "Add")
     if add is None:
         matmul = producer(tensor, "MatMul")
-        ok = matmul is not None and is_constant(matmul.inputs[1]) and last_dim(tensor) is not None
+        ok = matmul is not None and is_const(matmul.inputs[1]) and last_dim(tensor) is not None
         return (tensor, None) if ok else None
     for main, other in (add.inputs, add.inputs[::-1]):
         matmul = producer(main, "MatMul")
-        if matmul is None or not is_constant(other) or len(main.outputs) != 1:
+        if matmul is None or not is_const(other) or len(main.outputs) != 1:
             continue
         values = const_value(other)
         size = last_dim(main)

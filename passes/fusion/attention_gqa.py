@@ -32,8 +32,8 @@ import onnx_graphsurgeon as gs
 from onnxforge.context import PassContext, Refusal
 from onnxforge.passes.base import Match, RulePass
 
+from ._match import MS_DOMAIN, const_value, producer, scalar
 from .attention import (
-    MS_DOMAIN,
     BlockRule,
     is_scalar_constant,
     expanded_mask,
@@ -45,12 +45,9 @@ from .attention_match import (
     Core,
     Dim,
     HeadSplit,
-    const_scalar,
-    const_value,
     head_split,
     match_core,
     merges_heads,
-    producer,
     scale_value,
     shape_entries,
 )
@@ -70,7 +67,7 @@ def eval_int(tensor: gs.Tensor, x4: gs.Tensor, head_size: int) -> int | None:
         return eval_int(node.inputs[0], x4, head_size)
     if node.op == "Gather":
         shape = producer(node.inputs[0], "Shape")
-        index = const_scalar(node.inputs[1])
+        index = scalar(node.inputs[1])
         if shape is None or shape.inputs[0] is not x4 or shape.attrs or index is None:
             return None
         return head_size if int(index) in (3, -1) else None

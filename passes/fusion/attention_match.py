@@ -21,48 +21,10 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ._match import const_value, is_const, producer, scalar
+
 INT64_MAX = np.iinfo(np.int64).max
 UNKNOWN = "?"  # a shape entry computed at runtime from something other than a Shape
-
-
-def producer(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
-    """The node that makes ``tensor`` when its op is one of ``ops`` (any op if none given)."""
-    if isinstance(tensor, gs.Constant) or not tensor.inputs:
-        return None
-    node = tensor.inputs[0]
-    return node if not ops or node.op in ops else None
-
-
-def const_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor, looking through Identity and Constant nodes."""
-    while True:
-        if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values)
-        node = producer(tensor)
-        if node is None:
-            return None
-        if node.op == "Identity":
-            tensor = node.inputs[0]
-        elif node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-            return np.asarray(node.attrs["value"].values)
-        else:
-            return None
-
-
-def const_scalar(tensor: gs.Tensor) -> float | None:
-    value = const_value(tensor)
-    if value is None or value.size != 1:
-        return None
-    return float(value.reshape(()))
-
-
-def is_constant(tensor: gs.Tensor) -> bool:
-    if isinstance(tensor, gs.Constant):
-        return True
-    node = producer(tensor, "Identity", "Constant")
-    if node is None:
-        return False
-    return node.op == "Constant" or is_constant(node.inputs[0])
 
 
 def perm_of(node: gs.Node | None) -> tuple[int, ...] | None:
@@ -141,7 +103,7 @@ def shape_entries(tensor: gs.Tensor, source_rank: int = 4) -> list[Any] | None:
     if node.op == "Unsqueeze":
         gather = producer(node.inputs[0], "Gather")
         shape = producer(gather.inputs[0], "Shape") if gather is not None else None
-        index = const_scalar(gather.inputs[1]) if gather is not None else None
+        index = scalar(gather.inputs[1]) if gather is not None else None
         if shape is None or index is None:
             return [UNKNOWN]  # a runtime scalar made into one entry
         dims = _shape_node_dims(shape, source_rank)
@@ -216,13 +178,13 @@ def last_dim(tensor: gs.Tensor) -> int | None:
         return None
     if node.op in ("MatMul", "Gemm"):
         weight = node.inputs[1]
-        if isinstance(weight, gs.Constant) or is_constant(weight):
+        if isinstance(weight, gs.Constant) or is_const(weight):
             shape = weight.shape or const_value(weight).shape
             transposed = node.op == "Gemm" and node.attrs.get("transB", 0)
             return int(shape[0] if transposed else shape[-1])
     if node.op == "Add":
         for operand in node.inputs:
-            if is_constant(operand) and (operand.shape or ()) and operand.shape[-1] != 1:
+            if is_const(operand) and (operand.shape or ()) and operand.shape[-1] != 1:
                 return int(operand.shape[-1])
         return next((d for d in map(last_dim, node.inputs) if d is not None), None)
     if node.op in ("Mul", "Div", "Cast", "Identity"):
@@ -267,7 +229,7 @@ def peel_scales(tensor: gs.Tensor, stop_ops: tuple[str, ...] = ()) -> tuple[gs.T
 
 
 def _looks_like_factor(tensor: gs.Tensor, stop_ops: tuple[str, ...]) -> bool:
-    if is_constant(tensor):
+    if is_const(tensor):
         return True
     node = producer(tensor)
     return node is None or node.op not in ("MatMul", "Transpose", "Reshape", "Add", "Concat") + stop_ops
@@ -277,7 +239,7 @@ def scale_value(factors: list[ScaleFactor]) -> float | None:
     """The product of the scalar factors, or None when one is not a constant scalar."""
     total = 1.0
     for f in factors:
-        value = const_scalar(f.factor)
+        value = scalar(f.factor)
         if value is None or value == 0:
             return None
         total = total / value if f.divide else total * value
@@ -371,7 +333,7 @@ def _after_softmax(softmax: gs.Node) -> tuple[gs.Node, list[gs.Node], bool] | No
         if len(users) == 2 and {u.op for u in users} == {"IsNaN", "Where"}:
             isnan = next(u for u in users if u.op == "IsNaN")
             where = next(u for u in users if u.op == "Where")
-            zero = const_scalar(where.inputs[1])
+            zero = scalar(where.inputs[1])
             if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not tensor or zero != 0.0:
                 return None
             between += [isnan, where]
