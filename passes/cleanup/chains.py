@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, Pass, Rule
+from onnxforge.passes.matching import producer_op
 
 from .common import DEFAULT_DOMAINS, IndexedRulePass, bypass, bypass_refusal, infer_types, int_list
 
@@ -48,19 +49,12 @@ def single_reader(tensor: gs.Tensor, rule: Rule) -> bool:
     return len(tensor.outputs) == 1 and not rule.index.is_graph_output(tensor)
 
 
-def producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    if len(tensor.inputs) != 1:
-        return None
-    node = tensor.inputs[0]
-    return node if node.op == op and node.domain in DEFAULT_DOMAINS else None
-
-
 class CollapseTranspose(Rule):
     name = "collapsed_transpose"
     anchor_ops = ("Transpose",)
 
     def match(self, graph, node):
-        first = producer(node.inputs[0], "Transpose")
+        first = producer_op(node.inputs[0], "Transpose")
         if first is None or self.index.graph_of(first) is not graph:
             return None
         outer, inner = node.attrs.get("perm"), first.attrs.get("perm")
@@ -90,7 +84,7 @@ class CollapseReshape(Rule):
     anchor_ops = ("Reshape",)
 
     def match(self, graph, node):
-        first = producer(node.inputs[0], "Reshape")
+        first = producer_op(node.inputs[0], "Reshape")
         if first is None or self.index.graph_of(first) is not graph or len(node.inputs) != 2:
             return None
         return Match([node], {"first": first})
@@ -116,7 +110,7 @@ class CollapseCast(Rule):
     anchor_ops = ("Cast",)
 
     def match(self, graph, node):
-        first = producer(node.inputs[0], "Cast")
+        first = producer_op(node.inputs[0], "Cast")
         if first is None or self.index.graph_of(first) is not graph:
             return None
         return Match([node], {"first": first})
@@ -159,7 +153,7 @@ class CancelSqueezePair(Rule):
 
     def match(self, graph, node):
         partner = "Unsqueeze" if node.op == "Squeeze" else "Squeeze"
-        first = producer(node.inputs[0], partner)
+        first = producer_op(node.inputs[0], partner)
         if first is None or self.index.graph_of(first) is not graph:
             return None
         axes, first_axes = squeeze_axes(node), squeeze_axes(first)

@@ -18,11 +18,11 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxforge.context import PassContext
 from onnxforge.model import ExternalValues, iter_graphs
 from onnxforge.passes.base import PassResult, RulePass, unique_node_names
+from onnxforge.passes.matching import DEFAULT_DOMAINS  # noqa: F401  (re-exported)
 
 NONDETERMINISTIC_OPS = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 )
-DEFAULT_DOMAINS = (None, "", "ai.onnx")
 # Constants up to this size may be copied into several graph scopes (gs exports a
 # constant as an initializer of every graph whose nodes read it).
 SHARED_CONSTANT_BYTES = 1024

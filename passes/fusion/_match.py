@@ -14,19 +14,9 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.context import PassContext, Refusal
 from onnxforge.passes.base import Match, Rule
+from onnxforge.passes.matching import producer, producer_op  # noqa: F401  (re-exported)
 
 MS_DOMAIN = "com.microsoft"
-
-
-def producer(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
-    """The node that makes ``tensor`` (when its op is one of ``ops``, if given; any domain)."""
-    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    return node if node is not None and (not ops or node.op in ops) else None
-
-
-def producer_op(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
-    node = producer(tensor)
-    return node if node is not None and node.op in ops and not node.domain else None
 
 
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
+from onnxforge.passes.matching import DEFAULT_DOMAINS  # noqa: F401  (quant imports it from here)
 
 
 def one_default_domain(model: onnx.ModelProto, copy: bool = False) -> onnx.ModelProto:
