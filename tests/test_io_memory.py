@@ -10,7 +10,7 @@ import pytest
 
 CORPUS = Path.home() / ".cache" / "onnxforge" / "corpus"
 LLAMA = CORPUS / "llama_570m_seq128_extdata.onnx"
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "io_memory.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "io_memory.py"
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Peak memory of `onnxforge quantize` / `convert-fp16` (bench/quant_memory.py)."""
+"""Peak memory of `onnxforge quantize` / `convert-fp16` (benchmarks/quant_memory.py)."""
 from __future__ import annotations
 
 import subprocess
@@ -13,7 +13,7 @@ from test_quant import _conv_model
 
 CORPUS = Path.home() / ".cache" / "onnxforge" / "corpus"
 LLAMA = CORPUS / "llama_570m_seq128_extdata.onnx"
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "quant_memory.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_memory.py"
 
 
 def _bench(model: Path, out_md: Path, *only: str, calib: Path | None = None) -> str:

@@ -1,6 +1,6 @@
 """Check `onnxforge tune` and `onnxforge bench` on the shared models.
 
-    .venv/bin/python -m onnxforge.bench.runtime_check --budget 20 --out bench/results
+    .venv/bin/python benchmarks/runtime_check.py --budget 20 --out benchmarks/results
 
 1. raw vs re-saved copy (onnx.load + onnx.save) of two models through the
    bench CLI: an A/A test, the ratio's interval should include 1;
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--skip-resave", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """Peak memory of load -> cleanup pipeline -> save, against the size of the weights.
 
-    python bench/io_memory.py MODEL OUT [--no-pipeline] [--no-verify] [--markdown FILE]
+    python benchmarks/io_memory.py MODEL OUT [--no-pipeline] [--no-verify] [--markdown FILE]
 
 Each phase runs in its own child process so ``ru_maxrss`` (the peak resident set
 of that process alone) is clean:
@@ -134,7 +134,7 @@ def _markdown(args, result: dict, check: dict | None) -> str:
     lines = [
         "# Model IO memory",
         "",
-        f"Command: `{' '.join(['python', 'bench/io_memory.py', *sys.argv[1:]]).replace(str(Path.home()), '~')}`",
+        f"Command: `{' '.join(['python', 'benchmarks/io_memory.py', *sys.argv[1:]]).replace(str(Path.home()), '~')}`",
         "",
         f"Model: `{Path(args.model).name}`, weights {_gb(result['weight_bytes'])}",
         "",

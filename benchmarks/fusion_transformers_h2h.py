@@ -1,7 +1,7 @@
 """Head to head: onnxforge -O3 (CPU profile) against each peer, interleaved in one run.
 
-    .venv/bin/python -m onnxforge.bench.fusion_transformers_h2h --peer-python /tmp/simvenv/bin/python \
-        --rounds 20 --out bench/results/fusion_transformers_h2h.md [model ...]
+    .venv/bin/python benchmarks/fusion_transformers_h2h.py --peer-python /tmp/simvenv/bin/python \
+        --rounds 20 --out benchmarks/results/fusion_transformers_h2h.md [model ...]
 
 For each model: the onnxforge model first, then onnxruntime's transformers optimizer and onnxsim outputs
 (made in the peer virtualenv, as in fusion_transformers.py), timed with the bench harness (2 threads,
@@ -11,11 +11,15 @@ means onnxforge is faster; an interval containing 1 is "same".
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
-from onnxforge.bench import fusion_transformers as ft
 from onnxforge.bench.harness import compare_latency
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: benchmarks/ is a folder of scripts, not a package
+
+import fusion_transformers as ft  # noqa: E402
 
 PEERS = ("ort-transformers", "onnxsim")
 
@@ -62,7 +66,7 @@ def main(argv=None) -> None:
         for spec in specs:
             rows.append(head_to_head(spec, Path(tmp), args.peer_python, args.rounds))
             print(rows[-1], flush=True)
-    text = markdown(rows, "python -m onnxforge.bench.fusion_transformers_h2h " + " ".join(sys.argv[1:]))
+    text = markdown(rows, "python benchmarks/fusion_transformers_h2h.py " + " ".join(sys.argv[1:]))
     print(text)
     if args.out:
         Path(args.out).write_text(text)

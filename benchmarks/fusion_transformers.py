@@ -1,7 +1,7 @@
 """Transformer speed and accuracy of the fusions: raw vs onnxsim vs onnxruntime's
 transformers optimizer vs onnxforge -O3 (CPU profile).
 
-    .venv/bin/python -m onnxforge.bench.fusion_transformers [--rounds 10] [--peer-python PY] [model ...]
+    .venv/bin/python benchmarks/fusion_transformers.py [--rounds 10] [--peer-python PY] [model ...]
 
 * onnxforge: the whole -O3 CPU pipeline available in the registry (cleanup, neutral
   fusions, the CPU profile's fusions: LayerNorm/GELU/SkipLayerNorm and attention),
@@ -14,7 +14,7 @@ Both peers run in ``--peer-python``, a separate virtualenv (e.g. /tmp/peers with
 onnxsim, sympy and onnxruntime of the same version); the project's venv is left
 alone. A peer that fails is reported with its error and left out of the timing.
 
-Timing: ``bench.harness.compare_latency`` (2 intra-op threads, ORT_ENABLE_ALL,
+Timing: ``onnxforge.bench.harness.compare_latency`` (2 intra-op threads, ORT_ENABLE_ALL,
 interleaved rounds, ratio to raw as geometric mean with a 95% t-interval); and,
 because wall time on a shared 2-core machine is dominated by other processes,
 single-thread CPU time per run (ORT_ENABLE_ALL, interleaved, median), which
@@ -370,7 +370,7 @@ def main(argv=None) -> None:
         header = (f"# Transformer fusions: speed and accuracy\n\n{dt.date.today()}, onnxruntime "
                   f"{onnxruntime.__version__}, CPU provider, 2 intra-op threads, ORT_ENABLE_ALL, {args.rounds} "
                   f"interleaved rounds; ratio < 1 is faster than raw (95% CI).\n\nCommand:\n\n    "
-                  f"{' '.join(['.venv/bin/python -m onnxforge.bench.fusion_transformers'] + (argv or sys.argv[1:]))}\n\n")
+                  f"{' '.join(['.venv/bin/python benchmarks/fusion_transformers.py'] + (argv or sys.argv[1:]))}\n\n")
         args.out.write_text(header + text + "\n")
 
 

@@ -1,6 +1,6 @@
-"""Cosine before any float fallback, per equalization variant (the table in bench/results/quant.md).
+"""Cosine before any float fallback, per equalization variant (the table in benchmarks/results/quant.md).
 
-    .venv/bin/python -m onnxforge.bench.quant_equalize [MODEL ...] [--calib 8] [--val 8]
+    .venv/bin/python benchmarks/quant_equalize.py [MODEL ...] [--calib 8] [--val 8]
 
 For each model with real data (../shared/data/<model>/{calib,val}): the float
 baseline without the affine fold, with it, and each with no equalization,
@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxforge.bench.quant import DATA_DIR, model_path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: benchmarks/ is a folder of scripts, not a package
+
+from quant import DATA_DIR, model_path  # noqa: E402
 
 
 def variants(name: str, n_calib: int, n_val: int):

@@ -1,13 +1,13 @@
 """Peak memory and time of `onnxforge quantize` and `onnxforge convert-fp16` on one model.
 
-    python bench/quant_memory.py MODEL [--calib DIR [--val DIR]] [--markdown FILE] [--keep DIR]
+    python benchmarks/quant_memory.py MODEL [--calib DIR [--val DIR]] [--markdown FILE] [--keep DIR]
 
 Each command runs as its own child process (the CLI exactly as a user runs it), so
 the child's ``ru_maxrss`` is the peak resident memory of that command alone. Without
 ``--calib`` the quantizer calibrates on seeded random feeds (``--calib random``):
 what is measured is memory and time, not accuracy (the cosine the report prints is
 copied as a sanity check). With ``--calib DIR`` it calibrates on DIR, and
-onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax, the bench/quant.py
+onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax, the benchmarks/quant.py
 recipe) runs on the same feeds for comparison: its calibrator keeps every
 intermediate output of every feed. Weight bytes are read from the model's external
 data and inline tensors without loading them.
@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: benchmarks/ is a folder of scripts, not a package
 
 COMMANDS = {
     "quantize": ["-m", "onnxforge.cli", "quantize", "{model}", "-o", "{out}", "--calib", "{calib}", "--no-latency"],
@@ -66,10 +68,10 @@ def run(name: str, model: str, out: str, calib: str = "random", val: str | None 
 
 
 def ort_static(model: str, out: str, calib: str) -> None:
-    """onnxruntime's quantize_static on the feeds in ``calib`` (bench/quant.py's recipe)."""
+    """onnxruntime's quantize_static on the feeds in ``calib`` (benchmarks/quant.py's recipe)."""
     import onnx
 
-    from onnxforge.bench.quant import ort_quantize_static
+    from quant import ort_quantize_static
     from onnxforge.passes.quant.quantize import _feeds
 
     proto = onnx.load(model)

@@ -1,9 +1,9 @@
 """CNN speed of onnxforge -O3 (CPU profile) against the peer simplifiers onnxsim and onnxslim.
 
-    .venv/bin/python -m onnxforge.bench.fusion_cnn_vs_peers --peer-python /tmp/peers/bin/python \
-        [--rounds 15] [--out bench/results/fusion_cnn] [model ...]
+    .venv/bin/python benchmarks/fusion_cnn_vs_peers.py --peer-python /tmp/peers/bin/python \
+        [--rounds 15] [--out benchmarks/results/fusion_cnn] [model ...]
 
-Per model, four variants are timed interleaved in one ``bench.harness.compare_latency``
+Per model, four variants are timed interleaved in one ``onnxforge.bench.harness.compare_latency``
 run (2 intra-op threads, onnxruntime's ORT_ENABLE_ALL, shuffled rounds; ratio to raw is
 the geometric mean of per-round median ratios with a 95% t-interval):
 
@@ -262,7 +262,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--peer-python", default="/tmp/peers/bin/python",
                         help="interpreter of a separate virtualenv with onnxsim and onnxslim")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fusion_cnn",
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fusion_cnn",
                         help="writes OUT.md and OUT.json")
     args = parser.parse_args(argv)
     specs = [s for s in SPECS if not args.models or s.name in args.models]
@@ -274,7 +274,7 @@ def main(argv=None) -> None:
                 continue
             rows.append(bench_model(spec, Path(tmp), args.peer_python, args.rounds))
             print(_row_line(rows[-1]), flush=True)
-    command = "python -m onnxforge.bench.fusion_cnn_vs_peers " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/fusion_cnn_vs_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(markdown(rows, command.strip()))
     args.out.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "rows": rows}, indent=1))

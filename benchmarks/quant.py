@@ -1,8 +1,8 @@
 """INT8 table: onnxforge quantize vs onnxruntime quantize_static (QDQ, per-channel,
 MinMax) on the same calibration data, latency vs the optimized float model.
 
-    .venv/bin/python -m onnxforge.bench.quant [MODEL ...] [--rounds 10] [--budget-seconds 120] \
-        [--equalize cle|smooth|none] [--out bench/results/quant.md] [--fresh]
+    .venv/bin/python benchmarks/quant.py [MODEL ...] [--rounds 10] [--budget-seconds 120] \
+        [--equalize cle|smooth|none] [--out benchmarks/results/quant.md] [--fresh]
 
 Rows of models not named are kept from the previous results (quant.json next to
 the table) unless --fresh; each row records the command that measured it.
@@ -175,10 +175,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-seconds", type=float, default=120.0)
     parser.add_argument("--method", default="auto")
     parser.add_argument("--equalize", default="cle", choices=("cle", "smooth", "none"))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quant.md"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quant.md"))
     parser.add_argument("--fresh", action="store_true", help="drop the rows of models not run now")
     args = parser.parse_args(argv)
-    command = "python -m onnxforge.bench.quant " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/quant.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [] if args.fresh else _previous(out)

@@ -1,13 +1,13 @@
 """Reproduce the pruning table: FLOPs/parameter ratios, checker, CPU latency, refit quality.
 
-    .venv/bin/python -m onnxforge.bench.prune --out bench/results/prune
+    .venv/bin/python benchmarks/prune.py --out benchmarks/results/prune
 
 CNN rows (corpus, seeded inputs): ``--target-flops`` (0.7), L1 importance, no
 calibration; latency is measured interleaved (2 threads, ORT_ENABLE_ALL) with
-``bench/harness.compare_latency``: ratio = geometric mean of per-round ratios
+``onnxforge.bench.harness.compare_latency``: ratio = geometric mean of per-round ratios
 with a 95% t-interval. On a shared machine wall time swings with other load, so
 each CNN row also has the single-thread CPU-time ratio (``time.process_time``,
-interleaved, median of runs; see ``bench/fusion_transformers.cpu_time_ratios``).
+interleaved, median of runs; see ``cpu_time_ratios`` in benchmarks/fusion_transformers.py).
 Real-weight rows (ppocrv4_det/rec, rendered text):
 activation importance and refit on ``calib``, output cosine to the unpruned
 model on ``val`` for plain pruning and for the refitted model at the same plan.
@@ -26,6 +26,8 @@ import onnx
 from onnxforge.io import load, save
 from onnxforge.passes.prune.prune import prune
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings: benchmarks/ is a folder of scripts, not a package
+
 CORPUS = Path.home() / ".cache" / "onnxforge" / "corpus"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CNNS = ("mobilenet_v2_hf", "efficientnet_b0_hf", "resnet50_hf")
@@ -43,7 +45,7 @@ def cnn_row(name: str, target: float, out: Path, rounds: int) -> dict:
     onnx.checker.check_model(str(dst), full_check=True)
     bench = compare_latency([src, dst], threads=2, rounds=rounds, input_shapes={"pixel_values": (1, 3, 224, 224)})
     ratio = bench.models[1].ratio
-    from onnxforge.bench.fusion_transformers import cpu_time_ratios
+    from fusion_transformers import cpu_time_ratios
 
     pixels = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     cpu_ratio = cpu_time_ratios([src, dst], [{"pixel_values": pixels}], rounds=max(3 * rounds, 30))[1]
@@ -92,7 +94,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/results/prune")
+    parser.add_argument("--out", default="benchmarks/results/prune")
     parser.add_argument("--target", type=float, default=0.7, help="FLOPs target of the CNN rows")
     parser.add_argument("--real-targets", type=float, nargs="*", default=[0.9, 0.7])
     parser.add_argument("--rounds", type=int, default=15)
