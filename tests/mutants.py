@@ -961,11 +961,18 @@ def run_mutant(mutant: Mutant, models_dir: Path, work: Path) -> Outcome:
 def run_isolated_mutant(task) -> Outcome:
     """One mutant in a worker of ``isolated.run``, in a fresh folder removed after."""
     mutant, models_dir, base = task
+    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
     work = Path(tempfile.mkdtemp(prefix="mutant-", dir=base))
     try:
         return run_mutant(mutant, Path(models_dir), work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        # run_mutant points the temp dir into ``work``: the worker's next task starts afresh.
+        tempfile.tempdir = saved_dir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
 
 
 def sweep(items: list[Mutant], models_dir: Path, jobs: int = 2, timeout: float = TIMEOUT_S,
