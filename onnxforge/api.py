@@ -18,7 +18,13 @@ def as_model(model: Model | onnx.ModelProto | str | os.PathLike) -> Model:
     if isinstance(model, Model):
         return model
     if isinstance(model, onnx.ModelProto):
-        return Model.from_proto(model)
+        from .versions import cap_proto_versions
+
+        # As io.load does for files: ir_version and opset lowered to what onnxruntime reads.
+        capped, notes = cap_proto_versions(model)
+        m = Model.from_proto(capped)
+        m.notes.extend(notes)
+        return m
     return load(model)
 
 
@@ -40,6 +46,18 @@ def build_pipeline(
     if unknown:
         raise OptionError(f"--disable names unknown pass(es): {', '.join(unknown)}", hint="`onnxforge passes` lists them")
     return [resolve(n) for n in names if n not in disable] + list(extra)
+
+
+def check_options(pipeline: Sequence, options: dict[str, dict]) -> None:
+    """Per-pass options must name a pass of the pipeline and options it declares."""
+    by_name = {type(p).name: type(p) for p in pipeline}
+    for name, settings in options.items():
+        if name not in by_name:
+            raise OptionError(f"options for pass {name!r}, which this pipeline does not run",
+                              hint=f"it runs {', '.join(by_name) or 'no pass'}")
+        problem = by_name[name].option_problem(dict(settings or {}))
+        if problem:
+            raise OptionError(problem)
 
 
 def optimize(
@@ -68,6 +86,7 @@ def optimize(
     """
     m = as_model(model)
     pipeline = build_pipeline(level, passes, disable, provider, extra_passes)
+    check_options(pipeline, options or {})
     ctx = PassContext(
         model=m, provider=provider, input_shapes=dict(input_shapes or {}), options=dict(options or {}), explain=explain,
         verify_shapes=dict(verify_shapes or {}),

@@ -347,6 +347,8 @@ def cmd_passes(args) -> int:
         print(f"{name:36s} {doc if isinstance(doc, str) else ' '.join(doc)}")
         for rule, where in rule_locations(cls):  # where to read or change each rewrite
             print(f"    rule {rule:30s} {where}")
+        for key, (kind, what) in cls.options.items():
+            print(f"    option {key} ({kind.__name__}): {what}")
     for level in (1, 2, 3):
         print(f"-O{level} ({args.provider}): {', '.join(level_pipeline(level, args.provider))}")
     return 0

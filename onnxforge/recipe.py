@@ -509,9 +509,13 @@ class _Checker:
                     known.add(resolve_pass(name, self.base_dir, instantiate=False).name)
                 except OptionError as exc:
                     raise self.error(path + (key,), f"item {i + 1}: {exc.message}", hint=exc.hint) from None
-        for name in params.get("options") or {}:
+        table = all_passes()
+        for name, settings in (params.get("options") or {}).items():
             if name not in known:
                 raise self.error(path + ("options", name), "names no known pass", hint="`onnxforge passes` lists them")
+            problem = table[name].option_problem(dict(settings or {})) if name in table else None
+            if problem:
+                raise self.error(path + ("options", name), problem)
 
     # ---------------------------------------------------------------- values
 

@@ -14,7 +14,8 @@ context so ``--explain`` can print them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
 
 import onnx_graphsurgeon as gs
 
@@ -43,6 +44,22 @@ class Pass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     tolerance: ClassVar[tuple[float, float]] = (1e-5, 1e-6)
+    # Settings a user may give this pass (recipe ``options``, ``optimize(options=...)``):
+    # name -> (type, what it does). The pass reads them with ``ctx.option(self.name, key, default)``.
+    options: ClassVar[Mapping[str, tuple[type, str]]] = MappingProxyType({})
+
+    @classmethod
+    def option_problem(cls, settings: Mapping[str, Any]) -> str | None:
+        """Why ``settings`` are not options this pass takes (None when they are)."""
+        for key, value in settings.items():
+            if key not in cls.options:
+                known = ", ".join(sorted(cls.options)) or "none"
+                return f"pass {cls.name} has no option {key!r} (its options: {known})"
+            kind = cls.options[key][0]
+            accepted = (int, float) if kind is float else kind
+            if isinstance(value, bool) and kind is not bool or not isinstance(value, accepted):
+                return f"pass {cls.name} option {key!r} takes a {kind.__name__}, not {value!r}"
+        return None
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -66,6 +66,8 @@ def line_of(text: str, needle: str) -> int:
      "no such pass file"),
     (GOOD.replace("level = 2", 'options = { "fold-constans" = { size = 1 } }'), "options",
      "steps[1].options.fold-constans", "names no known pass"),
+    (GOOD.replace("level = 2", 'options = { "fold-constants" = { size = 1 } }'), "options",
+     "steps[1].options.fold-constants", "has no option 'size' (its options: size_limit)"),
     (GOOD.replace("min_cosine = 0.999", "samples = 2"), "[[steps]]\nstep = \"check\"", "steps[2]",
      "needs min_cosine, max_abs or max_rel"),
 ])

@@ -20,7 +20,8 @@ Preconditions:
   * default-domain op with at least one input, no subgraph attribute, not random
     (Random*, Multinomial, Bernoulli);
   * no output is a graph output (an initializer cannot take its place);
-  * the constant inputs total at most ``ctx.fold_size_limit`` bytes (bigger ones,
+  * the constant inputs total at most ``size_limit`` bytes (the pass's option, default
+    ``ctx.fold_size_limit``; bigger ones,
     such as external weights, are never loaded);
   * size rule: output bytes <= max(input bytes, 64 KiB) and <= ``fold_size_limit``.
     Folding swaps a node's inputs for its outputs in the file; outputs no larger
@@ -29,6 +30,8 @@ Preconditions:
     generator ops the size is computed from the shape before anything runs.
 """
 from __future__ import annotations
+
+from types import MappingProxyType
 
 import numpy as np
 import onnx
@@ -69,6 +72,10 @@ class FoldConstants(Pass):
     # take another kernel path (onnxruntime pre-packs constant LSTM/MatMul/Conv weights),
     # which rounds differently: 2e-6 absolute seen on silero_vad's LSTM.
     tolerance = (1e-5, 1e-6)
+
+    options = MappingProxyType({
+        "size_limit": (int, "bytes: the largest constant inputs folding loads and the largest result it stores"),
+    })
 
     # Folding makes shapes static, which lets more Shape nodes and If conditions fold:
     # sweep again (with fresh shape inference) until a sweep changes nothing.
@@ -232,7 +239,7 @@ class Evaluator:
 
     def fold(self, node: gs.Node, graph: gs.Graph, index: GraphIndex) -> str | None:
         """Replace the node's outputs by constants; return None, or why not."""
-        limit = self.ctx.fold_size_limit
+        limit = self.ctx.option("fold-constants", "size_limit", self.ctx.fold_size_limit)
         outputs = [t for t in node.outputs if not t.is_empty()]
         if any(index.is_graph_output(t) for t in outputs):
             return "an output is a graph output"

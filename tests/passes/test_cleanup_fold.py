@@ -196,3 +196,33 @@ def test_if_branch_whose_names_clash_with_the_outer_scope_is_not_inlined():
     assert not result.changed
     assert histogram(model)["If"] == 2
     assert "a branch tensor name is also defined elsewhere" in refusal_reasons(ctx)
+
+
+def test_size_limit_option_reaches_the_pass_and_bad_options_are_refused(tmp_path):
+    """The recipe/API ``options`` table reaches fold-constants; unknown keys, wrong types
+    and passes outside the pipeline are refused before any work."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    from onnxforge import optimize
+    import pytest
+
+    from onnxforge.errors import OptionError
+
+    big = onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "big")  # 16 KiB
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Neg", ["big"], ["n"]), helper.make_node("Add", ["x", "n"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", T.FLOAT, [64, 64])], [helper.make_tensor_value_info("y", T.FLOAT, [64, 64])],
+        initializer=[big]), opset_imports=[helper.make_opsetid("", 17)])
+    folded, _ = optimize(model, passes=["fold-constants"])
+    assert "Neg" not in [n.op for n in folded.graph.nodes]
+    kept, report = optimize(model, passes=["fold-constants"], options={"fold-constants": {"size_limit": 1024}}, explain=True)
+    assert "Neg" in [n.op for n in kept.graph.nodes]
+    assert any("fold_size_limit" in r["reason"] or "exceed" in r["reason"] for r in report.refusals)
+    for options, needle in (({"fold-constants": {"size": 1}}, "has no option 'size'"),
+                            ({"fold-constants": {"size_limit": "big"}}, "takes a int"),
+                            ({"fuse-gelu": {}}, "does not run")):
+        with pytest.raises(OptionError, match=needle):
+            optimize(model, passes=["fold-constants"], options=options)
