@@ -34,7 +34,7 @@ from .errors import DataError, OnnxForgeError, OptionError, VerificationError, f
 from .io import check_output_path, check_output_paths, guarding_inputs, load, load_input, protect, save, write_file
 from .verify import written_equals
 from .model import Model, constants
-from .recipe import STEPS, Recipe, Step, import_file, load_recipe, parse_recipe, pass_file, user_code, validate
+from .recipe import STEPS, Recipe, Step, load_recipe, parse_recipe, resolve_pass, user_code, validate
 from .report import model_stats
 
 REPORT_SCHEMA = "onnxforge.pipeline-report"
@@ -335,7 +335,7 @@ def _optimize(run: _Run, step: Step) -> dict:
         level=p["level"],
         passes=[_pass_name(n, run.recipe.base_dir) for n in p["passes"]] if p["passes"] else None,
         disable=[_pass_name(n, run.recipe.base_dir) for n in p["disable"]],
-        extra_passes=[_resolve(n, run.recipe.base_dir) for n in p["extra_passes"]],
+        extra_passes=[resolve_pass(n, run.recipe.base_dir) for n in p["extra_passes"]],
         provider=run.recipe.provider,
         input_shapes=run.settings["input_shapes"],
         options=p["options"],
@@ -355,17 +355,12 @@ def _optimize(run: _Run, step: Step) -> dict:
 
 
 def _pass_name(name: str, base_dir: Path) -> str:
-    """``file.py:Class`` becomes ``<imported module>:Class`` so the registry resolves it."""
-    module_part, sep, attr = name.rpartition(":")
-    if sep and module_part.endswith(".py"):
-        return f"{import_file(pass_file(base_dir, module_part)).__name__}:{attr}"
+    """``file.py:Class`` becomes ``<imported module>:Class`` so the registry resolves it
+    (resolution itself lives in one place: ``recipe.resolve_pass``)."""
+    if name.rpartition(":")[0].endswith(".py"):
+        cls = resolve_pass(name, base_dir, instantiate=False)
+        return f"{cls.__module__}:{cls.__name__}"
     return name
-
-
-def _resolve(name: str, base_dir: Path):
-    from .passes.registry import resolve
-
-    return resolve(_pass_name(name, base_dir))
 
 
 def _check(run: _Run, step: Step) -> dict:
