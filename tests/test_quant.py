@@ -253,10 +253,10 @@ def test_detects_each_quantized_form():
         _quantize(qdq, calib=[{"x": np.ones((2, 4), np.float32)}])
 
 
-def _weight_only_model() -> onnx.ModelProto:
+def _weight_only_model(seed: int = 11) -> onnx.ModelProto:
     """int8 weights over the full 8-bit range (rows 0-1 at +-127: two u8 x s8 products
     past int16, which saturate on CPUs without VNNI), seeded apart from RNG's order."""
-    wq = np.random.default_rng(11).integers(-127, 128, (4, 6)).astype(np.int8)
+    wq = np.random.default_rng(seed).integers(-127, 128, (4, 6)).astype(np.int8)
     wq[:2] = np.where(np.arange(6) % 2, 127, -127)
     nodes = [
         helper.make_node("Cast", ["wq"], ["wf"], name="cast", to=TensorProto.FLOAT),

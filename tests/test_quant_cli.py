@@ -35,19 +35,10 @@ def _inits(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _weight_only_model() -> onnx.ModelProto:
-    """x[2,4] @ (Cast(wq int8, full range) * 0.02)."""
-    wq = np.random.default_rng(3).integers(-127, 128, (4, 6)).astype(np.int8)
-    wq[:2] = np.where(np.arange(6) % 2, 127, -127)  # pairs whose u8 x s8 sums pass int16
-    nodes = [
-        helper.make_node("Cast", ["wq"], ["wf"], name="cast", to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["wf", "ws"], ["w"], name="dequant"),
-        helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
-    ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
-                              [numpy_helper.from_array(wq, "wq"),
-                               numpy_helper.from_array(np.full((1, 6), 0.02, np.float32), "ws")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    """x[2,4] @ (Cast(wq int8, full range) * 0.02): test_quant's model, another seed."""
+    from test_quant import _weight_only_model as build
+
+    return build(seed=3)
 
 
 def test_quantize_cli_reuses_int8_weights_on_this_cpu(tmp_path, capsys):
