@@ -1,12 +1,17 @@
 """Runs a pipeline of passes to a fixpoint, verifies the result, and finds and
 rolls back the pass responsible when verification fails.
 
-Every pass that changed the graph is recorded as a step. When the final model
-fails verification, the steps are replayed from a snapshot of the input and
-bisected to the first step whose result fails; the models before and after it
-are saved for the user, and that pass is either disabled and the pipeline rerun
-(default, reported as a warning) or the run stops with ``VerificationError``
-(``strict``). A pass that raises is handled the same way.
+What a run is judged against (``verify.Verifier``) is fixed before any pass runs:
+inputs the original runs on (``verify_feeds``) and its outputs, whether onnx's
+checker can judge (not when the original itself fails it), and which outputs are
+random. Every pass that changed the graph is recorded as a step. When the final
+model fails verification, the steps are replayed from a snapshot of the input and
+bisected to the first step whose result fails (the empty prefix failing is nobody's
+fault: the run stops); with ``debug_dir`` the models before and after it are saved,
+and that pass is either disabled and the pipeline rerun (default, reported as a
+warning) or the run stops with ``VerificationError`` (``strict``). A pass that raises
+is handled the same way. Each rerun disables a pass not disabled before, so a run
+restarts at most once per pass.
 """
 from __future__ import annotations
 
