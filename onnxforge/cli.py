@@ -91,7 +91,7 @@ READ_ARGUMENTS = {
     "input": "the input model", "model": "the input model", "models": "a benchmarked model",
     "a": "a compared model", "b": "a compared model", "reference": "the --reference model",
     "profile": "the --profile file", "data": "a --data file", "calib": "a --calib file", "val": "a --val file",
-    "eval": "an --eval file", "recipe": "the recipe",
+    "eval": "an --eval file", "recipe": "the recipe", "original": "the original model", "changed": "the changed model",
 }
 
 
@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(sub)
     _add_inspect(sub)
     _add_compare(sub)
+    _add_debug(sub)
     _add_passes(sub)
     _add_demo(sub)
     for module_name, func_name in PLUGIN_COMMANDS:
@@ -326,6 +327,36 @@ def cmd_compare(args) -> int:
     else:
         render_comparison(result)
     return 3 if args.rtol is not None and not result["ok"] else 0
+
+
+# ------------------------------------------------------------------ debug
+
+
+def _add_debug(sub) -> None:
+    p = sub.add_parser("debug", help="layer-by-layer comparison: where two models' intermediate tensors diverge")
+    p.add_argument("original", help="the reference model")
+    p.add_argument("changed", help="the optimized/quantized model")
+    p.add_argument("--data", help="folder of .npz feed dicts or .npy files (default: made-up inputs)")
+    p.add_argument("--samples", type=positive_int, default=1, help="feeds (or files) to compare on (default 1)")
+    p.add_argument("--threshold", type=float, default=1e-3,
+                   help="a tensor jumps when max rel > X or cosine < 1 - X (default 1e-3)")
+    p.add_argument("--chunk", type=positive_int, default=256, help=argparse.SUPPRESS)  # debug.CHUNK
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_debug)
+
+
+def cmd_debug(args) -> int:
+    from .debug import debug_files, json_safe, render_debug
+
+    if not (args.threshold >= 0):
+        raise InputError(f"--threshold must be >= 0, got {args.threshold}")
+    result = debug_files(args.original, args.changed, data=args.data, samples=args.samples,
+                         threshold=args.threshold, chunk=args.chunk)
+    if args.json:
+        print(json.dumps(json_safe(result), indent=2))
+    else:
+        render_debug(result)
+    return 0
 
 
 # ------------------------------------------------------------------ passes, demo
