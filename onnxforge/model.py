@@ -22,6 +22,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from .opsets import merged_opset_imports
+
 # Types whose raw bytes numpy reads directly (little-endian, one element per item).
 _PLAIN_TYPES = {
     getattr(onnx.TensorProto, n)
@@ -308,25 +310,14 @@ def _strings_as_tensor_protos(graph: gs.Graph) -> None:
 
 
 def _dedupe_opsets(model: "Model") -> None:
-    """One opset_import entry per domain ("" and "ai.onnx" are one): skl2onnx writes the
-    default domain twice, which onnxruntime's quantizer refuses. The highest version stays."""
-    entries: dict[str, onnx.OperatorSetIdProto] = {}
-    doubled = []
-    for imp in model.meta.opset_import:
-        key = "" if imp.domain in ("", "ai.onnx") else imp.domain
-        kept = entries.get(key)
-        if kept is None:
-            entries[key] = imp
-            continue
-        doubled.append(key or "ai.onnx")
-        if imp.version > kept.version:
-            entries[key] = imp
+    """One opset_import entry per domain (onnxforge.opsets): skl2onnx writes the default
+    domain twice, which onnxruntime's quantizer refuses."""
+    merged, doubled = merged_opset_imports(model.meta.opset_import)
     if not doubled:
         return
-    kept_entries = [onnx.OperatorSetIdProto(domain=e.domain, version=e.version) for e in entries.values()]
     del model.meta.opset_import[:]
-    model.meta.opset_import.extend(kept_entries)
-    model.notes.append(f"opset_import listed {', '.join(sorted(set(doubled)))} more than once; kept one entry "
+    model.meta.opset_import.extend(merged)
+    model.notes.append(f"opset_import listed {', '.join(doubled)} more than once; kept one entry "
                        "each, at the highest version")
 
 

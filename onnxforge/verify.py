@@ -110,9 +110,9 @@ def compare_arrays(name: str, ref, out, rtol: float, atol: float) -> OutputDiff:
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.nanmax(np.abs(r))) if r.size and not np.all(np.isnan(r)) else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    cosine = _cosine(r, o)
+    similarity = cosine(r, o)
     ok = max_abs <= atol + rtol * scale
-    return OutputDiff(name, max_abs, max_rel, cosine, bool(ok))
+    return OutputDiff(name, max_abs, max_rel, similarity, bool(ok))
 
 
 def _compare_nested(name: str, ref, out, rtol: float, atol: float) -> OutputDiff:
@@ -134,8 +134,11 @@ def _compare_nested(name: str, ref, out, rtol: float, atol: float) -> OutputDiff
                       min(p.cosine for p in parts), all(p.ok for p in parts))
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.nan_to_num(a.ravel()), np.nan_to_num(b.ravel())
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays, flattened, in float64 with NaN/Inf made finite;
+    1 when both are all zero, 0 when only one is."""
+    a = np.nan_to_num(np.asarray(a, dtype=np.float64).ravel())
+    b = np.nan_to_num(np.asarray(b, dtype=np.float64).ravel())
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 and nb == 0:
         return 1.0

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-# The default ONNX domain as graphs spell it (graphsurgeon gives None for an unset domain).
-DEFAULT_DOMAINS = (None, "", "ai.onnx")
+from onnxforge.opsets import DEFAULT_DOMAINS  # noqa: F401  (rules import it from here)
 
 
 def producer(tensor: gs.Tensor, *ops: str) -> gs.Node | None:

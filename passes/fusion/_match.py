@@ -114,17 +114,31 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(out is tensor for out in graph.outputs)
 
 
-def escaping_tensor(graph: gs.Graph, match: Match) -> gs.Tensor | None:
-    """An intermediate tensor of the match read outside it (or a graph output), if any."""
-    inside = {id(n) for n in match.nodes}
-    keep = {id(t) for t in match.info.get("outputs", ())}
-    for node in match.nodes:
+def escaping(graph: gs.Graph, nodes: list[gs.Node], keep_tensors=(), keep_nodes=(),
+             ignore_readers: tuple[str, ...] = ()) -> list[tuple[gs.Node, gs.Tensor]]:
+    """(node, tensor) for each output of ``nodes`` that is a graph output or is read by a
+    node outside ``nodes``: the outputs in ``keep_tensors`` and of ``keep_nodes`` excepted
+    (the fused node makes those), and readers whose op is in ``ignore_readers`` not counted."""
+    inside = {id(n) for n in nodes}
+    keep = {id(t) for t in keep_tensors}
+    kept_nodes = {id(n) for n in keep_nodes}
+    found = []
+    for node in nodes:
+        if id(node) in kept_nodes:
+            continue
         for out in node.outputs:
             if id(out) in keep:
                 continue
-            if is_graph_output(graph, out) or any(id(c) not in inside for c in out.outputs):
-                return out
-    return None
+            outside = [c for c in out.outputs if id(c) not in inside and c.op not in ignore_readers]
+            if is_graph_output(graph, out) or outside:
+                found.append((node, out))
+    return found
+
+
+def escaping_tensor(graph: gs.Graph, match: Match) -> gs.Tensor | None:
+    """An intermediate tensor of the match read outside it (or a graph output), if any."""
+    found = escaping(graph, match.nodes, keep_tensors=match.info.get("outputs", ()))
+    return found[0][1] if found else None
 
 
 def float_dtype(value: np.ndarray | None) -> bool:

@@ -43,6 +43,7 @@ from ._match import (
     scalar,
     split_const,
 )
+from .attention_match import last_dim
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -94,19 +95,8 @@ def _bias_of(x: gs.Tensor, readers: list[gs.Node]) -> tuple[gs.Node, gs.Tensor, 
     bias = const_value(b)
     if bias is None or bias.ndim != 1 or not float_dtype(bias):
         return None
-    last = _last_dim(a)
+    last = last_dim(a)
     return (add, a, b) if last == bias.shape[0] else None
-
-
-def _last_dim(tensor: gs.Tensor) -> int | None:
-    if tensor.shape and isinstance(tensor.shape[-1], int) and tensor.shape[-1] > 0:
-        return tensor.shape[-1]
-    mm = producer_op(tensor, "MatMul")
-    if mm is not None:
-        w = const_value(mm.inputs[1])
-        if w is not None and w.ndim >= 2:
-            return int(w.shape[-1])
-    return None
 
 
 def _bias_constant(graph: gs.Graph, b: gs.Tensor) -> gs.Tensor:

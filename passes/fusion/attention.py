@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.context import PassContext, Refusal
 from onnxforge.passes.base import Match, Rule, RulePass
 
-from ._match import MS_DOMAIN, const_value, is_const, producer
+from ._match import MS_DOMAIN, const_value, escaping, is_const, producer
 from .attention_match import (
     Core,
     HeadSplit,
@@ -69,20 +69,6 @@ def mask_is_finite(bias: gs.Tensor | None) -> bool:
     return all(v is not None and v.size == 1 and np.isfinite(v).all() for v in values)
 
 
-def leaks(match_nodes: list[gs.Node], keep: set[int]) -> list[str]:
-    """Names of block nodes whose outputs are used outside the block (Shape users don't count)."""
-    inside = {id(n) for n in match_nodes}
-    leaked = []
-    for node in match_nodes:
-        if id(node) in keep:
-            continue
-        for out in node.outputs:
-            outside = [u for u in out.outputs if id(u) not in inside and u.op != "Shape"]
-            if outside:
-                leaked.append(node.name)
-    return leaked
-
-
 def peeled_projection(split: HeadSplit) -> tuple[gs.Tensor, list]:
     """The projection output under scalar constant factors (folded into the scale)."""
     base, factors = peel_scales(split.x3)
@@ -107,14 +93,12 @@ class BlockRule(Rule):
         # The softmax and the two attention MatMuls locate the block; the full list is noise.
         return Refusal(self.name, reason, match.names[:3])
 
-    def leak_refusal(self, match: Match, core: Core) -> Refusal | None:
+    def leak_refusal(self, graph: gs.Graph, match: Match, core: Core) -> Refusal | None:
         """Refuse when a block node other than the head merge feeds something outside the
         block or makes one of the block's outputs (the fused op replaces them all)."""
-        keep = {id(core.merge_reshape)}
-        outputs = match.info["outputs"]
-        leaked = leaks(match.nodes, keep)
-        leaked += [n.name for n in match.nodes if id(n) not in keep
-                   and any(o.name in outputs for o in n.outputs)]
+        # Shape readers don't count: they keep their producer alive, the fused op is still exact.
+        leaked = [node.name for node, _ in escaping(graph, match.nodes, keep_nodes=(core.merge_reshape,),
+                                                    ignore_readers=("Shape",))]
         if leaked:
             return Refusal(self.name, "intermediate result used outside the attention block",
                            match.names[:1] + tuple(dict.fromkeys(leaked)))
@@ -142,8 +126,7 @@ class AttentionRule(BlockRule):
         k3, k_factors = peeled_projection(k)
         return Match([node] + [n for n in nodes if n is not node],
                      {"core": core, "q": q, "k": k, "v": v, "q3": q3, "k3": k3,
-                      "proj_factors": q_factors + k_factors,
-                      "outputs": {t.name for t in graph.outputs}})
+                      "proj_factors": q_factors + k_factors})
 
     def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
         core: Core = match.info["core"]
@@ -171,7 +154,7 @@ class AttentionRule(BlockRule):
         if core.bias is not None and core.bias.shape and len(core.bias.shape) == 4 \
                 and core.bias.shape[1] not in (1, heads) and isinstance(core.bias.shape[1], int):
             return self.refusal("mask not broadcast over heads", match)
-        return self.leak_refusal(match, core)
+        return self.leak_refusal(graph, match, core)
 
     def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
         core: Core = match.info["core"]

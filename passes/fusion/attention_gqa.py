@@ -278,7 +278,7 @@ class FuseGqaRotaryRule(BlockRule):
         unique = list({id(n): n for n in parts if n is not None}.values())
         nodes = [node] + [n for n in unique if n is not node]
         return Match(nodes, {"core": core, "q": q, "k": k, "v": v, "q_rot": q_rot, "k_rot": k_rot,
-                             "k_rep": k_rep, "v_rep": v_rep, "outputs": {t.name for t in graph.outputs}})
+                             "k_rep": k_rep, "v_rep": v_rep})
 
     def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
         core: Core = match.info["core"]
@@ -315,7 +315,7 @@ class FuseGqaRotaryRule(BlockRule):
             return self.refusal("CUDA GroupQueryAttention runs float16/bfloat16 only", match)
         if any(n.op == "Cast" and int(n.attrs.get("to", 1)) != 1 for n in core.between):
             return self.refusal("cast after softmax changes precision", match)
-        return self.leak_refusal(match, core)
+        return self.leak_refusal(graph, match, core)
 
     def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
         core: Core = match.info["core"]

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxforge.verify import cosine
+
 from .flops import to_proto
 
 
@@ -45,12 +47,6 @@ def outputs(model, feeds: Iterable[dict]) -> list[list[np.ndarray]]:
     sess = session(model)
     input_names = {i.name for i in sess.get_inputs()}
     return [sess.run(None, {k: v for k, v in feed.items() if k in input_names}) for feed in feeds]
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / denom) if denom else float(np.array_equal(a, b))
 
 
 def mean_cosine(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:

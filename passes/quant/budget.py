@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from onnxforge.errors import OptionError
+from onnxforge.verify import cosine as similarity
 
 from .ortsession import return_freed_memory, session as ort_session
 
@@ -65,16 +66,8 @@ def _float_parts(outputs: list[np.ndarray]) -> np.ndarray:
 
 
 def cosine(reference: Outputs, candidate: Outputs) -> float:
-    values = []
-    for ref, cand in zip(reference, candidate):
-        a, b = _float_parts(ref), _float_parts(cand)
-        na, nb = np.linalg.norm(a), np.linalg.norm(b)
-        if na == 0 and nb == 0:
-            values.append(1.0)
-        elif na == 0 or nb == 0:
-            values.append(0.0)
-        else:
-            values.append(float(np.dot(a, b) / (na * nb)))
+    """Mean over samples of the cosine of the sample's float outputs, concatenated."""
+    values = [similarity(_float_parts(ref), _float_parts(cand)) for ref, cand in zip(reference, candidate)]
     return float(np.mean(values)) if values else 1.0
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .opsets import one_default_domain
+from onnxforge.opsets import one_default_domain
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 INTEGER_OPS = (

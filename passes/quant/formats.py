@@ -34,7 +34,7 @@ from onnxforge.errors import OptionError
 
 from .integer_act import integer_activations
 from .layout import nhwc_data_movement, ort_transposes, wide_channel_scales
-from .opsets import one_default_domain
+from onnxforge.opsets import one_default_domain
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

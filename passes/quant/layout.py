@@ -53,6 +53,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxforge.opsets import default_opset
+
 from .equalize import graph_maps
 from .integer_act import add_initializer, node_attr
 
@@ -176,7 +178,7 @@ def nhwc_data_movement(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = model.graph
     producers, readers, inits, outputs = graph_maps(model)
     shapes = _static_shapes(model)
-    opset = _default_opset(model)
+    opset = default_opset(model)
     new_nodes, dropped, bypassed, changed = [], set(), [], 0
     for node in graph.node:
         site = _movement_site(node, producers, readers, inits, outputs)
@@ -193,10 +195,6 @@ def nhwc_data_movement(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         graph.node.extend(n for n in new_nodes if id(n) not in dropped)
         _drop_unread(graph, bypassed, outputs)  # the DQs the moved integers bypass
     return model, changed
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _fresh_name(model: onnx.ModelProto, stem: str) -> str:

@@ -29,7 +29,7 @@ from onnxforge.io import iter_tensor_protos
 from onnxforge.model import Model, copy_fields
 
 from .equalize import fold_affine, graph_maps
-from .opsets import DEFAULT_DOMAINS, one_default_domain
+from onnxforge.opsets import DEFAULT_DOMAINS, default_opset, one_default_domain
 from .ortsession import (
     infer_shapes, loads_from_file, return_freed_memory, with_external_data_loaded,
     write_with_external_data,
@@ -45,7 +45,7 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, af
     # -O2 folds affines into the next conv too (fuse-affine-into-conv): off with them
     proto = _onnxforge_pipeline(model, skip=() if affine_into_next else ("fuse-affine-into-conv",))
     base_dir = model.source.parent if isinstance(model, Model) and model.source is not None else None
-    if ort_basic and base_dir is not None and _external_only_in_initializers(proto) and _opset(proto) >= MIN_QDQ_OPSET:
+    if ort_basic and base_dir is not None and _external_only_in_initializers(proto) and default_opset(proto) >= MIN_QDQ_OPSET:
         # onnxruntime reads the weights from their files and folds constants and lifts
         # Constant nodes itself: they are loaded once, from its output (2.2 GB Llama:
         # 6 GB less at the peak than loading them, folding with graphsurgeon, and copying)
@@ -137,12 +137,8 @@ def _external_only_in_initializers(proto: onnx.ModelProto) -> bool:
     return 0 < in_initializers == anywhere
 
 
-def _opset(proto: onnx.ModelProto, default: int = 1) -> int:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default)
-
-
 def raise_opset(proto: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
-    if _opset(proto, default=minimum) >= minimum:
+    if default_opset(proto, missing=minimum) >= minimum:
         return proto
     converted = onnx.version_converter.convert_version(proto, minimum)
     if converted.ir_version < 7:

@@ -61,7 +61,7 @@ from .formats import (
     stale_float_weights, static_qdq, summarize_kernels, write_tensorrt_cache,
 )
 from .layout import convtranspose_as_conv_shuffle
-from .opsets import one_default_domain
+from onnxforge.opsets import one_default_domain
 from .ortsession import return_freed_memory
 from .prepare import constant_nodes_to_initializers, float_baseline
 
