@@ -1,5 +1,5 @@
 """Integer HardSwish / HardSigmoid / constant shifts in CPU QDQ models (passes/quant/integer_act.py)
-and the whole-window pool rewrite of the float baseline (prepare.whole_window_pools_to_global)."""
+and the whole-window pool rewrite of the float baseline (the global-pool pass)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,7 @@ from conftest import tensor_ranges
 
 from onnxforge.passes.quant import formats
 from onnxforge.passes.quant.integer_act import integer_activations
-from onnxforge.passes.quant.prepare import ort_offline, whole_window_pools_to_global
+from onnxforge.passes.quant.prepare import apply_passes, ort_offline
 
 RNG = np.random.default_rng(7)
 X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])
@@ -169,7 +169,7 @@ def test_whole_window_pool_becomes_global_and_quantizes_right(op):
         helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1),
     ]
     model = _model(nodes, [_w("w1", (8, 8, 3, 3)), _w("wg", (4, 8))], out_shape=(1, 4), opset=13)
-    rewritten, count = whole_window_pools_to_global(onnx.load_from_string(model.SerializeToString()))
+    rewritten, count = apply_passes(onnx.load_from_string(model.SerializeToString()), ("global-pool",))
     assert count == 1 and rewritten.graph.node[1].op_type == "Global" + op
     onnx.checker.check_model(rewritten, full_check=True)
     feed = _feeds(1)[0]
@@ -178,17 +178,15 @@ def test_whole_window_pool_becomes_global_and_quantizes_right(op):
     assert reference @ int8 / (np.linalg.norm(reference) * np.linalg.norm(int8)) > 0.99
     # a window smaller than the input is left alone
     small = _model([helper.make_node(op, ["x"], ["y"], name="pool", kernel_shape=[3, 3])], [], out_shape=(1, 8, 4, 4), opset=13)
-    assert whole_window_pools_to_global(small)[1] == 0
+    assert apply_passes(small, ("global-pool",))[1] == 0
 
 
 def test_gemm_row_bias_becomes_a_vector_and_quantizes():
     """magika_v3_3: onnxruntime's MatMul+Add fusion leaves Gemm's C as [1, N], on which its
     QDQ quantizer's per-channel bias check raised 'truth value of an array is ambiguous'."""
-    from onnxforge.passes.quant.prepare import gemm_bias_as_vector
-
     nodes = [helper.make_node("Flatten", ["x"], ["f"], name="flatten"), helper.make_node("Gemm", ["f", "w", "c"], ["y"], name="fc")]
     model = _model(nodes, [_w("w", (288, 4)), _w("c", (1, 4))], out_shape=(1, 4), opset=13)
-    rewritten, count = gemm_bias_as_vector(onnx.load_from_string(model.SerializeToString()))
+    rewritten, count = apply_passes(onnx.load_from_string(model.SerializeToString()), ("gemm-bias-vector",))
     assert count == 1 and list(next(t for t in rewritten.graph.initializer if t.name == "c").dims) == [4]
     feed = _feeds(1)[0]
     np.testing.assert_allclose(_run(rewritten, feed), _run(model, feed), rtol=1e-6)

@@ -57,6 +57,7 @@ from onnxforge.opsets import default_opset
 
 from .equalize import graph_maps
 from .integer_act import add_initializer, node_attr
+from .ortsession import static_shapes
 
 REPEATING_MODES = {
     ("asymmetric", "floor"),
@@ -173,11 +174,10 @@ def _conv_then_shuffle(node, k, graph, inits) -> list[onnx.NodeProto]:
 
 def nhwc_data_movement(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """DQ -> Resize/DepthToSpace [-> Q] as NHWC movement of the integers (in place); (model, count)."""
-    from .prepare import _static_shapes
 
     graph = model.graph
     producers, readers, inits, outputs = graph_maps(model)
-    shapes = _static_shapes(model)
+    shapes = static_shapes(model)
     opset = default_opset(model)
     new_nodes, dropped, bypassed, changed = [], set(), [], 0
     for node in graph.node:
@@ -310,10 +310,9 @@ def wide_channel_scales(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     Preconditions: both inputs DQ of u8/s8 activations, rank 4, the scale's
     H, W are 1 and C is not 1, the other operand's H is not 1.
     """
-    from .prepare import _static_shapes
 
     graph = model.graph
-    shapes = _static_shapes(model)
+    shapes = static_shapes(model)
     producers, _readers, inits, outputs = graph_maps(model)
     new_nodes, bypassed = [], []
     for node in graph.node:
