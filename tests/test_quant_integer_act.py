@@ -12,7 +12,8 @@ from conftest import tensor_ranges
 
 from onnxforge.passes.quant import formats
 from onnxforge.passes.quant.integer_act import integer_activations
-from onnxforge.passes.quant.prepare import apply_passes, ort_offline
+from onnxforge.passes.quant.prepare import ort_offline
+from onnxforge.passes.quant.registered import apply_passes
 
 RNG = np.random.default_rng(7)
 X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])

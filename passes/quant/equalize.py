@@ -347,14 +347,8 @@ def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """h -> Mul(a) [-> Add(b)] -> Conv: the affine moves into the Conv (one Q/DQ
     point instead of three, two fewer elementwise kernels). The rewrite is the
     -O2 fusion ``fuse-affine-into-conv`` (passes/fusion/affine_conv.py, its math
-    and preconditions there), run on ``model`` alone; the copy (``model`` itself
-    when nothing folds) and the number of folds are returned."""
-    from onnxforge.context import PassContext
-    from onnxforge.model import Model
-    from onnxforge.passes.fusion.affine_conv import FuseAffineIntoConv
+    and preconditions there); the new model (``model`` itself when nothing folds)
+    and the number of folds are returned."""
+    from .registered import apply_passes
 
-    working = Model.from_proto(model)
-    result = FuseAffineIntoConv().run(working.graph, PassContext(model=working))
-    folded = int(result.stats.get("affine-into-conv", 0))
-    return (working.to_proto() if folded else model), folded
-
+    return apply_passes(model, ("fuse-affine-into-conv",))

@@ -29,6 +29,7 @@ from onnxforge.io import iter_tensor_protos
 from onnxforge.model import Model, copy_fields
 
 from .equalize import fold_affine
+from .registered import apply_passes
 from onnxforge.opsets import DEFAULT_DOMAINS, default_opset, one_default_domain
 from .ortsession import (
     loads_from_file, return_freed_memory, with_external_data_loaded,
@@ -199,28 +200,6 @@ def _ort_offline_source(source: bytes | str, header: onnx.ModelProto, level: str
 # computes a whole-input window wrongly), gemm-bias-vector (its QDQ quantizer fails on a
 # [1, N] Gemm bias, magika_v3_3), then fuse-hardswish.
 QUANT_PREP_PASSES = ("fuse-conv-affine", "global-pool", "gemm-bias-vector")
-
-
-def apply_passes(proto: onnx.ModelProto, names: tuple[str, ...], max_iterations: int = 8) -> tuple[onnx.ModelProto, int]:
-    """``proto`` with the registered passes ``names`` run to a fixpoint (their rules fire on
-    one node at a time: Conv -> Mul -> Add takes two rounds), and how often a rule fired.
-    Not verified here: the quantizer compares the result with the float model."""
-    from onnxforge.context import PassContext
-    from onnxforge.passes.registry import resolve
-
-    model = Model.from_proto(proto)
-    ctx = PassContext(model=model)
-    passes = [resolve(name) for name in names]
-    fired = 0
-    for _ in range(max_iterations):
-        counts = [p.run(model.graph, ctx).stats for p in passes]
-        round_fired = sum(sum(c.values()) for c in counts)
-        fired += round_fired
-        if not round_fired:
-            break
-    if not fired:
-        return proto, 0
-    return _with_model_fields(model.to_proto(), proto), fired
 
 
 def fuse_hardswish(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

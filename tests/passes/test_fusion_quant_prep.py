@@ -6,7 +6,8 @@ import pytest
 from fusion_support import fuse_and_compare, rand, refusal_reasons
 
 from onnxforge.opsets import default_opset
-from onnxforge.passes.quant.prepare import apply_passes, fuse_hardswish
+from onnxforge.passes.quant.prepare import fuse_hardswish
+from onnxforge.passes.quant.registered import apply_passes
 
 HEAD = '<ir_version: 8, opset_import: ["" : 13]>'
 
