@@ -50,7 +50,7 @@ def single_reader(tensor: gs.Tensor, rule: Rule) -> bool:
 
 
 class CollapseTranspose(Rule):
-    name = "collapsed_transpose"
+    name = "collapsed-transpose"
     anchor_ops = ("Transpose",)
 
     def match(self, graph, node):
@@ -80,7 +80,7 @@ class CollapseTranspose(Rule):
 
 
 class CollapseReshape(Rule):
-    name = "collapsed_reshape"
+    name = "collapsed-reshape"
     anchor_ops = ("Reshape",)
 
     def match(self, graph, node):
@@ -106,7 +106,7 @@ class CollapseReshape(Rule):
 
 
 class CollapseCast(Rule):
-    name = "collapsed_cast"
+    name = "collapsed-cast"
     anchor_ops = ("Cast",)
 
     def match(self, graph, node):
@@ -148,7 +148,7 @@ def squeeze_axes(node: gs.Node) -> list[int] | None:
 
 
 class CancelSqueezePair(Rule):
-    name = "cancelled_squeeze_pair"
+    name = "cancelled-squeeze-pair"
     anchor_ops = ("Squeeze", "Unsqueeze")
 
     def match(self, graph, node):

@@ -39,7 +39,7 @@ def attribute_value(node: gs.Node) -> gs.Constant | np.ndarray | None:
 
 
 class ConstantNodeToInitializer(Rule):
-    name = "constant_to_initializer"
+    name = "constant-to-initializer"
     anchor_ops = ("Constant",)
 
     def match(self, graph, node):

@@ -20,7 +20,7 @@ from .common import DEFAULT_DOMAINS, IndexedRulePass, bypass, bypass_refusal, sm
 
 
 class RemoveIdentity(Rule):
-    name = "removed_identity"
+    name = "removed-identity"
     anchor_ops = ("Identity",)
 
     def match(self, graph, node):
@@ -37,7 +37,7 @@ class RemoveIdentity(Rule):
 
 
 class RemoveDropout(Rule):
-    name = "removed_dropout"
+    name = "removed-dropout"
     anchor_ops = ("Dropout",)
 
     def match(self, graph, node):

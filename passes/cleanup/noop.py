@@ -68,7 +68,7 @@ class NoopRule(Rule):
 
 
 class ReshapeNoop(NoopRule):
-    name = "removed_reshape"
+    name = "removed-reshape"
     anchor_ops = ("Reshape",)
 
     def candidate(self, node):
@@ -94,7 +94,7 @@ class ReshapeNoop(NoopRule):
 
 
 class CastNoop(NoopRule):
-    name = "removed_cast"
+    name = "removed-cast"
     anchor_ops = ("Cast", "CastLike")
 
     def why_not(self, node):
@@ -109,7 +109,7 @@ class CastNoop(NoopRule):
 
 
 class TransposeNoop(NoopRule):
-    name = "removed_transpose"
+    name = "removed-transpose"
     anchor_ops = ("Transpose",)
 
     def candidate(self, node):
@@ -126,7 +126,7 @@ class TransposeNoop(NoopRule):
 
 
 class PadNoop(NoopRule):
-    name = "removed_pad"
+    name = "removed-pad"
     anchor_ops = ("Pad",)
 
     def candidate(self, node):
@@ -140,7 +140,7 @@ class PadNoop(NoopRule):
 
 
 class ExpandNoop(NoopRule):
-    name = "removed_expand"
+    name = "removed-expand"
     anchor_ops = ("Expand",)
 
     def candidate(self, node):
@@ -151,7 +151,7 @@ class ExpandNoop(NoopRule):
 
 
 class SliceNoop(NoopRule):
-    name = "removed_slice"
+    name = "removed-slice"
     anchor_ops = ("Slice",)
 
     def candidate(self, node):
@@ -197,7 +197,7 @@ class SliceNoop(NoopRule):
 
 
 class ConcatNoop(NoopRule):
-    name = "removed_concat"
+    name = "removed-concat"
     anchor_ops = ("Concat",)
 
     def candidate(self, node):
@@ -210,7 +210,7 @@ class ConcatNoop(NoopRule):
 class ArithmeticNoop(Rule):
     """x*1, 1*x, x/1, x-(+0), x+(-0) for floats; x+0, 0+x, x-0, x*1, x/1 for integers."""
 
-    name = "removed_neutral_arithmetic"
+    name = "removed-neutral-arithmetic"
     anchor_ops = ("Mul", "Add", "Sub", "Div")
 
     def match(self, graph, node):

@@ -98,6 +98,14 @@ def other_input(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor | None:
     return None
 
 
+def either_order(node: gs.Node) -> tuple[tuple[gs.Tensor, gs.Tensor], ...]:
+    """A commutative binary op's operands in both orders, (a, b) first; () unless two."""
+    if len(node.inputs) != 2:
+        return ()
+    a, b = node.inputs
+    return (a, b), (b, a)
+
+
 def split_const(node: gs.Node) -> tuple[gs.Tensor, gs.Tensor] | None:
     """(variable input, constant input) of a binary op with exactly one constant side."""
     if len(node.inputs) != 2:

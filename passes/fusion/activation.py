@@ -32,6 +32,7 @@ from ._match import (
     FusionRule,
     const_value,
     consumer_op,
+    either_order,
     float_dtype,
     is_const,
     model_opset,
@@ -180,7 +181,7 @@ class GeluTanh(_GeluBase):
         add = producer_op(inner_sum, "Add")
         if add is None:
             return None
-        for x, cube_t in (tuple(add.inputs), tuple(reversed(add.inputs))):
+        for x, cube_t in either_order(add):
             cube = _cube_times_const(x, cube_t)
             if cube is not None:
                 break

@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.context import PassContext, Refusal
 from onnxforge.passes.base import Match, Rule, RulePass
 
-from ._match import MS_DOMAIN, const_value, escaping, is_const, producer
+from ._match import MS_DOMAIN, const_value, either_order, escaping, is_const, producer
 from .attention_match import (
     Core,
     HeadSplit,
@@ -186,7 +186,7 @@ def projection_bias(tensor: gs.Tensor) -> tuple[gs.Tensor, np.ndarray | None] | 
         matmul = producer(tensor, "MatMul")
         ok = matmul is not None and is_const(matmul.inputs[1]) and last_dim(tensor) is not None
         return (tensor, None) if ok else None
-    for main, other in (add.inputs, add.inputs[::-1]):
+    for main, other in either_order(add):
         matmul = producer(main, "MatMul")
         if matmul is None or not is_const(other) or len(main.outputs) != 1:
             continue
@@ -234,7 +234,7 @@ def _from_split(x3: gs.Tensor) -> bool:
     return producer(x3, "Split") is not None
 
 
-class FuseBertAttention(AttentionRule):
+class BertAttention(AttentionRule):
     """TorchScript BERT/DistilBERT/ViT/Whisper: separate Q, K, V projections."""
 
     name = "bert-attention"
@@ -244,7 +244,7 @@ class FuseBertAttention(AttentionRule):
             and not any(_from_split(s.x3) for s in (q, k, v))
 
 
-class FuseCausalAttention(AttentionRule):
+class CausalAttention(AttentionRule):
     """GPT-2: Q, K, V split from one packed (Conv1D) projection; causal mask added to the scores."""
 
     name = "causal-attention"
@@ -254,7 +254,7 @@ class FuseCausalAttention(AttentionRule):
             and all(_from_split(s.x3) for s in (q, k, v))
 
 
-class FuseSdpaAttention(AttentionRule):
+class SdpaAttention(AttentionRule):
     """dynamo's decomposed scaled_dot_product_attention (sqrt-scale on Q and K, NaN guard)."""
 
     name = "sdpa-attention"
@@ -267,21 +267,21 @@ class FuseAttention(RulePass):
     name = "fuse-attention"
     description = "BERT-like self-attention (TorchScript) -> com.microsoft MultiHeadAttention"
     tolerance = (1e-4, 1e-5)
-    rules = (FuseBertAttention,)
+    rules = (BertAttention,)
 
 
-class FuseCausalAttentionPass(RulePass):
+class FuseCausalAttention(RulePass):
     name = "fuse-causal-attention"
     description = "GPT-2 self-attention with packed QKV projection and causal mask -> MultiHeadAttention"
     tolerance = (1e-4, 1e-5)
-    rules = (FuseCausalAttention,)
+    rules = (CausalAttention,)
 
 
 class FuseSdpa(RulePass):
     name = "fuse-sdpa"
     description = "dynamo-exported scaled_dot_product_attention -> MultiHeadAttention"
     tolerance = (1e-4, 1e-5)
-    rules = (FuseSdpaAttention,)
+    rules = (SdpaAttention,)
 
 
-PASSES = (FuseAttention, FuseCausalAttentionPass, FuseSdpa)
+PASSES = (FuseAttention, FuseCausalAttention, FuseSdpa)

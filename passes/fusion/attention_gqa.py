@@ -255,7 +255,7 @@ def projection_dtype(tensor: gs.Tensor):
 
 # ------------------------------------------------------------------ the rule
 
-class FuseGqaRotaryRule(BlockRule):
+class GqaRotaryAttention(BlockRule):
     """Llama (TorchScript): rotate_half rotary on Q and K, repeat_kv on K and V, additive mask."""
 
     name = "gqa-rotary-attention"
@@ -407,7 +407,7 @@ class FuseGqaRotary(RulePass):
     name = "fuse-gqa-rotary"
     description = "Llama rotary + grouped-query attention -> RotaryEmbedding + GroupQueryAttention"
     tolerance = (1e-4, 1e-5)
-    rules = (FuseGqaRotaryRule,)
+    rules = (GqaRotaryAttention,)
 
 
 PASSES = (FuseGqaRotary,)

@@ -346,7 +346,7 @@ def _cle(model, sites: list[Site], iterations: int) -> int:
 def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """h -> Mul(a) [-> Add(b)] -> Conv: the affine moves into the Conv (one Q/DQ
     point instead of three, two fewer elementwise kernels). The rewrite is the
-    -O2 fusion ``fuse-affine-into-conv`` (passes/fusion/affine_conv.py, its math
+    -O2 fusion ``fuse-affine-into-conv`` (passes/fusion/affine_into_conv.py, its math
     and preconditions there); the new model (``model`` itself when nothing folds)
     and the number of folds are returned."""
     from .registered import apply_passes

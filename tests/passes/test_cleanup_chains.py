@@ -25,7 +25,7 @@ def test_transpose_pairs_compose_or_cancel():
       d = Transpose <perm = [1, 2, 0]> (c)
       z = Neg(d)
     }""")
-    assert result.stats == {"collapsed_transpose": 2}
+    assert result.stats == {"collapsed-transpose": 2}
     assert histogram(model) == {"Transpose": 1, "Neg": 2}
     transpose = next(n for n in model.graph.nodes if n.op == "Transpose")
     assert list(transpose.attrs["perm"]) == [2, 1, 0] and transpose.inputs[0].name == "x"
@@ -41,7 +41,7 @@ def test_reshape_pair_collapses():
       b = Reshape(a, s2)
       y = Neg(b)
     }""")
-    assert result.stats == {"collapsed_reshape": 1}
+    assert result.stats == {"collapsed-reshape": 1}
     assert histogram(model) == {"Reshape": 1, "Neg": 1}
     assert_parity(before, model, X)
 
@@ -80,7 +80,7 @@ def test_exact_cast_round_trips_removed():
       k = Neg(e)
     }""")
     # f32->f64->f32 and i32->i64->i32 vanish; i32->i64->f64 becomes i32->f64 directly.
-    assert result.stats == {"collapsed_cast": 3}
+    assert result.stats == {"collapsed-cast": 3}
     assert histogram(model) == {"Cast": 1, "Neg": 3}
     feeds = {**X, "i": np.array([-(2**31), 5, 2**31 - 1], np.int32)}
     assert_parity(before, model, feeds)
@@ -109,6 +109,6 @@ def test_squeeze_unsqueeze_pairs_cancel():
       d = Squeeze(c, neg)
       z = Neg(d)
     }""")
-    assert result.stats == {"cancelled_squeeze_pair": 2}
+    assert result.stats == {"cancelled-squeeze-pair": 2}
     assert histogram(model) == {"Neg": 2}
     assert_parity(before, model, X)

@@ -17,7 +17,7 @@ def test_constant_nodes_become_initializers():
     }""")
     before = model.to_proto()
     result, _ = run_pass("constant-to-initializer", model)
-    assert result.stats == {"constant_to_initializer": 3}
+    assert result.stats == {"constant-to-initializer": 3}
     assert histogram(model) == {"Add": 1, "Mul": 1, "Reshape": 1}
     proto = model.to_proto()
     assert sorted(i.name for i in proto.graph.initializer) == ["a", "b", "s"]
@@ -32,7 +32,7 @@ def test_constant_in_subgraph_stays_in_subgraph():
     }""")
     before = model.to_proto()
     result, _ = run_pass("constant-to-initializer", model)
-    assert result.stats == {"constant_to_initializer": 2}
+    assert result.stats == {"constant-to-initializer": 2}
     proto = model.to_proto()
     assert not proto.graph.initializer
     branches = {a.name: a.g for a in proto.graph.node[0].attribute}

@@ -17,7 +17,7 @@ def test_identity_and_dropout_removed():
     }""")
     before = model.to_proto()
     result, _ = run_pass("eliminate-identity", model)
-    assert result.stats == {"removed_identity": 2, "removed_dropout": 1}
+    assert result.stats == {"removed-identity": 2, "removed-dropout": 1}
     assert histogram(model) == {"Relu": 1, "Neg": 1}
     assert_parity(before, model, X)
 
@@ -31,7 +31,7 @@ def test_graph_output_name_is_kept():
     }""")
     before = model.to_proto()
     result, ctx = run_pass("eliminate-identity", model)
-    assert result.stats == {"removed_identity": 1}
+    assert result.stats == {"removed-identity": 1}
     # y: Relu now writes y directly; z reads a graph input, so its Identity stays.
     assert histogram(model) == {"Relu": 1, "Identity": 1}
     relu = next(n for n in model.graph.nodes if n.op == "Relu")
@@ -65,7 +65,7 @@ def test_identity_inside_if_branch():
     before = model.to_proto()
     result, ctx = run_pass("eliminate-identity", model)
     # The else branch's Identity forwards an outer tensor as the branch output: it stays.
-    assert result.stats == {"removed_identity": 1}
+    assert result.stats == {"removed-identity": 1}
     assert histogram(model) == {"Relu": 1, "If": 1, "Neg": 1, "Identity": 1}
     assert any("another scope" in r for r in refusal_reasons(ctx))
     for c in (True, False):

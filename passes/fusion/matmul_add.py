@@ -1,11 +1,8 @@
-"""Dense layers: MatMul + Add -> Gemm, Transpose and scalar scales folded into the weights.
+"""MatMul + Add -> Gemm, MatMul + 0 -> MatMul, Transpose folded into Gemm (fuse-matmul-add).
 
   MatMul(A, B) + C = Gemm(A, B, C)               A and B 2-D, C broadcasts to [M, N]
                                                  unidirectionally (1-D [N], [1, N] or [M, N])
   Gemm(Transpose(A), B) = Gemm(A, B, transA=!transA)    (perm [1, 0]; same for B)
-  MatMul(A, W) * s = MatMul(A, W * s),  MatMul(A, W) / s = MatMul(A, W / s),
-  MatMul(A * s, W) = MatMul(A, W * s)             W constant, s a constant scalar
-  Gemm(A, B, C) * s = Gemm(A, B, C, alpha * s, beta * s)
   MatMul(A, B) + 0 = MatMul(A, B)                 any rank; the zero broadcasts without
                                                  enlarging the output ([N], [1, .., N], scalar)
 The last is exact except for the sign of zero (-0.0 + 0.0 = +0.0; the two compare equal),
@@ -13,9 +10,6 @@ which is why the lossless cleanup keeps x + 0.0 and this tolerance-checked pass 
 randomly initialised exports (zero biases) otherwise pay a full elementwise pass per layer.
 Preconditions: A's rank is known to be 2 for Gemm (Gemm is 2-D only); constants are
 floating point of the weight's type; the intermediate tensor is read only by the pair.
-A scale is not folded out of an activation: the 0.5 of GELU's 0.5 * x * (1 + erf(..))
-(or tanh) and the 1/6 of HardSwish's x * clip(..) / 6 stay, so that the activation
-fusions of -O3 still see their pattern (a fused GELU is worth more than one Mul).
 """
 from __future__ import annotations
 
@@ -24,10 +18,10 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, RulePass
 
-from ._match import FusionRule, const_value, fresh_constant, producer, producer_op, replace, scalar, split_const
+from ._match import FusionRule, const_value, either_order, fresh_constant, producer, replace
 
 
-def _rank(t: gs.Tensor) -> int | None:
+def rank_of(t: gs.Tensor) -> int | None:
     value = const_value(t)
     if value is not None:
         return value.ndim
@@ -39,7 +33,7 @@ class MatMulAdd(FusionRule):
     anchor_ops = ("Add",)
 
     def match(self, graph, node):
-        for y, c in (tuple(node.inputs), tuple(reversed(node.inputs))):
+        for y, c in either_order(node):
             mm = producer(y)
             if mm is not None and mm.op == "MatMul" and not mm.domain:
                 return Match([node, mm], {"mm": mm, "c": c, "outputs": [node.outputs[0]]})
@@ -48,7 +42,7 @@ class MatMulAdd(FusionRule):
     def preconditions(self, graph, match, ctx):
         mm, c = match.info["mm"], match.info["c"]
         a, b = mm.inputs
-        if _rank(a) != 2 or _rank(b) != 2:
+        if rank_of(a) != 2 or rank_of(b) != 2:
             return "MatMul inputs are not known to be 2-D"
         value = const_value(c)
         if value is None:
@@ -75,7 +69,7 @@ class MatMulZeroBias(FusionRule):
     anchor_ops = ("Add",)
 
     def match(self, graph, node):
-        for y, c in (tuple(node.inputs), tuple(reversed(node.inputs))):
+        for y, c in either_order(node):
             mm = producer(y)
             value = const_value(c)
             is_zero = value is not None and value.dtype.kind == "f" and not np.any(value)
@@ -88,7 +82,7 @@ class MatMulZeroBias(FusionRule):
         w = const_value(mm.inputs[1])
         if w is None or w.ndim < 2:
             return "MatMul weight not a constant matrix"
-        a_rank = _rank(mm.inputs[0])
+        a_rank = rank_of(mm.inputs[0])
         # the output has at least w's rank, or one less when A is (or may be) 1-D
         out_rank = max(a_rank, w.ndim) if a_rank is not None and a_rank >= 2 else w.ndim - 1
         leading, last = zero.shape[:-1], (zero.shape[-1:] or (1,))[0]
@@ -126,81 +120,6 @@ class GemmTranspose(FusionRule):
         replace(graph, match, "Gemm", inputs, attrs, name=gemm.name)
 
 
-def activation_product(t: gs.Tensor) -> bool:
-    """Is ``t`` x * (1 + erf(..)) / x * (1 + tanh(..)) (GELU before its 0.5) or x * clip(..)
-    (HardSwish before its 1/6)?"""
-    mul = producer_op(t, "Mul")
-    if mul is None:
-        return False
-    for factor in mul.inputs:
-        if producer_op(factor, "Clip") is not None:
-            return True
-        shift = producer_op(factor, "Add")
-        if shift is not None and any(producer_op(i, "Erf", "Tanh") is not None for i in shift.inputs):
-            return True
-    return False
-
-
-class MatMulScale(FusionRule):
-    """Scalar Mul/Div after (or Mul before) a MatMul/Gemm with constant weights."""
-
-    name = "matmul-scale"
-    anchor_ops = ("Mul", "Div", "MatMul")
-
-    def match(self, graph, node):
-        if node.op == "MatMul":  # MatMul(A * s, W)
-            pre = producer(node.inputs[0])
-            if pre is None or pre.op != "Mul" or split_const(pre) is None:
-                return None
-            a, s = split_const(pre)
-            return Match([node, pre], {"lin": node, "a": a, "s": s, "div": False, "outputs": [node.outputs[0]]})
-        split = split_const(node)
-        if split is None:
-            return None
-        y, s = split
-        lin = producer(y)
-        if lin is None or lin.op not in ("MatMul", "Gemm") or lin.domain:
-            return None
-        if lin.op == "MatMul" and const_value(lin.inputs[1]) is None:
-            return None  # activations times activations (attention scores): nothing to fold into
-        if node.op == "Div" and node.inputs[0] is not y:
-            return None
-        return Match([node, lin], {"lin": lin, "a": lin.inputs[0], "s": s, "div": node.op == "Div",
-                                   "outputs": [node.outputs[0]]})
-
-    def preconditions(self, graph, match, ctx):
-        lin = match.info["lin"]
-        s = const_value(match.info["s"])
-        if s is None or s.size != 1:
-            return "scale is not a constant scalar"
-        if match.nodes[0] is lin and activation_product(match.info["a"]):
-            return "the scale belongs to a GELU/HardSwish pattern (kept for the activation fusion)"
-        if s.ndim > 0 and lin.op == "Gemm" and s.ndim > 2:
-            return "scale would broadcast the output's rank"
-        w = const_value(lin.inputs[1])
-        if lin.op == "MatMul" and w is None:
-            return "weights not constant"
-        if w is not None and (w.dtype.kind != "f" or s.dtype != w.dtype):
-            return "weights and scale are not the same floating type"
-        if lin.op == "MatMul" and s.ndim > max(_rank(lin.inputs[0]) or 0, w.ndim):
-            return "scale would broadcast the output's rank"
-        return None
-
-    def rewrite(self, graph, match, ctx):
-        lin, info = match.info["lin"], match.info
-        s = scalar(info["s"])
-        factor = 1.0 / s if info["div"] else s
-        if lin.op == "Gemm":
-            attrs = dict(lin.attrs)
-            attrs["alpha"] = float(attrs.get("alpha", 1.0)) * factor
-            attrs["beta"] = float(attrs.get("beta", 1.0)) * factor
-            replace(graph, match, "Gemm", list(lin.inputs), attrs, name=lin.name)
-            return
-        w = const_value(lin.inputs[1])
-        w2 = (w.astype(np.float64) * factor).astype(w.dtype)
-        replace(graph, match, "MatMul", [info["a"], fresh_constant(graph, f"{lin.name}_scaled_w", w2)], name=lin.name)
-
-
 class FuseMatMulAdd(RulePass):
     name = "fuse-matmul-add"
     description = "2-D MatMul + constant Add -> Gemm; MatMul + 0 -> MatMul; Transpose folded into Gemm"
@@ -208,11 +127,4 @@ class FuseMatMulAdd(RulePass):
     rules = (MatMulAdd, MatMulZeroBias, GemmTranspose)
 
 
-class FoldMatMulScale(RulePass):
-    name = "fold-matmul-scale"
-    description = "constant scalar Mul/Div around a MatMul/Gemm folded into its weights or alpha"
-    tolerance = (1e-5, 1e-6)
-    rules = (MatMulScale,)
-
-
-PASSES = (FuseMatMulAdd, FoldMatMulScale)
+PASSES = (FuseMatMulAdd,)

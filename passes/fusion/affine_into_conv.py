@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.passes.base import Match, RulePass
 
 from ._match import FusionRule, const_value, fresh_constant, producer, replace, split_const
-from .dense import activation_product
+from .matmul_scale import activation_product
 
 
 def input_channel_vector(c: np.ndarray, channels: int) -> np.ndarray | None:
