@@ -34,7 +34,18 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--csv", help="write one summary row per model as CSV")
     p.add_argument("--markdown", help="write the summary table as Markdown")
     p.add_argument("--plot", help="write a PNG plot of the latency distributions and ratios")
+    g = p.add_argument_group("generation (decoders with a KV cache)")
+    g.add_argument("--generate", type=positive_int, metavar="N",
+                   help="greedy-generate N tokens with the cache per round: time to first token, decode "
+                        "tokens/s, peak memory, and whether each model's tokens equal the first's")
+    g.add_argument("--prompt-length", type=positive_int, default=32,
+                   help="prompt tokens (row b of a batch has fewer, so it is left padded; default 32)")
+    g.add_argument("--batch", type=positive_int, default=1, help="prompts generated at once (default 1)")
     p.set_defaults(func=cmd_bench)
+
+
+# Options of the per-run bench that mean nothing for a generation loop.
+NOT_WITH_GENERATE = ("input_shape", "iterations", "recreate_every", "reference", "csv", "markdown", "plot")
 
 
 def bench_from_args(args, progress=None):
@@ -68,6 +79,8 @@ def checked_shape_ranges(specs: list[str] | None) -> dict:
 
 
 def cmd_bench(args) -> int:
+    if args.generate:
+        return cmd_generate(args)
     from rich.console import Console
 
     from onnxforge.bench.outputs import render_table, write_csv, write_json, write_markdown
@@ -92,4 +105,35 @@ def cmd_bench(args) -> int:
         if target:
             write_file(target, lambda tmp, writer=writer: writer(result, tmp))
             console.print(f"wrote {target}", highlight=False)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """``bench --generate N``: the greedy decode loop of bench/generate.py."""
+    import json
+
+    from rich.console import Console
+
+    from onnxforge.bench.generate import GenerateConfig, render, run_generate_bench
+    from onnxforge.bench.harness import load_profile_arg, make_variants, parse_model_spec
+    from onnxforge.errors import OptionError
+    from onnxforge.io import check_output_paths, write_file
+
+    given = [f"--{name.replace('_', '-')}" for name in NOT_WITH_GENERATE if getattr(args, name, None)]
+    if given:
+        raise OptionError(f"bench --generate does not take {', '.join(given)}")
+    check_output_paths(args.json)
+    config = GenerateConfig(tokens=args.generate, prompt_length=args.prompt_length, batch=args.batch,
+                            rounds=args.rounds, threads=args.threads, seed=args.seed, data=args.data)
+    shared_profile = load_profile_arg(args.profile)
+    models, profiles = [], []
+    for spec in args.models:
+        model, own_profile = parse_model_spec(spec)
+        models.append(model)
+        profiles.append(load_profile_arg(own_profile) if own_profile else shared_profile)
+    result = run_generate_bench(make_variants(models, profiles, args.provider), config)
+    render(result)
+    if args.json:
+        write_file(args.json, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=1, default=str)))
+        Console(stderr=True).print(f"wrote {args.json}", highlight=False)
     return 0

@@ -2,7 +2,7 @@
 from .activation import PASSES as ACTIVATION_PASSES
 from .affine_into_conv import PASSES as AFFINE_CONV_PASSES
 from .attention import PASSES as ATTENTION_PASSES
-from .attention_gqa import PASSES as GQA_PASSES
+from .attention_gqa_cache import PASSES as GQA_PASSES
 from .conv_affine import PASSES as CONV_AFFINE_PASSES
 from .conv_bn import PASSES as CONV_BN_PASSES
 from .embed_layernorm import PASSES as EMBED_LAYERNORM_PASSES

@@ -28,7 +28,7 @@ Which exporter form each pass owns:
     causal (+padding) mask added to the scores.
   * ``fuse-sdpa``: the dynamo exporter's decomposed scaled_dot_product_attention:
     sqrt(scale) on Q and K, K transposed through Reshape/Transpose/Reshape, NaN guard.
-  * ``fuse-gqa-rotary`` (attention_gqa.py): Llama.
+  * ``fuse-gqa-rotary`` (attention_gqa.py, attention_gqa_cache.py): Llama, without and with a KV cache.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.context import PassContext, Refusal
-from onnxforge.passes.base import Match, RulePass
+from onnxforge.passes.base import Match
 
 from ._match import MS_DOMAIN, const_value, producer, scalar
 from .attention import (
@@ -401,13 +401,3 @@ class _Builder:
         last = self.op("Sub", [total, self.const("one_vec", [1])], "total_minus_one")
         rows = self.op("Expand", [last, batch], "seqlens_i64")
         return self.op("Cast", [rows], "seqlens_k", dtype=np.int32, to=6)
-
-
-class FuseGqaRotary(RulePass):
-    name = "fuse-gqa-rotary"
-    description = "Llama rotary + grouped-query attention -> RotaryEmbedding + GroupQueryAttention"
-    tolerance = (1e-4, 1e-5)
-    rules = (GqaRotaryAttention,)
-
-
-PASSES = (FuseGqaRotary,)

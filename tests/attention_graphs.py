@@ -192,6 +192,31 @@ def sdpa(heads=2, head_size=4, mask_from_input=False, seed=0) -> onnx.ModelProto
     return model(g, [x_input(hidden)] + extra, [y_output()], opset=18)
 
 
+def rotate_half(g: G, x4: str, cos: str, sin: str, head_size: int, dynamic_half=True, half_offset=0) -> str:
+    """x4 * cos + Concat(-x4[..., D/2:], x4[..., :D/2]) * sin, with D/2 read from Shape(x4) like TorchScript."""
+    if dynamic_half:
+        d = g.op("Gather", g.op("Shape", x4), g.const(3, np.int64), axis=0)
+        half = g.op("Unsqueeze", g.op("Cast", g.op("Div", d, g.const(2, np.int64)), to=TensorProto.INT64),
+                    g.ints(0))
+    else:
+        half = g.ints(head_size // 2)
+    if half_offset:
+        half = g.op("Add", half, g.ints(half_offset))
+    first = g.op("Slice", x4, g.ints(0), half, g.ints(3), g.ints(1))
+    second = g.op("Slice", x4, half, g.ints(np.iinfo(np.int64).max), g.ints(3), g.ints(1))
+    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+    return g.op("Add", g.op("Mul", x4, cos), g.op("Mul", rotated, sin))
+
+
+def repeat_kv(g: G, x4: str, rep: int, heads: int) -> str:
+    """HF repeat_kv: Reshape(Expand(Unsqueeze(x4, 2), [B, Nkv, r, T, D]), [B, N, T, D])."""
+    up = g.op("Unsqueeze", x4, g.ints(2))
+    target = g.op("Concat", g.dim(x4, 0), g.dim(x4, 1), g.ints(rep), g.dim(x4, 2), g.dim(x4, 3), axis=0)
+    wide = g.op("Expand", up, target)
+    merged = g.op("Concat", g.dim(x4, 0), g.ints(heads), g.dim(x4, 2), g.dim(x4, 3), axis=0)
+    return g.op("Reshape", wide, merged)
+
+
 def llama(heads=4, kv_heads=2, head_size=8, dynamic_half=True, half_offset=0, unequal_cos=False,
           seed=0) -> onnx.ModelProto:
     """Llama (TorchScript): rotate_half rotary on Q and K, repeat_kv, causal + padding mask."""
@@ -208,33 +233,16 @@ def llama(heads=4, kv_heads=2, head_size=8, dynamic_half=True, half_offset=0, un
     cos = g.op("Unsqueeze", g.op("Mul", g.op("Cos", emb), g.const(1.0)), g.ints(1))
     sin = g.op("Unsqueeze", g.op("Mul", g.op("Sin", emb), g.const(1.0)), g.ints(1))
 
-    def rotate(x4):
-        if dynamic_half:
-            d = g.op("Gather", g.op("Shape", x4), g.const(3, np.int64), axis=0)
-            half = g.op("Unsqueeze", g.op("Cast", g.op("Div", d, g.const(2, np.int64)), to=TensorProto.INT64),
-                        g.ints(0))
-        else:
-            half = g.ints(head_size // 2)
-        if half_offset:
-            half = g.op("Add", half, g.ints(half_offset))
-        first = g.op("Slice", x4, g.ints(0), half, g.ints(3), g.ints(1))
-        second = g.op("Slice", x4, half, g.ints(np.iinfo(np.int64).max), g.ints(3), g.ints(1))
-        rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
-        return g.op("Add", g.op("Mul", x4, cos), g.op("Mul", rotated, sin))
-
-    def repeat(x4):
-        up = g.op("Unsqueeze", x4, g.ints(2))
-        target = g.op("Concat", g.dim(x4, 0), g.dim(x4, 1), g.ints(rep), g.dim(x4, 2), g.dim(x4, 3), axis=0)
-        wide = g.op("Expand", up, target)
-        merged = g.op("Concat", g.dim(x4, 0), g.ints(heads), g.dim(x4, 2), g.dim(x4, 3), axis=0)
-        return g.op("Reshape", wide, merged)
-
     q3 = projection(g, rng, "x", hidden, hidden, bias=False)
     k3 = projection(g, rng, "x", hidden, kv_hidden, bias=False)
     v3 = projection(g, rng, "x", hidden, kv_hidden, bias=False)
+
+    def rotate(x4):
+        return rotate_half(g, x4, cos, sin, head_size, dynamic_half, half_offset)
+
     q4 = rotate(split_heads(g, q3, -1, head_size))
-    k4 = repeat(rotate(split_heads(g, k3, -1, head_size)))
-    v4 = repeat(split_heads(g, v3, -1, head_size))
+    k4 = repeat_kv(g, rotate(split_heads(g, k3, -1, head_size)), rep, heads)
+    v4 = repeat_kv(g, split_heads(g, v3, -1, head_size), rep, heads)
     scores = g.op("Mul", g.op("MatMul", q4, g.op("Transpose", k4, perm=[0, 1, 3, 2])),
                   g.const(1.0 / np.sqrt(head_size)))
     probs = g.op("Softmax", g.op("Add", scores, padding_bias(g, causal=True)), axis=-1)

@@ -1,0 +1,188 @@
+"""Llama self-attention with a KV cache -> com.microsoft RotaryEmbedding + GroupQueryAttention.
+
+The decoder-with-past form Hugging Face exporters write (TorchScript, eager attention):
+
+  K = Concat(past_key, rotary(k4), axis=2)     -> present.key    [B, Nkv, P+S, D]
+  V = Concat(past_value, v4, axis=2)           -> present.value
+  y = Softmax(scale * rotary(q4) repeat_kv(K)^T + M) repeat_kv(V)   (M: [B|1, 1, S, P+S] additive)
+
+Identity (T = P + S, for every batch row):
+
+  GroupQueryAttention(q3', k3', v3, past_key, past_value,
+                      seqlens_k = T - 1, total_sequence_length = T,
+                      attention_bias = Expand(M, [1, 1, S, T]), causal = 0)
+    == (y, present.key, present.value)
+
+with q3', k3' the RotaryEmbedding of q3, k3 exactly as in ``attention_gqa.py`` (the cache rows are
+the model's own cos/sin per (batch, position), so left padding's per-row positions are kept). With
+seqlens_k = T - 1 on every row the kernel appends the new keys after the P past ones (``Concat``
+along axis 2) and attends over all T; with causal = 0 the model's own mask M is the only mask, so
+causal masking, left padding and holes keep their meaning at every query position. Prefill is
+P = 0 (an empty past), decode S = 1; the present outputs keep the model's names and [B, Nkv, T, D]
+layout, so generation loops that feed presents back as past are unchanged.
+
+Preconditions (checked): those of ``attention_gqa.py``; the cache Concats join along the sequence
+axis (2) with the past first; present tensors are not read by other nodes of the block.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.context import PassContext, Refusal
+from onnxforge.passes.base import Match, RulePass
+
+from ._match import MS_DOMAIN, escaping, producer
+from .attention import BlockRule, is_scalar_constant, mask_is_finite, softmax_is_last_axis
+from .attention_gqa import (
+    GqaRotaryAttention,
+    Repeat,
+    Rotary,
+    _Builder,
+    halves_equal,
+    match_repeat,
+    match_rotary,
+    projection_dtype,
+    repeat_is_exact,
+    slices_halves,
+)
+from .attention_match import Core, HeadSplit, head_split, match_core, merges_heads, scale_value
+
+
+def cache_concat(tensor: gs.Tensor) -> gs.Node | None:
+    """``Concat(past, new)`` with two inputs: the cache append."""
+    node = producer(tensor, "Concat")
+    return node if node is not None and len(node.inputs) == 2 else None
+
+
+class GqaRotaryCacheAttention(BlockRule):
+    """Llama with past_key_values: rotary on Q and K, K/V appended to the past, repeat_kv, additive mask."""
+
+    name = "gqa-rotary-cache-attention"
+
+    def match(self, graph: gs.Graph, node: gs.Node) -> Match | None:
+        core = match_core(node)
+        if core is None or core.key.form != "swap":
+            return None
+        q_rot = match_rotary(core.q4)
+        k_rep, v_rep = match_repeat(core.key.k4), match_repeat(core.v4)
+        if q_rot is None or k_rep is None or v_rep is None:
+            return None
+        k_cat, v_cat = cache_concat(k_rep.x4), cache_concat(v_rep.x4)
+        if k_cat is None or v_cat is None:
+            return None
+        k_rot = match_rotary(k_cat.inputs[1])
+        q = head_split(q_rot.x4, (0, 2, 1, 3))
+        k = head_split(k_rot.x4, (0, 2, 1, 3)) if k_rot is not None else None
+        v = head_split(v_cat.inputs[1], (0, 2, 1, 3))
+        if q is None or k is None or v is None:
+            return None
+        parts = (core.nodes + q_rot.nodes + k_rot.nodes + k_rep.nodes + v_rep.nodes + [k_cat, v_cat]
+                 + q.nodes + k.nodes + v.nodes)
+        unique = list({id(n): n for n in parts if n is not None}.values())
+        nodes = [node] + [n for n in unique if n is not node]
+        return Match(nodes, {"core": core, "q": q, "k": k, "v": v, "q_rot": q_rot, "k_rot": k_rot,
+                             "k_rep": k_rep, "v_rep": v_rep, "k_cat": k_cat, "v_cat": v_cat,
+                             "outputs": {t.name for t in graph.outputs}})
+
+    def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
+        core: Core = match.info["core"]
+        q: HeadSplit = match.info["q"]
+        k: HeadSplit = match.info["k"]
+        v: HeadSplit = match.info["v"]
+        if not softmax_is_last_axis(graph, core.softmax):
+            return self.refusal("softmax axis not last", match)
+        if scale_value(core.factors) is None or any(not is_scalar_constant(f.factor) for f in core.factors):
+            return self.refusal("scale not constant", match)
+        heads, kv_heads, head_size = q.num_heads(), k.num_heads(), q.head_size
+        if heads is None or kv_heads is None or head_size is None:
+            return self.refusal("num_heads not derivable from reshape constant", match)
+        if k.head_size != head_size or v.head_size != head_size or v.num_heads() != kv_heads:
+            return self.refusal("key/value head shapes differ", match)
+        if heads % kv_heads:
+            return self.refusal(f"{heads} query heads not a multiple of {kv_heads} kv heads", match)
+        if not all(s.keeps_batch_and_sequence() for s in (q, k, v)):
+            return self.refusal("head-split reshape does not keep batch and sequence", match)
+        if not merges_heads(core, heads, head_size):
+            return self.refusal("output reshape does not merge heads to [B, S, N*D]", match)
+        for label in ("k_cat", "v_cat"):
+            if int(match.info[label].attrs.get("axis", 0)) not in (2, -2):
+                return self.refusal("cache Concat is not along the sequence axis", match)
+        for label in ("q_rot", "k_rot"):
+            rotary: Rotary = match.info[label]
+            if not slices_halves(rotary, head_size):
+                return self.refusal("rotate_half slices are not [0, D/2) and [D/2, D)", match)
+            if not (halves_equal(rotary.cos) and halves_equal(rotary.sin)):
+                return self.refusal("cos/sin halves not provably equal (interleaved or partial rotary)", match)
+        for label in ("k_rep", "v_rep"):
+            repeat: Repeat = match.info[label]
+            if not repeat_is_exact(repeat, heads // kv_heads):
+                return self.refusal("repeat_kv Expand/Reshape does not repeat kv heads N/Nkv times", match)
+        if core.bias is None:
+            # Without a mask the block is non-causal over the cache: GQA always needs one here.
+            return self.refusal("no additive mask on the scores", match)
+        if core.nan_guard and not mask_is_finite(core.bias):
+            return self.refusal("NaN guard kept: mask is not a Where of finite constants", match)
+        if ctx.provider == "cuda" and projection_dtype(q.x3) not in (np.float16, "bfloat16"):
+            return self.refusal("CUDA GroupQueryAttention runs float16/bfloat16 only", match)
+        if any(n.op == "Cast" and int(n.attrs.get("to", 1)) != 1 for n in core.between):
+            return self.refusal("cast after softmax changes precision", match)
+        return self.present_leak(graph, match, core)
+
+    def present_leak(self, graph: gs.Graph, match: Match, core: Core) -> Refusal | None:
+        """The presents become GroupQueryAttention outputs: they may leave the block (graph outputs,
+        Shape readers); every other intermediate may not."""
+        keep = (core.merge_reshape, match.info["k_cat"], match.info["v_cat"])
+        leaked = [node.name for node, _ in escaping(graph, match.nodes, keep_nodes=keep, ignore_readers=("Shape",))]
+        if leaked:
+            return Refusal(self.name, "intermediate result used outside the attention block",
+                           match.names[:1] + tuple(dict.fromkeys(leaked)))
+        return None
+
+    def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
+        core: Core = match.info["core"]
+        q, k, v = match.info["q"], match.info["k"], match.info["v"]
+        k_cat, v_cat = match.info["k_cat"], match.info["v_cat"]
+        prefix = core.softmax.name or core.output.name
+        head_size = q.head_size
+        b = _Builder(graph, prefix)
+        batch, seq = b.dim(q.x3, 0), b.dim(q.x3, 1)
+        positions = b.positions(batch, seq)
+        q_rot, k_rot = match.info["q_rot"], match.info["k_rot"]
+        caches = {label: b.rotary_cache(table, batch, head_size // 2, label)
+                  for label, table in (("cos", q_rot.cos), ("sin", q_rot.sin))}
+        query = b.rotary(q.x3, positions, caches["cos"], caches["sin"], "q")
+        if k_rot.cos is not q_rot.cos or k_rot.sin is not q_rot.sin:
+            caches = {label: b.rotary_cache(table, batch, head_size // 2, f"k_{label}")
+                      for label, table in (("cos", k_rot.cos), ("sin", k_rot.sin))}
+        key = b.rotary(k.x3, positions, caches["cos"], caches["sin"], "k")
+        past_key, past_value = k_cat.inputs[0], v_cat.inputs[0]
+        total = b.op("Add", [b.dim(past_key, 2), seq], "total_len")
+        seqlens = b.seqlens(batch, total)
+        total32 = b.op("Cast", [b.op("Squeeze", [total, b.const("axis0", [0])], "total_scalar")],
+                       "total_i32", to=6, dtype=np.int32)
+        target = b.op("Concat", [b.const("bias_ones", [1, 1]), seq, total], "bias_shape", axis=0)
+        bias = b.op("Expand", [core.bias, target], "attention_bias", dtype=core.bias.dtype or np.float32)
+        empty = gs.Variable.empty
+        inputs = [query, key, v.x3, past_key, past_value, seqlens, total32, empty(), empty(), empty(), bias]
+        outputs = [core.output, k_cat.outputs[0], v_cat.outputs[0]]
+        for node in (core.merge_reshape, k_cat, v_cat):
+            node.outputs.clear()
+        graph.nodes.append(gs.Node(
+            "GroupQueryAttention", f"{prefix}/GroupQueryAttention", domain=MS_DOMAIN,
+            attrs={"num_heads": int(q.num_heads()), "kv_num_heads": int(k.num_heads()),
+                   "scale": float(scale_value(core.factors)), "causal": 0},
+            inputs=inputs, outputs=outputs))
+        if ctx.model is not None:
+            ctx.model.ensure_domain(MS_DOMAIN, 1)
+
+
+class FuseGqaRotary(RulePass):
+    name = "fuse-gqa-rotary"
+    description = ("Llama rotary + grouped-query attention (with or without a KV cache) -> "
+                   "RotaryEmbedding + GroupQueryAttention")
+    tolerance = (1e-4, 1e-5)
+    rules = (GqaRotaryAttention, GqaRotaryCacheAttention)
+
+
+PASSES = (FuseGqaRotary,)
