@@ -47,6 +47,23 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trt-cache", help="also write a TensorRT calibration cache here")
     p.add_argument("--no-latency", action="store_true", help="skip the interleaved latency comparison")
     p.add_argument("--report", help="write the report as JSON")
+    int4 = p.add_argument_group("INT4 weight-only (--bits 4): MatMul -> MatMulNBits")
+    int4.add_argument("--bits", type=int, default=8, choices=(8, 4),
+                      help="8: INT8 (default, the options above); 4: INT4 weights, float activations")
+    int4.add_argument("--weight-method", default="gptq", choices=("rtn", "gptq", "awq", "awq+gptq"),
+                      help="rtn: round to nearest (data-free); gptq (default): GPTQ with per-block clip search; "
+                           "awq: activation-aware input scaling; awq+gptq: both")
+    int4.add_argument("--block-size", type=int, default=128, choices=(16, 32, 64, 128, 256))
+    int4.add_argument("--asymmetric", action="store_true", help="uint4 zero points per block (default symmetric)")
+    int4.add_argument("--lm-head", default="int4", choices=("int4", "float"),
+                      help="the MatMul making a graph output (and a tied embedding): INT4 (default) or kept float")
+    int4.add_argument("--act-order", action="store_true", help="GPTQ visits input channels by decreasing energy")
+    int4.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4),
+                      help="MatMulNBits accuracy_level (4: int8 activations inside the kernel)")
+    int4.add_argument("--max-ppl-increase", type=float, default=0.10,
+                      help="budget for models with `logits` and `input_ids`: relative perplexity increase "
+                           "(default 0.10); other models use --max-drop on the output cosine")
+    int4.add_argument("--calib-limit", type=int, default=None, metavar="N", help="use the first N calibration feeds")
     p.set_defaults(func=run_quantize)
     return p
 
@@ -103,6 +120,8 @@ def _write_outputs(args, result, report) -> None:
 def run_quantize(args) -> int:
     from .quantize import quantize
 
+    if args.bits == 4:
+        return run_int4(args)
     model = _prepare(args, args.trt_cache)
     result, report = quantize(
         model, args.calib, provider=args.provider, method=args.method, max_drop=args.max_drop,
@@ -114,6 +133,28 @@ def run_quantize(args) -> int:
     _write_outputs(args, result, report)
     stopped = report.search if report.budget_timed_out else None
     return _budget_exit(report.budget_met, report.score, args.max_drop, stopped)
+
+
+def run_int4(args) -> int:
+    from .int4 import quantize_int4
+
+    model = _prepare(args)
+    result, report = quantize_int4(
+        model, args.calib, method=args.weight_method, block_size=args.block_size, symmetric=not args.asymmetric,
+        lm_head=args.lm_head == "int4", act_order=args.act_order, accuracy_level=args.accuracy_level, val=args.val,
+        max_ppl_increase=args.max_ppl_increase, max_drop=args.max_drop, calib_limit=args.calib_limit,
+        log=_progress_log(),
+    )
+    _write_outputs(args, result, report)
+    if report.budget_met is False:
+        m = report.metrics
+        what = (f"perplexity +{100 * report.score:.1f}% > +{100 * args.max_ppl_increase:.0f}%" if "perplexity" in m
+                else f"cosine {report.score:.5f} < {1 - args.max_drop:.5f}")
+        error = VerificationError(f"accuracy budget missed: {what}; the INT4 model was written",
+                                  hint="try --weight-method gptq/awq+gptq, a smaller --block-size, or --lm-head float")
+        print(f"error: {error.message}\nhint: {error.hint}", file=sys.stderr)
+        return error.exit_code
+    return 0
 
 
 def run_fp16(args) -> int:

@@ -1,0 +1,114 @@
+"""GPTQ (Frantar et al. 2022) for block-wise INT4 weights, in numpy.
+
+For a layer y = x W with calibration inputs X, the output error of a weight change D is
+||X D||^2 = tr(D^T H D) with H = X^T X / n (``hessians.py`` accumulates it). GPTQ quantizes the input
+channels (rows of W, columns of Wt = W.T) one at a time and spreads each one's rounding error over the
+channels not yet quantized, along the inverse Hessian (the optimal brain surgeon update):
+
+    U = chol(H^-1) (upper), for channel j:  e = (w_j - q(w_j)) / U_jj,  w_{j+1:} -= e U_{j, j+1:}
+
+Lazy batches: the update of later columns is applied by blocks of ``lazy`` columns (one matrix
+product per block instead of one outer product per column), the same result up to float reassociation.
+Damping: H + damp * mean(diag H) * I keeps the Cholesky factor stable where inputs are collinear;
+input channels that never fire (diag 0) get H_jj = 1 and a zero weight column, as in the paper.
+
+Grids: without act-order each block of ``block`` channels gets its scale when GPTQ reaches it, from
+the weights as the earlier updates left them (the dynamic grid of the reference implementation), by
+the same clip search as ``nbits.search_params`` weighted by diag(H). With act-order (channels taken by
+decreasing diag(H), so the error of the important ones is spread first) the grids are fixed beforehand
+from the original weights ("static groups"), since channels of one block are then visited out of order.
+Rows (outputs) are independent given H: matrices sharing one input (q/k/v) go through as one.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .nbits import (
+    BITS, block_importance, dequantize_codes, k_blocks, padded, quantize_codes, rtn_params, search_params,
+)
+
+DAMP = 0.01
+LAZY = 128
+
+
+def gptq(wt: np.ndarray, hessian: np.ndarray, block: int, symmetric: bool, *, bits: int = BITS,
+         damp: float = DAMP, act_order: bool = False, search: bool = True):
+    """Wt [N, K], H [K, K] -> (codes [N, Kpad], scales [N, kb], zeros [N, kb])."""
+    n, k = wt.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"Hessian {hessian.shape} does not fit a weight of {k} inputs")
+    h = np.array(hessian, np.float64)
+    w = np.array(wt, np.float32)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    diag = np.diag(h).copy()
+    kb = k_blocks(k, block)
+    scales = np.ones((n, kb), np.float32)
+    zeros = np.zeros((n, kb), np.int32)
+    if act_order:
+        scales, zeros = _grids(padded(w, block).reshape(n, kb, block), diag, k, block, symmetric, bits, search)
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    h[np.diag_indices(k)] += damp * diag.mean()
+    u = _upper_inverse_cholesky(h)
+    codes = np.zeros((n, kb * block), np.uint8)
+    codes[:, k:] = zeros[:, -1:]  # padding of the last block stands for 0
+    lazy = block if not act_order else LAZY
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = w[:, i1:i2].copy()
+        err = np.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            channel = perm[col]
+            b = channel // block
+            if not act_order and channel % block == 0:
+                scales[:, b], zeros[:, b] = _grid(w1[:, i:i + block], diag[channel:channel + block], block,
+                                                  symmetric, bits, search)
+            q = quantize_codes(w1[:, i:i + 1], scales[:, b], zeros[:, b], bits)
+            codes[:, channel] = q[:, 0]
+            e = (w1[:, i] - dequantize_codes(q, scales[:, b], zeros[:, b])[:, 0]) / u[col, col]
+            w1[:, i:] -= np.outer(e, u[col, col:i2]).astype(np.float32)
+            err[:, i] = e
+        w[:, i2:] -= (err @ u[i1:i2, i2:].astype(np.float32))
+    return codes, scales, zeros
+
+
+def _upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """U upper triangular with U^T U = H^-1 (adds damping until H is positive definite)."""
+    eye = np.eye(len(h))
+    extra = 0.0
+    for _ in range(8):
+        try:
+            low = np.linalg.cholesky(h + extra * eye)
+            break
+        except np.linalg.LinAlgError:
+            extra = max(extra * 10, 1e-6 * np.diag(h).mean())
+    else:
+        raise np.linalg.LinAlgError("the Hessian stays singular after damping")
+    inv_low = np.linalg.inv(low)
+    hinv = inv_low.T @ inv_low
+    return np.linalg.cholesky(hinv).T
+
+
+def _grid(columns: np.ndarray, diag: np.ndarray, block: int, symmetric: bool, bits: int, search: bool):
+    """Scale and zero point [N] of one block from its current columns [N, <= block]."""
+    n, width = columns.shape
+    blocks = np.pad(columns, ((0, 0), (0, block - width)))[:, None, :]
+    s, z = _grids(blocks, diag[:width], width, block, symmetric, bits, search)
+    return s[:, 0], z[:, 0]
+
+
+def _grids(blocks: np.ndarray, diag: np.ndarray, k: int, block: int, symmetric: bool, bits: int, search: bool):
+    if search:
+        return search_params(blocks, block_importance(diag, k, block), symmetric, bits)
+    return rtn_params(blocks, symmetric, bits)
+
+
+def output_error(wt: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
+    """tr(D H D^T) / tr(W H W^T) for D = approx - wt: the relative output error on the calibration inputs."""
+    d = (approx - wt).astype(np.float64)
+    w = wt.astype(np.float64)
+    return float(np.einsum("nk,kl,nl->", d, hessian, d) / max(np.einsum("nk,kl,nl->", w, hessian, w), 1e-30))

@@ -1,0 +1,281 @@
+"""INT4 weight-only quantization: ``quantize_int4(model, calib, ...) -> (Model, Int4Report)``.
+
+Order of work:
+  1. the MatMuls with a constant float32 weight (``int4_rules.matmul_weight``) and the Gather tables
+     equal to a weight's transpose (a tied embedding / LM head, stored once afterwards);
+  2. what stays float, with why: the LM head when asked (``lm_head=False``), weights with fewer than
+     16 inputs (a single padded block would be mostly zeros);
+  3. calibration (GPTQ / AWQ): H = X^T X / n of each distinct MatMul input over the calibration feeds,
+     streamed a group of tensors at a time (``hessians.py``);
+  4. per input tensor, the weights reading it solved together (their rows stacked: they share H and,
+     for AWQ, one input scale): ``rtn`` round to nearest (onnxruntime's MatMulNBitsQuantizer grid);
+     ``gptq`` GPTQ with per-block clip search weighted by diag(H) (``gptq.py``); ``awq`` the
+     activation-aware scale search then clip-searched rounding (``awq.py``); ``awq+gptq`` both.
+     AWQ is not applied to a tied LM head (its scaled weight would no longer be the embedding table);
+  5. the graph rewrite through the rules of ``int4_rules.Int4Weights`` (the plan in the pass options);
+  6. the check: on validation feeds (default: the calibration feeds) the float and INT4 models run side
+     by side; the report gives the mean and minimum cosine of the output vectors (last axis, mean
+     removed: softmax ignores a shift) and, for an output named ``logits`` with ``input_ids`` in the
+     feed, the perplexity of both (next-token, unmasked positions). The budget: perplexity at most
+     ``max_ppl_increase`` above the float one (relative), else the cosine at least 1 - ``max_drop``.
+Nothing depends on time: the same model, data and options give the same bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.context import PassContext
+from onnxforge.errors import DataError, OptionError
+from onnxforge.model import Model
+
+from .awq import awq_scale
+from .gptq import gptq, output_error
+from .int4_rules import PASS_NAME, Int4Weights, PlannedWeight, matmul_weight, weight_key, weight_rows
+from .nbits import BLOCK_SIZES, dequantize, k_blocks, quantize_rtn, quantize_searched
+
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+CALIBRATED = ("gptq", "awq", "awq+gptq")
+MIN_INPUTS = 16
+MAX_PPL_INCREASE = 0.10
+MAX_VALIDATION_FEEDS = 16
+
+
+@dataclasses.dataclass
+class Int4Report:
+    method: str
+    block_size: int
+    symmetric: bool
+    lm_head: str
+    calibration: str
+    calibration_tokens: int = 0
+    validation: str = ""
+    quantized: int = 0
+    kept_float: dict[str, str] = dataclasses.field(default_factory=dict)  # weight -> why
+    tied_embeddings: list[str] = dataclasses.field(default_factory=list)
+    awq: dict[str, float] = dataclasses.field(default_factory=dict)  # input tensor -> alpha
+    layer_error: dict[str, float] = dataclasses.field(default_factory=dict)  # weight -> relative output error
+    refusals: list[str] = dataclasses.field(default_factory=list)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    max_ppl_increase: float = MAX_PPL_INCREASE
+    max_drop: float = 0.05
+    budget_met: bool | None = None
+    score: float | None = None
+    weight_bytes_float: int = 0
+    weight_bytes_int4: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.as_dict(), indent=1))
+
+    def summary(self) -> str:
+        lines = [f"int4 weights: {self.quantized} MatMuls, method {self.method}, block {self.block_size}, "
+                 f"{'symmetric' if self.symmetric else 'asymmetric (uint4 zero points)'}, LM head {self.lm_head}"]
+        if self.tied_embeddings:
+            lines.append(f"tied embedding stored once (GatherBlockQuantized on the LM head's codes): "
+                         f"{', '.join(self.tied_embeddings)}")
+        for name, why in list(self.kept_float.items())[:8]:
+            lines.append(f"float: {name}: {why}")
+        lines.append(f"weights {self.weight_bytes_float / 2**20:.1f} MiB -> {self.weight_bytes_int4 / 2**20:.1f} MiB")
+        m = self.metrics
+        if "perplexity" in m:
+            lines.append(f"perplexity {m['perplexity_float']:.3f} -> {m['perplexity']:.3f} "
+                         f"(+{100 * (m['perplexity'] / m['perplexity_float'] - 1):.1f}%, budget "
+                         f"+{100 * self.max_ppl_increase:.0f}%)")
+        if "cosine_mean" in m:
+            lines.append(f"output cosine (mean removed) mean {m['cosine_mean']:.5f}, min {m['cosine_min']:.5f}"
+                         + (f"; top-1 agreement {100 * m['top1_agreement']:.1f}%" if "top1_agreement" in m else ""))
+        if self.budget_met is not None:
+            lines.append("accuracy budget " + ("met" if self.budget_met else "MISSED"))
+        return "\n".join(lines)
+
+
+def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", block_size: int = 128,
+                  symmetric: bool = True, lm_head: bool = True, act_order: bool = False,
+                  accuracy_level: int = 0, val: str | None = None, max_ppl_increase: float = MAX_PPL_INCREASE,
+                  max_drop: float = 0.05, calib_limit: int | None = None, check: bool = True,
+                  log: Callable[[str], None] | None = None) -> tuple[Model, Int4Report]:
+    """Quantize ``model`` (changed in place and returned) to INT4 weights; see the module docstring."""
+    start = time.monotonic()
+    log = log or (lambda _msg: None)
+    if method not in METHODS:
+        raise OptionError(f"unknown INT4 method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+    if block_size not in BLOCK_SIZES:
+        raise OptionError(f"block size {block_size} is not one MatMulNBits takes",
+                          hint=f"choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    if method in CALIBRATED and (calib is None or calib == "random"):
+        raise DataError(f"method {method} needs calibration data (--calib FOLDER)", hint="or use --weight-method rtn")
+    report = Int4Report(method, block_size, symmetric, "int4" if lm_head else "float", calib or "none",
+                        validation=val or calib or "", max_ppl_increase=max_ppl_increase, max_drop=max_drop)
+    reference = model.to_proto() if check and calib not in (None, "random") else None
+    sites = _sites(model.graph)
+    heads = _lm_heads(model.graph, sites)
+    tables = _tied_tables(model.graph, sites)
+    report.tied_embeddings = sorted(tables.values())
+    for key, (constant, transposed, _node) in sites.items():
+        rows = weight_rows(constant, transposed)
+        report.weight_bytes_float += rows.nbytes
+        if np.dtype(constant.dtype) != np.float32:
+            report.kept_float[key] = f"{np.dtype(constant.dtype)} weight"
+        elif rows.shape[1] < MIN_INPUTS:
+            report.kept_float[key] = f"{rows.shape[1]} inputs (< {MIN_INPUTS}: one mostly padded block)"
+        elif key in heads and not lm_head:
+            report.kept_float[key] = "LM head kept float (--lm-head float)"
+    todo = {k: v for k, v in sites.items() if k not in report.kept_float}
+    hessians: dict[str, np.ndarray] = {}
+    if method in CALIBRATED:
+        from onnxforge.inputs import iter_feed_files
+        from .hessians import collect_hessians
+
+        inputs = sorted({node.inputs[0].name for _c, _t, node in todo.values()})
+        feeds = (lambda: _limited(iter_feed_files(calib), calib_limit))
+        hessians, report.calibration_tokens = collect_hessians(reference if reference is not None else model.to_proto(),
+                                                               feeds, inputs, log=log)
+    plan = {"weights": {}, "float": dict(report.kept_float)}
+    groups: dict[str, list[str]] = {}
+    for key, (_c, _t, node) in todo.items():
+        groups.setdefault(node.inputs[0].name, []).append(key)
+    for index, (tensor, keys) in enumerate(sorted(groups.items())):
+        log(f"int4: {method} {index + 1}/{len(groups)}: {', '.join(keys)}")
+        _solve(plan, report, keys, sites, tables, hessians.get(tensor), tensor, method, block_size, symmetric,
+               act_order, heads)
+    ctx = PassContext(model=model, options={PASS_NAME: {"plan": plan, "accuracy_level": accuracy_level}})
+    stats = Int4Weights().run(model.graph, ctx)
+    report.quantized = stats.stats.get("matmul-to-nbits", 0)
+    report.refusals = [str(r) for r in ctx.refusals]
+    report.weight_bytes_int4 = _weight_bytes(model.graph)
+    if reference is not None:
+        _judge(report, reference, model, val or calib, log)
+    report.seconds = time.monotonic() - start
+    return model, report
+
+
+def _limited(it, limit):
+    for i, feed in enumerate(it):
+        if limit is not None and i >= limit:
+            return
+        yield feed
+
+
+def _sites(graph: gs.Graph) -> dict[str, tuple[gs.Constant, bool, gs.Node]]:
+    sites = {}
+    for node in graph.nodes:
+        found = matmul_weight(node)
+        if found is not None:
+            sites.setdefault(weight_key(*found), (*found, node))
+    return sites
+
+
+def _lm_heads(graph: gs.Graph, sites) -> set[str]:
+    """Weights of MatMuls whose output is a graph output (the logits)."""
+    outputs = {id(t) for t in graph.outputs}
+    return {k for k, (_c, _t, node) in sites.items() if id(node.outputs[0]) in outputs}
+
+
+def _tied_tables(graph: gs.Graph, sites) -> dict[str, str]:
+    """weight key -> Gather table name, where the table equals the weight's Wt (a tied embedding)."""
+    tied = {}
+    for node in graph.nodes:
+        if node.op != "Gather" or not isinstance(node.inputs[0], gs.Constant) or len(node.inputs[0].shape) != 2:
+            continue
+        table = node.inputs[0]
+        for key, (constant, transposed, _n) in sites.items():
+            if key in tied or tuple(constant.shape[::-1] if not transposed else constant.shape) != tuple(table.shape):
+                continue
+            if constant is table or np.array_equal(weight_rows(constant, transposed), np.asarray(table.values)):
+                tied[key] = table.name
+    return tied
+
+
+def _solve(plan, report, keys, sites, tables, hessian, tensor, method, block, symmetric, act_order, heads):
+    rows = [weight_rows(sites[k][0], sites[k][1]).astype(np.float32) for k in keys]
+    k = rows[0].shape[1]
+    stacked = np.concatenate(rows, 0) if len(rows) > 1 else rows[0]
+    scale = None
+    if method.startswith("awq") and not any(key in tables for key in keys):
+        scale, alpha, _before, _after = awq_scale(rows, hessian, block, symmetric)
+        report.awq[tensor] = alpha
+        if alpha == 0.0:
+            scale = None
+    h = hessian
+    target = stacked if scale is None else stacked * scale[None, :]
+    if scale is not None:
+        h = hessian / np.outer(scale, scale)
+    if method == "rtn":
+        codes, scales, zeros = quantize_rtn(target, block, symmetric)
+    elif method in ("gptq", "awq+gptq"):
+        codes, scales, zeros = gptq(target, h, block, symmetric, act_order=act_order)
+    else:
+        codes, scales, zeros = quantize_searched(target, block, symmetric, np.diag(h))
+    start = 0
+    for key, w in zip(keys, rows):
+        n = w.shape[0]
+        entry = PlannedWeight(codes[start:start + n], scales[start:start + n], zeros[start:start + n], k, n, block,
+                              symmetric, method, scale, tables.get(key))
+        plan["weights"][key] = entry
+        if hessian is not None:
+            approx = dequantize(entry.codes, entry.scales, entry.zeros, block, k)
+            if scale is not None:
+                approx = approx / scale[None, :]
+            report.layer_error[key] = output_error(w, approx, hessian)
+        start += n
+
+
+def _weight_bytes(graph: gs.Graph) -> int:
+    return sum(np.asarray(t.values).nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
+
+
+def _judge(report: Int4Report, reference, model: Model, data: str, log) -> None:
+    """Float and INT4 outputs side by side on the validation feeds (see the module docstring)."""
+    from onnxforge.inputs import iter_feed_files
+    from .calibrate import session_with_outputs
+
+    log("int4: checking the INT4 model against the float one")
+    float_session = session_with_outputs(reference, [])
+    del reference
+    int4_session = session_with_outputs(model.to_proto(), [])
+    name = next((o.name for o in int4_session.get_outputs() if o.name == "logits"), int4_session.get_outputs()[0].name)
+    cos, nll, nll_float, top1 = [], [], [], []
+    for feed in _limited(iter_feed_files(data), MAX_VALIDATION_FEEDS):
+        wanted = {i.name for i in int4_session.get_inputs()}
+        feed = {k: v for k, v in feed.items() if k in wanted}
+        a = int4_session.run([name], feed)[0].astype(np.float64)
+        b = float_session.run([name], feed)[0].astype(np.float64)
+        mask = np.asarray(feed.get("attention_mask", np.ones(a.shape[:-1]))).astype(bool)
+        if mask.shape != a.shape[:-1]:
+            mask = np.ones(a.shape[:-1], bool)
+        va, vb = a[mask], b[mask]
+        top1.append(va.argmax(-1) == vb.argmax(-1))
+        va, vb = va - va.mean(-1, keepdims=True), vb - vb.mean(-1, keepdims=True)
+        cos.append((va * vb).sum(-1) / np.maximum(np.linalg.norm(va, axis=-1) * np.linalg.norm(vb, axis=-1), 1e-30))
+        ids = feed.get("input_ids")
+        if name == "logits" and ids is not None and a.ndim == 3 and ids.shape == a.shape[:2]:
+            scored = mask[:, :-1] & mask[:, 1:]
+            for logits, out in ((a, nll), (b, nll_float)):
+                lp = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
+                lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+                out.append(-np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0][scored])
+    if not cos:
+        raise DataError(f"{data}: no validation feeds")
+    cos = np.concatenate(cos)
+    report.metrics.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+                          top1_agreement=float(np.concatenate(top1).mean()))
+    if nll:
+        report.metrics.update(perplexity=float(np.exp(np.concatenate(nll).mean())),
+                              perplexity_float=float(np.exp(np.concatenate(nll_float).mean())))
+        ratio = report.metrics["perplexity"] / report.metrics["perplexity_float"]
+        report.score = ratio - 1
+        report.budget_met = bool(ratio <= 1 + report.max_ppl_increase)
+    else:
+        report.score = report.metrics["cosine_mean"]
+        report.budget_met = bool(report.score >= 1 - report.max_drop)
