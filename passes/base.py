@@ -3,8 +3,9 @@
 A ``Rule`` is three steps, after onnxscript's rewriter:
   * ``match(graph, node)`` looks at structure only and mutates nothing; it
     returns a ``Match`` (the nodes and tensors involved) or None;
-  * ``check(graph, match, ctx)`` decides whether the rewrite is exact here and
-    returns None (go) or a ``Refusal`` with a reason and node names;
+  * ``check(graph, match, ctx)`` decides whether the rewrite is exact here,
+    mutating nothing, and returns a ``Refusal`` with a reason and node names, or
+    None (go), or a plan (go: what it worked out, handed to rewrite as ``match.plan``);
   * ``rewrite(graph, match, ctx)`` changes the graph.
 
 ``RulePass`` runs a family of rules over the graph and every subgraph
@@ -70,10 +71,14 @@ class Pass:
 
 @dataclasses.dataclass
 class Match:
-    """The nodes a rule matched (``nodes[0]`` is the anchor) and anything it wants to remember."""
+    """The nodes a rule matched (``nodes[0]`` is the anchor) and what ``match`` found on the
+    way (``info``: the rule's own dataclass, or a dict in rules written before those).
+    ``plan`` is what ``check`` worked out for ``rewrite`` (its return value when that is not
+    a refusal); ``check`` itself changes neither the graph nor the match."""
 
     nodes: list[gs.Node]
-    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    info: Any = dataclasses.field(default_factory=dict)
+    plan: Any = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -88,7 +93,8 @@ class Rule:
     def match(self, graph: gs.Graph, node: gs.Node) -> Match | None:  # pragma: no cover
         raise NotImplementedError
 
-    def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
+    def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Any:
+        """A Refusal (with its reason), or None, or a plan for ``rewrite`` (``match.plan``)."""
         return None
 
     def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:  # pragma: no cover
@@ -123,10 +129,12 @@ class RulePass(Pass):
             match = rule.match(graph, node)
             if match is None or any(id(n) in consumed for n in match.nodes):
                 continue
-            refusal = rule.check(graph, match, ctx)
-            if refusal is not None:
-                ctx.refuse(refusal)
+            verdict = rule.check(graph, match, ctx)
+            if isinstance(verdict, Refusal):
+                ctx.refuse(verdict)
                 continue
+            if verdict is not None:
+                match = dataclasses.replace(match, plan=verdict)
             rule.rewrite(graph, match, ctx)
             consumed.update(id(n) for n in match.nodes)
             fired += 1

@@ -23,10 +23,10 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxforge.passes.base import Match, Pass, Rule
+from onnxforge.passes.base import Match, Pass
 from onnxforge.passes.matching import producer_op
 
-from .common import DEFAULT_DOMAINS, IndexedRulePass, bypass, bypass_refusal, infer_types, int_list
+from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, bypass, bypass_refusal, infer_types, int_list
 
 T = onnx.TensorProto
 # A -> set of types that hold every value of A exactly.
@@ -45,11 +45,11 @@ EXACT_WIDENING = {
 }
 
 
-def single_reader(tensor: gs.Tensor, rule: Rule) -> bool:
+def single_reader(tensor: gs.Tensor, rule: IndexedRule) -> bool:
     return len(tensor.outputs) == 1 and not rule.index.is_graph_output(tensor)
 
 
-class CollapseTranspose(Rule):
+class CollapseTranspose(IndexedRule):
     name = "collapsed-transpose"
     anchor_ops = ("Transpose",)
 
@@ -79,7 +79,7 @@ class CollapseTranspose(Rule):
             second.attrs["perm"] = perm
 
 
-class CollapseReshape(Rule):
+class CollapseReshape(IndexedRule):
     name = "collapsed-reshape"
     anchor_ops = ("Reshape",)
 
@@ -105,7 +105,7 @@ class CollapseReshape(Rule):
         second.inputs[0] = first.inputs[0]
 
 
-class CollapseCast(Rule):
+class CollapseCast(IndexedRule):
     name = "collapsed-cast"
     anchor_ops = ("Cast",)
 
@@ -147,7 +147,7 @@ def squeeze_axes(node: gs.Node) -> list[int] | None:
     return None
 
 
-class CancelSqueezePair(Rule):
+class CancelSqueezePair(IndexedRule):
     name = "cancelled-squeeze-pair"
     anchor_ops = ("Squeeze", "Unsqueeze")
 

@@ -17,7 +17,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.context import PassContext
 from onnxforge.model import ExternalValues, iter_graphs
-from onnxforge.passes.base import PassResult, RulePass, unique_node_names
+from onnxforge.passes.base import PassResult, Rule, RulePass, unique_node_names
 from onnxforge.passes.matching import DEFAULT_DOMAINS  # noqa: F401  (re-exported)
 
 NONDETERMINISTIC_OPS = frozenset(
@@ -158,8 +158,17 @@ def finish(graph: gs.Graph) -> None:
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
 
 
+class IndexedRule(Rule):
+    """A rule that reads the model-wide ``GraphIndex`` and the inferred element types,
+    given when its pass makes it (IndexedRulePass)."""
+
+    def __init__(self, index: "GraphIndex", types: "TypeTable"):
+        self.index = index
+        self.types = types
+
+
 class IndexedRulePass(RulePass):
-    """A RulePass whose rules see the model-wide ``GraphIndex`` as ``rule.index``."""
+    """A RulePass whose rules (IndexedRule) see the model-wide ``GraphIndex``."""
 
     rules: ClassVar[tuple] = ()
 
@@ -169,12 +178,10 @@ class IndexedRulePass(RulePass):
         index = None
         for g in list(iter_graphs(graph)):
             for rule_cls in self.rules:
-                rule = rule_cls()
                 # The index is rebuilt only after a rewrite (a model of many subgraphs
                 # rebuilt it per graph and rule: quadratic in the subgraph count).
                 index = index or GraphIndex(graph)
-                rule.index = index
-                rule.types = types
+                rule = rule_cls(index, types)
                 fired = self._apply(rule, g, ctx)
                 counts[rule_cls.name] = counts.get(rule_cls.name, 0) + fired
                 if fired:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxforge.passes.base import Match, Pass, Rule
+from onnxforge.passes.base import Match, Pass
 
-from .common import DEFAULT_DOMAINS, IndexedRulePass, const_nbytes, remove_node, replace_uses, shared_placement_ok
+from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, const_nbytes, remove_node, replace_uses, shared_placement_ok
 
 
 def attribute_value(node: gs.Node) -> gs.Constant | np.ndarray | None:
@@ -38,7 +38,7 @@ def attribute_value(node: gs.Node) -> gs.Constant | np.ndarray | None:
     return None
 
 
-class ConstantNodeToInitializer(Rule):
+class ConstantNodeToInitializer(IndexedRule):
     name = "constant-to-initializer"
     anchor_ops = ("Constant",)
 

@@ -14,12 +14,12 @@ Preconditions:
 """
 from __future__ import annotations
 
-from onnxforge.passes.base import Match, Pass, Rule
+from onnxforge.passes.base import Match, Pass
 
-from .common import DEFAULT_DOMAINS, IndexedRulePass, bypass, bypass_refusal, small_value
+from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, bypass, bypass_refusal, small_value
 
 
-class RemoveIdentity(Rule):
+class RemoveIdentity(IndexedRule):
     name = "removed-identity"
     anchor_ops = ("Identity",)
 
@@ -36,7 +36,7 @@ class RemoveIdentity(Rule):
         bypass(node, node.inputs[0], node.outputs[0], self.index)
 
 
-class RemoveDropout(Rule):
+class RemoveDropout(IndexedRule):
     name = "removed-dropout"
     anchor_ops = ("Dropout",)
 
@@ -72,7 +72,7 @@ class RemoveDropout(Rule):
         bypass(node, node.inputs[0], node.outputs[0], self.index)
 
 
-def bypass_check(rule: Rule, match: Match):
+def bypass_check(rule: IndexedRule, match: Match):
     node = match.nodes[0]
     reason = bypass_refusal(node, node.inputs[0], node.outputs[0], rule.index)
     return rule.refusal(reason, match) if reason else None

@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxforge.passes.base import Match, Pass, Rule
+from onnxforge.passes.base import Match, Pass
 
-from .common import DEFAULT_DOMAINS, IndexedRulePass, bypass, bypass_refusal, infer_types, int_list, small_value
+from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, bypass, bypass_refusal, infer_types, int_list, small_value
 
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -41,7 +41,7 @@ INT_TYPES = frozenset(
 END_OF_AXIS = 2**31 - 1
 
 
-class NoopRule(Rule):
+class NoopRule(IndexedRule):
     """Subclasses say whether ``node`` returns its first input unchanged (``why_not`` -> None)."""
 
     def match(self, graph, node):
@@ -207,7 +207,7 @@ class ConcatNoop(NoopRule):
         return None
 
 
-class ArithmeticNoop(Rule):
+class ArithmeticNoop(IndexedRule):
     """x*1, 1*x, x/1, x-(+0), x+(-0) for floats; x+0, 0+x, x-0, x*1, x/1 for integers."""
 
     name = "removed-neutral-arithmetic"

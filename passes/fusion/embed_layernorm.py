@@ -22,6 +22,8 @@ an error in the fused op, as is one out of range in both.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -33,7 +35,7 @@ from ._match import (
     FusionRule,
     ShapeOracle,
     const_value,
-    escaping_tensor,
+    escaping,
     fresh_constant,
     is_const,
     is_graph_output,
@@ -155,6 +157,18 @@ def _shape_from_ids(graph: gs.Graph, reader: gs.Node, ids: gs.Tensor, hidden: in
     graph.nodes.append(gs.Node("Concat", name=f"{out.name}_hidden", attrs={"axis": 0}, inputs=[lead, h], outputs=[out]))
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbedPlan:
+    """What check found: the (word, position, segment or None) Gathers, the norm's (gamma,
+    beta) values, the Shape readers of the words to re-point, and the embedding sum when
+    it is read elsewhere (the fused op's output 2)."""
+
+    roles: tuple
+    params: tuple
+    shape_readers: list
+    total: gs.Tensor | None
+
+
 class EmbedLayerNorm(FusionRule):
     """LayerNormalization(word + position [+ segment] Gathers) -> EmbedLayerNormalization."""
 
@@ -178,20 +192,23 @@ class EmbedLayerNorm(FusionRule):
 
     def check(self, graph, match, ctx):
         """As FusionRule.check, except that the gathered words may also be read by Shape
-        nodes: those are re-pointed at the ids (same leading dims) on rewrite."""
-        readers = [c for g in match.info["gathers"] for c in g.outputs[0].outputs if c.op == "Shape" and not c.domain]
+        nodes: those are re-pointed at the ids (same leading dims) on rewrite. Returns the
+        plan (EmbedPlan) or a refusal."""
+        gathers = match.info["gathers"]
+        readers = [c for g in gathers for c in g.outputs[0].outputs if c.op == "Shape" and not c.domain]
         total = match.nodes[0].inputs[0]  # the embedding sum: the op's output 2 when read elsewhere
         kept = [*match.info["outputs"], total, *(r.outputs[0] for r in readers)]
-        probe = Match(match.nodes + readers, {"outputs": kept})
-        escaped = escaping_tensor(graph, probe)
-        if escaped is not None:
-            return self.refusal(f"intermediate tensor {escaped.name} has other consumers", match)
-        reason = self.preconditions(graph, match, ctx)
-        if reason is None and any(r.inputs[0] is not match.info["roles"][0].outputs[0] for r in readers):
-            reason = "the shape of a position or segment embedding is read elsewhere"
-        match.info["shape_readers"] = readers
-        match.info["sum"] = total if len(total.outputs) > 1 or is_graph_output(graph, total) else None
-        return self.refusal(reason, match) if reason else None
+        escaped = escaping(graph, match.nodes + readers, keep_tensors=kept)
+        if escaped:
+            return self.refusal(f"intermediate tensor {escaped[0][1].name} has other consumers", match)
+        verdict = self.preconditions(graph, match, ctx)
+        if isinstance(verdict, str):
+            return self.refusal(verdict, match)
+        roles, params = verdict
+        if any(r.inputs[0] is not roles[0].outputs[0] for r in readers):
+            return self.refusal("the shape of a position or segment embedding is read elsewhere", match)
+        kept_sum = total if len(total.outputs) > 1 or is_graph_output(graph, total) else None
+        return EmbedPlan(roles, params, readers, kept_sum)
 
     def _roles(self, graph: gs.Graph, gathers: list[gs.Node]) -> tuple | str:
         """(word, position, segment or None) Gathers, or the reason they cannot be told apart."""
@@ -201,7 +218,8 @@ class EmbedLayerNorm(FusionRule):
         fed = sorted((g for g in gathers if g is not computed[0]), key=lambda g: -const_value(g.inputs[0]).shape[0])
         return fed[0], computed[0], (fed[1] if len(fed) > 1 else None)
 
-    def preconditions(self, graph, match, ctx):
+    def preconditions(self, graph, match, ctx) -> str | tuple:
+        """The reason to refuse, or ((word, position, segment) Gathers, (gamma, beta))."""
         node, gathers = match.nodes[0], match.info["gathers"]
         if int(node.attrs.get("stash_type", 1)) != 1:
             return "norm does not compute in float32"
@@ -221,9 +239,7 @@ class EmbedLayerNorm(FusionRule):
         if isinstance(roles, str):
             return roles
         reason = self._shape_check(graph, ctx, node, roles)
-        if reason is None:
-            match.info["roles"], match.info["params"] = roles, params
-        return reason
+        return reason if reason is not None else (roles, params)
 
     def _shape_check(self, graph, ctx, node, roles) -> str | None:
         if self._shapes is None:
@@ -246,8 +262,9 @@ class EmbedLayerNorm(FusionRule):
     def rewrite(self, graph, match, ctx):
         need_ms_domain(ctx)
         node = match.nodes[0]
-        word, position, segment = match.info["roles"]
-        gamma, beta = match.info["params"]
+        plan: EmbedPlan = match.plan
+        word, position, segment = plan.roles
+        gamma, beta = plan.params
         beta = np.zeros_like(gamma) if beta is None else beta  # LayerNormalization without B
         empty = gs.Variable.empty
         inputs = [
@@ -259,12 +276,12 @@ class EmbedLayerNorm(FusionRule):
             empty(),
             self._int32(graph, position.inputs[1]),
         ]
-        for reader in match.info["shape_readers"]:
+        for reader in plan.shape_readers:
             _shape_from_ids(graph, reader, word.inputs[1], int(gamma.shape[0]))
         mask_index = gs.Variable(f"{node.outputs[0].name}_mask_index", dtype=np.int32)
         replace(graph, match, "EmbedLayerNormalization", inputs,
                 {"epsilon": float(node.attrs.get("epsilon", 1e-5))}, domain=MS_DOMAIN,
-                outputs=[node.outputs[0], mask_index, *([match.info["sum"]] if match.info["sum"] is not None else [])])
+                outputs=[node.outputs[0], mask_index, *([plan.total] if plan.total is not None else [])])
 
     def _int32(self, graph: gs.Graph, t: gs.Tensor) -> gs.Tensor:
         if self._shapes is not None and self._shapes.dtype(t) == INT32:

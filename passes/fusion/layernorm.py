@@ -34,6 +34,8 @@ axis; it is left as is.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -46,6 +48,7 @@ from ._match import (
     ShapeOracle,
     const_value,
     consumer_op,
+    either_order,
     float_dtype,
     fresh_constant,
     is_const,
@@ -312,6 +315,19 @@ class RmsNorm(_NormBase):
                 {"axis": -info["k"], "epsilon": info["epsilon"]})
 
 
+@dataclasses.dataclass(frozen=True)
+class SkipMatch:
+    """residual a + b (+ bias) -> [Cast] -> norm; ``total`` is the sum the norm reads, also an
+    output of the fused op when read elsewhere (``keep_sum``)."""
+
+    a: gs.Tensor
+    b: gs.Tensor
+    bias: gs.Tensor | None
+    cast: gs.Node | None
+    total: gs.Tensor
+    keep_sum: bool
+
+
 class SkipLayerNorm(FusionRule):
     """(a + b [+ bias]) -> LayerNormalization / SimplifiedLayerNormalization  ->  Skip* op."""
 
@@ -330,7 +346,7 @@ class SkipLayerNorm(FusionRule):
             return None
         a, b = add.inputs
         nodes, bias = [node, add] + ([cast] if cast is not None else []), None
-        for side, other in ((a, b), (b, a)):
+        for side, other in either_order(add):
             bias_add = producer_op(side, "Add")
             if bias_add is not None and len(side.outputs) == 1 and split_const(bias_add) is not None:
                 value = const_value(split_const(bias_add)[1])
@@ -338,25 +354,19 @@ class SkipLayerNorm(FusionRule):
                     a, b, bias = split_const(bias_add)[0], other, split_const(bias_add)[1]
                     nodes.append(bias_add)
                     break
-        outputs = [node.outputs[0]]
-        return Match(nodes, {"a": a, "b": b, "bias": bias, "sum": add.outputs[0], "outputs": outputs,
-                             "cast": cast})
+        total = cast.outputs[0] if cast is not None else add.outputs[0]  # a Cast to check: a no-op's output is the sum
+        keep_sum = len(total.outputs) > 1 or is_graph_output(graph, total)
+        return Match(nodes, SkipMatch(a, b, bias, cast, total, keep_sum))
 
     def check(self, graph, match, ctx):
-        node, add, cast = match.nodes[0], match.nodes[1], match.info["cast"]
+        node, add, info = match.nodes[0], match.nodes[1], match.info
         if self._shapes is None:
             self._shapes = ShapeOracle(graph, ctx)
-        if cast is not None:
-            if self._shapes.dtype(add.outputs[0]) != int(cast.attrs["to"]):
+        if info.cast is not None:
+            if self._shapes.dtype(add.outputs[0]) != int(info.cast.attrs["to"]):
                 return self.refusal("a Cast between the residual sum and the norm changes the type", match)
-            if add.outputs[0].outputs != [cast] or is_graph_output(graph, add.outputs[0]):
+            if add.outputs[0].outputs != [info.cast] or is_graph_output(graph, add.outputs[0]):
                 return self.refusal("the residual sum is read both before and after its Cast", match)
-            match.info["sum"] = cast.outputs[0]  # a no-op Cast: its output is the sum
-        total = match.info["sum"]
-        keep_sum = len(total.outputs) > 1 or is_graph_output(graph, total)
-        match.info["keep_sum"] = keep_sum
-        if keep_sum:
-            match.info["outputs"] = [node.outputs[0], total]
         bias_add = next((n for n in match.nodes[2:] if n.op == "Add"), None)
         if bias_add is not None and bias_add.outputs[0].outputs != [add]:
             return self.refusal(f"bias output {match.nodes[2].outputs[0].name} has other consumers", match)
@@ -364,12 +374,11 @@ class SkipLayerNorm(FusionRule):
             return self.refusal("norm is not over the last axis of a 3-D input", match)
         if len(node.inputs) < 2 or not all(is_const(t) for t in node.inputs[1:] if t.name):
             return self.refusal("norm scale/bias not constant", match)
-        a, b = match.info["a"], match.info["b"]
-        sa = self._shapes.shape(a)
-        if not (self._shapes.same(a, b) and len(sa) == 3):
+        sa = self._shapes.shape(info.a)
+        if not (self._shapes.same(info.a, info.b) and len(sa) == 3):
             return self.refusal(f"residual inputs do not surely have the same 3-D shape ({sa} vs "
-                                f"{self._shapes.shape(b)})", match)
-        if match.info["bias"] is not None and const_value(match.info["bias"]).shape[0] != sa[-1]:
+                                f"{self._shapes.shape(info.b)})", match)
+        if info.bias is not None and const_value(info.bias).shape[0] != sa[-1]:
             return self.refusal("bias is not over the hidden axis", match)
         return None
 
@@ -385,14 +394,14 @@ class SkipLayerNorm(FusionRule):
             if len(params) == 1:
                 gamma = const_value(params[0])
                 params.append(fresh_constant(graph, f"{node.name}_zero_bias", np.zeros_like(gamma)))
-        inputs = [info["a"], info["b"], *params]
-        if info["bias"] is not None:
-            bias = info["bias"]
+        inputs = [info.a, info.b, *params]
+        if info.bias is not None:
+            bias = info.bias
             inputs.append(bias if isinstance(bias, gs.Constant) else fresh_constant(graph, f"{node.name}_bias",
                                                                                  const_value(bias)))
         outputs = [node.outputs[0]]
-        if info["keep_sum"]:
-            outputs += [gs.Variable.empty(), gs.Variable.empty(), info["sum"]]
+        if info.keep_sum:
+            outputs += [gs.Variable.empty(), gs.Variable.empty(), info.total]
         eps = float(node.attrs.get("epsilon", 1e-5))
         replace(graph, match, op, inputs, {"epsilon": eps}, domain=MS_DOMAIN, outputs=outputs)
 

@@ -213,7 +213,7 @@ def fuse_hardswish(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 def _makes_hardswish(proto: onnx.ModelProto) -> bool:
     """Whether fuse-hardswish's HardSwish rules would fire at opset 14 (match, then check)."""
-    from onnxforge.context import PassContext
+    from onnxforge.context import PassContext, Refusal
     from onnxforge.passes.fusion.activation import HardSwishClip, HardSwishFromHardSigmoid
 
     graph = gs.import_onnx(proto)
@@ -223,7 +223,7 @@ def _makes_hardswish(proto: onnx.ModelProto) -> bool:
         for node in graph.nodes:
             if node.op in rule.anchor_ops:
                 match = rule.match(graph, node)
-                if match is not None and rule.check(graph, match, ctx) is None:
+                if match is not None and not isinstance(rule.check(graph, match, ctx), Refusal):
                     return True
     return False
 
