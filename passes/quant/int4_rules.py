@@ -247,12 +247,11 @@ class FoldAwqScale(Rule):
             return self.refusal("the Mul before it has no float32 constant vector to absorb the scale", match)
         if np.asarray(consts[0].values).shape[0] not in (1, np.asarray(outer.inputs[1].values).shape[0]):
             return self.refusal("the constant vector does not span the scaled channels", match)
-        match.info["gamma"] = consts[0]
-        return None
+        return consts[0]  # the plan: the vector that absorbs the scale
 
     def rewrite(self, graph, match, ctx):
         outer, inner = match.nodes
-        gamma = match.info["gamma"]
+        gamma = match.plan
         folded = gs.Constant(f"{gamma.name}_awq", (np.asarray(gamma.values) * np.asarray(outer.inputs[1].values)).astype(np.float32))
         inner.inputs[inner.inputs.index(gamma)] = folded
         target = outer.outputs[0]
