@@ -425,6 +425,9 @@ def _bench(run: _Run, step: Step) -> dict:
 def _quantize(run: _Run, step: Step) -> dict:
     p = step.params
 
+    if p["bits"] == 4:
+        return _quantize_int4(run, step)
+
     def compute():
         from .passes.quant.quantize import quantize
 
@@ -439,6 +442,32 @@ def _quantize(run: _Run, step: Step) -> dict:
     details = run.cached(step, compute)
     q = details["quantization"]
     return _with_budget(run, step, details, q, source=q["validation"])
+
+
+def _quantize_int4(run: _Run, step: Step) -> dict:
+    p = step.params
+
+    def compute():
+        from .passes.quant.int4 import quantize_int4
+
+        model, rep = quantize_int4(
+            run.model, p["calibration"], method=p["weight_method"], block_size=p["block_size"],
+            symmetric=p["symmetric"], lm_head=p["lm_head"], val=p["validation"], max_ppl_increase=p["max_ppl_increase"],
+            max_drop=p["max_drop"], log=run.progress,
+        )
+        return model, {"int4": _json_safe(rep.as_dict())}
+
+    details = run.cached(step, compute)
+    q = details["int4"]
+    if q["budget_met"] is not None:
+        ppl = "perplexity" in q["metrics"]
+        details["accuracy"] = {"metric": "perplexity_increase" if ppl else "cosine", "score": q["score"],
+                               "ok": bool(q["budget_met"]), "source": q["validation"]}
+        if q["budget_met"] is False:
+            details["failure"] = (f"accuracy budget not met: perplexity +{100 * q['score']:.1f}% > "
+                                  f"+{100 * q['max_ppl_increase']:.0f}%" if ppl else
+                                  f"accuracy budget not met: cosine {q['score']:.5f} < {1 - q['max_drop']:.5f}")
+    return details
 
 
 def _fp16(run: _Run, step: Step) -> dict:

@@ -315,6 +315,15 @@ STEPS = MappingProxyType({
         "budget_seconds": Field("float", "optional time limit: stops the search early, the result is then "
                                 "marked not reproducible (default: none)", None, minimum=0),
         "measure_latency": Field("bool", "measure INT8 against float latency (CPU)", True),
+        "bits": Field("int", "8: INT8 (the keys above); 4: INT4 weight-only MatMulNBits (the keys below)", 8,
+                      choices=(8, 4)),
+        "weight_method": Field("str", "INT4 weights: rtn, gptq (calibrated), awq, awq+gptq", "gptq",
+                               choices=("rtn", "gptq", "awq", "awq+gptq")),
+        "block_size": Field("int", "INT4 block along K", 128, choices=(16, 32, 64, 128, 256)),
+        "symmetric": Field("bool", "INT4 without zero points", True),
+        "lm_head": Field("bool", "INT4 also for the MatMul making a graph output (and a tied embedding)", True),
+        "max_ppl_increase": Field("float", "INT4 budget: relative perplexity increase (models with logits)", 0.10,
+                                  minimum=0),
         "cache": CACHE_FIELD,
     }), cacheable=True, feature="onnxforge.passes.quant.quantize:quantize"),
     "fp16": StepSpec("fp16", "float16 conversion, keeping in float32 what overflows or has no fp16 kernel", MappingProxyType({

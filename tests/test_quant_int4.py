@@ -15,7 +15,7 @@ from onnxforge.model import Model
 from onnxforge.io import load
 from onnxforge.passes.quant import nbits
 from onnxforge.passes.quant.awq import awq_scale
-from onnxforge.passes.quant.gptq import gptq, output_error
+from onnxforge.passes.quant.gptq import gptq, output_error, refit_scales
 from onnxforge.passes.quant.hessians import collect_hessians
 from onnxforge.passes.quant.int4 import quantize_int4
 from onnxforge.passes.quant.int4_rules import PASS_NAME, Int4Weights, PlannedWeight
@@ -291,6 +291,15 @@ def test_gptq_error_is_below_rtn_on_a_correlated_input_layer(act_order):
     assert output_error(wt, nbits.dequantize(*q, 32, 128), h) < 0.5 * output_error(wt, rtn, h)
 
 
+def test_refit_scales_lowers_the_output_error_for_fixed_codes():
+    wt, h = _correlated(k=80)
+    codes, scales, zeros = nbits.quantize_rtn(wt, 32, True)
+    refit = refit_scales(wt, codes, scales, zeros, h, 32)
+    before = output_error(wt, nbits.dequantize(codes, scales, zeros, 32, 80), h)
+    after = output_error(wt, nbits.dequantize(codes, refit, zeros, 32, 80), h)
+    assert after < 0.95 * before
+
+
 def test_gptq_asymmetric_codes_stay_in_range_and_beat_rtn():
     wt, h = _correlated(k=80)
     codes, scales, zeros = gptq(wt, h, 32, False)
@@ -400,3 +409,22 @@ def test_quantize_cli_bits_4_budget_missed_exits_3(tmp_path, capsys):
                  _calib(tmp_path / "calib"), "--block-size", "32", "--weight-method", "rtn", "--max-drop", "0"])
     assert code == 3 and "accuracy budget missed: cosine" in capsys.readouterr().err
     assert (tmp_path / "q4.onnx").exists()
+
+
+def test_recipe_quantize_step_with_bits_4(tmp_path, capsys):
+    import json
+
+    from onnxforge.cli import main
+
+    src = tmp_path / "lm.onnx"
+    onnx.save(_lm(), src)
+    _calib(tmp_path / "calib")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('version = 1\nprovider = "cpu"\n\n[[steps]]\nstep = "quantize"\ncalibration = "calib"\n'
+                      'bits = 4\nweight_method = "awq+gptq"\nblock_size = 32\nmax_ppl_increase = 10.0\n')
+    code = main(["run", str(recipe), str(src), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "rep.json"),
+                 "--no-cache", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    ops = [n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node]
+    assert ops.count("MatMulNBits") == 3
+    assert "int4" in json.dumps(json.loads((tmp_path / "rep.json").read_text()))

@@ -112,3 +112,34 @@ def output_error(wt: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> flo
     d = (approx - wt).astype(np.float64)
     w = wt.astype(np.float64)
     return float(np.einsum("nk,kl,nl->", d, hessian, d) / max(np.einsum("nk,kl,nl->", w, hessian, w), 1e-30))
+
+
+def refit_scales(wt: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, hessian: np.ndarray,
+                 block: int) -> np.ndarray:
+    """The scales that minimize the output error tr((W - W^) H (W - W^)^T) for the codes as they are.
+
+    Row n's dequantized weight is linear in its block scales: W^_n = sum_b s_nb c_nb, c_nb the row's
+    centred codes (q - z) on block b and 0 elsewhere. So s_n solves the kb x kb normal equations
+    (C_n H C_n^T) s_n = C_n H w_n. Rows whose system is singular (an all-zero block) keep their scales.
+    The error never grows over GPTQ's scales, which are one feasible point of the same problem."""
+    n, k = wt.shape
+    kb = scales.shape[1]
+    centred = (codes[:, :k].astype(np.float64) - np.repeat(zeros, block, 1)[:, :k])  # [N, K]
+    h = np.asarray(hessian, np.float64)
+    hw = wt.astype(np.float64) @ h  # [N, K]: H w_n for every row
+    a = np.zeros((n, kb, kb))
+    rhs = np.zeros((n, kb))
+    hc = np.zeros((kb, n, k))  # H c_nb for each block b
+    for b in range(kb):
+        cols = slice(b * block, min((b + 1) * block, k))
+        hc[b] = centred[:, cols] @ h[cols, :]
+    for b in range(kb):
+        cols = slice(b * block, min((b + 1) * block, k))
+        rhs[:, b] = (centred[:, cols] * hw[:, cols]).sum(1)
+        for b2 in range(kb):
+            a[:, b, b2] = (centred[:, cols] * hc[b2][:, cols]).sum(1)
+    refit = scales.astype(np.float64).copy()
+    ok = np.abs(np.linalg.det(a)) > 1e-30 * np.maximum(np.abs(a).max((1, 2)), 1e-30) ** kb
+    if ok.any():
+        refit[ok] = np.linalg.solve(a[ok], rhs[ok][..., None])[..., 0]
+    return refit.astype(np.float32)

@@ -47,7 +47,8 @@ def collect_hessians(model: onnx.ModelProto, feeds: Callable[[], Iterable[Mappin
             for name, value in zip(group, outputs):
                 rows = _rows(np.asarray(value), mask)
                 acc = sums.setdefault(name, np.zeros((rows.shape[1], rows.shape[1])))
-                acc += rows.T.astype(np.float64) @ rows.astype(np.float64)
+                rows = rows.astype(np.float32)
+                acc += rows.T @ rows  # float32 products of one feed, summed in float64 across feeds
                 counts[name] = counts.get(name, 0) + rows.shape[0]
             del outputs
         del session

@@ -10,7 +10,9 @@ Order of work:
   4. per input tensor, the weights reading it solved together (their rows stacked: they share H and,
      for AWQ, one input scale): ``rtn`` round to nearest (onnxruntime's MatMulNBitsQuantizer grid);
      ``gptq`` GPTQ with per-block clip search weighted by diag(H) (``gptq.py``); ``awq`` the
-     activation-aware scale search then clip-searched rounding (``awq.py``); ``awq+gptq`` both.
+     activation-aware scale search then clip-searched rounding (``awq.py``); ``awq+gptq`` both;
+     every calibrated method ends by refitting the block scales to the codes it chose (least squares
+     on the output error, ``gptq.refit_scales``);
      AWQ is not applied to a tied LM head (its scaled weight would no longer be the embedding table);
   5. the graph rewrite through the rules of ``int4_rules.Int4Weights`` (the plan in the pass options);
   6. the check: on validation feeds (default: the calibration feeds) the float and INT4 models run side
@@ -37,7 +39,7 @@ from onnxforge.errors import DataError, OptionError
 from onnxforge.model import Model
 
 from .awq import awq_scale
-from .gptq import gptq, output_error
+from .gptq import gptq, output_error, refit_scales
 from .int4_rules import PASS_NAME, Int4Weights, PlannedWeight, matmul_weight, weight_key, weight_rows
 from .nbits import BLOCK_SIZES, dequantize, k_blocks, quantize_rtn, quantize_searched
 
@@ -217,6 +219,8 @@ def _solve(plan, report, keys, sites, tables, hessian, tensor, method, block, sy
         codes, scales, zeros = gptq(target, h, block, symmetric, act_order=act_order)
     else:
         codes, scales, zeros = quantize_searched(target, block, symmetric, np.diag(h))
+    if h is not None and method != "rtn":
+        scales = refit_scales(target, codes, scales, zeros, h, block)
     start = 0
     for key, w in zip(keys, rows):
         n = w.shape[0]
@@ -237,13 +241,17 @@ def _weight_bytes(graph: gs.Graph) -> int:
 
 def _judge(report: Int4Report, reference, model: Model, data: str, log) -> None:
     """Float and INT4 outputs side by side on the validation feeds (see the module docstring)."""
+    import onnxruntime as ort
+
     from onnxforge.inputs import iter_feed_files
-    from .calibrate import session_with_outputs
+    from .ortsession import session
 
     log("int4: checking the INT4 model against the float one")
-    float_session = session_with_outputs(reference, [])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    float_session = session(reference, options)
     del reference
-    int4_session = session_with_outputs(model.to_proto(), [])
+    int4_session = session(model.to_proto(), options)
     name = next((o.name for o in int4_session.get_outputs() if o.name == "logits"), int4_session.get_outputs()[0].name)
     cos, nll, nll_float, top1 = [], [], [], []
     for feed in _limited(iter_feed_files(data), MAX_VALIDATION_FEEDS):
