@@ -34,7 +34,8 @@ from .errors import DataError, OnnxForgeError, OptionError, VerificationError, f
 from .io import check_output_path, check_output_paths, guarding_inputs, load, load_input, protect, save, write_file
 from .verify import written_equals
 from .model import Model, constants
-from .recipe import STEPS, Recipe, Step, load_recipe, parse_recipe, resolve_pass, user_code, validate
+from .pass_files import resolve_pass, user_code
+from .recipe import STEPS, Recipe, Step, load_recipe, parse_recipe, validate
 from .report import model_stats
 
 REPORT_SCHEMA = "onnxforge.pipeline-report"
@@ -356,7 +357,7 @@ def _optimize(run: _Run, step: Step) -> dict:
 
 def _pass_name(name: str, base_dir: Path) -> str:
     """``file.py:Class`` becomes ``<imported module>:Class`` so the registry resolves it
-    (resolution itself lives in one place: ``recipe.resolve_pass``)."""
+    (resolution itself lives in one place: ``pass_files.resolve_pass``)."""
     if name.rpartition(":")[0].endswith(".py"):
         cls = resolve_pass(name, base_dir, instantiate=False)
         return f"{cls.__module__}:{cls.__name__}"
