@@ -1,4 +1,6 @@
-"""``onnxforge run RECIPE IN -o OUT``: run a recipe file on a model.
+"""``onnxforge run RECIPE IN -o OUT``: run a recipe file on a model;
+``onnxforge run RECIPE MODEL_OR_DIR... -o OUTDIR [--jobs N] [--ray [ADDRESS]]``:
+on a fleet of models (fleet.py).
 
 Exit codes (as every onnxforge command): 0 done; 2 bad input or recipe (unknown
 step or key, wrong type, missing data, unreadable model); 3 verification failed
@@ -17,8 +19,13 @@ def add_run_parser(subparsers) -> None:
         description="Run the steps of RECIPE on the model IN and write OUT. docs/recipes.md describes the format.",
     )
     p.add_argument("recipe", help="recipe file (.toml)")
-    p.add_argument("input", help="model .onnx")
-    p.add_argument("-o", "--output", required=True, help="where to write the resulting model")
+    p.add_argument("input", nargs="+", help="model .onnx; several models or folders of them run as a fleet")
+    p.add_argument("-o", "--output", required=True,
+                   help="where to write the resulting model (a fleet: the folder for its outputs and fleet report)")
+    p.add_argument("--jobs", type=_positive, help="fleet: models run at a time on this machine (default 1)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="fleet: run the models as Ray tasks, on the cluster at ADDRESS (auto: the one `ray start` "
+                        "made here) or, without one, on a private local Ray; needs `pip install onnxforge[ray]`")
     p.add_argument("--report", help="write the JSON report here (also when the run fails)")
     p.add_argument("--cache-dir", help="cache folder of expensive steps (default: ~/.cache/onnxforge/steps)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached step results")
@@ -26,7 +33,77 @@ def add_run_parser(subparsers) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def _positive(text: str) -> int:
+    from .cli import positive_int
+
+    return positive_int(text)
+
+
 def cmd_run(args) -> int:
+    from .recipe import load_recipe
+
+    fleet = len(args.input) > 1 or args.jobs is not None or args.ray is not None or Path(args.input[0]).is_dir()
+    if not fleet:
+        args.input = args.input[0]
+        return _run_one(args)
+    ray = args.ray if args.ray is not None else load_recipe(args.recipe).settings.get("ray")
+    return _run_fleet(args, ray if ray is not None else False)
+
+
+def _run_fleet(args, ray) -> int:
+    from .errors import OptionError
+    from .fleet import run_fleet
+    from .workers import make_workers
+
+    if args.report:
+        raise OptionError("--report: a fleet writes its reports into the output folder (fleet.json, fleet.csv, "
+                          "fleet.md and one NAME.report.json per model)")
+    if ray is False and args.jobs is None:
+        args.jobs = 1
+    with make_workers(args.jobs, ray if ray is not False else None) as workers:
+        with _fleet_progress(args.quiet, args.input) as on_done:
+            result = run_fleet(args.recipe, args.input, args.output, workers, cache_dir=args.cache_dir,
+                               use_cache=not args.no_cache, progress=on_done)
+    if not args.quiet:
+        s = result.report["summary"]
+        for row in result.report["models"]:
+            if row["status"] != "ok":
+                print(f"error: {row['name']}: {row['error']}", file=sys.stderr)
+        print(f"{s['ok']} of {s['models']} model(s) ok, {s['failed']} failed ({s['from_run_cache']} from the run cache) "
+              f"in {result.report['seconds']:.1f} s; reports: {result.paths['md']}")
+    return result.exit_code
+
+
+def _fleet_progress(quiet: bool, inputs):
+    """A rich progress bar advanced as models finish (nothing with --quiet)."""
+    import contextlib
+
+    if quiet:
+        return contextlib.nullcontext(None)
+
+    @contextlib.contextmanager
+    def bar():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .fleet import discover
+
+        total = len(discover(inputs))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True)) as progress:
+            task = progress.add_task("fleet", total=total)
+
+            def on_done(row):
+                mark = "ok" if row["status"] == "ok" else "FAILED"
+                progress.console.print(f"{row['name']}: {mark}" + (f" ({row['error']})" if row["error"] else ""))
+                progress.update(task, advance=1, description=f"fleet (last: {row['name']})")
+
+            yield on_done
+
+    return bar()
+
+
+def _run_one(args) -> int:
     from .io import check_output_paths
     from .pipeline import Pipeline, REPORT_SCHEMA, REPORT_SCHEMA_VERSION
     from .report import write_json

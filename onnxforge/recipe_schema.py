@@ -55,6 +55,8 @@ TOP_FIELDS = MappingProxyType({
     "provider": Field("str", "target execution provider", "cpu", choices=PROVIDERS),
     "input_shapes": Field("shapes", "pinned dims of dynamic inputs, e.g. { input_ids = [1, 128] }", {}),
     "seed": Field("int", "seed of synthetic inputs", 0, minimum=0),
+    "ray": Field("str", "fleets (onnxforge run RECIPE MODELS... -o DIR) run as Ray tasks: \"auto\" (the cluster "
+                 "`ray start` made here, or RAY_ADDRESS) or a cluster address; --ray overrides it"),
     "external_data": Field("bool", "write weights to OUTPUT.data (default: only when the input had external data or is near 2 GB)"),
     "steps": Field("steps", "the steps, in order ([[steps]] tables)", required=True),
 })

@@ -1,11 +1,22 @@
 """Streaming calibration: per-tensor histograms filled in one pass over the data.
 
 Every calibrated tensor keeps a fixed-size histogram over a range symmetric
-about zero, [-R, R], plus its exact min and max. When a batch exceeds R the
-range doubles and adjacent bin pairs merge: with an even bin count the old
-bins fall exactly onto the central half of the new ones, so rebinning is exact
-and needs no stored samples. Memory is O(tensors x bins), independent of the
-number of samples.
+about zero, [-R, R], plus its exact min and max. R is a power of two strictly
+above every |x| seen: when a batch reaches R the range doubles and adjacent
+bin pairs merge (with a bin count divisible by 4 the old bins fall exactly
+onto the central half of the new ones), so rebinning is exact and needs no
+stored samples. Memory is O(tensors x bins), independent of the number of
+samples.
+
+Why powers of two: every grid is then the dyadic grid of its R, whose edges
+(multiples of 2R/bins) are exact in float32, so a value lands in the half-open
+bin [e_i, e_i+1) that contains it whatever grid it was first counted on, and
+no value ever sits on the right edge. The final histogram is therefore the
+exact per-bin count on the grid of R = the smallest power of two above
+max |x|, independent of the order and grouping of the feeds: histograms of
+disjoint shards merge (``merge_histograms``: coarsen to the larger R, add the
+integer counts, min of mins, max of maxes) to bit for bit what one pass over
+all feeds gives. That is what data-parallel calibration relies on.
 
 The tensors are exposed as extra graph outputs in groups whose estimated size
 (shapes inferred from the first feed) stays under ``memory_budget`` bytes, so
@@ -23,6 +34,7 @@ Ranges from a histogram (``symmetric`` gives (-T, T) with T from |x|):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -35,6 +47,17 @@ from .ortsession import infer_shapes, session as ort_session
 METHODS = ("minmax", "entropy", "percentile", "mse")
 DEFAULT_BINS = 2048
 DEFAULT_MEMORY_BUDGET = 1 << 30
+EMPTY_EDGE = 2.0 ** -30  # the range of a tensor that is all zeros
+# float32 holds the dyadic grid's edges exactly between these ranges; outside, bin in float64
+FLOAT32_EDGES = (2.0 ** -100, 2.0 ** 126)
+
+
+def dyadic_edge(need: float) -> float:
+    """The smallest power of two strictly above ``need`` (EMPTY_EDGE for 0)."""
+    if not need > 0:
+        return EMPTY_EDGE
+    _mantissa, exponent = math.frexp(need)  # need = m * 2**exponent, 0.5 <= m < 1
+    return math.ldexp(1.0, exponent)
 
 
 @dataclasses.dataclass
@@ -56,10 +79,14 @@ class StreamingHistogram:
         self.minimum, self.maximum = min(self.minimum, low), max(self.maximum, high)
         need = max(abs(low), abs(high))
         if self.counts is None:
-            self.edge = need if need > 0 else 1e-8
+            if self.bins % 4:
+                raise OptionError(f"histogram bins {self.bins}: must be a multiple of 4 (exact rebinning)")
+            self.edge = dyadic_edge(need)
             self.counts = np.zeros(self.bins, dtype=np.float64)
-        while need > self.edge:
+        while need >= self.edge:
             self._double()
+        if not FLOAT32_EDGES[0] <= self.edge <= FLOAT32_EDGES[1]:
+            flat = flat.astype(np.float64)
         hist, _ = np.histogram(flat, bins=self.bins, range=(-self.edge, self.edge))
         self.counts += hist
 
@@ -69,6 +96,26 @@ class StreamingHistogram:
         fresh = np.zeros(self.bins, dtype=np.float64)
         fresh[quarter : quarter + merged.size] = merged
         self.counts, self.edge = fresh, self.edge * 2
+
+    def merged(self, other: "StreamingHistogram") -> "StreamingHistogram":
+        """A new histogram of both one's samples: exact (see the module docstring),
+        so merging is associative and commutative."""
+        if self.bins != other.bins:
+            raise ValueError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
+        parts = [h for h in (self, other) if h.counts is not None]
+        if not parts:
+            return StreamingHistogram(self.bins)
+        out = StreamingHistogram(self.bins, parts[0].edge, parts[0].counts.copy(), parts[0].minimum, parts[0].maximum)
+        for part in parts[1:]:
+            counts, edge = part.counts.copy(), part.edge
+            coarser = StreamingHistogram(self.bins, edge, counts)
+            while coarser.edge < out.edge:
+                coarser._double()
+            while out.edge < coarser.edge:
+                out._double()
+            out.counts += coarser.counts
+            out.minimum, out.maximum = min(out.minimum, part.minimum), max(out.maximum, part.maximum)
+        return out
 
     @property
     def width(self) -> float:
@@ -373,3 +420,14 @@ def saturated_by_readers(model: onnx.ModelProto, ranges: Mapping[str, tuple[floa
         if low < floor:
             narrowed[name] = (floor, high)
     return narrowed
+
+
+def merge_histograms(parts: Iterable[Mapping[str, StreamingHistogram]]) -> dict[str, StreamingHistogram]:
+    """Per tensor, the exact merge of the histograms of disjoint feed shards
+    (StreamingHistogram.merged): bit for bit the histogram one pass over all
+    the feeds builds, whatever the shards and their order."""
+    merged: dict[str, StreamingHistogram] = {}
+    for part in parts:
+        for name, hist in part.items():
+            merged[name] = merged[name].merged(hist) if name in merged else hist.merged(StreamingHistogram(hist.bins))
+    return merged

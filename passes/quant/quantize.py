@@ -245,12 +245,16 @@ def quantize(
     keep_float_if_slower: bool = False,
     log: Callable[[str], None] | None = None,
     max_evaluations: int | None = None,
+    workers: "Workers | None" = None,
 ) -> tuple[Model, QuantReport]:
     """Quantize ``model`` to INT8 for ``provider``; see the module docstring.
 
     ``max_evaluations``: models the search may build and score (None: all the
     search can need, budget.default_max_evaluations); ``budget_seconds``: an
-    optional time limit on the search that stops it early (not reproducible)."""
+    optional time limit on the search that stops it early (not reproducible).
+    ``workers`` (onnxforge.workers): calibration feed files split across them
+    and the sensitivity measurements scored on them (shards.py); the result is
+    the same as in one process."""
     started = time.monotonic()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if method not in METHODS + ("auto",):
@@ -292,7 +296,8 @@ def quantize(
         report.warnings.append(RANDOM_WARNING)
         log(f"WARNING: {RANDOM_WARNING}")
 
-    plan = _plan(original, baseline, spec, detection, calib_feeds, method, report, log, equalize)
+    sharded = _sharding(calib, workers, equalize)
+    plan = _plan(original, baseline, spec, detection, calib_feeds, method, report, log, equalize, sharded)
     val_feeds, report.validation = _validation_feeds(val, plan.kept_feeds, original, calib_desc)
     if not val_feeds:
         raise DataError("no validation feeds", hint="pass --val DIR or calibration data with at least one feed")
@@ -318,7 +323,8 @@ def quantize(
         result = _fallback_recorrected(plan, result, evaluate, threshold, search, report, log)
     if not result.met and plan.candidates and search.left and not search.time_up():
         log(f"{report.metric} {first_score:.5f} misses the budget {threshold:.5f}: ranking node sensitivity")
-        ranked = _ranked(baseline, first, plan, val_feeds[:2], metric_fn, search)
+        ranked = _ranked(baseline, first, plan, val_feeds[:2], metric_fn, search,
+                         workers if isinstance(metric, str) and workers is not None and workers.count > 1 else None, metric)
         searched = budget_mod.fallback_search(plan.build, evaluate, ranked, threshold, initial=(first, first_score), search=search)
         if searched.score > result.score:
             result = dataclasses.replace(searched, steps=result.steps + searched.steps)
@@ -485,7 +491,20 @@ def _leaner(plan: _Plan, first, first_score: float, evaluate, report: QuantRepor
     return model, score
 
 
-def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log, equalize: str = "none") -> _Plan:
+def _sharding(calib, workers, equalize: str):
+    """(feed files, workers) when calibration can be split across workers: more than
+    one worker, a folder of .npz feeds, and no smoothing (which reads feeds first)."""
+    if workers is None or workers.count < 2 or equalize == "smooth" or not isinstance(calib, (str, os.PathLike)):
+        return None
+    from onnxforge.inputs import data_files
+
+    path = Path(calib)
+    files = data_files(path, (".npz",)) if path.is_dir() else []
+    return (files, workers) if len(files) > 1 else None
+
+
+def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log, equalize: str = "none",
+          sharded=None) -> _Plan:
     tee = _Tee(calib_feeds, MAX_VALIDATION_FEEDS)
     if detection.weight_only:
         return _plan_reuse(original, detection, tee, report, log, saturating=not cpu_has_vnni())
@@ -503,7 +522,15 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
     log(f"calibrating ({method}) ...")
     symmetric = spec.symmetric_activations
     methods = AUTO_METHODS if method == "auto" else (method,)
-    first_ranges, hists, count = calibrate(baseline, tee, methods[0], symmetric=symmetric)
+    if sharded is not None:
+        from .shards import calibrate_sharded
+
+        _take(tee, MAX_VALIDATION_FEEDS)  # the validation feeds stay in this process
+        files, workers = sharded
+        first_ranges, hists, count = calibrate_sharded(baseline, files, workers, methods[0], symmetric=symmetric)
+        report.notes.append(f"calibration: {count} feeds split across {workers.where}, histograms merged exactly")
+    else:
+        first_ranges, hists, count = calibrate(baseline, tee, methods[0], symmetric=symmetric)
     report.calibration_feeds = count
     options = {m: first_ranges if m == methods[0] else {name: compute_range(h, m, symmetric) for name, h in hists.items()}
                for m in methods}
@@ -634,7 +661,8 @@ def _weighted(model: onnx.ModelProto, ops: tuple[str, ...]) -> dict[str, str]:
     return {n.name: n.op_type for n in model.graph.node if n.op_type in ops and len(n.input) > 1 and n.input[1] in inits}
 
 
-def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, search: budget_mod.SearchBudget) -> list[str]:
+def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, search: budget_mod.SearchBudget,
+            workers=None, metric: str | None = None) -> list[str]:
     """Candidates, most sensitive first.
 
     The cheap prior is the noise each node adds (one run of both models). Then
@@ -652,9 +680,17 @@ def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, search: budget_m
     base_score = metric_fn(reference, budget_mod.run_outputs(quantized, feeds))
     gains: dict[str, float] = {}
     reserve = min(budget_mod.FALLBACK_GROUPS, len(prior))
+    chosen = []
     for name in [n for n in prior if nodes[n].op_type in WEIGHTED][:MAX_MEASURED]:
         if search.left <= reserve or not search.take():
             break
+        chosen.append(name)
+    if workers is not None:  # independent per candidate: scored on the workers
+        from .shards import score_models
+
+        scores = score_models([plan.build([n]) for n in chosen], feeds, reference, metric, workers)
+        gains = {n: s - base_score for n, s in zip(chosen, scores)}
+    for name in chosen if workers is None else ():
         gains[name] = metric_fn(reference, budget_mod.run_outputs(plan.build([name]), feeds)) - base_score
     measured = sorted(gains, key=lambda k: -gains[k])
     return measured + [n for n in prior if n not in gains]
