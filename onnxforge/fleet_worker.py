@@ -27,7 +27,7 @@ def run_key_material(recipe, model_path: Path, output_name: str) -> dict:
 
     from .cache import data_digest, environment_key, files_digest
     from .io import load
-    from .recipe import user_code
+    from .pass_files import user_code
 
     data = {}
     for step in recipe.steps:
@@ -64,7 +64,7 @@ def run_job(job: dict) -> dict:
     try:
         material = run_key_material(recipe, Path(job["model"]), output.name)
         key = StepCache.key_for(RUN_KIND, material)
-    except Exception:  # noqa: BLE001 - an unreadable model: the pipeline says why below
+    except OnnxForgeError:  # an unreadable model: the pipeline says why below
         pass
     entry = cache.get(RUN_KIND, key) if key else None
     if entry is not None and MODEL_FILE in entry.files and REPORT_FILE in entry.files:
