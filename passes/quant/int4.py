@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.context import PassContext
 from onnxforge.errors import DataError, OptionError
-from onnxforge.model import Model
+from onnxforge.model import Model, weight_bytes
 
 from .awq import awq_scale
 from .gptq import gptq, output_error, refit_scales
@@ -124,13 +124,13 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
     heads = _lm_heads(model.graph, sites)
     tables = _tied_tables(model.graph, sites)
     report.tied_embeddings = sorted(tables.values())
+    report.weight_bytes_float = weight_bytes(model.graph)
     for key, (constant, transposed, _node) in sites.items():
-        rows = weight_rows(constant, transposed)
-        report.weight_bytes_float += rows.nbytes
+        inputs = constant.shape[1 if transposed else 0]
         if np.dtype(constant.dtype) != np.float32:
             report.kept_float[key] = f"{np.dtype(constant.dtype)} weight"
-        elif rows.shape[1] < MIN_INPUTS:
-            report.kept_float[key] = f"{rows.shape[1]} inputs (< {MIN_INPUTS}: one mostly padded block)"
+        elif inputs < MIN_INPUTS:
+            report.kept_float[key] = f"{inputs} inputs (< {MIN_INPUTS}: one mostly padded block)"
         elif key in heads and not lm_head:
             report.kept_float[key] = "LM head kept float (--lm-head float)"
     todo = {k: v for k, v in sites.items() if k not in report.kept_float}
@@ -155,7 +155,7 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
     stats = Int4Weights().run(model.graph, ctx)
     report.quantized = stats.stats.get("matmul-to-nbits", 0)
     report.refusals = [str(r) for r in ctx.refusals]
-    report.weight_bytes_int4 = _weight_bytes(model.graph)
+    report.weight_bytes_int4 = weight_bytes(model.graph)
     if reference is not None:
         _judge(report, reference, model, val or calib, log)
     report.seconds = time.monotonic() - start
@@ -194,7 +194,7 @@ def _tied_tables(graph: gs.Graph, sites) -> dict[str, str]:
         for key, (constant, transposed, _n) in sites.items():
             if key in tied or tuple(constant.shape[::-1] if not transposed else constant.shape) != tuple(table.shape):
                 continue
-            if constant is table or np.array_equal(weight_rows(constant, transposed), np.asarray(table.values)):
+            if constant is table or np.array_equal(weight_rows(constant, transposed), weight_rows(table, True)):
                 tied[key] = table.name
     return tied
 
@@ -233,10 +233,6 @@ def _solve(plan, report, keys, sites, tables, hessian, tensor, method, block, sy
                 approx = approx / scale[None, :]
             report.layer_error[key] = output_error(w, approx, hessian)
         start += n
-
-
-def _weight_bytes(graph: gs.Graph) -> int:
-    return sum(np.asarray(t.values).nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
 
 
 def _judge(report: Int4Report, reference, model: Model, data: str, log) -> None:

@@ -24,6 +24,7 @@ from typing import Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.passes.base import Match, Rule, RulePass
 from onnxforge.passes.matching import DEFAULT_DOMAINS, producer
@@ -73,8 +74,10 @@ def matmul_weight(node: gs.Node) -> tuple[gs.Constant, bool] | None:
 
 
 def weight_rows(constant: gs.Constant, transposed: bool) -> np.ndarray:
-    """Wt [N, K] (a row per output) of the MatMul weight."""
-    values = np.asarray(constant.values)
+    """Wt [N, K] (a row per output) of the MatMul weight. A weight in external data is read for the
+    caller and not kept on the constant, so a large model's float weights are never all in memory."""
+    lazy = constant._values  # graphsurgeon caches what ``.values`` loads
+    values = lazy.load() if isinstance(lazy, LazyValues) else np.asarray(lazy)
     return values if transposed else values.T
 
 
@@ -108,7 +111,8 @@ class MatMulToNBits(Rule):
             if match.info["key"] not in plan.get("weights", {}):
                 return self.refusal("the quantization plan has no codes for this weight", match)
             entry = plan["weights"][match.info["key"]]
-            if (entry.k, entry.n) != tuple(weight_rows(constant, match.info["transposed"]).shape[::-1]):
+            k, n = constant.shape[::-1] if match.info["transposed"] else constant.shape
+            if (entry.k, entry.n) != (k, n):
                 return self.refusal("the plan's codes were solved for another weight shape", match)
         return None
 
