@@ -195,22 +195,22 @@ class TiedEmbeddingToGatherBlockQuantized(Rule):
         b_name, s_name, _ = packed_names(keys[0])
         if not isinstance(tensors.get(b_name), gs.Constant) or not isinstance(tensors.get(s_name), gs.Constant):
             return self.refusal(f"the LM head {keys[0]} it is tied to was not rewritten to MatMulNBits", match)
-        match.info.update(entry=entry, packed=tensors[b_name], scales=tensors[s_name])
-        return None
+        return {"entry": entry, "packed": tensors[b_name], "scales": tensors[s_name]}
 
     def rewrite(self, graph, match, ctx):
         node = match.nodes[0]
-        entry, ids = match.info["entry"], node.inputs[1]
+        plan = match.plan
+        entry, ids = plan["entry"], node.inputs[1]
         base = node.name or node.outputs[0].name
         kb = k_blocks(entry.k, entry.block)
         scales3 = gs.Variable(f"{base}_scales3", dtype=np.float32, shape=[entry.n, kb, 1])
         graph.nodes.append(gs.Node("Unsqueeze", name=f"{base}_unsqueeze_scales",
-                                   inputs=[match.info["scales"], gs.Constant(f"{base}_axis2", np.array([2], np.int64))],
+                                   inputs=[plan["scales"], gs.Constant(f"{base}_axis2", np.array([2], np.int64))],
                                    outputs=[scales3]))
         blocks = gs.Variable(f"{base}_blocks", dtype=np.float32)
         graph.nodes.append(gs.Node("GatherBlockQuantized", name=f"{base}_Q4", domain=MS_DOMAIN,
                                    attrs={"bits": BITS, "block_size": entry.block, "gather_axis": 0, "quantize_axis": 2},
-                                   inputs=[match.info["packed"], ids, scales3], outputs=[blocks]))
+                                   inputs=[plan["packed"], ids, scales3], outputs=[blocks]))
         rank = len(ids.shape)
         flat = gs.Variable(f"{base}_rows", dtype=np.float32) if kb * entry.block != entry.k else node.outputs[0]
         graph.nodes.append(gs.Node("Reshape", name=f"{base}_merge_blocks",
