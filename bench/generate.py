@@ -18,6 +18,7 @@ tokens are compared with the first model's ("same tokens").
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import random
@@ -238,10 +239,20 @@ class _Live:
     tokens: np.ndarray | None = None
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap back to the OS (glibc), so the RSS before a session is the live memory and the
+    model bytes read when validating the file are not silently reused by the session."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure stays a lower bound
+        pass
+
+
 def _start(variant: Variant, config: GenerateConfig, prompt) -> tuple[_Live, tuple]:
     """Session, its I/O, one untimed generation (allocations, kernel choice) and the peak memory of
     all that; ``prompt`` is (ids, mask) or None to make it now (the vocabulary comes from the logits)."""
-    gc.collect()
+    _release_free_memory()
     before = _status_kb("VmRSS")
     tracked = _reset_peak_rss() and before is not None
     overrides = {"intra_op_num_threads": config.threads} if config.threads is not None else None

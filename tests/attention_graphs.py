@@ -160,6 +160,16 @@ def gpt2(heads=2, head_size=4, seed=0) -> onnx.ModelProto:
     return model(g, [x_input(hidden), mask_input()], [y_output()])
 
 
+def dynamo_key_transpose(g: G, k4: str) -> str:
+    """K^T as dynamo writes it: Reshape(Transpose(Reshape(K, [-1, T, D]), [0, 2, 1]), [..., D, T])."""
+    k_shape = g.op("Shape", k4, start=0)
+    last = g.op("Slice", k_shape, g.ints(-1), g.ints(np.iinfo(np.int64).max))
+    second = g.op("Slice", k_shape, g.ints(-2), g.ints(-1))
+    lead = g.op("Slice", k_shape, g.ints(np.iinfo(np.int64).min), g.ints(-2))
+    flat = g.op("Reshape", k4, g.op("Concat", g.ints(-1), second, last, axis=0))
+    return g.op("Reshape", g.op("Transpose", flat, perm=[0, 2, 1]), g.op("Concat", lead, last, second, axis=0))
+
+
 def sdpa(heads=2, head_size=4, mask_from_input=False, seed=0) -> onnx.ModelProto:
     """torch.onnx dynamo: sqrt(scale) on Q and K, K^T through Reshape/Transpose/Reshape, NaN guard."""
     rng = np.random.default_rng(seed)
@@ -175,13 +185,7 @@ def sdpa(heads=2, head_size=4, mask_from_input=False, seed=0) -> onnx.ModelProto
 
     q4, k4, v4 = heads_of(q3), heads_of(k3), heads_of(v3)
     qs = g.op("Mul", q4, g.const(root))
-    k_shape = g.op("Shape", k4, start=0)
-    last = g.op("Slice", k_shape, g.ints(-1), g.ints(np.iinfo(np.int64).max))
-    second = g.op("Slice", k_shape, g.ints(-2), g.ints(-1))
-    lead = g.op("Slice", k_shape, g.ints(np.iinfo(np.int64).min), g.ints(-2))
-    flat = g.op("Reshape", k4, g.op("Concat", g.ints(-1), second, last, axis=0))
-    kt = g.op("Reshape", g.op("Transpose", flat, perm=[0, 2, 1]), g.op("Concat", lead, last, second, axis=0))
-    ks = g.op("Mul", kt, g.const(root))
+    ks = g.op("Mul", dynamo_key_transpose(g, k4), g.const(root))
     scores = g.op("MatMul", qs, ks)
     bias = "float_mask" if mask_from_input else padding_bias(g)
     probs = g.op("Softmax", g.op("Add", scores, bias), axis=-1)

@@ -6,6 +6,10 @@ I/O as Optimum / onnxruntime-genai (and the corpus' smollm2_135m_kv) name them:
   outputs  logits [B, S, V], present.{i}.key / .value [B, Nkv, P+S, D]
 Each layer: rotary from position_ids (cos/sin shared by the layers), K/V appended to the past,
 repeat_kv, scores + the additive causal/padding mask [B, 1, S, P+S], o_proj and a residual.
+``dynamo=True`` writes the layer as torch.onnx's dynamo exporter does (opset 18): head splits with
+allowzero=1 from Shape(x, start, end), sqrt(scale) on Q and on K^T (Reshape/Transpose/Reshape), repeat_kv
+targets computed from other tensors' dims (batch of the last layer's past, T = its past length + S), the
+NaN guard.
 Options switch single details so each refusal of the cache fusion can be provoked.
 """
 from __future__ import annotations
@@ -14,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from attention_graphs import F32_MIN, G, merge_heads, model, repeat_kv, rotate_half, split_heads, weights
+from attention_graphs import (F32_MIN, G, dynamo_key_transpose, merge_heads, model, repeat_kv, rotate_half,
+                              split_heads, weights)
 
 
 def _causal_padding_mask(g: G) -> str:
@@ -28,8 +33,24 @@ def _causal_padding_mask(g: G) -> str:
     return g.op("Where", g.op("And", padding, causal), g.const(0.0), g.const(F32_MIN))
 
 
+def _dynamo_split(g: G, x3: str, head_size: int) -> str:
+    shape = g.op("Concat", g.op("Shape", x3, start=0, end=1), g.op("Shape", x3, start=1, end=2), g.ints(-1),
+                 g.ints(head_size), axis=0)
+    return g.op("Transpose", g.op("Reshape", x3, shape, allowzero=1), perm=[0, 2, 1, 3])
+
+
+def _dynamo_repeat(g: G, x4: str, other_past: str, kv_heads: int, rep: int, heads: int, head_size: int) -> str:
+    """Targets from other tensors' dims, as dynamo's symbolic sizes: B of some past input, T = P + S."""
+    batch = g.op("Shape", other_past, start=0, end=1)
+    total = g.op("Add", g.op("Shape", other_past, start=2, end=3), g.op("Shape", "input_ids", start=1, end=2))
+    wide = g.op("Expand", g.op("Unsqueeze", x4, g.ints(2)),
+                g.op("Concat", batch, g.ints(kv_heads), g.ints(rep), total, g.ints(head_size), axis=0))
+    return g.op("Reshape", wide, g.op("Concat", batch, g.ints(heads), total, g.ints(head_size), axis=0),
+                allowzero=1)
+
+
 def decoder(layers=2, heads=4, kv_heads=2, head_size=8, vocab=48, seed=0, mask=True, concat_axis=2,
-            leak_rotary=False, past_name="past_key_values.{i}.{kv}", present_name="present.{i}.{kv}",
+            leak_rotary=False, dynamo=False, wrong_repeat=False, past_name="past_key_values.{i}.{kv}", present_name="present.{i}.{kv}",
             ) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     hidden, kv_hidden, rep = heads * head_size, kv_heads * head_size, heads // kv_heads
@@ -59,26 +80,37 @@ def decoder(layers=2, heads=4, kv_heads=2, head_size=8, vocab=48, seed=0, mask=T
         q3 = g.op("MatMul", x, g.const(weights(rng, hidden, hidden)))
         k3 = g.op("MatMul", x, g.const(weights(rng, hidden, kv_hidden)))
         v3 = g.op("MatMul", x, g.const(weights(rng, hidden, kv_hidden)))
-        q4 = rotate_half(g, split_heads(g, q3, -1, head_size), cos, sin, head_size)
-        k_new = rotate_half(g, split_heads(g, k3, -1, head_size), cos, sin, head_size)
+        split = (lambda x3: _dynamo_split(g, x3, head_size)) if dynamo else \
+            (lambda x3: split_heads(g, x3, -1, head_size))
+        q4 = rotate_half(g, split(q3), cos, sin, head_size)
+        k_new = rotate_half(g, split(k3), cos, sin, head_size)
         if leak_rotary and i == 0:
             g.nodes.append(helper.make_node("Identity", [k_new], ["leaked_key"], name=g.name("leak")))
             extra.append(helper.make_tensor_value_info("leaked_key", TensorProto.FLOAT,
                                                        ["batch_size", kv_heads, "sequence_length", head_size]))
-        for kv, new in (("key", k_new), ("value", split_heads(g, v3, -1, head_size))):
+        for kv, new in (("key", k_new), ("value", split(v3))):
             g.nodes.append(helper.make_node("Concat", [past[kv], new], [present[kv]], name=g.name("cache"),
                                             axis=concat_axis if kv == "key" else 2))
-        k4, v4 = (repeat_kv(g, present[kv], rep, heads) for kv in ("key", "value"))
-        scores = g.op("Mul", g.op("MatMul", q4, g.op("Transpose", k4, perm=[0, 1, 3, 2])),
-                      g.const(1.0 / np.sqrt(head_size)))
+        if dynamo:
+            other = past_name.format(i=layers - 1, kv="value")
+            k4, v4 = (_dynamo_repeat(g, present[kv], other, kv_heads, rep + wrong_repeat, heads, head_size)
+                      for kv in ("key", "value"))
+            root = g.const(float(np.sqrt(1.0 / np.sqrt(head_size))))
+            scores = g.op("MatMul", g.op("Mul", q4, root), g.op("Mul", dynamo_key_transpose(g, k4), root))
+        else:
+            k4, v4 = (repeat_kv(g, present[kv], rep, heads) for kv in ("key", "value"))
+            scores = g.op("Mul", g.op("MatMul", q4, g.op("Transpose", k4, perm=[0, 1, 3, 2])),
+                          g.const(1.0 / np.sqrt(head_size)))
         if bias is not None:
             scores = g.op("Add", scores, bias)
-        context = merge_heads(g, g.op("MatMul", g.op("Softmax", scores, axis=-1), v4), q3, hidden,
-                              out=g.name("context"))
+        probs = g.op("Softmax", scores, axis=-1)
+        if dynamo:
+            probs = g.op("Where", g.op("IsNaN", probs), g.const(0.0), probs)
+        context = merge_heads(g, g.op("MatMul", probs, v4), q3, hidden, out=g.name("context"))
         x = g.op("Add", x, g.op("MatMul", context, g.const(weights(rng, hidden, hidden))))
     g.nodes.append(helper.make_node("MatMul", [x, g.const(weights(rng, hidden, vocab))], ["logits"],
                                     name=g.name("lm_head")))
-    return model(g, inputs, outputs + extra)
+    return model(g, inputs, outputs + extra, opset=18 if dynamo else 17)
 
 
 def feeds(proto: onnx.ModelProto, batch=2, seq=5, past=0, left_pad=(0, 2), seed=1) -> dict:

@@ -21,7 +21,15 @@ causal masking, left padding and holes keep their meaning at every query positio
 P = 0 (an empty past), decode S = 1; the present outputs keep the model's names and [B, Nkv, T, D]
 layout, so generation loops that feed presents back as past are unchanged.
 
-Preconditions (checked): those of ``attention_gqa.py``; the cache Concats join along the sequence
+Why not GQA's own rotary (do_rotary=1): the kernel rotates by position past + s of each row, while
+a left-padded row's positions are cumsum(mask) - 1; a separate RotaryEmbedding fed the model's own
+cos/sin is exact for any position_ids. Limit (onnxruntime 1.31): GroupQueryAttention refuses at run
+time a chunk of S > 1 new tokens on a non-empty past when B > 1 ("batch_size must be 1 when
+sequence_length > 1 and past context is given"); prefill (empty past), decode (S = 1) and chunks at
+B = 1 run.
+
+Preconditions (checked): those of ``attention_gqa.py`` (repeat_kv's shapes from inferred shapes where
+the exporter computes them from other tensors' dims, as dynamo does); the cache Concats join along the sequence
 axis (2) with the past first; present tensors are not read by other nodes of the block.
 """
 from __future__ import annotations
@@ -32,7 +40,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.context import PassContext, Refusal
 from onnxforge.passes.base import Match, RulePass
 
-from ._match import MS_DOMAIN, escaping, producer
+from ._match import MS_DOMAIN, ShapeOracle, escaping, producer
 from .attention import BlockRule, is_scalar_constant, mask_is_finite, softmax_is_last_axis
 from .attention_gqa import (
     GqaRotaryAttention,
@@ -60,9 +68,13 @@ class GqaRotaryCacheAttention(BlockRule):
 
     name = "gqa-rotary-cache-attention"
 
+    def __init__(self):
+        self._shapes: ShapeOracle | None = None  # inferred once per run, on first need
+
     def match(self, graph: gs.Graph, node: gs.Node) -> Match | None:
         core = match_core(node)
-        if core is None or core.key.form != "swap":
+        # "swap": TorchScript's Transpose(K, 0,1,3,2); "reshape": dynamo's K^T through Reshape/Transpose/Reshape.
+        if core is None or core.key.form not in ("swap", "reshape"):
             return None
         q_rot = match_rotary(core.q4)
         k_rep, v_rep = match_repeat(core.key.k4), match_repeat(core.v4)
@@ -116,7 +128,7 @@ class GqaRotaryCacheAttention(BlockRule):
                 return self.refusal("cos/sin halves not provably equal (interleaved or partial rotary)", match)
         for label in ("k_rep", "v_rep"):
             repeat: Repeat = match.info[label]
-            if not repeat_is_exact(repeat, heads // kv_heads):
+            if not self.repeat_ok(graph, ctx, repeat, heads // kv_heads, heads):
                 return self.refusal("repeat_kv Expand/Reshape does not repeat kv heads N/Nkv times", match)
         if core.bias is None:
             # Without a mask the block is non-causal over the cache: GQA always needs one here.
@@ -128,6 +140,25 @@ class GqaRotaryCacheAttention(BlockRule):
         if any(n.op == "Cast" and int(n.attrs.get("to", 1)) != 1 for n in core.between):
             return self.refusal("cast after softmax changes precision", match)
         return self.present_leak(graph, match, core)
+
+    def repeat_ok(self, graph: gs.Graph, ctx: PassContext, repeat: Repeat, n_rep: int, heads: int) -> bool:
+        """repeat_kv's Expand gives [B, Nkv, r, T, D] and its Reshape [B, N, T, D] for x4 = [B, Nkv, T, D]:
+        read from the target entries (TorchScript), else (dynamo writes them from other tensors' dims:
+        the batch of some past input, T as past + new lengths) from inferred shapes under two
+        assignments of distinct primes to the input dims."""
+        if repeat_is_exact(repeat, n_rep):
+            return True
+        if self._shapes is None:
+            self._shapes = ShapeOracle(graph, ctx)
+        for run in self._shapes.runs:
+            x = run.get(repeat.x4.name)
+            if x is None or len(x) != 4:
+                return False
+            if run.get(repeat.expand.outputs[0].name) != (x[0], x[1], n_rep, x[2], x[3]):
+                return False
+            if run.get(repeat.reshape.outputs[0].name) != (x[0], heads, x[2], x[3]):
+                return False
+        return True
 
     def present_leak(self, graph: gs.Graph, match: Match, core: Core) -> Refusal | None:
         """The presents become GroupQueryAttention outputs: they may leave the block (graph outputs,
