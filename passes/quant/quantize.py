@@ -34,16 +34,18 @@ by seconds, so the same input gives the same bytes on a busy machine too.
 the report then says so and marks the result not reproducible. Latency is
 measured for the report only: the model returned depends on it only with
 ``keep_float_if_slower`` (opt-in; the report marks that result not reproducible).
+
+The parts: inputs.py (model and feeds), plan.py (how each candidate model is
+built), report.py (QuantReport); the search over them is here.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -52,177 +54,28 @@ from onnxforge.errors import DataError, OptionError
 from onnxforge.model import Model
 
 from . import budget as budget_mod
-from .bias_correct import apply_deltas, correct_biases
-from .calibrate import METHODS, calibrate, compute_range, saturated_by_readers
-from .equalize import equalize as equalize_model
-from .detect import detect, int8_weights_to_dynamic_matmul
-from .formats import (
-    CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, dynamic_matmul, holds_subgraph, integer_kernels, provider_exclusions, spec_for,
-    stale_float_weights, static_qdq, summarize_kernels, write_tensorrt_cache,
+from .bias_correct import correct_biases
+from .calibrate import METHODS
+from .detect import detect
+from .formats import holds_subgraph, integer_kernels, spec_for, stale_float_weights, summarize_kernels, write_tensorrt_cache
+from .inputs import (  # noqa: F401  (re-exported: fp16, benchmarks and tests read them here)
+    MAX_VALIDATION_FEEDS, RANDOM_FEEDS, _feeds, _source_and_original, _take, _Tee, _validation_feeds, _with_weights,
 )
-from .layout import convtranspose_as_conv_shuffle
-from onnxforge.opsets import one_default_domain
 from .ortsession import return_freed_memory
-from .prepare import constant_nodes_to_initializers, float_baseline
+from .plan import _Plan, _plan, _with_deltas, without_tensors_of  # noqa: F401  (re-exported for tests)
+from .prepare import float_baseline
+from .report import QuantReport
 
 RANDOM_WARNING = (
     "calibrating on RANDOM data (--calib random): the ranges fit noise, not your inputs, "
     "and the accuracy figures below mean nothing"
 )
-RANDOM_FEEDS = 8
-# method "auto": ranges from each of these (one histogram pass), the best scored is kept
-AUTO_METHODS = ("minmax", "percentile")
 BIAS_CORRECTION_FEEDS = 16
 MAX_RECORRECTED = 8  # layers the bias-corrected fallback returns to float before the generic search
 # weighted nodes whose end-to-end sensitivity the ranking measures (the top of the
 # prior); the rest keep the prior's order. Each is a model built and scored.
 MAX_MEASURED = 8
 EQUALIZE_MODES = ("cle", "smooth", "none")
-SMOOTH_FEEDS = 4
-MAX_VALIDATION_FEEDS = 16
-
-
-@dataclasses.dataclass
-class QuantReport:
-    provider: str
-    format: dict
-    method: str
-    calibration: str
-    calibration_feeds: int
-    validation: str
-    metric: str
-    max_drop: float
-    score: float | None = None
-    score_before_fallback: float | None = None
-    budget_met: bool | None = None
-    budget_timed_out: bool = False  # the time limit stopped the search early
-    evaluations: int = 0  # models built and scored by the search
-    max_evaluations: int = 0
-    search: str = ""  # how the search ended (evaluations used; stopped by the time limit)
-    reproducible: bool = True  # False: a time limit or a latency measurement decided the result
-    int8_nodes: list[str] = dataclasses.field(default_factory=list)
-    float_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why
-    kernels: dict[str, int] = dataclasses.field(default_factory=dict)
-    latency: dict | None = None
-    fallback_steps: list[dict] = dataclasses.field(default_factory=list)
-    warnings: list[str] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    equalized: int = 0
-    bias_corrected: int = 0  # layers whose bias absorbed the mean rounding error
-    kept_float: bool = False
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.as_dict(), indent=1, default=_jsonable))
-
-    def summary(self) -> str:
-        lines = [
-            f"provider {self.provider}, {'dynamic MatMul' if self.format.get('dynamic_matmul') else 'static QDQ'}, "
-            f"method {self.method}, calibration: {self.calibration} ({self.calibration_feeds} feeds)",
-            f"int8 nodes: {len(self.int8_nodes)}, float nodes: {len(self.float_nodes)}",
-        ]
-        if self.score is not None:
-            lines.append(
-                f"{self.metric} vs float: {self.score:.5f} (budget >= {1 - self.max_drop:.5f}: "
-                f"{'met' if self.budget_met else 'MISSED'}) on {self.validation}"
-            )
-        if self.latency:
-            lat = self.latency
-            lines.append(
-                f"latency {lat['variant_ms']:.3f} ms vs float {lat['base_ms']:.3f} ms: "
-                f"{lat['ratio']:.3f}x [{lat['ci_low']:.3f}, {lat['ci_high']:.3f}]"
-            )
-        lines += [f"warning: {w}" for w in self.warnings]
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
-def _jsonable(value: Any):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)
-
-
-# ------------------------------------------------------------------ inputs
-
-
-def _source_and_original(model: Model | onnx.ModelProto | str | os.PathLike) -> tuple[Model | None, onnx.ModelProto]:
-    """(the model as onnxforge loads it, weights in external files still on disk, or
-    None for a ModelProto input; the original as a ModelProto). The proto's external
-    weights are not read (types and inputs are what callers read; the -O2 passes
-    run on the lazy Model): ``_with_weights`` reads them."""
-    if isinstance(model, onnx.ModelProto):
-        from onnxforge.versions import cap_proto_versions
-
-        model = one_default_domain(model, copy=True)  # the caller's proto keeps its entries
-        return None, cap_proto_versions(model)[0]  # IR/opset this onnxruntime loads
-    if not isinstance(model, Model):
-        from onnxforge.io import load
-
-        model = load(model)
-    return model, one_default_domain(model.to_proto())
-
-
-def _with_weights(original: onnx.ModelProto, source: Model | None) -> onnx.ModelProto:
-    """``original`` with the weights of external files read into memory (in place)."""
-    from .ortsession import with_external_data_loaded
-
-    return with_external_data_loaded(original, source.source.parent if source is not None and source.source else None)
-
-
-def _feeds(data, proto: onnx.ModelProto, what: str) -> tuple[Iterable[dict], str]:
-    """(feeds, description) from a folder/file path, an iterable of feed dicts, or "random"."""
-    from onnxforge.inputs import iter_feed_files, load_feeds
-    from onnxforge.verify_feeds import runnable_feeds
-
-    if isinstance(data, str) and data == "random":
-        return runnable_feeds(proto, {}, RANDOM_FEEDS), "random (seeded)"
-    if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if not path.exists():
-            raise DataError(f"{what} data {path}: no such file or folder")
-        if any(path.glob("*.npz")) or path.suffix == ".npz":
-            return iter_feed_files(path), str(path)
-        return load_feeds(path), str(path)
-    if isinstance(data, Mapping):
-        return [dict(data)], "one feed dict"
-    if isinstance(data, Iterable):
-        return data, "feed dicts (API)"
-    raise DataError(f"{what} data: expected a folder, a file, an iterable of feed dicts or 'random', got {type(data).__name__}")
-
-
-def _validation_feeds(val, calib_list: list[dict] | None, proto, calib_desc: str) -> tuple[list[dict], str]:
-    if val is not None:
-        feeds, desc = _feeds(val, proto, "validation")
-        return _take(feeds, MAX_VALIDATION_FEEDS), desc
-    if calib_list:
-        return calib_list[:MAX_VALIDATION_FEEDS], f"calibration data ({calib_desc}; no separate --val given)"
-    return [], "none"
-
-
-def _take(feeds: Iterable[dict], n: int) -> list[dict]:
-    out = []
-    for feed in feeds:
-        out.append(feed)
-        if len(out) >= n:
-            break
-    return out
-
-
-class _Tee:
-    """Iterates the calibration feeds once, keeping the first few for validation."""
-
-    def __init__(self, feeds: Iterable[dict], keep: int):
-        self.feeds, self.keep, self.kept = feeds, keep, []
-
-    def __iter__(self):
-        for feed in self.feeds:
-            if len(self.kept) < self.keep:
-                self.kept.append(feed)
-            yield feed
 
 
 # ------------------------------------------------------------------ entry
@@ -382,21 +235,6 @@ def _slower(report: QuantReport, baseline, final, keep_float: bool) -> onnx.Mode
     return baseline
 
 
-@dataclasses.dataclass
-class _Plan:
-    build: Callable[[list[str]], onnx.ModelProto]
-    candidates: dict[str, str]  # node name -> op type, nodes that may be int8
-    fixed_float: dict[str, str]  # node name -> why (provider rules)
-    ranges: dict[str, tuple[float, float]]
-    kept_feeds: list[dict]
-    float_model: onnx.ModelProto | None = None  # the float model the int8 one rounds (equalized baseline)
-    lean: "_Plan | None" = None  # the same with elementwise ops left float (CPU static)
-    range_options: dict[str, dict] = dataclasses.field(default_factory=dict)  # method -> ranges (static)
-    # float bias name -> correction; applied only to layers that stay int8 (a
-    # correction for rounding is an error in a float layer)
-    bias_deltas: dict = dataclasses.field(default_factory=dict)
-
-
 def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, search: budget_mod.SearchBudget):
     """Per range option: build, score, bias-correct layer by layer, score again; keep the best.
     Each score is one of ``search``'s evaluations (the first is always made)."""
@@ -501,164 +339,6 @@ def _sharding(calib, workers, equalize: str):
     path = Path(calib)
     files = data_files(path, (".npz",)) if path.is_dir() else []
     return (files, workers) if len(files) > 1 else None
-
-
-def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log, equalize: str = "none",
-          sharded=None) -> _Plan:
-    tee = _Tee(calib_feeds, MAX_VALIDATION_FEEDS)
-    if detection.weight_only:
-        return _plan_reuse(original, detection, tee, report, log, saturating=not cpu_has_vnni())
-    fixed = provider_exclusions(baseline, spec)
-    if spec.dynamic_matmul:
-        kept = _take(tee, MAX_VALIDATION_FEEDS)
-        report.calibration_feeds = 0
-        report.notes.append("transformer on CPU: MatMul/Gemm weights quantized dynamically (no activation ranges needed)")
-        candidates = _weighted(baseline, ("MatMul", "Gemm"))
-        build = lambda excluded: dynamic_matmul(baseline, spec, list(fixed) + list(excluded))  # noqa: E731
-        return _Plan(build, {k: v for k, v in candidates.items() if k not in fixed}, fixed, {}, kept)
-    baseline, tee = _equalized(baseline, tee, equalize, report, log)
-    if spec.provider == "cpu" and not spec.symmetric_activations:
-        baseline = _shuffled_convtransposes(baseline, report)
-    log(f"calibrating ({method}) ...")
-    symmetric = spec.symmetric_activations
-    methods = AUTO_METHODS if method == "auto" else (method,)
-    if sharded is not None:
-        from .shards import calibrate_sharded
-
-        _take(tee, MAX_VALIDATION_FEEDS)  # the validation feeds stay in this process
-        files, workers = sharded
-        first_ranges, hists, count = calibrate_sharded(baseline, files, workers, methods[0], symmetric=symmetric)
-        report.notes.append(f"calibration: {count} feeds split across {workers.where}, histograms merged exactly")
-    else:
-        first_ranges, hists, count = calibrate(baseline, tee, methods[0], symmetric=symmetric)
-    report.calibration_feeds = count
-    options = {m: first_ranges if m == methods[0] else {name: compute_range(h, m, symmetric) for name, h in hists.items()}
-               for m in methods}
-    if not symmetric:  # u8 grids: no levels below what HardSwish readers saturate anyway
-        options = {m: saturated_by_readers(baseline, r) for m, r in options.items()}
-    plan = _static_plan(baseline, spec, fixed, options[methods[0]], tee.kept)
-    plan.range_options = options
-    if spec.provider == "cpu" and spec.op_types != CPU_STATIC_LEAN_OPS:
-        lean = dataclasses.replace(spec, op_types=CPU_STATIC_LEAN_OPS)
-        elementwise = {n.name: "elementwise op kept float (scored better than requantizing it)"
-                       for n in baseline.graph.node if n.op_type in set(spec.op_types) - set(CPU_STATIC_LEAN_OPS)}
-        plan.lean = _static_plan(baseline, lean, {**fixed, **elementwise}, plan.ranges, tee.kept)
-    return plan
-
-
-def _shuffled_convtransposes(baseline, report: QuantReport):
-    """Non-overlapping ConvTranspose as 1x1 Conv + pixel shuffle: the conv gets an
-    integer kernel on CPU, onnxruntime has none for ConvTranspose (layout.py)."""
-    shuffled = onnx.ModelProto()
-    shuffled.CopyFrom(baseline)
-    shuffled, count = convtranspose_as_conv_shuffle(shuffled)
-    if count:
-        report.notes.append(f"{count} ConvTranspose (kernel == stride) rewritten as 1x1 Conv + DepthToSpace for integer kernels (exact)")
-    return shuffled
-
-
-def _static_plan(baseline, spec: FormatSpec, fixed: dict, ranges, kept_feeds) -> _Plan:
-    candidates = {n.name: n.op_type for n in baseline.graph.node if n.op_type in spec.op_types and n.name not in fixed}
-
-    def build(excluded: list[str]) -> onnx.ModelProto:
-        # the plan's current float model and ranges: bias correction and the
-        # range choice replace them after the plan is made
-        kept, floats = without_tensors_of(plan.float_model, plan.ranges, excluded)
-        source = plan.float_model
-        if plan.bias_deltas:
-            source = _with_deltas(plan.float_model, plan.bias_deltas, set(floats) | set(fixed))
-        return static_qdq(source, kept, spec, list(fixed) + floats)
-
-    plan = _Plan(build, candidates, dict(fixed), ranges, kept_feeds, baseline)
-    return plan
-
-
-def _with_deltas(model: onnx.ModelProto, deltas: Mapping[str, np.ndarray], float_nodes: set[str]) -> onnx.ModelProto:
-    """``model`` with the bias corrections of the layers not in ``float_nodes``."""
-    skip = {n.input[2] for n in model.graph.node if n.name in float_nodes and len(n.input) > 2}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    apply_deltas(out, {k: v for k, v in deltas.items() if k not in skip})
-    return out
-
-
-def _equalized(baseline, tee: "_Tee", mode: str, report: QuantReport, log):
-    """(equalized baseline, feeds still to calibrate on); smoothing reads its first feeds."""
-    if mode == "none":
-        return baseline, tee
-    feeds = None
-    if mode == "smooth":
-        tee.feeds = iter(tee.feeds)  # one-shot, so calibration continues after the taken feeds
-        feeds = _take(tee, SMOOTH_FEEDS)
-        tee = _Chain(feeds, tee)
-    equalized, count = equalize_model(baseline, feeds)
-    report.equalized = count
-    if count:
-        what = "data-free cross-layer equalization" if mode == "cle" else "activation smoothing"
-        report.notes.append(f"{what} rescaled the input channels of {count} Conv/MatMul nodes (exact in float)")
-        log(report.notes[-1])
-    return equalized, tee
-
-
-class _Chain:
-    """Feeds already taken from a one-shot _Tee, then the rest of it."""
-
-    def __init__(self, head: list[dict], tee: "_Tee"):
-        self.head, self.tee = head, tee
-
-    @property
-    def kept(self) -> list[dict]:
-        return self.tee.kept
-
-    def __iter__(self):
-        yield from self.head
-        yield from self.tee
-
-
-def without_tensors_of(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], excluded: Sequence[str]) -> tuple[dict, list[str]]:
-    """(ranges, nodes kept float) for returning ``excluded`` to float.
-
-    A tensor with a range gets Q/DQ for all its readers, so excluding a node alone
-    would still feed it quantized values: its tensors lose their ranges, and the
-    neighbours that share those tensors stay float too (a quantized node needs
-    ranges on all its activations)."""
-    names = set(excluded)
-    touched = {t for n in model.graph.node if n.name in names for t in list(n.input) + list(n.output)}
-    neighbours = {n.name for n in model.graph.node if touched & (set(n.input) | set(n.output))}
-    return {k: v for k, v in ranges.items() if k not in touched}, sorted(names | neighbours)
-
-
-def _plan_reuse(original, detection, tee, report, log, saturating: bool) -> _Plan:
-    """``saturating``: this CPU lacks VNNI (DynamicQuantizeMatMul is a CPU kernel
-    whichever provider was asked for), so full-range int8 weights run shifted to uint8."""
-    message = (
-        f"the model already holds int8 weights ({detection.describe()}); they are not quantized again: "
-        "MatMuls reading them run as DynamicQuantizeMatMul on the same int8 values"
-    )
-    if saturating:
-        message += (" (no VNNI on this CPU: weights past 7 bits are stored as the same values + 128 in uint8, "
-                    "zero point 128, because u8 x s8 products saturate without it)")
-    log(message)
-    report.notes.append(message)
-    kept = _take(tee, MAX_VALIDATION_FEEDS)
-    lowered = constant_nodes_to_initializers(original)
-    lowered_detection = detect(lowered)
-
-    def build(excluded: list[str]) -> onnx.ModelProto:
-        keep = [w for w in lowered_detection.weight_only if not set(w.consumers) & set(excluded)]
-        rewritten, _names = int8_weights_to_dynamic_matmul(
-            lowered, dataclasses.replace(lowered_detection, weight_only=keep), saturating)
-        return rewritten  # onnxruntime folds the remaining Cast+Mul chains at session time
-
-    matmuls = {n.name for n in lowered.graph.node if n.op_type == "MatMul"}
-    candidates = {c: "MatMul" for w in lowered_detection.weight_only for c in w.consumers if c in matmuls}
-    report.calibration_feeds = 0
-    return _Plan(build, candidates, {}, {}, kept)
-
-
-def _weighted(model: onnx.ModelProto, ops: tuple[str, ...]) -> dict[str, str]:
-    inits = {t.name for t in model.graph.initializer}
-    return {n.name: n.op_type for n in model.graph.node if n.op_type in ops and len(n.input) > 1 and n.input[1] in inits}
 
 
 def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, search: budget_mod.SearchBudget,
