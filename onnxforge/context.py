@@ -40,6 +40,16 @@ class PassContext:
     seed: int = 0
     refusals: list[Refusal] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # Rewrites (rule + matched nodes) the pass manager rolled back: rules skip them.
+    denied_rewrites: frozenset[tuple[str, tuple[str, ...]]] = frozenset()
+    # When set, rewrites past this many in the current pass run are skipped (the pass
+    # manager bisects a failing pass over its rewrites with it); counts down as they fire.
+    rewrite_budget: int | None = None
+    # Every rewrite that fired, in order: (pass, rule, matched nodes).
+    rewrites: list[tuple[str, str, tuple[str, ...]]] = dataclasses.field(default_factory=list)
+    # New tensor name -> the original tensor it stands for (a fused node's output,
+    # written as the model's ``onnxforge.name_map`` metadata so ``debug`` can match it).
+    name_map: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def option(self, pass_name: str, key: str, default: Any = None) -> Any:
         return self.options.get(pass_name, {}).get(key, default)
@@ -47,6 +57,11 @@ class PassContext:
     def refuse(self, refusal: Refusal) -> None:
         if refusal not in self.refusals:
             self.refusals.append(refusal)
+
+    def fresh(self, model: Model | None) -> "PassContext":
+        """The same settings with empty collectors, for a rerun from the original."""
+        return dataclasses.replace(self, model=model, refusals=[], warnings=list(self.warnings), rewrites=[],
+                                   name_map={}, rewrite_budget=None)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:

@@ -11,25 +11,41 @@ Jump rule (``--threshold X``, default 1e-3): a tensor jumps when its max rel err
 or its cosine < 1 - X, or the changed model has more NaN/Inf there than the original,
 or its shape or type differs.
 
-Memory: intermediates are exposed as extra graph outputs at most ``CHUNK`` (256) at a
-time; each chunk is a separate pair of runs, one feed at a time, and only running sums
-are kept, so at most CHUNK tensors of one feed per model are held at once.
+Matching: same names first; a tensor of the changed model that the passes recorded
+as standing for an original tensor (the ``onnxforge.name_map`` metadata written by
+``optimize``: a fused node's output for the last output of the nodes it replaced)
+is compared with that tensor when the original name is gone from the changed model.
+
+Memory: each model is written once to a temporary folder with its weights as external
+data and dropped from Python; each session is a small graph file beside those weights
+(optimizations and prepacking off, so weights are not copied). Intermediates are
+exposed as extra graph outputs at most ``CHUNK`` (256) at a time, and the two models
+run one after the other: the original's session runs every feed and keeps only that
+slice's values, is closed, then the changed model's session runs and folds each value
+into running sums. So one model's weights plus CHUNK tensors x feeds are held at once,
+never all intermediates.
+
+``--plot``: max rel error by depth (longest path from the inputs), one line per graph
+output through the compared tensors that feed it.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import DataError
 from .inputs import load_feeds
-from .verify import session_for
 from .verify_feeds import runnable_feeds
 
 CHUNK = 256
+MAX_PLOT_LINES = 12  # graph outputs drawn (a decoder has dozens of cache outputs)
 DEFAULT_THRESHOLD = 1e-3
 
 
@@ -119,33 +135,123 @@ def _node_outputs(graph: gs.Graph, skip_types: set[str]) -> list[gs.Variable]:
     return out
 
 
+@dataclass
+class _Plan:
+    """What to compare, from the two graphs' structure alone (no weights): pairs of
+    (original name, changed name) in the original's order, the original's producers
+    and each tensor's depth and output paths (for the first jump and the plot)."""
+
+    pairs: list[tuple[str, str]]
+    only_a: list[str]
+    only_b: list[str]
+    outs_a: list[str]
+    outs_b: list[str]
+    producer: dict[str, tuple[str, str, list[str]]]  # tensor -> (node name, op, input names)
+    input_kind: dict[str, str]  # non-activation names -> "initializer" / "constant" / "graph input"
+    depth: dict[str, int]
+    reaches: dict[str, int]  # tensor -> bitmask of the graph outputs it feeds
+    mapped: int = 0
+
+
+def _plan(original, changed) -> _Plan:
+    from .pass_manager import read_name_map
+
+    for m in (original, changed):
+        m.graph.toposort()
+    tensors_a = _node_outputs(original.graph, set(original.value_types))
+    tensors_b = _node_outputs(changed.graph, set(changed.value_types))
+    names_a = [t.name for t in tensors_a]
+    set_a, set_b = set(names_a), {t.name for t in tensors_b}
+    # the changed model's name map: a new tensor standing for an original one that
+    # has no same-named tensor (the last such in the changed graph's order wins)
+    stands: dict[str, str] = {}
+    name_map = read_name_map(changed)
+    for t in tensors_b:
+        orig = name_map.get(t.name)
+        if t.name not in set_a and orig in set_a and orig not in set_b:
+            stands[orig] = t.name
+    pairs = [(n, n if n in set_b else stands[n]) for n in names_a if n in set_b or n in stands]
+    used_b = {b for _a, b in pairs}
+    outs_a = [t.name for t in original.graph.outputs]
+    outs_b = [t.name for t in changed.graph.outputs]
+    if len(outs_a) != len(outs_b):
+        raise DataError(f"the models have different numbers of outputs: {len(outs_a)} vs {len(outs_b)}",
+                        hint="debug compares models of the same interface")
+    producer, kind, depth = {}, {}, {}
+    for t in original.graph.inputs:
+        kind[t.name] = "graph input"
+    for node in original.graph.nodes:
+        ins = [t.name for t in node.inputs if t.name]
+        for t in node.inputs:
+            if isinstance(t, gs.Constant):
+                kind[t.name] = "initializer"
+        d = 1 + max((depth.get(i, 0) for i in ins), default=0)
+        for t in node.outputs:
+            producer.setdefault(t.name, (node.name, node.op, ins))
+            depth.setdefault(t.name, d)
+            if node.op == "Constant":
+                kind[t.name] = "constant"
+    reaches: dict[str, int] = {}
+    for i, name in enumerate(outs_a):
+        reaches[name] = reaches.get(name, 0) | (1 << i)
+    for node in reversed(original.graph.nodes):  # reverse topological order
+        mask = 0
+        for t in node.outputs:
+            mask |= reaches.get(t.name, 0)
+        if mask:
+            for t in node.inputs:
+                reaches[t.name] = reaches.get(t.name, 0) | mask
+    return _Plan(pairs, [n for n in names_a if n not in {a for a, _b in pairs}],
+                 [t.name for t in tensors_b if t.name not in set_a and t.name not in used_b],
+                 outs_a, outs_b, producer, kind, depth, reaches, sum(1 for a, b in pairs if a != b))
+
+
+def _runnable(model, folder: Path) -> Path:
+    """``model`` written to ``folder`` with its weights as external data, so each
+    session with other extra outputs is a small graph file beside the same weights
+    and no weights are held in Python."""
+    from .io import save
+
+    folder.mkdir(parents=True)
+    return save(model, folder / "model.onnx", external_data=True)
+
+
 @contextlib.contextmanager
-def _exposing(model, extra: list[gs.Variable], what: str):
-    """A CPU session (graph optimizations off, so names survive) of ``model`` with
-    ``extra`` added as graph outputs; yields run(feed) -> {name: value}."""
-    graph = model.graph
-    kept = list(graph.outputs)
-    names = {t.name for t in kept}
-    graph.outputs = kept + [t for t in extra if t.name not in names]
+def _exposing(path: Path, extra: list[str], what: str):
+    """A CPU session (graph optimizations and weight prepacking off: names survive,
+    weights are not copied) of the model at ``path`` with ``extra`` added as graph
+    outputs; yields run(feed) -> {name: value}."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path), load_external_data=False)
+    have = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra) if n not in have)
+    exposed = path.with_name("exposed.onnx")
+    onnx.save(proto, str(exposed))
+    del proto
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        with session_for(model) as sess:
-            graph.outputs = kept
-            wanted = [o.name for o in sess.get_outputs()]
-            inputs = [i.name for i in sess.get_inputs()]
-
-            def run(feed: dict) -> dict:
-                try:
-                    return dict(zip(wanted, sess.run(wanted, {n: feed[n] for n in inputs if n in feed})))
-                except Exception as exc:
-                    raise _failed(what, exc) from exc
-
-            yield run
-    except DataError:
-        raise
+        sess = ort.InferenceSession(str(exposed), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise _failed(what, exc) from exc
+    wanted = [o.name for o in sess.get_outputs()]
+    inputs = [i.name for i in sess.get_inputs()]
+
+    def run(feed: dict) -> dict:
+        try:
+            return dict(zip(wanted, sess.run(wanted, {n: feed[n] for n in inputs if n in feed})))
+        except Exception as exc:
+            raise _failed(what, exc) from exc
+
+    try:
+        yield run
     finally:
-        graph.outputs = kept
+        del sess
+        exposed.unlink(missing_ok=True)
 
 
 def _failed(what: str, exc: Exception) -> DataError:
@@ -155,82 +261,123 @@ def _failed(what: str, exc: Exception) -> DataError:
 
 
 def debug_models(original, changed, feeds: list[dict], *, threshold: float = DEFAULT_THRESHOLD,
-                 chunk: int = CHUNK, original_path: str = "", changed_path: str = "") -> dict:
-    """Compare the same-named intermediates of two loaded models (onnxforge Models) on ``feeds``."""
-    for m in (original, changed):
-        m.graph.toposort()
-    tensors_a = _node_outputs(original.graph, set(original.value_types))
-    tensors_b = _node_outputs(changed.graph, set(changed.value_types))
-    by_name_b = {t.name: t for t in tensors_b}
-    names_a = {t.name for t in tensors_a}
-    common = [t for t in tensors_a if t.name in by_name_b]
-    only_a = [t.name for t in tensors_a if t.name not in by_name_b]
-    only_b = [t.name for t in tensors_b if t.name not in names_a]
-    outs_a = [t.name for t in original.graph.outputs]
-    outs_b = [t.name for t in changed.graph.outputs]
-    if len(outs_a) != len(outs_b):
-        raise DataError(f"the models have different numbers of outputs: {len(outs_a)} vs {len(outs_b)}",
-                        hint="debug compares models of the same interface")
+                 chunk: int = CHUNK, original_path: str = "", changed_path: str = "", plot=None) -> dict:
+    """Compare the intermediates of two loaded models (onnxforge Models) on ``feeds``:
+    same names, and through the changed model's name map."""
+    plan = _plan(original, changed)
+    with tempfile.TemporaryDirectory(prefix="onnxforge-debug-") as tmp:
+        path_a = _runnable(original, Path(tmp) / "a")
+        path_b = _runnable(changed, Path(tmp) / "b")
+        return _compare(plan, path_a, path_b, feeds, threshold=threshold, chunk=chunk,
+                        original_path=original_path, changed_path=changed_path, plot=plot)
 
-    stats = {t.name: _Stats(t.name) for t in common}
-    final = [_Stats(a if a == b else f"{a} / {b}") for a, b in zip(outs_a, outs_b)]
+
+def _compare(plan: _Plan, path_a: Path, path_b: Path, feeds: list[dict], *, threshold: float, chunk: int,
+             original_path: str, changed_path: str, plot=None) -> dict:
+    """The runs, one model at a time: per slice of ``chunk`` tensors the original runs
+    every feed and its slice values are kept, then the changed model runs and each
+    of its values is folded into running sums and dropped. Only one session (one
+    model's weights) exists at a time; at most ``chunk`` tensors x feeds are held."""
+    pairs = plan.pairs
+    stats = {a: _Stats(a) for a, _b in pairs}
+    final = [_Stats(a if a == b else f"{a} / {b}") for a, b in zip(plan.outs_a, plan.outs_b)]
     runs = 0
-    for start in range(0, max(len(common), 1), chunk):
-        part = common[start:start + chunk]
-        part_b = [by_name_b[t.name] for t in part]
-        with _exposing(original, part, original_path or "the original model") as run_a, \
-                _exposing(changed, part_b, changed_path or "the changed model") as run_b:
-            for feed in feeds:
-                got_a, got_b = run_a(feed), run_b(feed)
+    for start in range(0, max(len(pairs), 1), chunk):
+        part = pairs[start:start + chunk]
+        names_a = [a for a, _b in part] + (plan.outs_a if start == 0 else [])
+        names_b = [b for _a, b in part] + (plan.outs_b if start == 0 else [])
+        with _exposing(path_a, names_a, original_path or "the original model") as run_a:
+            kept = [{n: v for n, v in run_a(feed).items() if n in set(names_a)} for feed in feeds]
+        with _exposing(path_b, names_b, changed_path or "the changed model") as run_b:
+            for i, feed in enumerate(feeds):
+                got_a, got_b = kept[i], run_b(feed)
+                kept[i] = None
                 runs += 1
-                for t in part:
-                    stats[t.name].add(got_a.get(t.name), got_b.get(t.name))
+                for a, b in part:
+                    stats[a].add(got_a.get(a), got_b.get(b))
                 if start == 0:  # the final outputs, by position
-                    for s, a, b in zip(final, outs_a, outs_b):
+                    for s, a, b in zip(final, plan.outs_a, plan.outs_b):
                         s.add(got_a.get(a), got_b.get(b))
                 del got_a, got_b
 
-    producer = {}
-    for node in original.graph.nodes:
-        for t in node.outputs:
-            producer.setdefault(t.name, node)
-    rows = [stats[t.name].as_dict(threshold) for t in common]
+    rows = []
+    for a, b in pairs:
+        row = stats[a].as_dict(threshold)
+        row["depth"] = plan.depth.get(a, 0)
+        if a != b:
+            row["changed_name"] = b
+        rows.append(row)
     by_row = {r["name"]: r for r in rows}
     first = next((r for r in rows if r["jump"]), None)
     first_jump = None
     if first is not None:
-        node = producer[first["name"]]
+        node_name, op, ins = plan.producer[first["name"]]
         inputs = []
-        for t in node.inputs:
-            if not t.name:
-                continue
-            entry = {"name": t.name}
-            if isinstance(t, gs.Constant):
-                entry["kind"] = "initializer"
-            elif t.name in producer and producer[t.name].op == "Constant":
-                entry["kind"] = "constant"
-            elif t.name in by_row:
-                r = by_row[t.name]
+        for name in ins:
+            entry = {"name": name}
+            if name in by_row:
+                r = by_row[name]
                 entry.update(kind="compared", max_rel=r.get("max_rel"), cosine=r.get("cosine"))
-            elif t.name in {i.name for i in original.graph.inputs}:
-                entry["kind"] = "graph input"
             else:
-                entry["kind"] = "only in original"
+                entry["kind"] = plan.input_kind.get(name, "only in original")
             inputs.append(entry)
-        first_jump = {"tensor": first["name"], "index": rows.index(first), "node": node.name, "op": node.op,
+        first_jump = {"tensor": first["name"], "index": rows.index(first), "node": node_name, "op": op,
                       "inputs": inputs}
-    return {
+    result = {
         "original": str(original_path), "changed": str(changed_path), "feeds": len(feeds), "threshold": threshold,
         "jump_rule": f"max_rel > {threshold:g} or cosine < {1 - threshold:g} or new NaN/Inf or shape/type mismatch",
-        "compared": len(rows), "chunk": chunk, "runs": runs,
+        "compared": len(rows), "matched_by_name_map": plan.mapped, "chunk": chunk, "runs": runs,
         "tensors": rows, "first_jump": first_jump,
         "outputs": [s.as_dict(threshold) for s in final],
-        "only_in_original": only_a, "only_in_changed": only_b,
+        "only_in_original": plan.only_a, "only_in_changed": plan.only_b,
     }
+    if plot:
+        plot_errors(result, plan, plot)
+    return result
+
+
+def plot_errors(result: dict, plan: _Plan, path) -> None:
+    """Max rel error by depth (longest path from the inputs), one line per graph
+    output through the compared tensors that feed it; the first jump marked.
+    Written atomically with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import write_file
+
+    floor = 1e-12  # exact tensors sit on the floor of the log axis
+    fig, ax = plt.subplots(figsize=(10, 5))
+    outs = plan.outs_a
+    shown = outs[:MAX_PLOT_LINES]
+    for i, out in enumerate(shown):
+        pts = sorted((r["depth"], max(r.get("max_rel", math.inf) if "mismatch" not in r else 1.0, floor))
+                     for r in result["tensors"] if plan.reaches.get(r["name"], 0) >> i & 1)
+        if pts:
+            ax.plot([p[0] for p in pts], [min(p[1], 1e6) for p in pts], marker=".", linewidth=1, label=out)
+    first = result["first_jump"]
+    if first:
+        row = result["tensors"][first["index"]]
+        ax.axvline(row["depth"], color="red", linestyle=":", linewidth=1)
+        ax.annotate(f"first jump: {first['tensor']}", (row["depth"], floor), rotation=90, fontsize=7, color="red",
+                    va="bottom", ha="right")
+    ax.axhline(result["threshold"], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("depth (nodes from the inputs)")
+    ax.set_ylabel("max rel error (vs the original's max |x|)")
+    more = f" ({len(outs) - len(shown)} more outputs not drawn)" if len(outs) > len(shown) else ""
+    ax.set_title(f"{Path(result['original']).name} vs {Path(result['changed']).name}{more}", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def debug_files(original_path, changed_path, *, data=None, samples: int = 1,
-                threshold: float = DEFAULT_THRESHOLD, chunk: int = CHUNK) -> dict:
+                threshold: float = DEFAULT_THRESHOLD, chunk: int = CHUNK, plot=None) -> dict:
     from .io import load_input
 
     original = load_input(original_path, "the original model")
@@ -246,8 +393,14 @@ def debug_files(original_path, changed_path, *, data=None, samples: int = 1,
         feeds = runnable_feeds(original, {}, samples)
     if not feeds:
         raise DataError(f"{data}: no feeds")
-    result = debug_models(original, changed, feeds, threshold=threshold, chunk=chunk,
-                          original_path=str(original_path), changed_path=str(changed_path))
+    plan = _plan(original, changed)
+    with tempfile.TemporaryDirectory(prefix="onnxforge-debug-") as tmp:
+        path_a = _runnable(original, Path(tmp) / "a")
+        path_b = _runnable(changed, Path(tmp) / "b")
+        del original, changed  # from here on only the files: no weights held in Python
+        gc.collect()
+        result = _compare(plan, path_a, path_b, feeds, threshold=threshold, chunk=chunk,
+                          original_path=str(original_path), changed_path=str(changed_path), plot=plot)
     result["source"] = str(data) if data else "made-up"
     return result
 
@@ -297,9 +450,11 @@ def render_debug(result: dict, *, limit_only: int = 8) -> None:
     for i, r in enumerate(result["tensors"]):
         mark = "<- first jump" if first and i == first["index"] else ("jump" if r["jump"] else "")
         if "mismatch" in r:
-            t.add_row(str(i), escape(r["name"]), escape(r["mismatch"]), "", "", "", "", mark)
+            t.add_row(str(i), escape(r["name"] + (f" (as {r['changed_name']})" if r.get("changed_name") else "")),
+                      escape(r["mismatch"]), "", "", "", "", mark)
             continue
-        t.add_row(str(i), escape(r["name"]), _num(r["max_abs"], ".3e"), _num(r["max_rel"], ".3e"),
+        name = r["name"] + (f" (as {r['changed_name']})" if r.get("changed_name") else "")
+        t.add_row(str(i), escape(name), _num(r["max_abs"], ".3e"), _num(r["max_rel"], ".3e"),
                   _num(r["cosine"], ".6f"), _num(r["sqnr_db"], ".1f"), f"{r['nan']}/{r['inf']}", mark)
     console.print(t)
     print(f"jump rule: {result['jump_rule']}")

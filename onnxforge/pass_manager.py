@@ -7,11 +7,21 @@ checker can judge (not when the original itself fails it), and which outputs are
 random. Every pass that changed the graph is recorded as a step. When the final
 model fails verification, the steps are replayed from a snapshot of the input and
 bisected to the first step whose result fails (the empty prefix failing is nobody's
-fault: the run stops); with ``debug_dir`` the models before and after it are saved,
-and that pass is either disabled and the pipeline rerun (default, reported as a
-warning) or the run stops with ``VerificationError`` (``strict``). A pass that raises
-is handled the same way. Each rerun disables a pass not disabled before, so a run
-restarts at most once per pass.
+fault: the run stops); with ``debug_dir`` the models before and after it are saved.
+A rule-based step is then bisected over its own rewrites (rule + matched nodes, in the
+order they fired): the step is replayed allowing only its first k rewrites, and the
+first k that fails names the guilty rewrite, which alone is denied (the rule refuses
+it from then on) and the pipeline rerun, keeping that pass's other rewrites. Otherwise
+(no rewrites recorded, or the step fails with none allowed, or MAX_DENIED rewrites
+already denied) the pass is either disabled and the pipeline rerun (default, reported
+as a warning) or the run stops with ``VerificationError`` (``strict``). A pass that
+raises is handled the same way. Each rerun denies a rewrite or disables a pass not
+denied or disabled before, so restarts are bounded by MAX_DENIED plus the pipeline's length.
+
+The passes record, as they rewrite, which original tensor each new tensor stands for
+(``PassContext.name_map``); the result carries it as the ``onnxforge.name_map``
+metadata entry (JSON, new name -> original name, composed with the input's own map),
+which ``onnxforge debug`` reads to match fused tensors.
 """
 from __future__ import annotations
 
@@ -36,12 +46,16 @@ log = logging.getLogger("onnxforge")
 
 DEFAULT_MAX_ITERATIONS = 10
 DEFAULT_TOLERANCE = (1e-5, 1e-6)
+# Rewrites one run may roll back one by one before a failing pass is disabled whole.
+MAX_DENIED = 8
+NAME_MAP_KEY = "onnxforge.name_map"
 
 
 @dataclasses.dataclass
 class Step:
     index: int  # position of the pass in the pipeline
     record: PassRecord
+    rewrites: list = dataclasses.field(default_factory=list)  # (pass, rule, nodes) it made, in order
 
 
 class PassFailure(Exception):
@@ -108,15 +122,27 @@ class PassManager:
                 continue
             if verification.ok:
                 break
-            culprit, saved = self._bisect(original, ctx, steps, verification)
+            position, saved = self._bisect(original, ctx, steps, verification)
+            culprit = steps[position].index
             name = self.passes[culprit].name
             where = (f"models before and after it saved in {saved}" if saved
                      else "rerun with --debug-dir DIR to save the models before and after it")
+            guilty = (self._guilty_rewrite(original, ctx, steps, position)
+                      if len(ctx.denied_rewrites) < MAX_DENIED else None)
             if self.strict:
+                what = f"rule {guilty[1]} on node(s) {', '.join(guilty[2])} of pass {name}" if guilty else f"pass {name}"
                 raise VerificationError(
-                    f"pass {name} breaks {verification.mode} verification ({verification.detail}); {where}",
+                    f"{what} breaks {verification.mode} verification ({verification.detail}); {where}",
                     hint="rerun without --strict to roll it back, or --disable " + name,
                 )
+            if guilty is not None:
+                _pass, rule, nodes = guilty
+                ctx = dataclasses.replace(ctx, denied_rewrites=ctx.denied_rewrites | {(rule, nodes)})
+                report.rolled_back.append({
+                    "pass": name, "rule": rule, "nodes": list(nodes),
+                    "reason": f"{verification.detail}; its other rewrites are kept ({where})"})
+                current, ctx = self._restart(original, ctx, report)
+                continue
             self._disable(disabled, culprit, verification.detail)
             report.rolled_back.append({"pass": name, "reason": f"{verification.detail} ({where})"})
             current, ctx = self._restart(original, ctx, report)
@@ -126,6 +152,7 @@ class PassManager:
         report.after = model_stats(current)
         report.warnings = list(dict.fromkeys(verifier.notes + current.notes + ctx.warnings))
         report.refusals = [dataclasses.asdict(r) for r in ctx.refusals]
+        record_name_map(current, ctx.name_map)
         report.seconds = time.perf_counter() - start
         return current, report
 
@@ -142,7 +169,7 @@ class PassManager:
     def _restart(self, original: Model, ctx: PassContext, report: OptimizeReport) -> tuple[Model, PassContext]:
         report.records.clear()
         fresh = snapshot(original)
-        return fresh, dataclasses.replace(ctx, model=fresh, refusals=[], warnings=list(ctx.warnings))
+        return fresh, ctx.fresh(fresh)
 
     # ------------------------------------------------------------------ pipeline
 
@@ -155,10 +182,11 @@ class PassManager:
                 if index in disabled:
                     continue
                 self.progress(f"iteration {iteration}: {p.name}")
+                fired = len(ctx.rewrites)
                 record = self._run_pass(index, p, model, ctx, iteration)
                 report.records.append(record)
                 if record.changed:
-                    steps.append(Step(index, record))
+                    steps.append(Step(index, record, ctx.rewrites[fired:]))
                     changed_now.append(p.name)
             if not changed_now:
                 return steps, iteration
@@ -266,19 +294,44 @@ class PassManager:
     def _check(self, model: Model, steps: Sequence[Step]) -> Verification:
         return self.verifier.check(model, self._tolerance(steps))
 
+    def _replay(self, original: Model, ctx: PassContext, steps: Sequence[Step], k: int,
+                last_budget: int | None = None) -> Model:
+        """The original after ``steps[:k]``; ``last_budget``: the last of them may make
+        only that many rewrites."""
+        m = snapshot(original)
+        scratch = dataclasses.replace(ctx.fresh(m), warnings=[])
+        for i, step in enumerate(steps[:k]):
+            scratch.rewrite_budget = last_budget if i == k - 1 else None
+            try:
+                self.passes[step.index].run(m.graph, scratch)
+            except Exception:
+                pass  # the failing prefix is found either way
+        return m
+
+    def _guilty_rewrite(self, original: Model, ctx: PassContext, steps: Sequence[Step], position: int):
+        """The rewrite of ``steps[position]`` (failing after a passing prefix) that breaks
+        verification: the step replayed with only its first k rewrites, bisected to the
+        first k that fails. None when it fails with none of them (the pass changes the
+        graph outside its rules) or records none."""
+        rewrites = steps[position].rewrites
+        window = steps[:position + 1]
+        if not rewrites or not self._check(self._replay(original, ctx, window, position + 1, 0), window[:-1]).ok:
+            return None
+        lo, hi = 0, len(rewrites)  # lo rewrites pass, hi fail
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._check(self._replay(original, ctx, window, position + 1, mid), window).ok:
+                lo = mid
+            else:
+                hi = mid
+        return rewrites[hi - 1]
+
     def _bisect(self, original: Model, ctx: PassContext, steps: Sequence[Step], verification: Verification):
-        """First step whose replayed prefix fails; saves the models around it when
-        ``debug_dir`` is set (once per culprit, overwritten on a rerun)."""
+        """Position in ``steps`` of the first step whose replayed prefix fails; saves the
+        models around it when ``debug_dir`` is set (once per culprit, overwritten on a rerun)."""
 
         def replay(k: int) -> Model:
-            m = snapshot(original)
-            scratch = dataclasses.replace(ctx, model=m, refusals=[], warnings=[])
-            for step in steps[:k]:
-                try:
-                    self.passes[step.index].run(m.graph, scratch)
-                except Exception:
-                    pass  # the failing prefix is found either way
-            return m
+            return self._replay(original, ctx, steps, k)
 
         empty = self._check(replay(0), [])
         if not steps or not empty.ok:
@@ -296,7 +349,7 @@ class PassManager:
                 hi = mid
         culprit = steps[hi - 1].index
         saved = self._save_pair(replay(hi - 1), replay(hi), self.passes[culprit].name) if self.debug_dir else None
-        return culprit, saved
+        return hi - 1, saved
 
     def _save_pair(self, before: Model, after: Model, name: str) -> Path:
         from .io import save
@@ -309,6 +362,39 @@ class PassManager:
             except Exception as exc:  # saving is a courtesy; the verdict stands
                 log.warning("could not save %s model: %s", label, exc)
         return folder
+
+
+def record_name_map(model: Model, name_map: dict[str, str]) -> None:
+    """Store ``name_map`` (new tensor -> original tensor) in the model's metadata,
+    composed with the map the input already carried and limited to tensors the
+    graph still has, so it stays small."""
+    import json
+
+    props = model.meta.metadata_props
+    old = read_name_map(model)
+    present = {t for n in model.graph.nodes for t in (o.name for o in n.outputs)}
+    merged = {k: old.get(v, v) for k, v in {**old, **name_map}.items() if k in present}
+    merged = {k: v for k, v in merged.items() if k != v}
+    kept = [p for p in props if p.key != NAME_MAP_KEY]
+    if len(kept) != len(props):
+        del props[:]
+        props.extend(kept)
+    if merged:
+        props.add(key=NAME_MAP_KEY, value=json.dumps(merged, sort_keys=True, separators=(",", ":")))
+
+
+def read_name_map(model: Model) -> dict[str, str]:
+    """The ``onnxforge.name_map`` a model carries (new tensor -> original), {} if none."""
+    import json
+
+    for p in model.meta.metadata_props:
+        if p.key == NAME_MAP_KEY:
+            try:
+                data = json.loads(p.value)
+            except ValueError:
+                return {}
+            return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    return {}
 
 
 def snapshot(model: Model) -> Model:

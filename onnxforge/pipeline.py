@@ -36,7 +36,7 @@ from .verify import written_equals
 from .model import Model, constants
 from .pass_files import resolve_pass, user_code
 from .recipe import STEPS, Recipe, Step, load_recipe, parse_recipe, validate
-from .report import model_stats
+from .report import model_stats, rolled_back_line
 
 REPORT_SCHEMA = "onnxforge.pipeline-report"
 REPORT_SCHEMA_VERSION = 1
@@ -350,7 +350,7 @@ def _optimize(run: _Run, step: Step) -> dict:
     for warning in data["warnings"]:
         run.warn(warning)
     for rolled in data["rolled_back"]:
-        run.warn(f"pass {rolled['pass']} rolled back: {rolled['reason']}")
+        run.warn(rolled_back_line(rolled))
     keep = ("passes", "iterations", "rolled_back", "refusals")
     return {"report": {k: data[k] for k in keep}, "verification": data["verification"]}
 

@@ -189,7 +189,7 @@ def render(report: OptimizeReport, file=None, explain: bool = False) -> None:
             line += f": {v['detail']}"
         console.print(escape(line))
     for rb in report.rolled_back:
-        console.print(f"[yellow]warning:[/] pass {escape(rb['pass'])} rolled back: {escape(rb['reason'])}")
+        console.print(f"[yellow]warning:[/] {escape(rolled_back_line(rb))}")
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}")
     if explain:
@@ -201,3 +201,11 @@ def render(report: OptimizeReport, file=None, explain: bool = False) -> None:
                 console.print(escape(f"  {rule}: {reason} (x{len(nodes)}) [{shown}]{more}"))
         else:
             console.print("not fused: nothing was refused")
+
+
+def rolled_back_line(rb: dict) -> str:
+    """One rolled-back pass, or one rolled-back rewrite of a pass (rule and nodes)."""
+    if rb.get("rule"):
+        return (f"pass {rb['pass']}: rewrite {rb['rule']} on node(s) {', '.join(rb['nodes']) or '-'} "
+                f"rolled back: {rb['reason']}")
+    return f"pass {rb['pass']} rolled back: {rb['reason']}"

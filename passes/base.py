@@ -105,7 +105,14 @@ class Rule:
 
 
 class RulePass(Pass):
-    """Applies each rule of ``rules`` wherever it matches and its check passes."""
+    """Applies each rule of ``rules`` wherever it matches and its check passes.
+
+    Each rewrite is recorded in the context (pass, rule, matched nodes) and may be
+    vetoed by it (``denied_rewrites``, ``rewrite_budget``): that is how the pass manager
+    rolls back one bad rewrite instead of the whole pass. Around each rewrite the
+    tensors that readers outside the match read are noted; a reader that reads a
+    differently named tensor afterwards reads the replacement, so ``ctx.name_map``
+    records new name -> the original name it stands for."""
 
     rules: ClassVar[tuple[type[Rule], ...]] = ()
 
@@ -113,14 +120,14 @@ class RulePass(Pass):
         counts: dict[str, int] = {}
         for g in list(iter_graphs(graph)):
             for rule_cls in self.rules:
-                counts[rule_cls.name] = counts.get(rule_cls.name, 0) + self._apply(rule_cls(), g, ctx)
+                counts[rule_cls.name] = counts.get(rule_cls.name, 0) + self._apply(rule_cls(), g, ctx, self.name)
             unique_node_names(g)
             # Every graph is visited here, so no call recurses into subgraphs.
             g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(recurse_subgraphs=False)
         return PassResult.from_counts(counts)
 
     @staticmethod
-    def _apply(rule: Rule, graph: gs.Graph, ctx: PassContext) -> int:
+    def _apply(rule: Rule, graph: gs.Graph, ctx: PassContext, pass_name: str = "") -> int:
         fired = 0
         consumed: set[int] = set()
         for node in list(graph.nodes):
@@ -135,10 +142,58 @@ class RulePass(Pass):
                 continue
             if verdict is not None:
                 match = dataclasses.replace(match, plan=verdict)
+            key = rewrite_key(rule.name, match)
+            if key in ctx.denied_rewrites:
+                ctx.refuse(Refusal(rule.name, "rolled back: this rewrite broke verification", key[1]))
+                continue
+            if ctx.rewrite_budget is not None:
+                if ctx.rewrite_budget <= 0:
+                    continue
+                ctx.rewrite_budget -= 1
+            readers = _outside_readers(graph, match)
             rule.rewrite(graph, match, ctx)
+            _record_names(readers, ctx.name_map)
+            ctx.rewrites.append((pass_name, rule.name, key[1]))
             consumed.update(id(n) for n in match.nodes)
             fired += 1
         return fired
+
+
+def rewrite_key(rule: str, match: Match) -> tuple[str, tuple[str, ...]]:
+    """A rewrite's identity across replays of one pipeline: the rule and its matched
+    nodes (an unnamed node by its op and first output)."""
+    return rule, tuple(n.name or f"{n.op}:{n.outputs[0].name if n.outputs else ''}" for n in match.nodes)
+
+
+def _outside_readers(graph: gs.Graph, match: Match) -> list[tuple[Any, int, str]]:
+    """(reader, input index, tensor name) for the matched nodes' outputs read outside
+    the match; graph outputs as (graph, position, name)."""
+    inside = {id(n) for n in match.nodes}
+    produced = {id(t): t.name for n in match.nodes for t in n.outputs}
+    found: list[tuple[Any, int, str]] = [(None, 0, t.name) for n in match.nodes for t in n.inputs]
+    for n in match.nodes:
+        for t in n.outputs:
+            for reader in t.outputs:
+                if id(reader) not in inside:
+                    found.extend((reader, i, t.name) for i, x in enumerate(reader.inputs) if x is t)
+    found.extend((graph, i, produced[id(t)]) for i, t in enumerate(graph.outputs) if id(t) in produced)
+    return found
+
+
+def _record_names(readers: list[tuple[Any, int, str]], name_map: dict[str, str]) -> None:
+    """A reader now reading a new tensor maps it to what it read before; one reading a
+    matched node's input (a removed no-op) or a constant reads a tensor that stands
+    for itself. Entries with reader None are those inputs' names."""
+    kept = {old for reader, _i, old in readers if reader is None}
+    for reader, index, old in readers:
+        if reader is None:
+            continue
+        tensors = reader.outputs if isinstance(reader, gs.Graph) else reader.inputs
+        if index >= len(tensors):
+            continue
+        new = tensors[index]
+        if new.name and new.name != old and new.name not in kept and not isinstance(new, gs.Constant):
+            name_map[new.name] = name_map.get(old, old)
 
 
 def unique_node_names(graph: gs.Graph) -> None:

@@ -115,3 +115,88 @@ def test_external_data_model(tmp_path, capsys):
     assert main(["debug", orig, str(ext), "--json", "--chunk", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["first_jump"]["tensor"] == "h2" and result["runs"] == 2
+
+
+def _renamed_relu(tmp_path, *, with_map: bool) -> tuple[str, str]:
+    """The changed model computes r1 under a new name (as a fusion would), with or
+    without the name map that optimize writes."""
+    w2 = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
+    orig = tmp_path / "orig.onnx"
+    onnx.save(_model(w2), orig)
+    changed = _model(w2)
+    for node in changed.graph.node:
+        node.input[:] = ["r1_new" if i == "r1" else i for i in node.input]
+        node.output[:] = ["r1_new" if o == "r1" else o for o in node.output]
+    if with_map:
+        changed.metadata_props.add(key="onnxforge.name_map", value=json.dumps({"r1_new": "r1"}))
+    path = tmp_path / "changed.onnx"
+    onnx.save(changed, path)
+    return str(orig), str(path)
+
+
+def test_name_map_matches_renamed_tensors(tmp_path, capsys):
+    orig, changed = _renamed_relu(tmp_path, with_map=True)
+    assert main(["debug", orig, changed, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    names = [(t["name"], t.get("changed_name")) for t in result["tensors"]]
+    assert names == [("h1", None), ("r1", "r1_new"), ("h2", None), ("y", None)]
+    assert result["matched_by_name_map"] == 1
+    assert result["only_in_original"] == [] and result["only_in_changed"] == []
+    assert main(["debug", orig, changed]) == 0
+    assert "r1 (as r1_new)" in capsys.readouterr().out
+
+
+def test_without_name_map_renamed_tensors_are_unmatched(tmp_path, capsys):
+    orig, changed = _renamed_relu(tmp_path, with_map=False)
+    assert main(["debug", orig, changed, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["only_in_original"] == ["r1"] and result["only_in_changed"] == ["r1_new"]
+
+
+def test_pass_manager_writes_the_map_debug_reads(tmp_path, capsys):
+    """End to end: a rule gives a tensor a new name, the written model's name map lets
+    debug compare it with the original tensor."""
+    import onnx_graphsurgeon as gs
+
+    from onnxforge import Model, PassContext, PassManager
+    from onnxforge.io import save
+    from onnxforge.passes.base import Match, Rule, RulePass
+
+    class ReluAsMax(Rule):
+        name = "test-relu-as-max"
+        anchor_ops = ("Relu",)
+
+        def match(self, graph, node):
+            return Match([node])
+
+        def rewrite(self, graph, match, ctx):
+            node = match.nodes[0]
+            out = node.outputs[0]
+            new = gs.Variable("r1_max", dtype=out.dtype)
+            zero = gs.Constant("zero", np.zeros((), np.float32))
+            graph.nodes.append(gs.Node("Max", "relu_as_max", inputs=[node.inputs[0], zero], outputs=[new]))
+            for reader in list(out.outputs):
+                reader.inputs[reader.inputs.index(out)] = new
+            node.outputs.clear()
+
+    class ReluAsMaxPass(RulePass):
+        name = "test-relu-as-max-pass"
+        rules = (ReluAsMax,)
+
+    w2 = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
+    src = tmp_path / "orig.onnx"
+    onnx.save(_model(w2), src)
+    out, _report = PassManager([ReluAsMaxPass()]).run(Model.from_proto(_model(w2)), PassContext())
+    save(out, tmp_path / "opt.onnx")
+    assert main(["debug", str(src), str(tmp_path / "opt.onnx"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [(t["name"], t.get("changed_name")) for t in result["tensors"]][1] == ("r1", "r1_max")
+    assert result["matched_by_name_map"] == 1 and not result["only_in_original"]
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    orig, changed = _pair(tmp_path)
+    png = tmp_path / "err.png"
+    assert main(["debug", orig, changed, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp*"))

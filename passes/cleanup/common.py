@@ -182,7 +182,7 @@ class IndexedRulePass(RulePass):
                 # rebuilt it per graph and rule: quadratic in the subgraph count).
                 index = index or GraphIndex(graph)
                 rule = rule_cls(index, types)
-                fired = self._apply(rule, g, ctx)
+                fired = self._apply(rule, g, ctx, self.name)
                 counts[rule_cls.name] = counts.get(rule_cls.name, 0) + fired
                 if fired:
                     index = None
