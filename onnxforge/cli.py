@@ -344,6 +344,8 @@ def _add_debug(sub) -> None:
     p.add_argument("--chunk", type=positive_int, default=256, help=argparse.SUPPRESS)  # debug.CHUNK
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", metavar="F.png", help="write max rel error by depth, one line per output, to F.png")
+    p.add_argument("--no-contributions", action="store_true",
+                   help="quantized models: skip ranking each quantized node's own contribution (one run per node)")
     p.set_defaults(func=cmd_debug)
 
 
@@ -357,7 +359,8 @@ def cmd_debug(args) -> int:
 
         check_output_paths(args.plot)
     result = debug_files(args.original, args.changed, data=args.data, samples=args.samples,
-                         threshold=args.threshold, chunk=args.chunk, plot=args.plot)
+                         threshold=args.threshold, chunk=args.chunk, plot=args.plot,
+                         contributions=not args.no_contributions)
     if args.json:
         print(json.dumps(json_safe(result), indent=2))
     else:

@@ -25,6 +25,11 @@ slice's values, is closed, then the changed model's session runs and folds each 
 into running sums. So one model's weights plus CHUNK tensors x feeds are held at once,
 never all intermediates.
 
+Quantized (QDQ) changed models: each quantized node's own contribution to the output
+error (that node alone reading int8 activations, all others float; see
+passes/quant/contribution.py, also quantize's sensitivity ranking), largest first:
+the nodes to keep float.
+
 ``--plot``: max rel error by depth (longest path from the inputs), one line per graph
 output through the compared tensors that feed it.
 """
@@ -250,7 +255,10 @@ def _exposing(path: Path, extra: list[str], what: str):
     try:
         yield run
     finally:
+        from .passes.quant.ortsession import return_freed_memory
+
         del sess
+        return_freed_memory()  # the next session (the other model) starts from what is in use
         exposed.unlink(missing_ok=True)
 
 
@@ -261,15 +269,32 @@ def _failed(what: str, exc: Exception) -> DataError:
 
 
 def debug_models(original, changed, feeds: list[dict], *, threshold: float = DEFAULT_THRESHOLD,
-                 chunk: int = CHUNK, original_path: str = "", changed_path: str = "", plot=None) -> dict:
+                 chunk: int = CHUNK, original_path: str = "", changed_path: str = "", plot=None,
+                 contributions: bool = True) -> dict:
     """Compare the intermediates of two loaded models (onnxforge Models) on ``feeds``:
     same names, and through the changed model's name map."""
     plan = _plan(original, changed)
     with tempfile.TemporaryDirectory(prefix="onnxforge-debug-") as tmp:
         path_a = _runnable(original, Path(tmp) / "a")
         path_b = _runnable(changed, Path(tmp) / "b")
-        return _compare(plan, path_a, path_b, feeds, threshold=threshold, chunk=chunk,
-                        original_path=original_path, changed_path=changed_path, plot=plot)
+        result = _compare(plan, path_a, path_b, feeds, threshold=threshold, chunk=chunk,
+                          original_path=original_path, changed_path=changed_path, plot=plot)
+        if contributions:
+            result["contributions"] = int8_contributions(path_b, feeds)
+        return result
+
+
+def int8_contributions(path: Path, feeds: list[dict]) -> list[dict] | None:
+    """Each quantized node's own contribution (passes/quant/contribution.py), largest
+    first; None when the model reads no activation through QuantizeLinear/DequantizeLinear."""
+    import onnx
+
+    from .passes.quant.contribution import node_contributions, quantized_reads
+
+    model = onnx.load(str(path))
+    if not quantized_reads(model):
+        return None
+    return [c.as_dict() for c in node_contributions(model, feeds)]
 
 
 def _compare(plan: _Plan, path_a: Path, path_b: Path, feeds: list[dict], *, threshold: float, chunk: int,
@@ -377,30 +402,37 @@ def plot_errors(result: dict, plan: _Plan, path) -> None:
 
 
 def debug_files(original_path, changed_path, *, data=None, samples: int = 1,
-                threshold: float = DEFAULT_THRESHOLD, chunk: int = CHUNK, plot=None) -> dict:
+                threshold: float = DEFAULT_THRESHOLD, chunk: int = CHUNK, plot=None,
+                contributions: bool = True) -> dict:
     from .io import load_input
 
+    from .passes.quant.ortsession import return_freed_memory
+
     original = load_input(original_path, "the original model")
-    changed = load_input(changed_path, "the changed model")
     names_a = [t.name for t in original.graph.inputs]
+    if data:
+        feeds = load_feeds(data, names_a, limit=samples)
+    else:  # before the changed model is loaded: the original's session is not held beside it
+        feeds = runnable_feeds(original, {}, samples)
+    if not feeds:
+        raise DataError(f"{data}: no feeds")
+    changed = load_input(changed_path, "the changed model")
     names_b = [t.name for t in changed.graph.inputs]
     if set(names_a) != set(names_b):
         raise DataError(f"the models have different inputs: {sorted(names_a)} vs {sorted(names_b)}",
                         hint="debug compares models of the same interface")
-    if data:
-        feeds = load_feeds(data, names_a, limit=samples)
-    else:
-        feeds = runnable_feeds(original, {}, samples)
-    if not feeds:
-        raise DataError(f"{data}: no feeds")
     plan = _plan(original, changed)
     with tempfile.TemporaryDirectory(prefix="onnxforge-debug-") as tmp:
         path_a = _runnable(original, Path(tmp) / "a")
+        del original
         path_b = _runnable(changed, Path(tmp) / "b")
-        del original, changed  # from here on only the files: no weights held in Python
+        del changed  # from here on only the files: no weights held in Python
         gc.collect()
+        return_freed_memory()
         result = _compare(plan, path_a, path_b, feeds, threshold=threshold, chunk=chunk,
                           original_path=str(original_path), changed_path=str(changed_path), plot=plot)
+        if contributions:
+            result["contributions"] = int8_contributions(path_b, feeds)
     result["source"] = str(data) if data else "made-up"
     return result
 
@@ -429,7 +461,7 @@ def json_safe(result: dict) -> dict:
     return fix(result)
 
 
-def render_debug(result: dict, *, limit_only: int = 8) -> None:
+def render_debug(result: dict, *, limit_only: int = 8, limit_contrib: int = 10) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -478,6 +510,16 @@ def render_debug(result: dict, *, limit_only: int = 8) -> None:
             print(f"  {r['name']}: max abs {_num(r['max_abs'], '.3e')}, max rel {_num(r['max_rel'], '.3e')}, "
                   f"cosine {_num(r['cosine'], '.6f')}, SQNR {_num(r['sqnr_db'], '.1f')} dB, "
                   f"NaN/Inf {r['nan']}/{r['inf']}")
+    contrib = result.get("contributions")
+    if contrib:
+        print(f"int8 contributions: each of {len(contrib)} quantized nodes alone reading int8 activations, "
+              "every other node float (output SQNR and cosine vs all float), largest error first:")
+        for i, c in enumerate(contrib[:limit_contrib]):
+            print(f"  {i + 1:>3}. {c['node'] or '(unnamed)'} ({c['op']}): SQNR {_num(c['sqnr_db'], '.1f')} dB, "
+                  f"cosine {_num(c['cosine'], '.6f')}")
+        if len(contrib) > limit_contrib:
+            print(f"  ... {len(contrib) - limit_contrib} more (--json lists all)")
+        print(f"keep float first: {', '.join(c['node'] for c in contrib[:3])}")
     for key, label in (("only_in_original", "only in the original (fused/folded away)"),
                        ("only_in_changed", "only in the changed model")):
         names = result[key]
