@@ -12,11 +12,12 @@ Metrics (score in [0, 1] where 1 is the float model; the budget holds when
   * a user callable ``metric(reference_outputs, candidate_outputs) -> score``
     (lists of per-feed output lists).
 
-Sensitivity: one run of the float and quantized models exposes every
-quantized node's output; a node's sensitivity is the noise it *adds*, i.e.
-N/S at its output minus the worst N/S at its inputs, so upstream error is not
-charged twice. The fallback returns the most sensitive nodes to float one
-group at a time until the budget holds, nothing is left, or the search has
+Sensitivity: quantize ranks nodes by their own contribution (contribution.py:
+the output error with that node alone reading int8 activations, the ranking
+``onnxforge debug`` prints). ``node_sensitivity`` is the local measure it
+replaced (the N/S a node adds at its output: its output's N/S minus the worst
+at its inputs), kept for the comparison in benchmarks/quant_keep_float.py.
+The fallback returns the most sensitive nodes to float one group at a time until the budget holds, nothing is left, or the search has
 spent its evaluations, keeping the best model evaluated so far.
 
 Determinism: what the search may do is counted in evaluations (a model built

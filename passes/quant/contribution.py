@@ -161,3 +161,9 @@ def node_contributions(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.n
     return_freed_memory()
     result.sort(key=lambda c: -c.noise_ratio)
     return result
+
+
+def ranked_by_contribution(model: onnx.ModelProto, names, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+    """The quantized nodes among ``names``, largest contribution first (quantize's
+    fallback order; nodes that read no int8 activation are left out)."""
+    return [c.node for c in node_contributions(model, feeds, nodes=set(names))]

@@ -61,6 +61,7 @@ from .formats import holds_subgraph, integer_kernels, spec_for, stale_float_weig
 from .inputs import (  # noqa: F401  (re-exported: fp16, benchmarks and tests read them here)
     MAX_VALIDATION_FEEDS, RANDOM_FEEDS, _feeds, _source_and_original, _take, _Tee, _validation_feeds, _with_weights,
 )
+from .contribution import ranked_by_contribution
 from .ortsession import return_freed_memory
 from .plan import _Plan, _plan, _with_deltas, without_tensors_of  # noqa: F401  (re-exported for tests)
 from .prepare import float_baseline
@@ -276,8 +277,7 @@ def _fallback_recorrected(plan: _Plan, start, evaluate, threshold: float, search
     Stops at the budget, after MAX_RECORRECTED layers, or when ``search`` has no
     evaluation left (or its time limit passed)."""
     weighted = {n.name: n for n in plan.float_model.graph.node if n.name in plan.candidates and n.op_type in WEIGHTED}
-    noise = budget_mod.node_sensitivity(plan.float_model, start.model, weighted, plan.kept_feeds[:2])
-    ranked = sorted(noise, key=lambda k: -noise[k])[:MAX_RECORRECTED]
+    ranked = ranked_by_contribution(start.model, weighted, plan.kept_feeds[:2])[:MAX_RECORRECTED]
     best, steps, start_deltas, best_deltas = start, [], plan.bias_deltas, plan.bias_deltas
     log(f"{report.metric} {start.score:.5f} misses the budget {threshold:.5f}: returning the noisiest layers to float, "
         "bias correction re-run each time")
@@ -345,17 +345,17 @@ def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, search: budget_m
             workers=None, metric: str | None = None) -> list[str]:
     """Candidates, most sensitive first.
 
-    The cheap prior is the noise each node adds (one run of both models). Then
+    The cheap prior is each node's own int8 contribution (contribution.py: that node
+    alone reading int8 activations, N + 1 runs of one model; the ranking `onnxforge
+    debug` prints). Then
     the first MAX_MEASURED weighted nodes (in prior order) are returned to float
     one at a time and the gain
     in the metric on ``feeds`` measured: the end-to-end effect, which the local
     noise misjudges when early layers' error grows downstream. Each measurement
     is one of ``search``'s evaluations; the fallback's groups stay reserved."""
     nodes = {n.name: n for n in baseline.graph.node if n.name in plan.candidates}
-    # Intermediate tensors are compared by name: against the float model the
-    # int8 one rounds (equalization rescales channels of some of them).
-    local = budget_mod.node_sensitivity(plan.float_model or baseline, quantized, nodes, feeds)
-    prior = sorted(local, key=lambda k: -local[k]) + [n for n in nodes if n not in local]
+    local = ranked_by_contribution(quantized, nodes, feeds)
+    prior = local + [n for n in nodes if n not in set(local)]
     reference = budget_mod.run_outputs(baseline, feeds)
     base_score = metric_fn(reference, budget_mod.run_outputs(quantized, feeds))
     gains: dict[str, float] = {}
