@@ -5,6 +5,7 @@ from .attention import PASSES as ATTENTION_PASSES
 from .attention_gqa_cache import PASSES as GQA_PASSES
 from .conv_affine import PASSES as CONV_AFFINE_PASSES
 from .conv_bn import PASSES as CONV_BN_PASSES
+from .convtranspose_shuffle import PASSES as CONVTRANSPOSE_SHUFFLE_PASSES
 from .embed_layernorm import PASSES as EMBED_LAYERNORM_PASSES
 from .gemm_bias import PASSES as GEMM_BIAS_PASSES
 from .global_pool import PASSES as GLOBAL_POOL_PASSES
@@ -16,7 +17,7 @@ from .pad import PASSES as PAD_PASSES
 PASSES: tuple = (
     () + ATTENTION_PASSES + GQA_PASSES + ACTIVATION_PASSES + LAYERNORM_PASSES
     + CONV_BN_PASSES + CONV_AFFINE_PASSES + AFFINE_CONV_PASSES + PAD_PASSES + MATMUL_ADD_PASSES + MATMUL_SCALE_PASSES + EMBED_LAYERNORM_PASSES
-    + GLOBAL_POOL_PASSES + GEMM_BIAS_PASSES
+    + GLOBAL_POOL_PASSES + GEMM_BIAS_PASSES + CONVTRANSPOSE_SHUFFLE_PASSES
 )
 # Exact rewrites into standard ONNX ops only. SiLU is not here: ONNX has no Swish
 # before opset 24, so it is fused only into onnxruntime's QuickGelu (CPU/CUDA profiles).

@@ -6,18 +6,10 @@ integer kernels runs in NHWC too. Three patterns pay for it (the third,
 per-channel scales of squeeze-excitation blocks, in wide_channel_scales):
 
   * ConvTranspose has no integer kernel: it stays float with a
-    DequantizeLinear before and a QuantizeLinear after. With kernel == stride
-    and no padding its windows do not overlap, and it is a 1x1 convolution
-    followed by a pixel shuffle (convtranspose_as_conv_shuffle):
-
-      y[n, o, k*i + a, k*j + b] = B[o] + sum_c x[n, c, i, j] W[c, o, a, b]
-                                = DepthToSpace_DCR(Conv1x1(x; V, B'), k)
-      with V[(a*k + b)*O + o, c] = W[c, o, a, b] and B'[(a*k + b)*O + o] = B[o].
-
-    Preconditions: 4-D, group 1, kernel == strides (square), pads 0,
-    dilations 1, no output_padding/output_shape, constant weight and bias.
-    A unary elementwise op reading the result moves before the shuffle (it
-    commutes with any movement), so the conv's activation fuses as before.
+    DequantizeLinear before and a QuantizeLinear after. Without overlapping
+    windows it is a 1x1 convolution and a pixel shuffle: the registered pass
+    convtranspose-shuffle (passes/fusion/convtranspose_shuffle.py, its math and
+    preconditions there), run by convtranspose_as_conv_shuffle.
   * Resize (nearest, integer factors) on u8 in NHWC takes onnxruntime's
     generic per-element path (2.2 ms for 80x80x96 -> 160x160x96 where NCHW
     takes 0.09 ms), and DepthToSpace on u8 is slower still.
@@ -67,106 +59,22 @@ REPEATING_MODES = {
     ("pytorch_half_pixel", "round_prefer_ceil"),
 }
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
-SHUFFLE_SUFFIX = "_shuffle"
-# the same map on every element; Clip's bounds must be constants
-UNARY_ELEMENTWISE = ("Relu", "LeakyRelu", "Sigmoid", "Clip", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Softplus")
 
 
 # ------------------------------------------------------------------ float: ConvTranspose -> Conv + DepthToSpace
 
 
 def convtranspose_as_conv_shuffle(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Non-overlapping ConvTranspose -> 1x1 Conv + DepthToSpace(DCR), in place; (model, count)."""
-    graph = model.graph
-    _producers, readers, inits, _outputs = graph_maps(model)
-    new_nodes, changed = [], 0
-    for node in graph.node:
-        k = _shuffle_block(node, inits, readers)
-        if k is None:
-            new_nodes.append(node)
-            continue
-        new_nodes.extend(_conv_then_shuffle(node, k, graph, inits))
-        changed += 1
-    if changed:
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        _sink_shuffles(model, {n.name for n in new_nodes if n.op_type == "DepthToSpace" and n.name.endswith(SHUFFLE_SUFFIX)})
-    return model, changed
+    """Non-overlapping ConvTranspose -> 1x1 Conv + DepthToSpace(DCR), the activation moved
+    before the shuffle: the registered pass convtranspose-shuffle (its math and
+    preconditions in passes/fusion/convtranspose_shuffle.py); (model, ConvTransposes rewritten)."""
+    from .registered import apply_passes
 
-
-def _sink_shuffles(model: onnx.ModelProto, ours: set[str]) -> None:
-    """DepthToSpace -> unary elementwise op becomes op -> DepthToSpace (movement
-    commutes with elementwise maps), so the activation fuses into the integer conv."""
-    moved = True
-    while moved:
-        moved = False
-        _producers, readers, inits, outputs = graph_maps(model)
-        nodes = list(model.graph.node)
-        for shuffle in nodes:
-            if shuffle.name not in ours or shuffle.output[0] in outputs:
-                continue
-            users = readers.get(shuffle.output[0], [])
-            if len(users) != 1 or not _unary_elementwise(users[0], shuffle.output[0], inits):
-                continue
-            act = users[0]
-            act.input[0], old_out = shuffle.input[0], act.output[0]
-            act.output[0] = _fresh_name(model, f"{shuffle.input[0]}_{act.op_type.lower()}")
-            shuffle.input[0], shuffle.output[0] = act.output[0], old_out
-            nodes.remove(shuffle)
-            nodes.insert(nodes.index(act) + 1, shuffle)
-            del model.graph.node[:]
-            model.graph.node.extend(nodes)
-            moved = True
-            break
-
-
-def _unary_elementwise(node, data, inits) -> bool:
-    if node.domain not in ("", "ai.onnx") or node.op_type not in UNARY_ELEMENTWISE or node.input[0] != data:
-        return False
-    return len(node.output) == 1 and all(not name or name in inits for name in node.input[1:])
-
-
-def _shuffle_block(node, inits, readers) -> int | None:
-    """The block size k when ``node`` is a ConvTranspose that is a 1x1 conv + pixel shuffle."""
-    if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
-        return None
-    weight = inits.get(node.input[1])
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if weight is None or len(weight.dims) != 4 or (bias is not None and bias not in inits):
-        return None
-    if len(readers.get(node.input[1], [])) != 1:
-        return None
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-    kernel = list(a.get("kernel_shape", weight.dims[2:]))
-    if kernel != list(weight.dims[2:]) or kernel[0] != kernel[1] or kernel[0] < 1:
-        return None
-    k = kernel[0]
-    auto_pad = node_attr(node, "auto_pad", "NOTSET")
-    if a.get("group", 1) != 1 or list(a.get("strides", [1, 1])) != [k, k] or auto_pad not in ("NOTSET", "VALID"):
-        return None
-    if any(a.get("pads", [0] * 4)) or any(d != 1 for d in a.get("dilations", [1, 1])):
-        return None
-    if any(a.get("output_padding", [0, 0])) or "output_shape" in a:
-        return None
-    return k
-
-
-def _conv_then_shuffle(node, k, graph, inits) -> list[onnx.NodeProto]:
-    base = node.name or node.output[0]
-    w = numpy_helper.to_array(inits[node.input[1]])  # [C, O, k, k]
-    c_in, c_out = w.shape[0], w.shape[1]
-    v = w.transpose(2, 3, 1, 0).reshape(k * k * c_out, c_in, 1, 1)  # row (a*k + b)*O + o
-    names = [node.input[0], add_initializer(graph, inits, numpy_helper.from_array(np.ascontiguousarray(v), f"{base}_as_conv_weight"))]
-    if len(node.input) > 2 and node.input[2]:
-        b = numpy_helper.to_array(inits[node.input[2]])
-        names.append(add_initializer(graph, inits, numpy_helper.from_array(np.tile(b, k * k), f"{base}_as_conv_bias")))
-    if k == 1:  # a 1x1 ConvTranspose is a 1x1 Conv with the weight transposed: nothing to shuffle
-        return [helper.make_node("Conv", names, [node.output[0]], name=f"{base}_as_conv", kernel_shape=[1, 1])]
-    stacked = f"{base}_blocks"
-    return [
-        helper.make_node("Conv", names, [stacked], name=f"{base}_as_conv", kernel_shape=[1, 1]),
-        helper.make_node("DepthToSpace", [stacked], [node.output[0]], name=f"{base}{SHUFFLE_SUFFIX}", blocksize=k, mode="DCR"),
-    ]
+    before = sum(n.op_type == "ConvTranspose" for n in model.graph.node)
+    if not before:
+        return model, 0
+    out, _fired = apply_passes(model, ("convtranspose-shuffle",))
+    return out, before - sum(n.op_type == "ConvTranspose" for n in out.graph.node)
 
 
 # ------------------------------------------------------------------ int8: movement of the integers in NHWC
