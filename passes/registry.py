@@ -16,6 +16,7 @@ from .base import Pass
 PASS_MODULES = (
     "onnxforge.passes.cleanup",
     "onnxforge.passes.fusion",
+    "onnxforge.passes.qdq",
 )
 
 CLEANUP_PIPELINE = (

@@ -413,3 +413,20 @@ def test_static_qdq_widens_squeeze_excitation_scales_between_integer_convs():
     assert _ops(quantized)["Expand"] == 1
     optimized = _ops(ort_offline(quantized, level="all"))
     assert optimized["QLinearMul"] == 1 and optimized["Transpose"] <= 2
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda: _scaled(scale_shape=(1, 6, 5, 7)), "no operand is a per-channel [N, C, 1, 1] scale with C > 1"),
+    (lambda: _scaled(x_shape=(1, 6, 1, 7)), "the other operand is one row high or one column wide"),
+    (lambda: _scaled(x_shape=(1, 6, 5)), "operand shapes are not known to be 4-D"),
+])
+def test_wide_channel_scale_refusal_reasons(build, reason):
+    """The registered rule (passes/qdq/wide_scales.py) says why it leaves a product alone."""
+    from onnxforge.context import PassContext
+    from onnxforge.model import Model
+    from onnxforge.passes.registry import resolve
+
+    model = Model.from_proto(build())
+    ctx = PassContext(model=model)
+    result = resolve("wide-channel-scales").run(model.graph, ctx)
+    assert not result.changed and [r.reason for r in ctx.refusals] == [reason]

@@ -206,40 +206,12 @@ def _out_shape(nodes, base, dims, factors, graph, inits) -> str:
 
 
 def wide_channel_scales(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Per-channel scales [N, C, 1, 1] of a quantized Mul/Add widened to [N, C, 1, W]
-    (in NHWC: [N, 1, W, C]) by an Expand of their integers; (model, count), in place.
+    """Per-channel scales [N, C, 1, 1] of a quantized Mul/Add widened along W: the registered
+    pass wide-channel-scales (passes/qdq/wide_scales.py, its math and preconditions there);
+    (model, scales widened)."""
+    from .registered import apply_passes
 
-    Identity: x * s with s constant over H and W equals x * Expand(s, W) (the
-    broadcast is the same; Expand copies integers, exact). onnxruntime's
-    QLinearMul/QLinearAdd broadcast an [N, 1, 1, C] operand in NHWC one row of
-    C values at a time (a kernel call per pixel: 1.9 ms for 160x160x96 in
-    PP-OCRv4 det, 5x an unbroadcast product); [N, 1, W, C] makes each call a
-    whole row of W*C. Squeeze-and-excitation blocks are this pattern.
-    Preconditions: both inputs DQ of u8/s8 activations, rank 4, the scale's
-    H, W are 1 and C is not 1, the other operand's H is not 1.
-    """
-
-    graph = model.graph
-    shapes = static_shapes(model)
-    producers, _readers, inits, outputs = graph_maps(model)
-    new_nodes, bypassed = [], []
-    for node in graph.node:
-        site = _channel_scale_site(node, producers, inits, shapes)
-        if site is not None:
-            small_dq, big_dq = site
-            width = shapes[node.input[0 if producers[node.input[0]] is big_dq else 1]][3]
-            base = _fresh_name(model, f"{node.name or node.output[0]}_wide_scale")
-            new_nodes.extend(_widened(node, small_dq, big_dq, width, base, graph, inits))
-            bypassed.append(small_dq)
-        new_nodes.append(node)
-    if bypassed:
-        from .formats import _toposorted
-
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        _drop_unread(graph, bypassed, outputs)
-        _toposorted(model)
-    return model, len(bypassed)
+    return apply_passes(model, ("wide-channel-scales",))
 
 
 def _drop_unread(graph, dqs, outputs) -> None:
@@ -250,47 +222,6 @@ def _drop_unread(graph, dqs, outputs) -> None:
     for dq in dqs:
         if dq.output[0] not in still_read and dq in graph.node:
             graph.node.remove(dq)
-
-
-def _channel_scale_site(node, producers, inits, shapes):
-    if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-        return None
-    dqs = [producers.get(name) for name in node.input]
-    if any(dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in inits for dq in dqs):
-        return None
-    dims = [shapes.get(name) for name in node.input]
-    if any(d is None or len(d) != 4 for d in dims):
-        return None
-    for small, big in ((0, 1), (1, 0)):
-        if dims[small][2:] == [1, 1] and dims[small][1] != 1 and dims[big][2] != 1 and dims[big][3] != 1:
-            return dqs[small], dqs[big]
-    return None
-
-
-def _widened(node, small_dq, big_dq, width, base, graph, inits) -> list[onnx.NodeProto]:
-    """Nodes that give ``node`` a DQ of its own reading the scale's integers expanded
-    along W; ``width``: W when known (the Expand target is then a constant)."""
-    if isinstance(width, int) and width > 0:
-        nodes = []
-        target = _i64(graph, inits, f"{base}_target", [1, 1, width, 1])
-    else:
-        target = f"{base}_target"
-        nodes = [
-            helper.make_node("Shape", [big_dq.input[0]], [f"{base}_big_shape"], name=f"{base}_big_shape"),
-            helper.make_node("Slice", [f"{base}_big_shape", _i64(graph, inits, f"{base}_w_from", [3]), _i64(graph, inits, f"{base}_w_to", [4])], [f"{base}_w"], name=f"{base}_w"),
-            helper.make_node("Concat", [_i64(graph, inits, f"{base}_ones", [1, 1]), f"{base}_w", _i64(graph, inits, f"{base}_one", [1])], [target], name=f"{base}_target", axis=0),
-        ]
-    nodes += [
-        helper.make_node("Transpose", [small_dq.input[0]], [f"{base}_nhwc"], name=f"{base}_to_nhwc", perm=TO_NHWC),
-        helper.make_node("Expand", [f"{base}_nhwc", target], [f"{base}_nhwc_wide"], name=f"{base}_expand"),
-        helper.make_node("Transpose", [f"{base}_nhwc_wide"], [f"{base}_nchw"], name=f"{base}_to_nchw", perm=TO_NCHW),
-    ]
-    # a DQ of its own: the original may have other readers or be a graph output
-    nodes.append(helper.make_node("DequantizeLinear", [f"{base}_nchw", *small_dq.input[1:]], [f"{base}_dq"], name=f"{base}_dq", domain=small_dq.domain))
-    for a in small_dq.attribute:
-        nodes[-1].attribute.append(a)
-    node.input[list(node.input).index(small_dq.output[0])] = f"{base}_dq"
-    return nodes
 
 
 def ort_transposes(model: onnx.ModelProto) -> int:
