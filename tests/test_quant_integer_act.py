@@ -192,3 +192,78 @@ def test_gemm_row_bias_becomes_a_vector_and_quantizes():
     feed = _feeds(1)[0]
     np.testing.assert_allclose(_run(rewritten, feed), _run(model, feed), rtol=1e-6)
     formats.static_qdq(rewritten, tensor_ranges(rewritten, _feeds()), formats.spec_for("cpu", rewritten, vnni=True))  # no error
+
+
+def _shift_qdq(c_values=(0.25,), zero=128, extra=None, zx_dtype=np.uint8, u_reader="DequantizeLinear"):
+    """x -> Q -> DQ -> h, c_q -> DQ -> c, Add(h, c) -> Q -> DQ -> y: a constant shift of h."""
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zx"], ["xq"], name="q_x"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "zx"], ["h"], name="dq_x"),
+        helper.make_node("DequantizeLinear", ["cq", "cs", "cz"], ["c"], name="dq_c"),
+        helper.make_node("Add", ["h", "c"], ["u"], name="shift_add"),
+        helper.make_node("QuantizeLinear", ["u", "s2", "z"], ["uq"], name="q_u"),
+        helper.make_node(u_reader, ["uq", "s2", "z"] if u_reader == "DequantizeLinear" else ["uq"], ["y"], name="read_u"),
+    ]
+    c = np.asarray(c_values, np.float32)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(zero, zx_dtype), "zx"),
+             numpy_helper.from_array(np.full(c.shape, 255, np.uint8), "cq"),
+             numpy_helper.from_array(np.array(1 / 255, np.float32), "cs"), numpy_helper.from_array(np.array(0, np.uint8), "cz"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "s2"), numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    inits[2] = numpy_helper.from_array(np.round(c * 255).astype(np.uint8), "cq")
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT if u_reader == "DequantizeLinear" else TensorProto.UINT8, None)]
+    if extra:
+        nodes.append(helper.make_node("Relu", [extra], ["r"], name="other_reader"))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "q", [X], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
+
+
+def _refusals(proto) -> list[str]:
+    from onnxforge.context import PassContext
+    from onnxforge.model import Model
+    from onnxforge.passes.registry import resolve
+
+    model = Model.from_proto(proto)
+    ctx = PassContext(model=model)
+    assert not resolve("integer-activations").run(model.graph, ctx).changed
+    return [r.reason for r in ctx.refusals]
+
+
+def test_shift_fires_on_the_hand_written_model():
+    model, count = integer_activations(_shift_qdq())
+    assert count == 1 and "shift_add" not in {n.name for n in model.graph.node}
+    feed = _feeds(1)[0]
+    reference = _run(_shift_qdq(), feed, optimize=False)
+    assert np.abs(_run(model, feed, optimize=False) - reference).max() <= 0.05 + 1e-6  # c rounded to h's grid
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda: _shift_qdq(c_values=(0.25, 0.5)), "the constant is not one value on a per-tensor grid"),
+    (lambda: _shift_qdq(extra="u"), "the sum is not read by exactly one QuantizeLinear"),
+    (lambda: _shift_qdq(u_reader="Identity"), "the quantized sum is read by something other than DequantizeLinear"),
+    (lambda: _shift_qdq(extra="h"), "the dequantized input has other readers"),
+    (lambda: _shift_qdq(zx_dtype=np.int8, zero=0), "the input is not a u8 per-tensor activation"),
+    (lambda: _shift_qdq(zero=0), "the shift leaves the u8 zero-point range"),
+    (lambda: _hand_qdq(scale_shape=(8,)), "DequantizeLinear dq_x is not u8 per tensor"),
+    (lambda: _hand_qdq(act_attrs={"alpha": -0.2, "beta": 0.5}), "alpha <= 0: the output does not saturate like a u8 grid"),
+])
+def test_integer_activation_refusal_reasons(build, reason):
+    proto = build()
+    if reason.startswith("DequantizeLinear"):
+        for node in proto.graph.node[:2]:
+            node.attribute.append(helper.make_attribute("axis", 1))
+    assert _refusals(proto) == [reason]
+
+
+def test_the_activations_own_adds_are_not_shifts():
+    """A second sweep (the pass manager iterates) leaves HardSwish's +3 before its clip alone."""
+    from onnxforge.context import PassContext
+    from onnxforge.model import Model
+    from onnxforge.passes.registry import resolve
+
+    model = Model.from_proto(_hand_qdq())
+    ctx = PassContext(model=model)
+    rewrite = resolve("integer-activations")
+    assert rewrite.run(model.graph, ctx).stats == {"integer-hardswish": 1}
+    assert not rewrite.run(model.graph, ctx).changed
+    assert [r.reason for r in ctx.refusals] == ["an Add this pass made: the QuantizeLinear after it clips"]

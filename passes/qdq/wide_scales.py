@@ -21,29 +21,11 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, Rule, RulePass
 from onnxforge.passes.fusion._match import infer_shapes
-from onnxforge.passes.matching import DEFAULT_DOMAINS, producer
+from onnxforge.passes.matching import DEFAULT_DOMAINS
+
+from .common import activation_dq, fresh_name, i64
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
-
-
-def activation_dq(tensor: gs.Tensor) -> gs.Node | None:
-    """The DequantizeLinear making ``tensor`` from an activation (not a constant), or None."""
-    dq = producer(tensor, "DequantizeLinear")
-    ok = dq is not None and dq.domain in DEFAULT_DOMAINS and not isinstance(dq.inputs[0], gs.Constant)
-    return dq if ok else None
-
-
-def fresh_name(graph: gs.Graph, stem: str) -> str:
-    taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-    name, i = stem, 0
-    while name in taken:
-        i += 1
-        name = f"{stem}_{i}"
-    return name
-
-
-def i64(name: str, values) -> gs.Constant:
-    return gs.Constant(name, np.array(values, dtype=np.int64))
 
 
 class WideChannelScale(Rule):

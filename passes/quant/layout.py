@@ -48,7 +48,6 @@ from onnx import helper, numpy_helper
 from onnxforge.opsets import default_opset
 
 from .equalize import graph_maps
-from .integer_act import add_initializer, node_attr
 from .ortsession import static_shapes
 
 REPEATING_MODES = {
@@ -233,6 +232,22 @@ def ort_transposes(model: onnx.ModelProto) -> int:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def node_attr(node, name, default):
+    """An attribute's value (strings decoded), or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            value = helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+def add_initializer(graph, inits, tensor):
+    """Append ``tensor`` to the graph and to ``inits``; returns its name."""
+    graph.initializer.append(tensor)
+    inits[tensor.name] = tensor
+    return tensor.name
 
 
 def _per_tensor(qdq, inits) -> bool:
