@@ -42,7 +42,8 @@ def _dynamo_split(g: G, x3: str, head_size: int) -> str:
 def _dynamo_repeat(g: G, x4: str, other_past: str, kv_heads: int, rep: int, heads: int, head_size: int) -> str:
     """Targets from other tensors' dims, as dynamo's symbolic sizes: B of some past input, T = P + S."""
     batch = g.op("Shape", other_past, start=0, end=1)
-    total = g.op("Add", g.op("Shape", other_past, start=2, end=3), g.op("Shape", "input_ids", start=1, end=2))
+    sizes = [g.op("Squeeze", g.op("Shape", t, start=k, end=k + 1)) for t, k in ((other_past, 2), ("input_ids", 1))]
+    total = g.op("Reshape", g.op("Add", *sizes), g.ints(-1))
     wide = g.op("Expand", g.op("Unsqueeze", x4, g.ints(2)),
                 g.op("Concat", batch, g.ints(kv_heads), g.ints(rep), total, g.ints(head_size), axis=0))
     return g.op("Reshape", wide, g.op("Concat", batch, g.ints(heads), total, g.ints(head_size), axis=0),

@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.context import PassContext, Refusal
 from onnxforge.passes.base import Match, RulePass
 
-from ._match import MS_DOMAIN, ShapeOracle, escaping, producer
+from ._match import MS_DOMAIN, ShapeOracle, const_value, escaping, producer
 from .attention import BlockRule, is_scalar_constant, mask_is_finite, softmax_is_last_axis
 from .attention_gqa import (
     GqaRotaryAttention,
@@ -61,6 +61,23 @@ def cache_concat(tensor: gs.Tensor) -> gs.Node | None:
     """``Concat(past, new)`` with two inputs: the cache append."""
     node = producer(tensor, "Concat")
     return node if node is not None and len(node.inputs) == 2 else None
+
+
+def reshape_reuses_entries(repeat: Repeat) -> bool:
+    """The merge Reshape's target is Concat(b, n, t, d) with b, t, d the very tensors (or equal constants)
+    of the Expand target Concat(b, kv, r, t, d): then [B, Nkv, r, T, D] -> [B, n, T, D] and n = Nkv * r
+    by element count (where inference cannot follow n, e.g. dynamo's Mul of sizes)."""
+    expand, merge = (producer(node.inputs[1], "Concat") for node in (repeat.expand, repeat.reshape))
+    if expand is None or merge is None or len(expand.inputs) != 5 or len(merge.inputs) != 4:
+        return False
+    for a, b in ((merge.inputs[0], expand.inputs[0]), (merge.inputs[2], expand.inputs[3]),
+                 (merge.inputs[3], expand.inputs[4])):
+        if a is b:
+            continue
+        va, vb = const_value(a), const_value(b)
+        if va is None or vb is None or va.reshape(-1).tolist() != vb.reshape(-1).tolist() or va.size != 1:
+            return False
+    return True
 
 
 class GqaRotaryCacheAttention(BlockRule):
@@ -152,11 +169,12 @@ class GqaRotaryCacheAttention(BlockRule):
             self._shapes = ShapeOracle(graph, ctx)
         for run in self._shapes.runs:
             x = run.get(repeat.x4.name)
-            if x is None or len(x) != 4:
+            if x is None or len(x) != 4 or x[1] * n_rep != heads:
                 return False
             if run.get(repeat.expand.outputs[0].name) != (x[0], x[1], n_rep, x[2], x[3]):
                 return False
-            if run.get(repeat.reshape.outputs[0].name) != (x[0], heads, x[2], x[3]):
+            merged = run.get(repeat.reshape.outputs[0].name)
+            if merged != (x[0], heads, x[2], x[3]) and not (merged is None and reshape_reuses_entries(repeat)):
                 return False
         return True
 
