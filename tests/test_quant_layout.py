@@ -430,3 +430,41 @@ def test_wide_channel_scale_refusal_reasons(build, reason):
     ctx = PassContext(model=model)
     result = resolve("wide-channel-scales").run(model.graph, ctx)
     assert not result.changed and [r.reason for r in ctx.refusals] == [reason]
+
+
+def _no_zero_point():
+    model = _qdq_movement(*_nearest([1, 1, 2, 2]), [1, 6, 5, 7], requantize=False)
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            del node.input[2:]
+    return model
+
+
+def _with_sizes():
+    inits, q = _q("in", "x", 0.05, 120)
+    nodes = [q, helper.make_node("DequantizeLinear", ["in_q", "in_s", "in_z"], ["in_dq"]),
+             helper.make_node("Resize", ["in_dq", "", "", "sizes"], ["y"], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")]
+    inits.append(numpy_helper.from_array(np.array([1, 6, 10, 14], np.int64), "sizes"))
+    return _model(nodes, inits, [1, 6, 5, 7])
+
+
+@pytest.mark.parametrize("build, reason", [
+    (_with_sizes, "scales not constant, or sizes given"),
+    (lambda: _qdq_movement(*_nearest([1, 1, 2, 2], mode="linear"), [1, 12, 4, 4]), "not nearest interpolation"),
+    (lambda: _qdq_movement(*_nearest([1, 1, 2, 2], "tf_half_pixel_for_nearest", "round_prefer_floor"), [1, 12, 4, 4]),
+     "coordinate mapping tf_half_pixel_for_nearest/round_prefer_floor does not repeat pixels"),
+    (lambda: _qdq_movement(*_nearest([1, 1, 1.5, 2]), [1, 12, 4, 4]),
+     "scales [1.0, 1.0, 1.5, 2.0] are not integer factors of H and W only"),
+    (lambda: _qdq_movement("DepthToSpace", dict(blocksize=2, mode="CRD"), [], [1, 12, 4, 4]), "DepthToSpace in CRD mode"),
+    (_no_zero_point, "the input is not quantized per tensor with a zero point"),
+])
+def test_integer_movement_refusal_reasons(build, reason):
+    """The registered rule (passes/qdq/nhwc_movement.py) says why it leaves a movement alone."""
+    from onnxforge.context import PassContext
+    from onnxforge.model import Model
+    from onnxforge.passes.registry import resolve
+
+    model = Model.from_proto(build())
+    ctx = PassContext(model=model)
+    result = resolve("nhwc-integer-movement").run(model.graph, ctx)
+    assert not result.changed and [r.reason for r in ctx.refusals] == [reason]

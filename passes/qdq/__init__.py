@@ -1,6 +1,7 @@
 """Rewrites of quantized (QDQ) graphs that the quantizer runs for onnxruntime's CPU
 kernels (formats.py); registered like every rule, not in an -O level."""
 from .integer_act import PASSES as INTEGER_ACT_PASSES
+from .nhwc_movement import PASSES as NHWC_MOVEMENT_PASSES
 from .wide_scales import PASSES as WIDE_SCALES_PASSES
 
-PASSES: tuple = () + INTEGER_ACT_PASSES + WIDE_SCALES_PASSES
+PASSES: tuple = () + INTEGER_ACT_PASSES + NHWC_MOVEMENT_PASSES + WIDE_SCALES_PASSES

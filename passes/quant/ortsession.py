@@ -151,16 +151,3 @@ def _with_large_initializers_external(proto: onnx.ModelProto, reference, keep_ex
             entry = header.external_data.add()
             entry.key, entry.value = key, value
     return light
-
-
-def static_shapes(proto: onnx.ModelProto) -> dict[str, list]:
-    """Inferred shapes by tensor name, unknown dims as None; {} when inference fails."""
-    try:
-        inferred = infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten
-        return {}
-    shapes = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
-    return shapes
