@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from onnxforge.opsets import one_default_domain
 
@@ -139,87 +137,18 @@ def _weight_only(graph: onnx.GraphProto) -> list[WeightOnly]:
 # ------------------------------------------------------------------ reuse the int8 weights
 
 
-# |w| <= 64: two u8 x s8 products stay within int16 (255 * 64 * 2 = 32640)
-SATURATION_FREE = 64
-
-
 def int8_weights_to_dynamic_matmul(
     model: onnx.ModelProto, detection: Detection, saturating: bool = False,
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """MatMuls reading a Cast+Mul int8 weight become DynamicQuantizeMatMul on the same
-    int8 values. ``saturating``: the CPU's u8 x s8 products saturate (no VNNI), so
-    int8 weights past 7 bits are stored as the same values shifted to uint8 (zero
-    point 128). Returns the model and the names of the rewritten MatMuls."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    one_default_domain(out)
-    graph = out.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    rewritten: list[str] = []
-    new_inits: list[onnx.TensorProto] = []
-    for weight in detection.weight_only:
-        users = consumers.get(weight.output, [])
-        matmuls = [n for n in users if n.op_type == "MatMul" and n.input[1] == weight.output]
-        qw = inits[weight.quantized]
-        scale = numpy_helper.to_array(inits[weight.scale]).astype(np.float32)
-        if not matmuls or len(qw.dims) != 2 or not _column_scale(scale, qw.dims[1]):
-            continue
-        columns = qw.dims[1]
-        scale_name, zp_name = weight.quantized + "_dq_scale", weight.quantized + "_dq_zero_point"
-        new_inits.append(numpy_helper.from_array(np.broadcast_to(scale.reshape(-1), (columns,)).astype(np.float32).copy(), scale_name))
-        values, zero = weight.quantized, np.zeros(columns, dtype=helper.tensor_dtype_to_np_dtype(qw.data_type))
-        if saturating and qw.data_type == onnx.TensorProto.INT8:
-            shifted = _unsigned_if_saturating(numpy_helper.to_array(qw), weight.quantized + "_u8")
-            if shifted is not None:
-                new_inits.append(shifted)
-                values, zero = shifted.name, np.full(columns, 128, np.uint8)
-        new_inits.append(numpy_helper.from_array(zero, zp_name))
-        for matmul in matmuls:
-            replacement = helper.make_node(
-                "DynamicQuantizeMatMul", [matmul.input[0], values, scale_name, zp_name], list(matmul.output),
-                name=(matmul.name or matmul.output[0]) + "_int8", domain="com.microsoft",
-            )
-            matmul.CopyFrom(replacement)
-            rewritten.append(replacement.name)
-    if rewritten:
-        graph.initializer.extend(new_inits)
-        _drop_dead(graph)
-        if not any(o.domain == "com.microsoft" for o in out.opset_import):
-            out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return out, rewritten
+    """MatMuls reading a Cast+Mul int8 weight of ``detection`` become DynamicQuantizeMatMul
+    on the same int8 values: the registered pass int8-weights-to-dynamic-matmul
+    (passes/qdq/int8_weights.py, its math and preconditions there). ``saturating``: the
+    CPU's u8 x s8 products saturate (no VNNI). Returns the model and the names of the
+    rewritten MatMuls."""
+    from .registered import apply_passes
 
-
-def _unsigned_if_saturating(values: np.ndarray, name: str) -> onnx.TensorProto | None:
-    """``values`` + 128 as uint8 (exact) when some exceed the saturation-free range, else None."""
-    if not values.size or max(-int(values.min()), int(values.max())) <= SATURATION_FREE:
-        return None
-    return numpy_helper.from_array((values.astype(np.int16) + 128).astype(np.uint8), name)
-
-
-def _column_scale(scale: np.ndarray, columns: int) -> bool:
-    if scale.size == 1:
-        return True
-    return scale.size == columns and (scale.ndim == 1 or scale.shape[-1] == columns)
-
-
-def _drop_dead(graph: onnx.GraphProto) -> None:
-    """Remove nodes and initializers nothing reads (the now unused Cast+Mul chains)."""
-    needed = {o.name for o in graph.output}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(list(graph.node)):
-        has_subgraph = any(a.HasField("g") or len(a.graphs) for a in node.attribute)
-        if has_subgraph or any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(node.input)
-            for graph_attr in (a.g for a in node.attribute if a.HasField("g")):
-                needed.update(i for n in graph_attr.node for i in n.input)
-    kept.reverse()
-    del graph.node[:]
-    graph.node.extend(kept)
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    settings = {"weights": [w.quantized for w in detection.weight_only], "saturating": saturating}
+    out, _fired = apply_passes(one_default_domain(model, copy=True), ("int8-weights-to-dynamic-matmul",),
+                              options={"int8-weights-to-dynamic-matmul": settings})
+    before = {n.name for n in model.graph.node}
+    return out, [n.name for n in out.graph.node if n.op_type == "DynamicQuantizeMatMul" and n.name not in before]

@@ -9,15 +9,16 @@ from onnxforge.model import Model
 from onnxforge.opsets import one_default_domain
 
 
-def apply_passes(proto: onnx.ModelProto, names: tuple[str, ...], max_iterations: int = 8) -> tuple[onnx.ModelProto, int]:
+def apply_passes(proto: onnx.ModelProto, names: tuple[str, ...], max_iterations: int = 8,
+                 options: dict | None = None) -> tuple[onnx.ModelProto, int]:
     """``proto`` with the registered passes ``names`` run to a fixpoint (their rules fire on
     one node at a time: Conv -> Mul -> Add takes two rounds), and how often a rule fired;
     ``proto`` itself when none did. Not verified here: the quantizer compares the result
-    with the float model."""
+    with the float model. ``options``: pass name -> its settings."""
     from onnxforge.passes.registry import resolve
 
     model = Model.from_proto(proto)
-    ctx = PassContext(model=model)
+    ctx = PassContext(model=model, options=dict(options or {}))
     passes = [resolve(name) for name in names]
     fired = 0
     for _ in range(max_iterations):
