@@ -108,23 +108,10 @@ def _graphsurgeon_quiet():
 
 
 def constant_nodes_to_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Main-graph Constant nodes holding a tensor become initializers; nothing is folded
-    (int8 weights dequantized by Cast+Mul must stay int8 for reuse)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    kept = []
-    for node in out.graph.node:
-        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
-        if attr is not None and attr.name == "value" and node.domain in ("", "ai.onnx"):
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(attr.t)
-            tensor.name = node.output[0]
-            out.graph.initializer.append(tensor)
-        else:
-            kept.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    return out
+    """Constant nodes holding a tensor become initializers (the cleanup pass
+    constant-to-initializer); nothing is folded (int8 weights dequantized by Cast+Mul must
+    stay int8 for reuse). A new proto; ``proto`` itself when there is nothing to lift."""
+    return apply_passes(proto, ("constant-to-initializer",), max_iterations=1)[0]
 
 
 def _external_only_in_initializers(proto: onnx.ModelProto) -> bool:
