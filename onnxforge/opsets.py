@@ -42,6 +42,6 @@ def one_default_domain(model: onnx.ModelProto, copy: bool = False) -> onnx.Model
     return model
 
 
-def default_opset(model: onnx.ModelProto, missing: int = 1) -> int:
+def default_opset(model: onnx.ModelProto, missing: int | None = 1) -> int | None:
     """The default domain's version in ``model.opset_import`` (``missing`` when none is listed)."""
     return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), missing)

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper
 
 from .errors import ModelLoadError
+from .opsets import default_opset
 
 # The search ranges: IR 3 introduced opset imports; opset 7 is the oldest ORT reads.
 LOWEST_IR, LOWEST_OPSET = 3, 7
@@ -58,13 +59,6 @@ def runtime_limits() -> tuple[int, int]:
     return max_ir, max_opset
 
 
-def default_opset(proto: onnx.ModelProto) -> int | None:
-    for imp in proto.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return None
-
-
 def cap_proto_versions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """Lower ir_version and the default opset to what onnxruntime reads.
 
@@ -75,7 +69,7 @@ def cap_proto_versions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[st
     """
     max_ir, max_opset = runtime_limits()
     notes: list[str] = []
-    opset = default_opset(proto)
+    opset = default_opset(proto, missing=None)
     if opset is not None and opset > max_opset:
         proto = _convert_opset(proto, opset, max_opset)
         notes.append(f"opset lowered from {opset} to {max_opset} (the installed onnxruntime's limit)")
