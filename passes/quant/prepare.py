@@ -201,7 +201,7 @@ def fuse_hardswish(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 def _makes_hardswish(proto: onnx.ModelProto) -> bool:
     """Whether fuse-hardswish's HardSwish rules would fire at opset 14 (match, then check)."""
     from onnxforge.context import PassContext, Refusal
-    from onnxforge.passes.fusion.activation import HardSwishClip, HardSwishFromHardSigmoid
+    from onnxforge.passes.fusion.hardswish import HardSwishClip, HardSwishFromHardSigmoid
 
     graph = gs.import_onnx(proto)
     graph.opset = 14  # this copy only: HardSwishFromHardSigmoid matches from opset 14
