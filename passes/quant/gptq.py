@@ -109,9 +109,11 @@ def _grids(blocks: np.ndarray, diag: np.ndarray, k: int, block: int, symmetric: 
 
 def output_error(wt: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
     """tr(D H D^T) / tr(W H W^T) for D = approx - wt: the relative output error on the calibration inputs."""
-    d = (approx - wt).astype(np.float64)
-    w = wt.astype(np.float64)
-    return float(np.einsum("nk,kl,nl->", d, hessian, d) / max(np.einsum("nk,kl,nl->", w, hessian, w), 1e-30))
+    h = np.asarray(hessian, np.float32)
+    d = (approx - wt).astype(np.float32)
+    w = wt.astype(np.float32)
+    # (D H) . D through BLAS: a three-operand einsum would loop N K^2 times in plain C
+    return float(((d @ h) * d).sum(dtype=np.float64) / max(((w @ h) * w).sum(dtype=np.float64), 1e-30))
 
 
 def refit_scales(wt: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, hessian: np.ndarray,

@@ -68,6 +68,7 @@ class Int4Report:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     max_ppl_increase: float = MAX_PPL_INCREASE
     max_drop: float = 0.05
+    accuracy_level: int = 0
     budget_met: bool | None = None
     score: float | None = None
     weight_bytes_float: int = 0
@@ -86,8 +87,13 @@ class Int4Report:
         if self.tied_embeddings:
             lines.append(f"tied embedding stored once (GatherBlockQuantized on the LM head's codes): "
                          f"{', '.join(self.tied_embeddings)}")
+        lines.append("activations stay float" + (f" (MatMulNBits accuracy_level {self.accuracy_level}: "
+                                                  "int8 inside the kernel)" if self.accuracy_level else "")
+                     + "; other weights (norms, biases) float")
         for name, why in list(self.kept_float.items())[:8]:
             lines.append(f"float: {name}: {why}")
+        for refusal in self.refusals[:8]:
+            lines.append(f"left as it was: {refusal}")
         lines.append(f"weights {self.weight_bytes_float / 2**20:.1f} MiB -> {self.weight_bytes_int4 / 2**20:.1f} MiB")
         m = self.metrics
         if "perplexity" in m:
@@ -118,7 +124,8 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
     if method in CALIBRATED and (calib is None or calib == "random"):
         raise DataError(f"method {method} needs calibration data (--calib FOLDER)", hint="or use --weight-method rtn")
     report = Int4Report(method, block_size, symmetric, "int4" if lm_head else "float", calib or "none",
-                        validation=val or calib or "", max_ppl_increase=max_ppl_increase, max_drop=max_drop)
+                        validation=val or calib or "", max_ppl_increase=max_ppl_increase, max_drop=max_drop,
+                        accuracy_level=accuracy_level)
     reference = model.to_proto() if check and calib not in (None, "random") else None
     sites = _sites(model.graph)
     heads = _lm_heads(model.graph, sites)
