@@ -7,6 +7,7 @@ prove that no intermediate tensor of a pattern escapes it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import onnx
@@ -191,16 +192,17 @@ def model_opset(graph: gs.Graph, ctx: PassContext) -> int:
 
 class FusionRule(Rule):
     """A rule whose ``check`` first refuses when a pattern tensor is read outside it,
-    then asks ``preconditions`` (subclasses) for the rule's own reasons."""
+    then asks ``preconditions`` (subclasses) for the rule's own reasons or plan."""
 
     def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
         escaped = escaping_tensor(graph, match)
         if escaped is not None:
             return self.refusal(f"intermediate tensor {escaped.name} has other consumers", match)
-        reason = self.preconditions(graph, match, ctx)
-        return self.refusal(reason, match) if reason else None
+        verdict = self.preconditions(graph, match, ctx)
+        return self.refusal(verdict, match) if isinstance(verdict, str) else verdict
 
-    def preconditions(self, graph: gs.Graph, match: Match, ctx: PassContext) -> str | None:
+    def preconditions(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Any:
+        """The reason to refuse (a str), or None, or a plan for rewrite (``match.plan``)."""
         return None
 
 

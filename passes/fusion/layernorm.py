@@ -25,6 +25,8 @@ axis; it is left as is.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -121,10 +123,22 @@ def _norm_shape(x: gs.Tensor, k: int, *params: np.ndarray | None) -> tuple[int, 
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class NormPlan:
+    """What the checks found: the norm is over the last ``k`` axes of shape ``norm_shape``,
+    with ``epsilon``, computing in ``dtype``."""
+
+    k: int
+    epsilon: float
+    norm_shape: tuple[int, ...]
+    dtype: np.dtype
+
+
 class _NormBase(FusionRule):
     """Shared checks of eps, axes, Cast and the affine parameters."""
 
-    def _common(self, match: Match) -> str | None:
+    def _common(self, match: Match) -> str | NormPlan:
+        """The reason to refuse, or the plan."""
         info = match.info
         for node in info["reduces"]:
             if int(node.attrs.get("keepdims", 1)) != 1:
@@ -149,12 +163,11 @@ class _NormBase(FusionRule):
         for key in ("gamma", "beta"):
             if info[key] is not None and _param(const_value(info[key]), norm_shape) is None:
                 return f"{key} does not broadcast over the normalised axes only"
-        info["k"], info["epsilon"], info["norm_shape"], info["dtype"] = k, float(eps.reshape(-1)[0]), norm_shape, eps.dtype
-        return None
+        return NormPlan(k, float(eps.reshape(-1)[0]), norm_shape, eps.dtype)
 
     def _params(self, graph: gs.Graph, match: Match, with_beta: bool) -> list[gs.Tensor]:
-        info = match.info
-        shape, dtype = info["norm_shape"], info["dtype"]
+        info, plan = match.info, match.plan
+        shape, dtype = plan.norm_shape, plan.dtype
         gamma = _param(const_value(info["gamma"]), shape)
         params = [fresh_constant(graph, f"{info['x'].name}_norm_scale",
                                  (gamma if gamma is not None else np.ones(shape)).astype(dtype))]
@@ -247,7 +260,7 @@ class LayerNorm(_NormBase):
     def rewrite(self, graph, match, ctx):
         info = match.info
         replace(graph, match, "LayerNormalization", [info["x"], *self._params(graph, match, True)],
-                {"axis": -info["k"], "epsilon": info["epsilon"]})
+                {"axis": -match.plan.k, "epsilon": match.plan.epsilon})
 
 
 class LayerNormOrt(LayerNorm):
@@ -295,7 +308,7 @@ class RmsNorm(_NormBase):
     def rewrite(self, graph, match, ctx):
         info = match.info
         replace(graph, match, "SimplifiedLayerNormalization", [info["x"], *self._params(graph, match, False)],
-                {"axis": -info["k"], "epsilon": info["epsilon"]})
+                {"axis": -match.plan.k, "epsilon": match.plan.epsilon})
 
 
 class FuseLayerNorm(RulePass):
