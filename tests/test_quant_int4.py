@@ -428,3 +428,15 @@ def test_recipe_quantize_step_with_bits_4(tmp_path, capsys):
     ops = [n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node]
     assert ops.count("MatMulNBits") == 3
     assert "int4" in json.dumps(json.loads((tmp_path / "rep.json").read_text()))
+
+
+def test_weights_in_external_data_are_read_without_being_kept(tmp_path):
+    from io_helpers import weight, write_external_model
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from onnxforge.passes.quant.int4_rules import matmul_weight, weight_rows
+
+    model = load(write_external_model(tmp_path))
+    constant, transposed = matmul_weight(next(n for n in model.graph.nodes if n.name == "mm"))
+    np.testing.assert_array_equal(weight_rows(constant, transposed), weight().T)
+    assert isinstance(constant._values, LazyValues)  # still a reference into the file
