@@ -24,6 +24,7 @@ CLEANUP_PIPELINE = (
     "eliminate-identity",
     "eliminate-noop",
     "fold-constants",
+    "simplify-shapes",
     "collapse-chains",
     "eliminate-common-subexpressions",
     "merge-duplicate-initializers",

@@ -7,12 +7,14 @@ from .dedup import MergeDuplicateInitializers
 from .fold import FoldConstants
 from .identity import EliminateIdentity
 from .noop import EliminateNoop
+from .shapes import SimplifyShapes
 
 PASSES: tuple = (
     ConstantToInitializer,
     EliminateIdentity,
     EliminateNoop,
     FoldConstants,
+    SimplifyShapes,
     CollapseChains,
     EliminateCommonSubexpressions,
     MergeDuplicateInitializers,

@@ -1,0 +1,272 @@
+"""simplify-shapes: shape arithmetic over dynamic dims that needs no dim to be pinned.
+
+Exporters write a Reshape's target as ``Concat`` of pieces read from the data's own
+shape (``Shape(x) -> Gather -> Unsqueeze``, ``Shape(x) -> Slice``) and constants, so the
+dynamic batch or sequence dim passes through. fold-constants folds these only when the
+dims are static; these rules fold them while the dims stay dynamic.
+
+Identities:
+  * Reshape(x, Concat(p_0, ..., p_n)) with allowzero=0, where every piece is a constant or
+    the dims ``x.shape[k:k+m]`` sitting at output positions ``k..k+m-1``: a 0 entry of a
+    Reshape target copies the input dim at that position (allowzero=0), so each such piece
+    can be written as m zeros and the target becomes one constant. Constant pieces keep
+    their values (a 0 there already meant "copy" before). No value of any dim is assumed.
+  * Concat(a, Concat(b, c), d) = Concat(a, b, c, d) on the same axis (concatenation is
+    associative); done when the inner Concat has no other reader, so a node goes away.
+  * Concat(..., x.shape[i:j], x.shape[j:k], ...) = Concat(..., x.shape[i:k], ...): adjacent
+    pieces read from one tensor's shape at consecutive dims become one ``Shape(x, start=i,
+    end=k)`` (opset >= 15), replacing one Shape+Gather+Unsqueeze (or Slice) chain per dim.
+
+Refused (reason in --explain): a piece computed from tensor values rather than a shape
+(it depends on data), a piece read from another tensor's shape or from other dims than
+the position it fills, allowzero=1 (a 0 would be a literal zero), an unknown rank where an
+index is negative or open-ended.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxforge.passes.base import Match, Pass, Rule
+from onnxforge.passes.matching import producer_op
+
+from .common import IndexedRulePass, infer_types, int_list
+
+INT_MAX = (1 << 63) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One Concat input of a shape: constant values, or dims [start, start+count) of ``source``'s shape."""
+
+    values: tuple[int, ...] | None = None
+    source: gs.Tensor | None = None
+    start: int = 0
+    count: int = 0
+    nodes: tuple[gs.Node, ...] = ()
+    why: str = ""  # set when the piece is neither (what it depends on)
+
+    @property
+    def length(self) -> int:
+        return len(self.values) if self.values is not None else self.count
+
+
+def _rank(tensor: gs.Tensor, types) -> int | None:
+    shape = types.shape(tensor)
+    return None if shape is None else len(shape)
+
+
+def _clamp(index: int, rank: int) -> int:
+    return min(max(index + rank if index < 0 else index, 0), rank)
+
+
+def _shape_node(tensor: gs.Tensor, types) -> tuple[gs.Node, int, int] | str:
+    """The Shape node making ``tensor`` with its [start, end) over the source, or why not."""
+    node = producer_op(tensor, "Shape")
+    if node is None:
+        return "computed from tensor values (depends on data)"
+    start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+    rank = _rank(node.inputs[0], types)
+    if rank is None and (start < 0 or end is None or int(end) < 0):
+        return "the rank of the shape's source is unknown"
+    if rank is None:
+        return start, int(end), node
+    return _clamp(start, rank), _clamp(int(rank if end is None else end), rank), node
+
+
+def shape_piece(tensor: gs.Tensor, types) -> Piece:
+    """What a Concat input of a shape holds (structure only; constants by value)."""
+    values = int_list(tensor) if isinstance(tensor, gs.Constant) else None
+    if values is not None:
+        return Piece(values=tuple(values))
+    direct = producer_op(tensor, "Shape")
+    if direct is not None:
+        found = _shape_node(tensor, types)
+        if isinstance(found, str):
+            return Piece(why=found)
+        start, end, node = found
+        return Piece(source=node.inputs[0], start=start, count=max(end - start, 0), nodes=(node,))
+    unsq = producer_op(tensor, "Unsqueeze")
+    gather = producer_op(unsq.inputs[0], "Gather") if unsq is not None else producer_op(tensor, "Gather")
+    if gather is not None:
+        return _gather_piece(gather, unsq, types)
+    sliced = producer_op(tensor, "Slice")
+    if sliced is not None:
+        return _slice_piece(sliced, types)
+    return Piece(why="computed from tensor values (depends on data)")
+
+
+def _gather_piece(gather: gs.Node, unsq: gs.Node | None, types) -> Piece:
+    index = int_list(gather.inputs[1])
+    index_shape = gather.inputs[1].shape if isinstance(gather.inputs[1], gs.Constant) else None
+    if index is None or len(index) != 1 or int(gather.attrs.get("axis", 0)) != 0:
+        return Piece(why="an index into the shape is not a constant")
+    if unsq is not None:
+        axes = int_list(unsq.inputs[1]) if len(unsq.inputs) > 1 else [int(a) for a in unsq.attrs.get("axes", [])]
+        if axes not in ([0], [-1]) or len(index_shape) != 0:
+            return Piece(why="the gathered dim is not made a 1-element vector")
+    elif len(index_shape) != 1:
+        return Piece(why="the gathered dim is a scalar")
+    found = _shape_node(gather.inputs[0], types)
+    if isinstance(found, str):
+        return Piece(why=found)
+    start, end, node = found
+    k = index[0] + (end - start) if index[0] < 0 else index[0]
+    if not 0 <= k < end - start:
+        return Piece(why="the gathered index is out of range")
+    nodes = (node, gather) + ((unsq,) if unsq is not None else ())
+    return Piece(source=node.inputs[0], start=start + k, count=1, nodes=nodes)
+
+
+def _slice_piece(node: gs.Node, types) -> Piece:
+    starts, ends = int_list(node.inputs[1]), int_list(node.inputs[2])
+    axes = int_list(node.inputs[3]) if len(node.inputs) > 3 and not node.inputs[3].is_empty() else [0]
+    steps = int_list(node.inputs[4]) if len(node.inputs) > 4 and not node.inputs[4].is_empty() else [1]
+    if None in (starts, ends, axes, steps) or len(starts) != 1 or axes not in ([0], [-1]) or steps != [1]:
+        return Piece(why="the slice of the shape is not a constant unit-step range")
+    found = _shape_node(node.inputs[0], types)
+    if isinstance(found, str):
+        return Piece(why=found)
+    start, end, shape_node = found
+    n = end - start
+    lo, hi = _clamp(starts[0], n), _clamp(min(ends[0], INT_MAX), n)
+    return Piece(source=shape_node.inputs[0], start=start + lo, count=max(hi - lo, 0), nodes=(shape_node, node))
+
+
+def concat_pieces(concat: gs.Node, types) -> list[Piece]:
+    return [shape_piece(t, types) for t in concat.inputs]
+
+
+class ReshapeCopiesOwnDims(Rule):
+    name = "reshape-copies-own-dims"
+    anchor_ops = ("Reshape",)
+
+    def match(self, graph, node):
+        if len(node.inputs) != 2:
+            return None
+        concat = producer_op(node.inputs[1], "Concat")
+        if concat is None or self.index.graph_of(concat) is not graph:
+            return None
+        pieces = concat_pieces(concat, self.types)
+        if not any(p.source is not None or p.why for p in pieces):
+            return None  # all constant: fold-constants' job
+        return Match([node], {"pieces": pieces, "concat": concat})
+
+    def check(self, graph, match, ctx):
+        node = match.nodes[0]
+        if int(node.attrs.get("allowzero", 0)):
+            return self.refusal("allowzero=1: a 0 entry would be a literal zero, not a copied dim", match)
+        offset = 0
+        for piece in match.info["pieces"]:
+            if piece.why:
+                return self.refusal(f"a piece of the target shape is {piece.why}", match)
+            if piece.source is not None:
+                if piece.source is not node.inputs[0]:
+                    return self.refusal("a piece of the target shape reads another tensor's shape", match)
+                if piece.start != offset:
+                    return self.refusal("a piece of the target shape moves a dim to another position", match)
+            offset += piece.length
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        node = match.nodes[0]
+        target = []
+        for piece in match.info["pieces"]:
+            target += list(piece.values) if piece.values is not None else [0] * piece.count
+        node.inputs[1] = gs.Constant(f"{node.name or 'reshape'}_target", np.array(target, dtype=np.int64))
+
+
+def _same_axis(outer: gs.Node, inner: gs.Node, types) -> bool:
+    a, b = int(outer.attrs.get("axis", 0)), int(inner.attrs.get("axis", 0))
+    if a == b:
+        return True
+    rank = _rank(outer.outputs[0], types)
+    return rank is not None and _clamp(a, rank) == _clamp(b, rank)
+
+
+class FlattenNestedConcat(Rule):
+    name = "flatten-nested-concat"
+    anchor_ops = ("Concat",)
+
+    def match(self, graph, node):
+        inner = [i for i, t in enumerate(node.inputs) if (p := producer_op(t, "Concat")) is not None
+                 and self.index.graph_of(p) is graph and _same_axis(node, p, self.types)]
+        return Match([node], {"inner": inner}) if inner else None
+
+    def check(self, graph, match, ctx):
+        node = match.nodes[0]
+        if all(len(node.inputs[i].outputs) != 1 or self.index.is_graph_output(node.inputs[i])
+               for i in match.info["inner"]):
+            return self.refusal("the inner Concat has other readers (flattening would save nothing)", match)
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        node = match.nodes[0]
+        spliced = []
+        for i, tensor in enumerate(node.inputs):
+            if i in match.info["inner"] and len(tensor.outputs) == 1 and not self.index.is_graph_output(tensor):
+                spliced += list(tensor.inputs[0].inputs)
+            else:
+                spliced.append(tensor)
+        node.inputs.clear()
+        node.inputs.extend(spliced)
+
+
+class MergeShapePieces(Rule):
+    name = "merge-shape-pieces"
+    anchor_ops = ("Concat",)
+
+    def match(self, graph, node):
+        if int(node.attrs.get("axis", 0)) not in (0, -1) or graph.opset < 15:
+            return None
+        if not node.outputs[0].outputs and not self.index.is_graph_output(node.outputs[0]):
+            return None  # dead (another rule took its reader): cleanup drops it
+        pieces = concat_pieces(node, self.types)
+        runs, i = [], 0
+        while i < len(pieces):
+            j = i
+            while (j + 1 < len(pieces) and pieces[i].source is not None and pieces[j + 1].source is pieces[i].source
+                   and pieces[j + 1].start == pieces[j].start + pieces[j].count):
+                j += 1
+            if j > i:
+                runs.append((i, j))
+            i = j + 1
+        return Match([node], {"pieces": pieces, "runs": runs}) if runs else None
+
+    def check(self, graph, match, ctx):
+        # Each merged piece must go away with the merge, else a Shape node is only added.
+        node = match.nodes[0]
+        for first, last in match.info["runs"]:
+            for tensor in node.inputs[first:last + 1]:
+                if len(tensor.outputs) != 1 or self.index.is_graph_output(tensor):
+                    return self.refusal("a piece of the shape is read elsewhere too (merging would add a node)", match)
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        node, pieces = match.nodes[0], match.info["pieces"]
+        inputs = list(node.inputs)
+        for first, last in reversed(match.info["runs"]):
+            start, end = pieces[first].start, pieces[last].start + pieces[last].count
+            out = gs.Variable(f"{node.name or 'concat'}_dims_{start}_{end}", dtype=np.int64, shape=[end - start])
+            shape = gs.Node("Shape", name=f"{node.name or 'concat'}_shape_{start}_{end}",
+                            attrs={"start": start, "end": end}, inputs=[pieces[first].source], outputs=[out])
+            graph.nodes.append(shape)
+            self.index.adopt([shape], graph)
+            inputs[first:last + 1] = [out]
+        node.inputs.clear()
+        node.inputs.extend(inputs)
+
+
+class SimplifyShapes(IndexedRulePass):
+    name = "simplify-shapes"
+    description = "fold shape arithmetic over dynamic dims (Reshape targets from the input's own dims, nested Concat)"
+    tolerance = (0.0, 0.0)
+    rules = (ReshapeCopiesOwnDims, MergeShapePieces, FlattenNestedConcat)
+
+    def types(self, graph, ctx):
+        return infer_types(graph, ctx)
+
+
+PASSES: tuple[type[Pass], ...] = (SimplifyShapes,)
