@@ -11,10 +11,8 @@ shape inference (with data propagation, on the model with its stale value_info
 dropped); dynamic dims stay dynamic, no value is ever guessed. Folding them lets
 the Shape -> Gather -> Unsqueeze -> Concat -> Reshape chains fold away.
 
-If with a constant condition is its taken branch: the branch's nodes move into the
-enclosing graph and the If's readers read the branch outputs. Besides saving the
-node, this drops the untaken branch, which may be statically invalid once shapes are
-pinned (silero_vad's decoder checks the state's batch size this way).
+If with a constant condition is its taken branch: the rule ``control_flow.InlineConstantIf``
+(its preconditions are there), run in every sweep so conditions that fold late are caught.
 
 Preconditions:
   * default-domain op with at least one input, no subgraph attribute, not random
@@ -41,7 +39,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.context import PassContext, Refusal
 from onnxforge.model import ExternalValues
-from onnxforge.passes.base import Pass, PassResult
+from onnxforge.passes.base import Pass, PassResult, RulePass
 
 from .common import (
     DEFAULT_DOMAINS,
@@ -52,11 +50,11 @@ from .common import (
     finish,
     has_subgraph,
     infer_types,
-    position,
     remove_node,
     replace_uses,
     shared_placement_ok,
 )
+from .control_flow import InlineConstantIf
 
 SMALL_OUTPUT_BYTES = 64 << 10
 # Ops whose output can be far larger than their inputs; their size must be known before running.
@@ -104,7 +102,9 @@ class FoldConstants(Pass):
             if any(g is live for live in index.graphs):
                 g.toposort(recurse_subgraphs=False)
                 counts["folded_node"] += fold_graph(g, index, evaluator, ctx)
-                counts["inlined_if"] += inline_constant_ifs(g, index, ctx)
+                rule = InlineConstantIf()
+                rule.index = index
+                counts["inlined_if"] += RulePass._apply(rule, g, ctx)
         return counts
 
 
@@ -145,61 +145,6 @@ def fold_static_shapes(graph: gs.Graph, types: TypeTable, index: GraphIndex, ctx
         replace_uses(out, gs.Constant(out.name, value), index)
         folded += 1
     return folded
-
-
-# ------------------------------------------------------------------ constant If
-
-
-def constant_condition(node: gs.Node) -> bool | None:
-    if node.op != "If" or node.domain not in DEFAULT_DOMAINS or not node.inputs:
-        return None
-    cond = node.inputs[0]
-    if not isinstance(cond, gs.Constant) or const_nbytes(cond) > 64:
-        return None
-    value = np.asarray(cond.values)
-    return bool(value.reshape(-1)[0]) if value.size == 1 else None
-
-
-def clashing_names(branch: gs.Graph, node: gs.Node, index: GraphIndex) -> bool:
-    """Whether a tensor made in ``branch`` shares its name with one made in any graph
-    other than the two branches of ``node`` (sibling branches may reuse names; the
-    enclosing scope may not once the branch moves into it)."""
-    own = {t.name for n in branch.nodes for t in n.outputs if not t.is_empty()}
-    skip = {id(g) for key in ("then_branch", "else_branch") for g in [node.attrs[key]]}
-    for g in index.graphs:
-        if id(g) in skip:
-            continue
-        for other in g.nodes:
-            if any(t.name in own for t in other.outputs):
-                return True
-        if any(t.name in own for t in g.inputs):
-            return True
-    return False
-
-
-def inline_constant_ifs(graph: gs.Graph, index: GraphIndex, ctx: PassContext) -> int:
-    inlined = 0
-    for node in list(graph.nodes):
-        taken = constant_condition(node)
-        if taken is None:
-            continue
-        if any(index.is_graph_output(t) for t in node.outputs):
-            ctx.refuse(Refusal("inlined_if", "an If output is a graph output", (node.name or node.op,)))
-            continue
-        branch = node.attrs["then_branch" if taken else "else_branch"]
-        if clashing_names(branch, node, index):
-            ctx.refuse(Refusal("inlined_if", "a branch tensor name is also defined elsewhere", (node.name or node.op,)))
-            continue
-        at = position(node, graph)
-        graph.nodes[at:at] = list(branch.nodes)
-        index.adopt(list(branch.nodes), graph)
-        for if_graph in (node.attrs["then_branch"], node.attrs["else_branch"]):
-            index.forget(if_graph)
-        for out, result in zip(list(node.outputs), list(branch.outputs)):
-            replace_uses(out, result, index)
-        remove_node(node, graph)
-        inlined += 1
-    return inlined
 
 
 # ------------------------------------------------------------------ general folding

@@ -6,6 +6,9 @@ dynamic batch or sequence dim passes through. fold-constants folds these only wh
 dims are static; these rules fold them while the dims stay dynamic.
 
 Identities:
+  * Gather(Shape(x), k) and Slice(Shape(x), a, b) are constants when the dims they read are
+    static after shape inference, even where other dims of x are dynamic (fold-constants folds
+    a Shape only when all of its dims are static).
   * Reshape(x, Concat(p_0, ..., p_n)) with allowzero=0, where every piece is a constant or
     the dims ``x.shape[k:k+m]`` sitting at output positions ``k..k+m-1``: a 0 entry of a
     Reshape target copies the input dim at that position (allowzero=0), so each such piece
@@ -32,7 +35,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.passes.base import Match, Pass, Rule
 from onnxforge.passes.matching import producer_op
 
-from .common import IndexedRulePass, infer_types, int_list
+from .common import DEFAULT_DOMAINS, IndexedRulePass, infer_types, int_list, remove_node, replace_uses, small_value
 
 INT_MAX = (1 << 63) - 1
 
@@ -259,11 +262,53 @@ class MergeShapePieces(Rule):
         node.inputs.extend(inputs)
 
 
+class StaticDimsOfShape(Rule):
+    name = "static-dims-of-shape"
+    anchor_ops = ("Gather", "Slice")
+
+    def match(self, graph, node):
+        shape_node = producer_op(node.inputs[0], "Shape")
+        if shape_node is None or node.domain not in DEFAULT_DOMAINS:
+            return None
+        dims = self.types.shape(shape_node.inputs[0])
+        found = _shape_node(node.inputs[0], self.types)
+        if dims is None or isinstance(found, str):
+            return None
+        start, end, _ = found
+        read = list(dims[start:end])
+        if node.op == "Gather":
+            index = small_value(node.inputs[1], 1 << 12)
+            if index is None or index.dtype.kind not in "iu" or int(node.attrs.get("axis", 0)) != 0:
+                return None
+            if np.any(index < -len(read)) or np.any(index >= len(read)):
+                return None
+            value = np.array(read, dtype=object)[index.astype(np.int64)]
+        else:
+            piece = _slice_piece(node, self.types)
+            if piece.source is None:
+                return None
+            value = np.array(dims[piece.start:piece.start + piece.count], dtype=object)
+        if any(d is None for d in np.asarray(value).reshape(-1)):
+            return None  # a dynamic dim: stays computed at run time
+        return Match([node], {"value": np.asarray(value, dtype=np.int64)})
+
+    def check(self, graph, match, ctx):
+        if self.index.is_graph_output(match.nodes[0].outputs[0]):
+            return self.refusal("its output is a graph output", match)
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        node = match.nodes[0]
+        out = node.outputs[0]
+        remove_node(node, graph)
+        replace_uses(out, gs.Constant(out.name, match.info["value"]), self.index)
+
+
 class SimplifyShapes(IndexedRulePass):
     name = "simplify-shapes"
     description = "fold shape arithmetic over dynamic dims (Reshape targets from the input's own dims, nested Concat)"
     tolerance = (0.0, 0.0)
-    rules = (ReshapeCopiesOwnDims, MergeShapePieces, FlattenNestedConcat)
+    rules = (StaticDimsOfShape, ReshapeCopiesOwnDims, MergeShapePieces, FlattenNestedConcat)
 
     def types(self, graph, ctx):
         return infer_types(graph, ctx)

@@ -174,28 +174,15 @@ def test_if_with_constant_condition_becomes_its_branch():
     assert_parity(before, model, {"x": np.array([1.0, -2.0], np.float32)})
 
 
-def test_if_whose_output_is_a_graph_output_is_not_inlined():
-    model, _, result, ctx = folded("""
+def test_if_whose_output_is_a_graph_output_is_inlined_under_the_output_name():
+    model, before, result, ctx = folded("""
     g (float[2] x) => (float[2] y) {
       c = Constant <value = bool {0}> ()
       y = If(c) <then_branch = g1 () => (float[2] t) { t = Relu(x) }, else_branch = g2 () => (float[2] e) { e = Neg(x) }>
     }""")
-    assert not result.changed
-    assert "an If output is a graph output" in refusal_reasons(ctx)
-
-
-def test_if_branch_whose_names_clash_with_the_outer_scope_is_not_inlined():
-    model, _, result, ctx = folded("""
-    g (float[2] x) => (float[2] y) {
-      c = Constant <value = bool {1}> ()
-      r = If(c) <then_branch = g1 () => (float[2] t) { t = Relu(x) }, else_branch = g2 () => (float[2] e) { e = Neg(x) }>
-      s = If(c) <then_branch = g3 () => (float[2] t2) { t = Neg(x) t2 = Abs(t) }, else_branch = g4 () => (float[2] e2) { e2 = Abs(x) }>
-      y = Add(r, s)
-    }""")
-    # Inlining either If would define `t` in the main graph while the other If's branch makes one too.
-    assert not result.changed
-    assert histogram(model)["If"] == 2
-    assert "a branch tensor name is also defined elsewhere" in refusal_reasons(ctx)
+    assert result.stats == {"inlined_if": 1}
+    assert histogram(model) == {"Neg": 1}
+    assert_parity(before, model, {"x": np.array([1.0, -2.0], np.float32)})
 
 
 def test_size_limit_option_reaches_the_pass_and_bad_options_are_refused(tmp_path):
