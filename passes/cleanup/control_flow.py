@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxforge.passes.base import Match, Rule
+from onnxforge.passes.base import Match
 
-from .common import DEFAULT_DOMAINS, const_nbytes, position, remove_node, replace_uses
+from .common import DEFAULT_DOMAINS, IndexedRule, const_nbytes, position, remove_node, replace_uses
 
 
 def model_names(index) -> set[str]:
@@ -40,7 +40,7 @@ def model_names(index) -> set[str]:
     return names
 
 
-class InlineConstantIf(Rule):
+class InlineConstantIf(IndexedRule):
     name = "inlined_if"
     anchor_ops = ("If",)
 

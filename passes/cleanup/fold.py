@@ -102,8 +102,7 @@ class FoldConstants(Pass):
             if any(g is live for live in index.graphs):
                 g.toposort(recurse_subgraphs=False)
                 counts["folded_node"] += fold_graph(g, index, evaluator, ctx)
-                rule = InlineConstantIf()
-                rule.index = index
+                rule = InlineConstantIf(index, types)
                 counts["inlined_if"] += RulePass._apply(rule, g, ctx)
         return counts
 

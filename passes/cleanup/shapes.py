@@ -32,10 +32,10 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxforge.passes.base import Match, Pass, Rule
+from onnxforge.passes.base import Match, Pass
 from onnxforge.passes.matching import producer_op
 
-from .common import DEFAULT_DOMAINS, IndexedRulePass, infer_types, int_list, remove_node, replace_uses, small_value
+from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, infer_types, int_list, remove_node, replace_uses, small_value
 
 INT_MAX = (1 << 63) - 1
 
@@ -142,7 +142,7 @@ def concat_pieces(concat: gs.Node, types) -> list[Piece]:
     return [shape_piece(t, types) for t in concat.inputs]
 
 
-class ReshapeCopiesOwnDims(Rule):
+class ReshapeCopiesOwnDims(IndexedRule):
     name = "reshape-copies-own-dims"
     anchor_ops = ("Reshape",)
 
@@ -189,7 +189,7 @@ def _same_axis(outer: gs.Node, inner: gs.Node, types) -> bool:
     return rank is not None and _clamp(a, rank) == _clamp(b, rank)
 
 
-class FlattenNestedConcat(Rule):
+class FlattenNestedConcat(IndexedRule):
     name = "flatten-nested-concat"
     anchor_ops = ("Concat",)
 
@@ -217,7 +217,7 @@ class FlattenNestedConcat(Rule):
         node.inputs.extend(spliced)
 
 
-class MergeShapePieces(Rule):
+class MergeShapePieces(IndexedRule):
     name = "merge-shape-pieces"
     anchor_ops = ("Concat",)
 
@@ -262,7 +262,7 @@ class MergeShapePieces(Rule):
         node.inputs.extend(inputs)
 
 
-class StaticDimsOfShape(Rule):
+class StaticDimsOfShape(IndexedRule):
     name = "static-dims-of-shape"
     anchor_ops = ("Gather", "Slice")
 
