@@ -24,12 +24,18 @@ CLEANUP_PIPELINE = (
     "eliminate-identity",
     "eliminate-noop",
     "fold-constants",
-    "simplify-shapes",
     "collapse-chains",
     "eliminate-common-subexpressions",
     "merge-duplicate-initializers",
     "eliminate-dead-code",
 )
+
+
+# Runs after every other pass of a level (fusions included): folding a static dim read from a
+# partly dynamic shape, or a Reshape target into 0-copies, removes the Shape -> Gather chains
+# the attention fusions match on, so the fusions see the chains first (the pipeline iterates to
+# a fixpoint, so what the late pass enables still folds in the next iteration).
+LATE_PIPELINE = ("simplify-shapes",)
 
 
 def all_passes() -> dict[str, type[Pass]]:
@@ -84,6 +90,7 @@ def level_pipeline(level: int, provider: str = "cpu") -> list[str]:
         from onnxforge.runtime.providers import provider_fusions
 
         names += [n for n in provider_fusions(provider) if n not in names]
+    names += [n for n in LATE_PIPELINE if n not in names]
     available = all_passes()
     return [n for n in names if n in available]
 
