@@ -200,3 +200,31 @@ def test_plot_writes_a_png(tmp_path, capsys):
     assert main(["debug", orig, changed, "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_one_session_at_a_time_and_a_slice_of_tensors(tmp_path, capsys, monkeypatch):
+    """Bounded memory: the two models never run side by side and each session exposes
+    at most --chunk intermediates (plus the outputs)."""
+    import gc
+
+    import onnxruntime as ort
+
+    live, peak, exposed = [0], [0], []
+    real = ort.InferenceSession
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            exposed.append(len(self.get_outputs()))
+
+        def __del__(self):
+            live[0] -= 1
+
+    monkeypatch.setattr(ort, "InferenceSession", Counting)
+    orig, changed = _pair(tmp_path)
+    assert main(["debug", orig, changed, "--json", "--chunk", "2"]) == 0
+    gc.collect()
+    assert peak[0] == 1 and exposed and max(exposed) <= 2 + 1
+    assert json.loads(capsys.readouterr().out)["compared"] == 4
