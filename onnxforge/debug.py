@@ -9,7 +9,8 @@ jumps above the threshold is named with the original node that makes it.
 
 Jump rule (``--threshold X``, default 1e-3): a tensor jumps when its max rel error > X,
 or its cosine < 1 - X, or the changed model has more NaN/Inf there than the original,
-or its shape or type differs.
+or its shape or type differs (float16 against float32 is compared, in float64: that
+is the precision change an FP16 model makes).
 
 Matching: same names first; a tensor of the changed model that the passes recorded
 as standing for an original tensor (the ``onnxforge.name_map`` metadata written by
@@ -79,7 +80,8 @@ class _Stats:
         if ref.shape != out.shape:
             self.mismatch = f"shape {list(ref.shape)} vs {list(out.shape)}"
             return
-        if ref.dtype != out.dtype:
+        if ref.dtype != out.dtype and not (ref.dtype.kind == out.dtype.kind == "f"):
+            # float32 vs float16 is the precision change being measured; int vs float is not comparable
             self.mismatch = f"type {ref.dtype} vs {out.dtype}"
             return
         self.shape = list(ref.shape)

@@ -228,3 +228,22 @@ def test_one_session_at_a_time_and_a_slice_of_tensors(tmp_path, capsys, monkeypa
     gc.collect()
     assert peak[0] == 1 and exposed and max(exposed) <= 2 + 1
     assert json.loads(capsys.readouterr().out)["compared"] == 4
+
+
+def test_float16_tensors_are_compared_with_float32(tmp_path, capsys):
+    """An FP16 model's tensors are float16 where the original's are float32: compared, not a type mismatch."""
+    w2 = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
+    orig = tmp_path / "orig.onnx"
+    onnx.save(_model(w2), orig)
+    half = _model(w2)
+    half.graph.node.insert(0, helper.make_node("Cast", ["x"], ["x16"], name="to16", to=TensorProto.FLOAT16))
+    half.graph.node[1].input[0] = "x16"
+    for init in half.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    half.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    (tmp_path / "half.onnx").write_bytes(half.SerializeToString())
+    assert main(["debug", str(orig), str(tmp_path / "half.onnx"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    h1 = result["tensors"][0]
+    assert h1["name"] == "h1" and "mismatch" not in h1 and 0 < h1["max_rel"] < 1e-2 and h1["cosine"] > 0.9999
+    assert "mismatch" not in result["outputs"][0]
