@@ -71,6 +71,7 @@ class _Stats:
     ref_nonfinite: int = 0
     mismatch: str | None = None
     shape: list = field(default_factory=list)
+    dtype: str = ""
 
     def add(self, ref, out) -> None:
         if ref is None or out is None or isinstance(ref, (list, tuple, dict)) or isinstance(out, (list, tuple, dict)):
@@ -85,6 +86,7 @@ class _Stats:
             self.mismatch = f"type {ref.dtype} vs {out.dtype}"
             return
         self.shape = list(ref.shape)
+        self.dtype = str(out.dtype)
         if ref.dtype.kind not in "biufc" or ref.size == 0:
             return
         r = ref.astype(np.float64) if ref.dtype.kind != "c" else np.abs(ref).astype(np.float64)
@@ -120,7 +122,7 @@ class _Stats:
         else:
             sqnr = 10 * math.log10(self.ref_sq / self.err_sq)
         jump = (max_rel > threshold or cosine < 1 - threshold or self.nan + self.inf > self.ref_nonfinite)
-        return {"name": self.name, "shape": self.shape, "max_abs": self.max_abs, "max_rel": max_rel,
+        return {"name": self.name, "shape": self.shape, "dtype": self.dtype, "max_abs": self.max_abs, "max_rel": max_rel,
                 "cosine": cosine, "sqnr_db": sqnr, "nan": self.nan, "inf": self.inf, "jump": bool(jump)}
 
 
@@ -365,7 +367,8 @@ def _compare(plan: _Plan, path_a: Path, path_b: Path, feeds: list[dict], *, thre
 
 def plot_errors(result: dict, plan: _Plan, path) -> None:
     """Max rel error by depth (longest path from the inputs), one line per graph
-    output through the compared tensors that feed it; the first jump marked.
+    output through the compared float tensors that feed it (shape and mask
+    arithmetic is exact and would only draw the floor); the first jump marked.
     Written atomically with matplotlib's Agg backend."""
     import matplotlib
 
@@ -380,15 +383,17 @@ def plot_errors(result: dict, plan: _Plan, path) -> None:
     shown = outs[:MAX_PLOT_LINES]
     for i, out in enumerate(shown):
         pts = sorted((r["depth"], max(r.get("max_rel", math.inf) if "mismatch" not in r else 1.0, floor))
-                     for r in result["tensors"] if plan.reaches.get(r["name"], 0) >> i & 1)
+                     for r in result["tensors"] if plan.reaches.get(r["name"], 0) >> i & 1
+                     and ("mismatch" in r or r.get("dtype", "").startswith(("float", "bfloat"))))  # not shapes/masks
         if pts:
             ax.plot([p[0] for p in pts], [min(p[1], 1e6) for p in pts], marker=".", linewidth=1, label=out)
     first = result["first_jump"]
     if first:
         row = result["tensors"][first["index"]]
         ax.axvline(row["depth"], color="red", linestyle=":", linewidth=1)
-        ax.annotate(f"first jump: {first['tensor']}", (row["depth"], floor), rotation=90, fontsize=7, color="red",
-                    va="bottom", ha="right")
+        name = first["tensor"] if len(first["tensor"]) <= 48 else "..." + first["tensor"][-45:]
+        ax.annotate(f" first jump: {name}", (row["depth"], 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                    color="red", va="top", ha="left")
     ax.axhline(result["threshold"], color="grey", linestyle="--", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("depth (nodes from the inputs)")
