@@ -66,7 +66,8 @@ def cache_concat(tensor: gs.Tensor) -> gs.Node | None:
 def reshape_reuses_entries(repeat: Repeat) -> bool:
     """The merge Reshape's target is Concat(b, n, t, d) with b, t, d the very tensors (or equal constants)
     of the Expand target Concat(b, kv, r, t, d): then [B, Nkv, r, T, D] -> [B, n, T, D] and n = Nkv * r
-    by element count (where inference cannot follow n, e.g. dynamo's Mul of sizes)."""
+    by element count (for when shape inference cannot follow the Reshape, as with dynamo's
+    T = Reshape(Add(Squeeze(Shape(past)[2]), Squeeze(Shape(input_ids)[1])), [-1]))."""
     expand, merge = (producer(node.inputs[1], "Concat") for node in (repeat.expand, repeat.reshape))
     if expand is None or merge is None or len(expand.inputs) != 5 or len(merge.inputs) != 4:
         return False
@@ -121,6 +122,9 @@ class GqaRotaryCacheAttention(BlockRule):
         v: HeadSplit = match.info["v"]
         if not softmax_is_last_axis(graph, core.softmax):
             return self.refusal("softmax axis not last", match)
+        # before the shape inference repeat_ok may need: the provider alone decides here
+        if ctx.provider == "cuda" and projection_dtype(q.x3) not in (np.float16, "bfloat16"):
+            return self.refusal("CUDA GroupQueryAttention runs float16/bfloat16 only", match)
         if scale_value(core.factors) is None or any(not is_scalar_constant(f.factor) for f in core.factors):
             return self.refusal("scale not constant", match)
         heads, kv_heads, head_size = q.num_heads(), k.num_heads(), q.head_size
@@ -152,8 +156,6 @@ class GqaRotaryCacheAttention(BlockRule):
             return self.refusal("no additive mask on the scores", match)
         if core.nan_guard and not mask_is_finite(core.bias):
             return self.refusal("NaN guard kept: mask is not a Where of finite constants", match)
-        if ctx.provider == "cuda" and projection_dtype(q.x3) not in (np.float16, "bfloat16"):
-            return self.refusal("CUDA GroupQueryAttention runs float16/bfloat16 only", match)
         if any(n.op == "Cast" and int(n.attrs.get("to", 1)) != 1 for n in core.between):
             return self.refusal("cast after softmax changes precision", match)
         return self.present_leak(graph, match, core)
