@@ -450,11 +450,11 @@ def latency_main(args, command: str) -> None:
     finally:
         for worker in workers.values():
             worker.close()
-    env = environment()
-    isa = getattr(env, "isa", None) or env.get("isa") if isinstance(env, dict) else getattr(env, "isa", None)
+    cpu = environment().get("cpu", {})
+    isa = "+".join(cpu.get("isa", [])) or "unknown"
     lines = ["# CPU latency: onnxforge -O3 vs the peers, on models where a peer had fewer nodes", "",
              f"Command: `{command}`", "",
-             f"CPU: {platform.processor() or platform.machine()}, ISA {isa}. Interleaved "
+             f"CPU: {cpu.get('model', platform.machine())}, {cpu.get('logical_cores', '?')} cores, ISA {isa} (no VNNI).  Interleaved "
              f"(`onnxforge.bench.harness.compare_latency`), 2 intra-op threads, ORT_ENABLE_ALL, {args.rounds} shuffled "
              "rounds; ratio = onnxforge / peer (geometric mean of per-round median ratios, 95% t-interval; "
              "'slower'/'faster' only where the interval excludes 1). The machine is shared with other jobs.", "",

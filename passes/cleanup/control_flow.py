@@ -60,7 +60,7 @@ class InlineConstantIf(IndexedRule):
         made = {id(t) for n in branch.nodes for t in n.outputs}
         for out, result in zip(node.outputs, branch.outputs):
             if self.index.is_graph_output(out) and (id(result) not in made or list(branch.outputs).count(result) > 1):
-                return self.refusal("an If output is a graph output and the branch returns a value it does not make",
+                return self.refusal("an If output is a graph output and the branch returns a value it does not make once",
                                     match)
         return None
 

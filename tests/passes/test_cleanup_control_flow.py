@@ -78,3 +78,15 @@ def test_if_inside_a_loop_body_folds():
     assert histogram(model) == {"Loop": 1, "Identity": 1, "Mul": 1}
     for feed in sizes(1, 4):
         assert_parity(before, model, feed)
+
+
+def test_if_whose_graph_outputs_would_take_one_branch_tensor_twice_is_refused():
+    model, before, result, ctx = folded("""
+    g (float[N,2] x) => (float[N,2] y, float[N,2] z) {
+      c = Constant <value = bool {1}> ()
+      y, z = If(c) <then_branch = g1 () => (float[N,2] t, float[N,2] t) { t = Relu(x) },
+                    else_branch = g2 () => (float[N,2] e, float[N,2] f) { e = Neg(x) f = Abs(x) }>
+    }""")
+    assert "inlined_if" not in result.stats
+    assert "an If output is a graph output and the branch returns a value it does not make once" in refusal_reasons(ctx)
+    assert histogram(model)["If"] == 1  # kept as it was (onnxruntime itself returns None for the repeated output)
