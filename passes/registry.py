@@ -24,6 +24,7 @@ CLEANUP_PIPELINE = (
     "eliminate-identity",
     "eliminate-noop",
     "fold-constants",
+    "sink-transposes",
     "collapse-chains",
     "eliminate-common-subexpressions",
     "merge-duplicate-initializers",

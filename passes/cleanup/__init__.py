@@ -6,6 +6,7 @@ from .dead_code import EliminateDeadCode
 from .dedup import MergeDuplicateInitializers
 from .fold import FoldConstants
 from .identity import EliminateIdentity
+from .layout import SinkTransposes
 from .noop import EliminateNoop
 from .shapes import SimplifyShapes
 
@@ -15,6 +16,7 @@ PASSES: tuple = (
     EliminateNoop,
     FoldConstants,
     SimplifyShapes,
+    SinkTransposes,
     CollapseChains,
     EliminateCommonSubexpressions,
     MergeDuplicateInitializers,
