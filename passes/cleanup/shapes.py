@@ -20,6 +20,9 @@ Identities:
     pieces read from one tensor's shape at consecutive dims become one ``Shape(x, start=i,
     end=k)`` (opset >= 15), replacing one Shape+Gather+Unsqueeze (or Slice) chain per dim.
 
+The pass also drops zero initial states of LSTM/GRU/RNN (``recurrent.DropZeroInitialState``),
+whose shape chains are the same Shape arithmetic in tf2onnx exports.
+
 Refused (reason in --explain): a piece computed from tensor values rather than a shape
 (it depends on data), a piece read from another tensor's shape or from other dims than
 the position it fills, allowzero=1 (a 0 would be a literal zero), an unknown rank where an
@@ -36,6 +39,7 @@ from onnxforge.passes.base import Match, Pass
 from onnxforge.passes.matching import producer_op
 
 from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, infer_types, int_list, remove_node, replace_uses, small_value
+from .recurrent import DropZeroInitialState
 
 INT_MAX = (1 << 63) - 1
 
@@ -308,7 +312,7 @@ class SimplifyShapes(IndexedRulePass):
     name = "simplify-shapes"
     description = "fold shape arithmetic over dynamic dims (Reshape targets from the input's own dims, nested Concat)"
     tolerance = (0.0, 0.0)
-    rules = (StaticDimsOfShape, ReshapeCopiesOwnDims, MergeShapePieces, FlattenNestedConcat)
+    rules = (StaticDimsOfShape, ReshapeCopiesOwnDims, MergeShapePieces, FlattenNestedConcat, DropZeroInitialState)
 
     def types(self, graph, ctx):
         return infer_types(graph, ctx)

@@ -157,3 +157,54 @@ def test_shape_pieces_read_elsewhere_are_not_merged():
         "(float[N,T,4] y)", "(float[N,T,4] y, int64[1] w)").replace("  y = Expand", "  w = Neg(tu)\n  y = Expand"))
     assert not result.changed
     assert "a piece of the shape is read elsewhere too (merging would add a node)" in refusal_reasons(ctx)
+
+
+# tf2onnx's LSTM initial state: zeros of [1, batch, hidden] with the batch read from X.
+LSTM = """
+g (float[T,N,2] x) => (float[T,1,N,3] y) {
+  s = Shape(x)
+  b0 = Constant <value = int64[1] {1}> ()
+  b1 = Constant <value = int64[1] {2}> ()
+  n = Slice(s, b0, b1)
+  one = Constant <value = int64[1] {1}> ()
+  hid = Constant <value = int64[1] {3}> ()
+  dims = Concat <axis = 0> (one, n, hid)
+  h0 = ConstantOfShape <value = float[1] {FILL}> (dims)
+  w = Constant <value = float[1,12,2] {W}> ()
+  r = Constant <value = float[1,12,3] {R}> ()
+  y, yh, yc = LSTM <hidden_size = 3> (x, w, r, , , h0, h0)
+}"""
+
+
+def lstm_text(fill: str) -> str:
+    w = ", ".join(f"{v:.3f}" for v in np.linspace(-0.5, 0.5, 24))
+    r = ", ".join(f"{v:.3f}" for v in np.linspace(0.4, -0.4, 36))
+    return LSTM.replace("FILL", fill).replace("{W}", "{" + w + "}").replace("{R}", "{" + r + "}")
+
+
+def lstm_feeds():
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((4, n, 2)).astype(np.float32)} for n in (1, 3)]
+
+
+def test_zero_initial_lstm_state_is_dropped_with_its_shape_chain():
+    model, before, result, _ = simplified(lstm_text("0.0"))
+    assert result.stats == {"zero-initial-state-dropped": 1}
+    assert histogram(model) == {"LSTM": 1}
+    for feed in lstm_feeds():
+        assert_parity(before, model, feed, rtol=1e-6, atol=1e-7)
+
+
+def test_nonzero_initial_lstm_state_is_kept():
+    model, _, result, ctx = simplified(lstm_text("0.5"))
+    assert "zero-initial-state-dropped" not in result.stats
+    assert "the initial state is not zero (not the default)" in refusal_reasons(ctx)
+    assert histogram(model)["ConstantOfShape"] == 1
+
+
+def test_lstm_state_from_data_is_kept():
+    text = lstm_text("0.0").replace("(float[T,N,2] x)", "(float[T,N,2] x, float[1,N,3] h)").replace(
+        "(x, w, r, , , h0, h0)", "(x, w, r, , , h, h)")
+    model, _, result, ctx = simplified(text)
+    assert "zero-initial-state-dropped" not in result.stats
+    assert "the initial state is computed from tensor values (depends on data)" in refusal_reasons(ctx)
