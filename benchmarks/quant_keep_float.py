@@ -41,6 +41,10 @@ def main() -> int:
     ap.add_argument("--keep", type=int, default=3)
     ap.add_argument("--out")
     ap.add_argument("--save-int8", help="also write the int8 model here (what `onnxforge quantize` writes)")
+    ap.add_argument("--all-nodes", action="store_true",
+                    help="also rank every quantized node (Mul, Add, pools...: the list `onnxforge debug` prints) "
+                         "and score its first 3 kept float")
+    ap.add_argument("--no-recorrect", action="store_true", help="skip re-running bias correction (the slow part)")
     args = ap.parse_args()
     seen = {}
 
@@ -74,13 +78,17 @@ def main() -> int:
     noise = budget_mod.node_sensitivity(baseline, int8, weighted, rank_feeds)
     local = sorted(noise, key=lambda k: -noise[k])
     t1 = time.monotonic()
-    contrib = node_contributions(int8, rank_feeds, nodes=set(weighted))
+    # every quantized node ranked once (what `onnxforge debug` prints); quantize's fallback takes the weighted ones
+    every_node = node_contributions(int8, rank_feeds, nodes=None if args.all_nodes else set(weighted))
+    contrib = [c for c in every_node if c.node in weighted]
     own = [c.node for c in contrib]
     t2 = time.monotonic()
 
     def kept_float(excluded):
         deltas = plan.bias_deltas
         as_is = score(plan.build(excluded))
+        if args.no_recorrect:
+            return as_is, None
         plan.bias_deltas = {}
         plan.bias_deltas = quantize_mod._bias_deltas(plan, plan.build(excluded), budget_mod.SearchBudget(10), True)
         recorrected = score(plan.build(excluded))
@@ -90,7 +98,11 @@ def main() -> int:
     result = {"model": args.model, "int8_cosine": score(int8), "weighted_layers": len(weighted),
               "quantized_nodes_ranked": len(contrib), "rank_feeds": len(rank_feeds), "val_feeds": len(val),
               "seconds": {"local_noise": round(t1 - t0, 1), "contributions": round(t2 - t1, 1)}}
-    for label, ranking in (("local_noise", local), ("contribution", own)):
+    rankings = [("local_noise", local), ("contribution", own)]
+    if args.all_nodes:  # what `onnxforge debug` ranks: every node reading int8 activations
+        rankings.append(("contribution_all_nodes", [c.node for c in every_node if c.node in plan.candidates]))
+        result["debug_top10"] = [c.as_dict() for c in every_node[:10]]
+    for label, ranking in rankings:
         top = ranking[:args.keep]
         as_is, recorrected = kept_float(top)
         result[label] = {"top": top, "cosine_bias_as_is": as_is, "cosine_bias_recorrected": recorrected}
