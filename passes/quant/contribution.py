@@ -11,9 +11,14 @@ local noise at a node's output (budget.node_sensitivity) cannot see.
 
 One model serves every node: each read of a fake-quantized activation by node k goes
 through ``Where(which == k, dequantized, float)``, ``which`` an extra int64 scalar
-input; ``which = -1`` is the all-float model. So one onnxruntime session (graph
-optimizations off, so the fake quantization is not fused into integer kernels) runs
-N + 1 times per feed; no model is rebuilt per node.
+input; ``which = -1`` is the all-float model. The float read is the pair without its
+rounding, ``(clip(x / s_q + z_q, qmin, qmax) - z_dq) * s_dq``: it keeps the pair's
+range, because quantizers fold Relu/Clip into it (PP-OCRv4's HardSwish clip is the
+saturation of its Q), and its rescale where the Q and DQ scales differ (a HardSwish
+whose /6 moved into the DQ scale). Reading the bare ``x`` there gives another model
+(cosine 0.03 to the float one on PP-OCRv4 det). So a contribution is that of rounding.
+So one onnxruntime session (graph optimizations off, so the fake quantization is not
+fused into integer kernels) runs N + 1 times per feed; no model is rebuilt per node.
 
 Weights: a weight's DequantizeLinear reads an int8 initializer; its float values are
 not in the model, so weights stay at their int8 values in every run. Per-channel
@@ -48,9 +53,36 @@ class Contribution:
                 "sqnr_db": self.sqnr_db, "cosine": self.cosine}
 
 
-def quantized_reads(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int, str]]:
-    """(node, input index, float tensor) for each input a node reads through a
-    QuantizeLinear -> DequantizeLinear pair, in graph order (main graph)."""
+_QRANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+           onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767)}
+
+
+def _scalar(name: str, inits: dict, default_type: int | None = None):
+    """(value as float, onnx type) of a constant scalar initializer; None otherwise."""
+    if not name:
+        return (0.0, default_type) if default_type is not None else None
+    t = inits.get(name)
+    if t is None:
+        return None
+    v = numpy_helper.to_array(t)
+    return (float(v.reshape(())), t.data_type) if v.size == 1 else None
+
+
+def _unrounded(q: onnx.NodeProto, dq: onnx.NodeProto, inits: dict):
+    """(1/s_q... as constants): (s_q, z_q, qmin, qmax, z_dq, s_dq) of a per-tensor pair
+    with constant scales and zero points; None otherwise."""
+    sq, sd = _scalar(q.input[1], inits), _scalar(dq.input[1], inits)
+    zq = _scalar(q.input[2] if len(q.input) > 2 else "", inits, onnx.TensorProto.UINT8)
+    zd = _scalar(dq.input[2] if len(dq.input) > 2 else "", inits, onnx.TensorProto.UINT8)
+    if None in (sq, sd, zq, zd) or zq[1] not in _QRANGE:
+        return None
+    lo, hi = _QRANGE[zq[1]]
+    return sq[0], zq[0], lo, hi, zd[0], sd[0]
+
+
+def quantized_reads(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int, str, tuple]]:
+    """(node, input index, float tensor, (Q node, DQ node)) for each input a node reads
+    through a QuantizeLinear -> DequantizeLinear pair, in graph order (main graph)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     reads = []
     for node in model.graph.node:
@@ -62,7 +94,7 @@ def quantized_reads(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int, s
                 continue
             q = producer.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
-                reads.append((node, i, q.input[0]))
+                reads.append((node, i, q.input[0], (q, dq)))
     return reads
 
 
@@ -75,19 +107,45 @@ def switch_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.Nod
     reads = quantized_reads(out)
     order: list[onnx.NodeProto] = []
     index: dict[int, int] = {}
-    for node, _i, _src in reads:
+    for node, *_rest in reads:
         if id(node) not in index:
             index[id(node)] = len(order)
             order.append(node)
     graph.input.append(helper.make_tensor_value_info(WHICH, onnx.TensorProto.INT64, []))
     added = []
+    inits = {t.name: t for t in graph.initializer}
+    unrounded: dict[str, str] = {}  # DQ output -> the same pair without rounding
+
+    def float_read(src: str, pair) -> str:
+        q, dq = pair
+        if dq.output[0] not in unrounded:
+            consts = _unrounded(q, dq, inits)
+            if consts is None:  # not constant per-tensor: the bare tensor
+                unrounded[dq.output[0]] = src
+            else:
+                base = f"{WHICH}_u{len(unrounded)}"
+                sq, zq, lo, hi, zd, sd = consts
+                vals = {"sq": sq, "zq": zq, "lo": lo, "hi": hi, "zd": zd, "sd": sd}
+                graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), f"{base}_{k}")
+                                         for k, v in vals.items())
+                steps = [("Div", "sq"), ("Add", "zq"), ("Clip", None), ("Sub", "zd"), ("Mul", "sd")]
+                prev = src
+                for j, (op, c) in enumerate(steps):
+                    out = f"{base}_{j}"
+                    ins = [prev, f"{base}_lo", f"{base}_hi"] if op == "Clip" else [prev, f"{base}_{c}"]
+                    added.append(helper.make_node(op, ins, [out], name=f"{out}_node"))
+                    prev = out
+                unrounded[dq.output[0]] = prev
+        return unrounded[dq.output[0]]
+
     for k, node in enumerate(order):
         graph.initializer.append(numpy_helper.from_array(np.array(k, np.int64), f"{WHICH}_{k}"))
         cond = f"{WHICH}_is_{k}"
         added.append(helper.make_node("Equal", [WHICH, f"{WHICH}_{k}"], [cond], name=f"{cond}_node"))
-        for m, (reader, i, src) in enumerate(r for r in reads if id(r[0]) == id(node)):
+        for m, (reader, i, src, pair) in enumerate(r for r in reads if id(r[0]) == id(node)):
             picked = f"{WHICH}_{k}_in{m}"
-            added.append(helper.make_node("Where", [cond, reader.input[i], src], [picked], name=f"{picked}_node"))
+            added.append(helper.make_node("Where", [cond, reader.input[i], float_read(src, pair)], [picked],
+                                          name=f"{picked}_node"))
             reader.input[i] = picked
     # the switches read only the new input: put them first (the graph stays topologically sorted)
     ordered = []
@@ -101,12 +159,26 @@ def switch_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.Nod
 
 
 def _before_readers(nodes, added) -> list:
-    """``nodes`` with each Where right before its reader, the Equals first."""
+    """``nodes`` with each Where (and the unrounded chain it reads, once) right before
+    its reader, the Equals first."""
     heads = [n for n in added if n.op_type == "Equal"]
     wheres = {n.output[0]: n for n in added if n.op_type == "Where"}
-    result = list(heads)
+    chain = {n.output[0]: n for n in added if n.op_type not in ("Equal", "Where")}
+    result, placed = list(heads), set()
+
+    def place(name: str) -> None:
+        node = chain.get(name)
+        if node is None or name in placed:
+            return
+        place(node.input[0])
+        placed.add(name)
+        result.append(node)
+
     for node in nodes:
-        result.extend(wheres[i] for i in node.input if i in wheres)
+        for i in node.input:
+            if i in wheres:
+                place(wheres[i].input[2])
+                result.append(wheres[i])
         result.append(node)
     return result
 
