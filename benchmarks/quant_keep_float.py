@@ -45,6 +45,7 @@ def main() -> int:
                     help="also rank every quantized node (Mul, Add, pools...: the list `onnxforge debug` prints) "
                          "and score its first 3 kept float")
     ap.add_argument("--no-recorrect", action="store_true", help="skip re-running bias correction (the slow part)")
+    ap.add_argument("--rank-feeds", type=int, default=2, help="calibration feeds the rankings run on (default 2)")
     args = ap.parse_args()
     seen = {}
 
@@ -68,7 +69,7 @@ def main() -> int:
     baseline = plan.float_model
     names = [i.name for i in baseline.graph.input]
     val = load_feeds(args.val, names)
-    rank_feeds = plan.kept_feeds[:2]
+    rank_feeds = plan.kept_feeds[:args.rank_feeds]
     reference = budget_mod.run_outputs(baseline, val)
     score = lambda m: budget_mod.cosine(reference, budget_mod.run_outputs(m, val))  # noqa: E731
     weighted = {n.name: n for n in baseline.graph.node
