@@ -18,6 +18,11 @@ driver, which runs on the target machine, measures each bench step there,
 one model at a time on an otherwise idle fleet, and the report names the host
 of every figure. A fleet refuses ``tune`` steps: their result is a timing.
 
+Per-model data: ``{model}`` in the recipe text stands for each model's file
+stem, so one recipe points every model at its own data
+(``calibration = "data/{model}/calib"``); a model whose data is missing fails
+alone, with its one-line error.
+
 Reruns: a finished model's output and report are stored in the step cache as
 a ``fleet-run`` entry keyed by the recipe text, the digests of its data and
 pass files, the input model's files and the environment; a rerun restores
@@ -89,6 +94,36 @@ def model_names(models: Sequence[Path]) -> list[str]:
         seen[stem] = seen.get(stem, 0) + 1
         names.append(stem if seen[stem] == 1 else f"{stem}~{seen[stem]}")
     return names
+
+
+MODEL_PLACEHOLDER = "{model}"
+
+
+def recipe_for(path: str | os.PathLike, model: str | os.PathLike):
+    """The recipe at ``path`` with ``{model}`` replaced by the model's file stem."""
+    from .recipe import load_recipe, parse_recipe
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if MODEL_PLACEHOLDER not in text:
+        return load_recipe(path)  # its own messages for unreadable files
+    stem = Path(model).name[:-5] if str(model).endswith(".onnx") else Path(model).name
+    return parse_recipe(text.replace(MODEL_PLACEHOLDER, stem), source=str(path), base_dir=path.resolve().parent)
+
+
+def fleet_recipe(path: str | os.PathLike, models: Sequence[Path]):
+    """The recipe as the first model whose data exists sees it (for the checks the
+    driver makes); when no model's data exists, that model's error."""
+    first_error = None
+    for model in models:
+        try:
+            return recipe_for(path, model)
+        except DataError as exc:
+            first_error = first_error or exc
+    raise first_error
 
 
 def check_fleet_recipe(recipe) -> None:
@@ -191,12 +226,11 @@ def run_fleet(
     """Run the recipe on every model; see the module docstring. ``progress`` gets each
     model's row as it finishes. Exit code 0 when every model succeeded, else 2."""
     from .cache import default_cache_dir
-    from .recipe import load_recipe
 
     started = time.perf_counter()
-    recipe = load_recipe(recipe_path)
-    check_fleet_recipe(recipe)
     models = discover(inputs)
+    recipe = fleet_recipe(recipe_path, models)
+    check_fleet_recipe(recipe)
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise OptionError(f"-o {outdir}: a fleet writes a folder, and this is a file")
@@ -220,7 +254,7 @@ def run_fleet(
         if progress:
             progress(row)
     if measure_latency:
-        _measure_latency(recipe, tasks, report, outdir, paths)
+        _measure_latency(recipe_path, tasks, report, outdir, paths)
     failed = [r for r in report["models"] if r["status"] != "ok"]
     report["status"] = "failed" if failed else "ok"
     report["exit_code"] = 2 if failed else 0
@@ -290,14 +324,13 @@ def _accuracy(rep: dict) -> tuple[float | None, str | None]:
     return None, None
 
 
-def _measure_latency(recipe, tasks: list[dict], report: dict, outdir: Path, paths: dict) -> None:
+def _measure_latency(recipe_path, tasks: list[dict], report: dict, outdir: Path, paths: dict) -> None:
     """Each bench step of the recipe, on this machine (the target), model after model."""
-    benches = [s for s in recipe.steps if s.kind == "bench"]
-    if not benches:
-        return
     for task, row in zip(tasks, report["models"]):
         if row["status"] != "ok":
             continue
+        recipe = recipe_for(recipe_path, task["model"])
+        benches = [s for s in recipe.steps if s.kind == "bench"]
         entries = []
         for step in benches:
             try:

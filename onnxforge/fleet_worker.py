@@ -52,11 +52,11 @@ def run_job(job: dict) -> dict:
     from .fleet import deferred
     from .io import write_file
     from .pipeline import Pipeline
-    from .recipe import load_recipe
+    from .fleet import recipe_for
 
     output = Path(job["output"])
     try:
-        recipe = load_recipe(job["recipe"])
+        recipe = recipe_for(job["recipe"], job["model"])
     except OnnxForgeError as exc:
         return _failure(exc)
     cache = StepCache(job["cache_dir"], enabled=job["use_cache"])

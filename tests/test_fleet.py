@@ -139,3 +139,17 @@ def test_cli_fleet_exit_2_and_ray_never_imported(fleet_dir):
     assert proc.returncode == 0, proc.stderr
     assert "rc 2" in proc.stdout
     assert (fleet_dir / "cli_out" / "a.onnx").exists() and (fleet_dir / "cli_out" / "fleet.md").exists()
+
+
+def test_model_placeholder_gives_each_model_its_own_data(fleet_dir):
+    from shard_support import feed_folder
+
+    from onnxforge.fleet import recipe_for
+
+    feed_folder(fleet_dir / "data" / "a" / "calib", 2)
+    (fleet_dir / "per_model.toml").write_text('version = 1\n[[steps]]\nstep = "quantize"\n'
+                                              'calibration = "data/{model}/calib"\n')
+    recipe = recipe_for(fleet_dir / "per_model.toml", fleet_dir / "models" / "a.onnx")
+    assert recipe.steps[0].params["calibration"] == str(fleet_dir / "data" / "a" / "calib")
+    with pytest.raises(Exception, match="no such file or folder"):
+        recipe_for(fleet_dir / "per_model.toml", fleet_dir / "models" / "b.onnx")
