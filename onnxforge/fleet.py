@@ -300,9 +300,17 @@ def model_row(task: dict, result: dict, error: str | None) -> dict:
         "accuracy": accuracy[0], "accuracy_source": accuracy[1],
         "latency_ratio": None, "latency_low": None, "latency_high": None, "latency_measured_on": None,
         "seconds": result.get("seconds"), "worker": result.get("host"),
-        "cached": "run" if result.get("run_cached") else (f"steps {sum(1 for s in steps if s['cached'])}/{len(steps)}" if steps else "no cacheable steps"),
+        "cached": _cached(result, steps),
         "output_sha256": out.get("sha256") if ok else None,
     }
+
+
+def _cached(result: dict, steps: list[dict]) -> str | None:
+    if result.get("run_cached"):
+        return "run"
+    if not result.get("report"):
+        return None
+    return f"steps {sum(1 for s in steps if s['cached'])}/{len(steps)}" if steps else "no cacheable steps"
 
 
 def _input_bytes(path: str) -> int | None:

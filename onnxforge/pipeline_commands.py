@@ -40,13 +40,16 @@ def _positive(text: str) -> int:
 
 
 def cmd_run(args) -> int:
-    from .recipe import load_recipe
-
     fleet = len(args.input) > 1 or args.jobs is not None or args.ray is not None or Path(args.input[0]).is_dir()
     if not fleet:
         args.input = args.input[0]
         return _run_one(args)
-    ray = args.ray if args.ray is not None else load_recipe(args.recipe).settings.get("ray")
+    if args.ray is None:
+        from .fleet import discover, fleet_recipe
+
+        ray = fleet_recipe(args.recipe, discover(args.input)).settings.get("ray")
+    else:
+        ray = args.ray
     return _run_fleet(args, ray if ray is not None else False)
 
 
@@ -60,7 +63,7 @@ def _run_fleet(args, ray) -> int:
                           "fleet.md and one NAME.report.json per model)")
     if ray is False and args.jobs is None:
         args.jobs = 1
-    with make_workers(args.jobs, ray if ray is not False else None) as workers:
+    with make_workers(args.jobs, ray if ray is not False else None, threads=True) as workers:  # each model: its own process
         with _fleet_progress(args.quiet, args.input) as on_done:
             result = run_fleet(args.recipe, args.input, args.output, workers, cache_dir=args.cache_dir,
                                use_cache=not args.no_cache, progress=on_done)

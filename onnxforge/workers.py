@@ -166,10 +166,11 @@ class RayWorkers(Workers):
             self.started = False
 
 
-def make_workers(jobs: int | None = None, ray: str | bool | None = None) -> Workers:
-    """``ray``: None/False: local; True or "": a private local Ray; "auto" or an address: that cluster."""
+def make_workers(jobs: int | None = None, ray: str | bool | None = None, *, threads: bool = False) -> Workers:
+    """``ray``: None/False: local (``threads``: for work that starts its own processes);
+    True or "": a private local Ray; "auto" or an address: that cluster."""
     if ray is None or ray is False:
-        return LocalWorkers(jobs or 1) if (jobs or 1) > 1 else Workers()
+        return LocalWorkers(jobs or 1, threads=threads) if (jobs or 1) > 1 else Workers()
     return RayWorkers(None if ray is True or ray == "" else ray, num_cpus=jobs)
 
 

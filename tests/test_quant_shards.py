@@ -91,3 +91,18 @@ def test_quantize_with_workers_gives_the_same_model(tmp_path):
     scores = lambda rep: [(s["float"], s["score"]) for s in rep.fallback_steps]  # noqa: E731
     assert scores(rep_alone) == scores(rep_spread) and rep_alone.score == rep_spread.score
     assert alone.to_proto().SerializeToString() == spread.to_proto().SerializeToString()
+
+
+def test_quantize_cli_jobs_2_writes_the_same_bytes(tmp_path):
+    import onnx
+
+    from onnxforge.cli import main
+
+    onnx.save(conv_model(), tmp_path / "m.onnx")
+    calib = feed_folder(tmp_path / "calib", 4)
+    common = ["quantize", str(tmp_path / "m.onnx"), "--calib", str(calib), "--method", "minmax", "--no-latency",
+              "--max-evaluations", "3"]
+    assert main(common + ["-o", str(tmp_path / "one.onnx")]) == 0
+    assert main(common + ["-o", str(tmp_path / "two.onnx"), "--jobs", "2", "--report", str(tmp_path / "r.json")]) == 0
+    assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "two.onnx").read_bytes()
+    assert "split across 2 local process(es)" in (tmp_path / "r.json").read_text()

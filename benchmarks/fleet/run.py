@@ -33,7 +33,7 @@ SHARED_MODELS = ["magika_v3_3", "minilm_l6_w8", "pplcnet_orientation", "ppocr_mo
                  "ppocrv4_rec", "silero_vad_v6", "yolov8n_320"]
 CORPUS_MODELS = ["mobilenet_v2_hf", "resnet50_hf", "efficientnet_b0_hf", "minilm_l6_real"]
 PINNED = {"yolov8n_320": {"images": (1, 3, 320, 320)}, "magika_v3_3": {"bytes": (1, 2048)}}
-ONNXFORGE = [sys.executable, "-m", "onnxforge"]
+ONNXFORGE = [str(Path(sys.executable).with_name("onnxforge"))]
 
 
 def sha(path: Path) -> str:

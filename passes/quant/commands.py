@@ -47,6 +47,12 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trt-cache", help="also write a TensorRT calibration cache here")
     p.add_argument("--no-latency", action="store_true", help="skip the interleaved latency comparison")
     p.add_argument("--report", help="write the report as JSON")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="split calibration feeds (and the sensitivity measurements) across N local processes; "
+                        "the result is the same as with one")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="the same on Ray: the cluster at ADDRESS (auto: the one `ray start` made), or a private "
+                        "local one (docs/fleets.md); latency is still measured here")
     int4 = p.add_argument_group("INT4 weight-only (--bits 4): MatMul -> MatMulNBits")
     int4.add_argument("--bits", type=int, default=8, choices=(8, 4),
                       help="8: INT8 (default, the options above); 4: INT4 weights, float activations")
@@ -122,14 +128,17 @@ def run_quantize(args) -> int:
 
     if args.bits == 4:
         return run_int4(args)
+    from onnxforge.workers import make_workers
+
     model = _prepare(args, args.trt_cache)
-    result, report = quantize(
-        model, args.calib, provider=args.provider, method=args.method, max_drop=args.max_drop,
-        metric=args.metric, val=args.val, budget_seconds=args.budget_seconds, mode=args.mode,
-        measure_latency=not args.no_latency, tensorrt_cache=args.trt_cache, max_evaluations=args.max_evaluations,
-        equalize=args.equalize, keep_float_if_slower=args.keep_float_if_slower and not args.keep_int8_if_slower,
-        log=_progress_log(),
-    )
+    with make_workers(args.jobs, args.ray) as workers:
+        result, report = quantize(
+            model, args.calib, provider=args.provider, method=args.method, max_drop=args.max_drop,
+            metric=args.metric, val=args.val, budget_seconds=args.budget_seconds, mode=args.mode,
+            measure_latency=not args.no_latency, tensorrt_cache=args.trt_cache, max_evaluations=args.max_evaluations,
+            equalize=args.equalize, keep_float_if_slower=args.keep_float_if_slower and not args.keep_int8_if_slower,
+            log=_progress_log(), workers=workers if workers.count > 1 else None,
+        )
     _write_outputs(args, result, report)
     stopped = report.search if report.budget_timed_out else None
     return _budget_exit(report.budget_met, report.score, args.max_drop, stopped)
