@@ -23,6 +23,7 @@ import dataclasses
 import multiprocessing
 import os
 import platform
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import OptionError, first_line
@@ -102,7 +103,7 @@ class LocalWorkers(Workers):
             for future in cf.as_completed(futures):
                 try:
                     yield futures[future], Outcome(True, future.result())
-                except cf.process.BrokenProcessPool as exc:
+                except BrokenProcessPool as exc:
                     yield futures[future], Outcome(False, error=f"a worker process died: {first_line(exc)}")
                 except Exception as exc:  # noqa: BLE001
                     yield futures[future], Outcome(False, error=_one_line(exc))

@@ -31,7 +31,9 @@ SHARED = ROOT.parent / "shared"
 CORPUS = Path.home() / ".cache" / "onnxforge" / "corpus"
 SHARED_MODELS = ["magika_v3_3", "minilm_l6_w8", "pplcnet_orientation", "ppocr_mobile_v2_cls", "ppocrv4_det",
                  "ppocrv4_rec", "silero_vad_v6", "yolov8n_320"]
-CORPUS_MODELS = ["mobilenet_v2_hf", "resnet50_hf", "efficientnet_b0_hf", "minilm_l6_real"]
+# efficientnet_b0_hf is left out: onnxruntime's QDQ quantizer fails on it after -O3 ("Unable to get valid
+# quantization scale ... when quantizing bias"), with or without this issue's calibration change
+CORPUS_MODELS = ["mobilenet_v2_hf", "resnet50_hf", "whisper_tiny_encoder", "minilm_l6_real"]
 PINNED = {"yolov8n_320": {"images": (1, 3, 320, 320)}, "magika_v3_3": {"bytes": (1, 2048)}}
 ONNXFORGE = [str(Path(sys.executable).with_name("onnxforge"))]
 
@@ -126,6 +128,11 @@ def main() -> int:
         "exit_codes": {k: v["exit_code"] for k, v in runs.items()},
         "models": {},
     }
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = [n for n in names if rows[n]["status"] == "ok"] if not args.skip_alone else []
+    with ThreadPoolExecutor(2) as pool:  # the alone runs' times do not matter: 2 at a time
+        alone_runs = dict(zip(good, pool.map(lambda n: alone(work, n), good)))
     for name in names + ["corrupt_model"]:
         row = rows[name]
         entry = {k: row.get(k) for k in ("status", "error", "nodes_before", "nodes_after", "bytes_before", "bytes_after",
@@ -134,8 +141,8 @@ def main() -> int:
         entry["jobs1_same_bytes_as_jobs2"] = rows1[name].get("output_sha256") == row.get("output_sha256")
         entry["rerun_cached"] = rerun_rows[name]["cached"]
         entry["rerun_same_bytes"] = before.get(name) == after.get(name) if name in before else None
-        if row["status"] == "ok" and not args.skip_alone:
-            a = alone(work, name)
+        if name in alone_runs:
+            a = alone_runs[name]
             entry["alone"] = a
             entry["alone_same_bytes"] = a["sha256"] == row.get("output_sha256")
             print(name, "alone same bytes:", entry["alone_same_bytes"], flush=True)
