@@ -99,11 +99,44 @@ def alone(work: Path, name: str) -> dict:
             "sha256": sha(out) if out.exists() else None, "error": proc.stderr.strip().splitlines()[:1]}
 
 
+def summary_md(result: dict) -> str:
+    """benchmarks/results/fleet.md from fleet.json."""
+    w = result["wall_s"]
+    lines = [
+        "# Fleet: 8 shared + 4 corpus models + 1 corrupt model, recipe benchmarks/fleet/fleet_cpu_int8.toml", "",
+        f"`{result['command']}` on {result['machine']['host']} ({result['machine']['cpus']} cores, "
+        f"{result['machine']['isa']}; {result['machine']['note']}).", "",
+        f"Wall time: `--jobs 1` {w['jobs1']} s, `--jobs 2` {w['jobs2']} s (ratio jobs2/jobs1 "
+        f"{w['jobs2'] / w['jobs1']:.2f}, one run each), rerun of the `--jobs 2` fleet on its cache {w['rerun_jobs2']} s. "
+        f"Exit codes: {result['exit_codes']}.", "",
+        "| model | status | nodes | size (MB) | accuracy | latency ratio [95%] (measured on) | time (s) | "
+        "jobs1 = jobs2 bytes | rerun | rerun bytes | alone = fleet bytes | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["models"].items():
+        nodes = f"{m['nodes_before']} -> {m['nodes_after']}" if m["nodes_after"] is not None else ""
+        size = (f"{m['bytes_before'] / 1e6:.2f} -> {m['bytes_after'] / 1e6:.2f}" if m["bytes_after"] is not None else "")
+        acc = f"{m['accuracy']:.5f}" if m["accuracy"] is not None else ""
+        lat = (f"{m['latency_ratio']:.3f} [{m['latency_low']:.3f}, {m['latency_high']:.3f}] ({m['latency_measured_on']})"
+               if m["latency_ratio"] is not None else "")
+        alone_same = m.get("alone_same_bytes")
+        lines.append(f"| {name} | {m['status']} | {nodes} | {size} | {acc} | {lat} | {m['seconds']} | "
+                     f"{m['jobs1_same_bytes_as_jobs2'] if m['status'] == 'ok' else ''} | {m['rerun_cached'] or ''} | "
+                     f"{'' if m['rerun_same_bytes'] is None else m['rerun_same_bytes']} | "
+                     f"{'' if alone_same is None else alone_same} | {(m['error'] or '')[:160]} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "onnxforge" / "fleet-bench"))
     parser.add_argument("--skip-alone", action="store_true")
+    parser.add_argument("--summarize-only", action="store_true", help="rewrite results/fleet.md from results/fleet.json")
     args = parser.parse_args()
+    results = ROOT / "benchmarks" / "results"
+    if args.summarize_only:
+        (results / "fleet.md").write_text(summary_md(json.loads((results / "fleet.json").read_text())))
+        return 0
     work = Path(args.work)
     for old in ("out1", "out2", "cache1", "cache2", "alone"):
         shutil.rmtree(work / old, ignore_errors=True)
@@ -151,6 +184,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "fleet.json").write_text(json.dumps(result, indent=1) + "\n")
     shutil.copyfile(work / "out2" / "fleet.md", out / "fleet_report.md")
+    (out / "fleet.md").write_text(summary_md(result))
     print(json.dumps({k: result[k] for k in ("wall_s", "exit_codes")}))
     return 0
 
