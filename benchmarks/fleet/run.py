@@ -132,17 +132,25 @@ def main() -> int:
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "onnxforge" / "fleet-bench"))
     parser.add_argument("--skip-alone", action="store_true")
     parser.add_argument("--summarize-only", action="store_true", help="rewrite results/fleet.md from results/fleet.json")
+    parser.add_argument("--jobs1-wall", type=float, default=None,
+                        help="reuse WORK/out1 (a finished --jobs 1 fleet) and this wall time instead of running it again")
+    parser.add_argument("--alone-max-seconds", type=float, default=None,
+                        help="run alone only the models whose fleet run took at most this long")
     args = parser.parse_args()
     results = ROOT / "benchmarks" / "results"
     if args.summarize_only:
         (results / "fleet.md").write_text(summary_md(json.loads((results / "fleet.json").read_text())))
         return 0
     work = Path(args.work)
-    for old in ("out1", "out2", "cache1", "cache2", "alone"):
+    for old in ("out2", "cache2", "alone") + (() if args.jobs1_wall else ("out1", "cache1")):
         shutil.rmtree(work / old, ignore_errors=True)
     names = prepare(work)
     runs = {}
-    runs["jobs1"] = fleet(work, "out1", "cache1", 1)
+    if args.jobs1_wall:
+        runs["jobs1"] = {"jobs": 1, "exit_code": json.loads((work / "out1" / "fleet.json").read_text())["exit_code"],
+                         "wall_s": args.jobs1_wall, "report": json.loads((work / "out1" / "fleet.json").read_text())}
+    else:
+        runs["jobs1"] = fleet(work, "out1", "cache1", 1)
     print("jobs 1:", runs["jobs1"]["wall_s"], "s, exit", runs["jobs1"]["exit_code"], flush=True)
     runs["jobs2"] = fleet(work, "out2", "cache2", 2)
     print("jobs 2:", runs["jobs2"]["wall_s"], "s, exit", runs["jobs2"]["exit_code"], flush=True)
@@ -156,14 +164,15 @@ def main() -> int:
     result = {
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "isa": "AVX2, no AVX-512/VNNI (as onnxforge env reports)",
                     "note": "shared by ~7 agents: wall times are noisy"},
-        "command": "nice -n 10 .venv/bin/python benchmarks/fleet/run.py",
+        "command": "nice -n 10 .venv/bin/python benchmarks/fleet/run.py " + " ".join(sys.argv[1:]),
         "wall_s": {"jobs1": runs["jobs1"]["wall_s"], "jobs2": runs["jobs2"]["wall_s"], "rerun_jobs2": runs["rerun"]["wall_s"]},
         "exit_codes": {k: v["exit_code"] for k, v in runs.items()},
         "models": {},
     }
     from concurrent.futures import ThreadPoolExecutor
 
-    good = [n for n in names if rows[n]["status"] == "ok"] if not args.skip_alone else []
+    good = [n for n in names if rows[n]["status"] == "ok" and (args.alone_max_seconds is None
+            or rows1[n]["seconds"] <= args.alone_max_seconds)] if not args.skip_alone else []
     with ThreadPoolExecutor(2) as pool:  # the alone runs' times do not matter: 2 at a time
         alone_runs = dict(zip(good, pool.map(lambda n: alone(work, n), good)))
     for name in names + ["corrupt_model"]:
