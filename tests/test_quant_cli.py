@@ -253,3 +253,48 @@ def test_quant_paths_take_the_default_domain_listed_twice(domain):
     out, report = quantize(reused, [{"x": np.ones((2, 4), np.float32)}], measure_latency=False, log=lambda _m: None)
     assert _default_entries(out.to_proto()) == [("", 17)] and report.int8_nodes == ["matmul"]
     assert len(model.opset_import) == 2  # the caller's proto is left as it was
+
+
+# ------------------------------------------------------------------ contrib ops before a quantized bias
+
+
+def _contrib_then_gemm_model() -> onnx.ModelProto:
+    """x[4,16] -> Gemm(w1, b1) -> com.microsoft FastGelu -> Gemm(w2, b2): onnx's shape
+    inference gives FastGelu's output no type, as in an -O3 output (magika_v3_3)."""
+    rng = np.random.default_rng(7)
+    w1, w2 = (rng.normal(0, 0.3, (16, 16)).astype(np.float32) for _ in range(2))
+    b1, b2 = (rng.normal(0, 0.1, 16).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
+         helper.make_node("FastGelu", ["h"], ["g"], domain="com.microsoft"),
+         helper.make_node("Gemm", ["g", "w2", "b2"], ["y"])],
+        "contrib_gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_shape_inference_types_contrib_outputs():
+    from onnxforge.passes.quant.ortsession import infer_shapes
+
+    inferred = infer_shapes(_contrib_then_gemm_model())
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    assert types.get("g") == TensorProto.FLOAT  # onnx alone leaves it untyped
+
+
+def test_static_quantize_after_a_contrib_op_quantizes_its_reader(tmp_path, capsys):
+    """The second Gemm's bias needs g's scale: before, onnxruntime's QDQ quantizer skipped
+    the untyped g and quantize ended in an internal error (exit 1)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_contrib_then_gemm_model(), path)
+    rng = np.random.default_rng(3)
+    calib = _calib(tmp_path / "calib", [{"x": rng.normal(size=(4, 16)).astype(np.float32)} for _ in range(8)])
+    out = tmp_path / "q.onnx"
+    code, _, err = _run(["quantize", str(path), "-o", str(out), "--provider", "cpu", "--calib", calib,
+                         "--mode", "static", "--no-latency", "--max-drop", "0.5"], capsys)
+    assert code == 0, err
+    quantized = onnx.load(out)
+    readers_of_g = [n for n in quantized.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "g"]
+    assert readers_of_g, [n.op_type for n in quantized.graph.node]

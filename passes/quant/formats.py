@@ -159,8 +159,11 @@ def static_qdq(
         name: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
         for name, (lo, hi) in ranges.items()
     }
+    # the types of contrib-op outputs (see ortsession.infer_shapes): onnxruntime's own
+    # inference keeps them, and without them it skips those tensors and fails on the
+    # biases they feed
     quantizer = QDQQuantizer(
-        _copy(model),
+        _with_inferred_types(_copy(model)),
         spec.per_channel,
         spec.reduce_range,
         _qtype(spec.weight_type),

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnx.helper
 
 from onnxforge.errors import UnsafeModelError
 from onnxforge.io import iter_tensor_protos
@@ -124,12 +125,59 @@ def infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """onnx shape inference that also works past 2 GB: it reads types, dims and small
     constants, so large initializers are left out of the copy it runs on (their
     declared type and dims stay). Returns the inferred model (weights not included
-    when the model is large: read types and shapes from it, nothing else)."""
+    when the model is large: read types and shapes from it, nothing else).
+
+    onnx knows no onnxruntime contrib op, so inference stops at a fused node
+    (FastGelu, SkipLayerNormalization, ...) and nothing after it gets a type: the
+    calibrator then measures none of those tensors and onnxruntime's QDQ quantizer
+    fails on a bias whose input it has no scale for. The outputs of contrib ops
+    whose first output has their first input's element type are typed so (shape
+    left unknown) and inference is rerun, until nothing more is learned."""
     if not is_large(proto):
-        return onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-    # placeholders whose data nothing may read
-    light = _with_large_initializers_external(proto, lambda _t: {"location": "weights-left-out-for-shape-inference"})
-    return onnx.shape_inference.infer_shapes(light, strict_mode=False)
+        source = proto
+    else:
+        # placeholders whose data nothing may read
+        source = _with_large_initializers_external(proto, lambda _t: {"location": "weights-left-out-for-shape-inference"})
+    inferred = onnx.shape_inference.infer_shapes(source, strict_mode=False)
+    for _ in range(_MAX_CONTRIB_ROUNDS):
+        added = _contrib_output_types(inferred)
+        if not added:
+            break
+        inferred.graph.value_info.extend(added)
+        inferred = onnx.shape_inference.infer_shapes(inferred, strict_mode=False)
+    return inferred
+
+
+# com.microsoft ops whose first output has the element type of their first input
+_SAME_TYPE_CONTRIB = frozenset({
+    "FastGelu", "Gelu", "BiasGelu", "QuickGelu", "BiasAdd", "BiasSplitGelu", "FusedMatMul", "FusedConv",
+    "FusedGemm", "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization", "Attention", "MultiHeadAttention",
+    "GroupQueryAttention", "RotaryEmbedding", "NhwcConv", "GemmFastGelu", "BiasSoftmax",
+})
+_MAX_CONTRIB_ROUNDS = 64  # each round types at least one more node's output
+
+
+def _contrib_output_types(inferred: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """value_infos (element type only) for untyped first outputs of the contrib ops above
+    whose first input's type is known, in the main graph."""
+    graph = inferred.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if info.type.tensor_type.elem_type:
+            types[info.name] = info.type.tensor_type.elem_type
+    added = []
+    for node in graph.node:
+        if node.domain not in ("com.microsoft",) and not (node.domain in ("", "ai.onnx") and node.op_type == "LayerNormalization"):
+            continue
+        if node.op_type not in _SAME_TYPE_CONTRIB or not node.input or not node.output or not node.output[0]:
+            continue
+        out, source = node.output[0], types.get(node.input[0])
+        if out in types or source is None:
+            continue
+        added.append(onnx.helper.make_tensor_value_info(out, source, None))
+        types[out] = source
+    return added
 
 
 def _with_large_initializers_external(proto: onnx.ModelProto, reference, keep_external: bool = False) -> onnx.ModelProto:
