@@ -17,6 +17,7 @@ PASS_MODULES = (
     "onnxforge.passes.cleanup",
     "onnxforge.passes.fusion",
     "onnxforge.passes.qdq",
+    "onnxforge.passes.quant.int4_rules",  # quantize --bits 4 runs it; listed and explained like every rule
 )
 
 CLEANUP_PIPELINE = (

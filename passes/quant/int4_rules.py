@@ -275,3 +275,6 @@ class Int4Weights(RulePass):
         "accuracy_level": (int, "MatMulNBits accuracy_level (0 unset: fp32 activations; 4: int8)"),
         "plan": (dict, "codes solved by a calibrated method (quantize --bits 4 fills it)"),
     })
+
+
+PASSES = (Int4Weights,)
