@@ -255,6 +255,30 @@ def projection_dtype(tensor: gs.Tensor):
 
 # ------------------------------------------------------------------ the rule
 
+def head_layout_problem(core: Core, q: HeadSplit, k: HeadSplit, v: HeadSplit, rotaries) -> str | None:
+    """Why the heads and rotations of a matched Llama block do not fit GroupQueryAttention +
+    RotaryEmbedding (None when they do): shared by the rules with and without a KV cache."""
+    if scale_value(core.factors) is None or any(not is_scalar_constant(f.factor) for f in core.factors):
+        return "scale not constant"
+    heads, kv_heads, head_size = q.num_heads(), k.num_heads(), q.head_size
+    if heads is None or kv_heads is None or head_size is None:
+        return "num_heads not derivable from reshape constant"
+    if k.head_size != head_size or v.head_size != head_size or v.num_heads() != kv_heads:
+        return "key/value head shapes differ"
+    if heads % kv_heads:
+        return f"{heads} query heads not a multiple of {kv_heads} kv heads"
+    if not all(s.keeps_batch_and_sequence() for s in (q, k, v)):
+        return "head-split reshape does not keep batch and sequence"
+    if not merges_heads(core, heads, head_size):
+        return "output reshape does not merge heads to [B, S, N*D]"
+    for rotary in rotaries:
+        if not slices_halves(rotary, head_size):
+            return "rotate_half slices are not [0, D/2) and [D/2, D)"
+        if not (halves_equal(rotary.cos) and halves_equal(rotary.sin)):
+            return "cos/sin halves not provably equal (interleaved or partial rotary)"
+    return None
+
+
 class GqaRotaryAttention(BlockRule):
     """Llama (TorchScript): rotate_half rotary on Q and K, repeat_kv on K and V, additive mask."""
 
@@ -287,25 +311,10 @@ class GqaRotaryAttention(BlockRule):
         v: HeadSplit = match.info["v"]
         if not softmax_is_last_axis(graph, core.softmax):
             return self.refusal("softmax axis not last", match)
-        if scale_value(core.factors) is None or any(not is_scalar_constant(f.factor) for f in core.factors):
-            return self.refusal("scale not constant", match)
-        heads, kv_heads, head_size = q.num_heads(), k.num_heads(), q.head_size
-        if heads is None or kv_heads is None or head_size is None:
-            return self.refusal("num_heads not derivable from reshape constant", match)
-        if k.head_size != head_size or v.head_size != head_size or v.num_heads() != kv_heads:
-            return self.refusal("key/value head shapes differ", match)
-        if heads % kv_heads:
-            return self.refusal(f"{heads} query heads not a multiple of {kv_heads} kv heads", match)
-        if not all(s.keeps_batch_and_sequence() for s in (q, k, v)):
-            return self.refusal("head-split reshape does not keep batch and sequence", match)
-        if not merges_heads(core, heads, head_size):
-            return self.refusal("output reshape does not merge heads to [B, S, N*D]", match)
-        for label in ("q_rot", "k_rot"):
-            rotary: Rotary = match.info[label]
-            if not slices_halves(rotary, head_size):
-                return self.refusal("rotate_half slices are not [0, D/2) and [D/2, D)", match)
-            if not (halves_equal(rotary.cos) and halves_equal(rotary.sin)):
-                return self.refusal("cos/sin halves not provably equal (interleaved or partial rotary)", match)
+        problem = head_layout_problem(core, q, k, v, (match.info["q_rot"], match.info["k_rot"]))
+        if problem is not None:
+            return self.refusal(problem, match)
+        heads, kv_heads = q.num_heads(), k.num_heads()
         for label in ("k_rep", "v_rep"):
             if not repeat_is_exact(match.info[label], heads // kv_heads):
                 return self.refusal("repeat_kv Expand/Reshape does not repeat kv heads N/Nkv times", match)

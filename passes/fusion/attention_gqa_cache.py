@@ -41,20 +41,18 @@ from onnxforge.context import PassContext, Refusal
 from onnxforge.passes.base import Match, RulePass
 
 from ._match import MS_DOMAIN, ShapeOracle, const_value, escaping, producer
-from .attention import BlockRule, is_scalar_constant, mask_is_finite, softmax_is_last_axis
+from .attention import BlockRule, mask_is_finite, softmax_is_last_axis
 from .attention_gqa import (
     GqaRotaryAttention,
     Repeat,
-    Rotary,
     _Builder,
-    halves_equal,
+    head_layout_problem,
     match_repeat,
     match_rotary,
     projection_dtype,
     repeat_is_exact,
-    slices_halves,
 )
-from .attention_match import Core, HeadSplit, head_split, match_core, merges_heads, scale_value
+from .attention_match import Core, HeadSplit, head_split, match_core, scale_value
 
 
 def cache_concat(tensor: gs.Tensor) -> gs.Node | None:
@@ -125,28 +123,13 @@ class GqaRotaryCacheAttention(BlockRule):
         # before the shape inference repeat_ok may need: the provider alone decides here
         if ctx.provider == "cuda" and projection_dtype(q.x3) not in (np.float16, "bfloat16"):
             return self.refusal("CUDA GroupQueryAttention runs float16/bfloat16 only", match)
-        if scale_value(core.factors) is None or any(not is_scalar_constant(f.factor) for f in core.factors):
-            return self.refusal("scale not constant", match)
-        heads, kv_heads, head_size = q.num_heads(), k.num_heads(), q.head_size
-        if heads is None or kv_heads is None or head_size is None:
-            return self.refusal("num_heads not derivable from reshape constant", match)
-        if k.head_size != head_size or v.head_size != head_size or v.num_heads() != kv_heads:
-            return self.refusal("key/value head shapes differ", match)
-        if heads % kv_heads:
-            return self.refusal(f"{heads} query heads not a multiple of {kv_heads} kv heads", match)
-        if not all(s.keeps_batch_and_sequence() for s in (q, k, v)):
-            return self.refusal("head-split reshape does not keep batch and sequence", match)
-        if not merges_heads(core, heads, head_size):
-            return self.refusal("output reshape does not merge heads to [B, S, N*D]", match)
+        problem = head_layout_problem(core, q, k, v, (match.info["q_rot"], match.info["k_rot"]))
+        if problem is not None:
+            return self.refusal(problem, match)
+        heads, kv_heads = q.num_heads(), k.num_heads()
         for label in ("k_cat", "v_cat"):
             if int(match.info[label].attrs.get("axis", 0)) not in (2, -2):
                 return self.refusal("cache Concat is not along the sequence axis", match)
-        for label in ("q_rot", "k_rot"):
-            rotary: Rotary = match.info[label]
-            if not slices_halves(rotary, head_size):
-                return self.refusal("rotate_half slices are not [0, D/2) and [D/2, D)", match)
-            if not (halves_equal(rotary.cos) and halves_equal(rotary.sin)):
-                return self.refusal("cos/sin halves not provably equal (interleaved or partial rotary)", match)
         for label in ("k_rep", "v_rep"):
             repeat: Repeat = match.info[label]
             if not self.repeat_ok(graph, ctx, repeat, heads // kv_heads, heads):
