@@ -50,21 +50,29 @@ NOT_WITH_GENERATE = ("input_shape", "iterations", "recreate_every", "reference",
 
 def bench_from_args(args, progress=None):
     """Run the benchmark described by parsed ``args``; returns a BenchResult."""
-    from onnxforge.bench.harness import BenchConfig, load_profile_arg, make_variants, parse_model_spec, run_bench
+    from onnxforge.bench.harness import BenchConfig, run_bench
     from onnxforge.runtime.shapes import opt_shapes
 
     ranges = checked_shape_ranges(args.input_shape)
+    variants = variants_from_args(args)
+    config = BenchConfig(rounds=args.rounds, warmup=args.warmup, iterations=args.iterations, threads=args.threads,
+                         seed=args.seed, input_shapes=opt_shapes(ranges),
+                         data=args.data, reference=args.reference, recreate_every=args.recreate_every)
+    return run_bench(variants, config, progress=progress)
+
+
+def variants_from_args(args) -> list:
+    """The models of ``bench A B ...``, each with its own profile (``model.onnx:profile.json``)
+    or the shared ``--profile``."""
+    from onnxforge.bench.harness import load_profile_arg, make_variants, parse_model_spec
+
     shared_profile = load_profile_arg(args.profile)
     models, profiles = [], []
     for spec in args.models:
         model, own_profile = parse_model_spec(spec)
         models.append(model)
         profiles.append(load_profile_arg(own_profile) if own_profile else shared_profile)
-    variants = make_variants(models, profiles, args.provider)
-    config = BenchConfig(rounds=args.rounds, warmup=args.warmup, iterations=args.iterations, threads=args.threads,
-                         seed=args.seed, input_shapes=opt_shapes(ranges),
-                         data=args.data, reference=args.reference, recreate_every=args.recreate_every)
-    return run_bench(variants, config, progress=progress)
+    return make_variants(models, profiles, args.provider)
 
 
 def checked_shape_ranges(specs: list[str] | None) -> dict:
@@ -115,7 +123,6 @@ def cmd_generate(args) -> int:
     from rich.console import Console
 
     from onnxforge.bench.generate import GenerateConfig, render, run_generate_bench
-    from onnxforge.bench.harness import load_profile_arg, make_variants, parse_model_spec
     from onnxforge.errors import OptionError
     from onnxforge.io import check_output_paths, write_file
 
@@ -125,13 +132,7 @@ def cmd_generate(args) -> int:
     check_output_paths(args.json)
     config = GenerateConfig(tokens=args.generate, prompt_length=args.prompt_length, batch=args.batch,
                             rounds=args.rounds, threads=args.threads, seed=args.seed, data=args.data)
-    shared_profile = load_profile_arg(args.profile)
-    models, profiles = [], []
-    for spec in args.models:
-        model, own_profile = parse_model_spec(spec)
-        models.append(model)
-        profiles.append(load_profile_arg(own_profile) if own_profile else shared_profile)
-    result = run_generate_bench(make_variants(models, profiles, args.provider), config)
+    result = run_generate_bench(variants_from_args(args), config)
     render(result)
     if args.json:
         write_file(args.json, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=1, default=str)))
