@@ -156,32 +156,10 @@ def test_without_name_map_renamed_tensors_are_unmatched(tmp_path, capsys):
 def test_pass_manager_writes_the_map_debug_reads(tmp_path, capsys):
     """End to end: a rule gives a tensor a new name, the written model's name map lets
     debug compare it with the original tensor."""
-    import onnx_graphsurgeon as gs
+    from test_rewrite_rollback import ReluAsMaxPass  # Relu(x) as Max(x, 0) under a new name
 
     from onnxforge import Model, PassContext, PassManager
     from onnxforge.io import save
-    from onnxforge.passes.base import Match, Rule, RulePass
-
-    class ReluAsMax(Rule):
-        name = "test-relu-as-max"
-        anchor_ops = ("Relu",)
-
-        def match(self, graph, node):
-            return Match([node])
-
-        def rewrite(self, graph, match, ctx):
-            node = match.nodes[0]
-            out = node.outputs[0]
-            new = gs.Variable("r1_max", dtype=out.dtype)
-            zero = gs.Constant("zero", np.zeros((), np.float32))
-            graph.nodes.append(gs.Node("Max", "relu_as_max", inputs=[node.inputs[0], zero], outputs=[new]))
-            for reader in list(out.outputs):
-                reader.inputs[reader.inputs.index(out)] = new
-            node.outputs.clear()
-
-    class ReluAsMaxPass(RulePass):
-        name = "test-relu-as-max-pass"
-        rules = (ReluAsMax,)
 
     w2 = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
     src = tmp_path / "orig.onnx"
