@@ -144,9 +144,16 @@ def escaping(graph: gs.Graph, nodes: list[gs.Node], keep_tensors=(), keep_nodes=
     return found
 
 
+def fused_outputs(match: Match) -> tuple[gs.Tensor, ...]:
+    """The tensors the fused node makes: the ``outputs`` field of the rule's match, none
+    when its match has no such field."""
+    info = match.info
+    return tuple(info.get("outputs", ()) if isinstance(info, dict) else getattr(info, "outputs", ()))
+
+
 def escaping_tensor(graph: gs.Graph, match: Match) -> gs.Tensor | None:
     """An intermediate tensor of the match read outside it (or a graph output), if any."""
-    found = escaping(graph, match.nodes, keep_tensors=match.info.get("outputs", ()))
+    found = escaping(graph, match.nodes, keep_tensors=fused_outputs(match))
     return found[0][1] if found else None
 
 
@@ -157,7 +164,7 @@ def float_dtype(value: np.ndarray | None) -> bool:
 def replace(graph: gs.Graph, match: Match, op: str, inputs: list, attrs: dict | None = None,
             domain: str | None = None, outputs: list | None = None, name: str | None = None) -> gs.Node:
     """Detach the match's outputs from their producers and add one node making them."""
-    outs = outputs if outputs is not None else list(match.info["outputs"])
+    outs = outputs if outputs is not None else list(fused_outputs(match))
     for k, node in enumerate(match.nodes):
         for i, out in enumerate(list(node.outputs)):
             if any(out is o for o in outs):

@@ -16,6 +16,8 @@ that broadcast per input channel only (scalar or [C, 1, 1] / [1, C, 1, 1]).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -42,6 +44,19 @@ def padded(conv: gs.Node) -> bool:
     return auto != "VALID" and any(conv.attrs.get("pads", []))
 
 
+@dataclasses.dataclass(frozen=True)
+class AffineConvMatch:
+    """conv(h * a [+ b])"""
+
+    conv: gs.Node
+    mul: gs.Node
+    add: gs.Node | None
+    h: gs.Tensor
+    a: gs.Tensor
+    b: gs.Tensor | None
+    outputs: tuple[gs.Tensor, ...]
+
+
 class AffineIntoNextConv(FusionRule):
     name = "affine-into-conv"
     anchor_ops = ("Conv",)
@@ -61,36 +76,36 @@ class AffineIntoNextConv(FusionRule):
             return None
         h, a = split_const(first)
         nodes = [n for n in (add, first) if n is not None] + [node]
-        return Match(nodes, {"conv": node, "mul": first, "add": add, "h": h, "a": a, "b": b, "outputs": [node.outputs[0]]})
+        return Match(nodes, AffineConvMatch(node, first, add, h, a, b, (node.outputs[0],)))
 
     def _vectors(self, match: Match):
-        conv = match.info["conv"]
+        conv = match.info.conv
         w = const_value(conv.inputs[1])
         channels = w.shape[1] * int(conv.attrs.get("group", 1))
-        a = input_channel_vector(const_value(match.info["a"]), channels)
-        b = None if match.info["b"] is None else input_channel_vector(const_value(match.info["b"]), channels)
+        a = input_channel_vector(const_value(match.info.a), channels)
+        b = None if match.info.b is None else input_channel_vector(const_value(match.info.b), channels)
         return w, a, b
 
     def preconditions(self, graph, match, ctx):
-        conv = match.info["conv"]
+        conv = match.info.conv
         w = const_value(conv.inputs[1])
         if w is None or w.dtype.kind != "f" or (len(conv.inputs) > 2 and conv.inputs[2].name and const_value(conv.inputs[2]) is None):
             return "weights not constant floating point"
-        if activation_product(match.info["h"]):
+        if activation_product(match.info.h):
             return "the scale belongs to a GELU/HardSwish pattern (kept for the activation fusion)"
-        for key in ("a", "b"):
-            c = const_value(match.info[key]) if match.info[key] is not None else None
-            if match.info[key] is not None and (c is None or c.dtype != w.dtype):
+        for t in (match.info.a, match.info.b):
+            c = const_value(t) if t is not None else None
+            if t is not None and (c is None or c.dtype != w.dtype):
                 return "affine constant not of the weights' type"
         _, a, b = self._vectors(match)
-        if a is None or (match.info["b"] is not None and b is None):
+        if a is None or (match.info.b is not None and b is None):
             return "affine constant does not act per input channel"
         if b is not None and padded(conv) and np.any(a == 0):
             return "zero scale before a padded Conv (the shift b / a does not exist)"
         return None
 
     def rewrite(self, graph, match, ctx):
-        conv = match.info["conv"]
+        conv = match.info.conv
         w, a, b = self._vectors(match)
         group = int(conv.attrs.get("group", 1))
         per_in = w.shape[1]
@@ -98,15 +113,15 @@ class AffineIntoNextConv(FusionRule):
         w2 = w.astype(np.float64) * scale.reshape(*scale.shape, *([1] * (w.ndim - 2)))
         bias = const_value(conv.inputs[2]).astype(np.float64) if len(conv.inputs) > 2 and conv.inputs[2].name \
             else np.zeros(w.shape[0])
-        x = match.info["h"]
+        x = match.info.h
         if b is not None and not padded(conv):
             per_tap = w.astype(np.float64).reshape(w.shape[0], per_in, -1).sum(axis=2)
             b_in = b.reshape(group, per_in).repeat(w.shape[0] // group, axis=0)
             bias = bias + (per_tap * b_in).sum(axis=1)
         elif b is not None:
             shift = fresh_constant(graph, f"{conv.name}_shift", (b / a).reshape(-1, 1, 1).astype(w.dtype))
-            x = gs.Variable(f"{conv.name}_shifted_input", dtype=match.info["h"].dtype)
-            graph.nodes.append(gs.Node("Add", name=f"{conv.name}_shift_add", inputs=[match.info["h"], shift], outputs=[x]))
+            x = gs.Variable(f"{conv.name}_shifted_input", dtype=match.info.h.dtype)
+            graph.nodes.append(gs.Node("Add", name=f"{conv.name}_shift_add", inputs=[match.info.h, shift], outputs=[x]))
         inputs = [x, fresh_constant(graph, f"{conv.name}_w", w2.astype(w.dtype)), fresh_constant(graph, f"{conv.name}_b", bias.astype(w.dtype))]
         replace(graph, match, "Conv", inputs, dict(conv.attrs), name=conv.name)
 

@@ -14,7 +14,10 @@ only by the Mul/Add, c of the same element type.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, RulePass
 
@@ -49,6 +52,13 @@ def scale_weights(conv, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (per_group * scale.reshape(group, 1, w.shape[1], *([1] * (w.ndim - 2)))).reshape(w.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvAffineMatch:
+    conv: gs.Node
+    c: gs.Tensor  # the constant the Mul/Add/Div/Sub applies to the conv's output
+    outputs: tuple[gs.Tensor, ...]
+
+
 class ConvAffine(FusionRule):
     name = "conv-affine"
     anchor_ops = ("Mul", "Add", "Div", "Sub")
@@ -63,21 +73,21 @@ class ConvAffine(FusionRule):
             return None
         if node.op in ("Div", "Sub") and node.inputs[0] is not x:
             return None  # c / conv and c - conv are not affine in the weights' sense
-        return Match([node, conv], {"conv": conv, "c": c, "outputs": [node.outputs[0]]})
+        return Match([node, conv], ConvAffineMatch(conv, c, (node.outputs[0],)))
 
     def _vector(self, match: Match) -> np.ndarray | None:
-        conv = match.info["conv"]
+        conv = match.info.conv
         w = const_value(conv.inputs[1])
-        c = const_value(match.info["c"])
+        c = const_value(match.info.c)
         rank = w.ndim  # the conv output has the weight's rank
         return channel_vector(c, out_channels(conv, w), rank)
 
     def preconditions(self, graph, match, ctx):
-        conv = match.info["conv"]
+        conv = match.info.conv
         w = const_value(conv.inputs[1])
         if w is None or (len(conv.inputs) > 2 and conv.inputs[2].name and const_value(conv.inputs[2]) is None):
             return "weights not constant"
-        c = const_value(match.info["c"])
+        c = const_value(match.info.c)
         if w.dtype.kind != "f" or c.dtype != w.dtype:
             return "weights and constant are not the same floating type"
         if self._vector(match) is None:
@@ -85,7 +95,7 @@ class ConvAffine(FusionRule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        conv, op = match.info["conv"], match.nodes[0].op
+        conv, op = match.info.conv, match.nodes[0].op
         w = const_value(conv.inputs[1])
         b = const_value(conv.inputs[2]).astype(np.float64) if len(conv.inputs) > 2 and conv.inputs[2].name \
             else np.zeros(out_channels(conv, w))

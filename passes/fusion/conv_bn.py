@@ -16,6 +16,8 @@ weights constant, the intermediate tensor read only by the pair, float weights.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -42,6 +44,20 @@ def _bn_reason(bn: gs.Node) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearBnMatch:
+    lin: gs.Node  # the Conv / Gemm / MatMul the BatchNormalization reads
+    bn: gs.Node
+    outputs: tuple[gs.Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BnConvMatch:
+    bn: gs.Node
+    conv: gs.Node  # reads the BatchNormalization
+    outputs: tuple[gs.Tensor, ...]
+
+
 class _AfterLinear(FusionRule):
     """Shared matching of BN right after a linear op."""
 
@@ -52,13 +68,13 @@ class _AfterLinear(FusionRule):
         prev = producer(node.inputs[0])
         if prev is None or prev.op not in self.producers or prev.domain:
             return None
-        return Match([node, prev], {"bn": node, "lin": prev, "outputs": [node.outputs[0]]})
+        return Match([node, prev], LinearBnMatch(prev, node, (node.outputs[0],)))
 
     def preconditions(self, graph, match, ctx):
-        reason = _bn_reason(match.info["bn"])
+        reason = _bn_reason(match.info.bn)
         if reason:
             return reason
-        lin = match.info["lin"]
+        lin = match.info.lin
         w = const_value(lin.inputs[1])
         if w is None or (len(lin.inputs) > 2 and lin.inputs[2].name and const_value(lin.inputs[2]) is None):
             return "weights not constant"
@@ -80,13 +96,13 @@ class ConvBatchNorm(_AfterLinear):
     producers = ("Conv", "ConvTranspose")
 
     def shape_reason(self, match, w):
-        s, _ = bn_scale_shift(match.info["bn"])
-        lin = match.info["lin"]
+        s, _ = bn_scale_shift(match.info.bn)
+        lin = match.info.lin
         out_channels = w.shape[0] if lin.op == "Conv" else w.shape[1] * int(lin.attrs.get("group", 1))
         return None if s.size == out_channels else "BN channels differ from the conv's output channels"
 
     def rewrite(self, graph, match, ctx):
-        lin, bn = match.info["lin"], match.info["bn"]
+        lin, bn = match.info.lin, match.info.bn
         w = const_value(lin.inputs[1])
         s, t = bn_scale_shift(bn)
         if lin.op == "Conv":
@@ -108,8 +124,8 @@ class GemmBatchNorm(_AfterLinear):
     producers = ("Gemm", "MatMul")
 
     def shape_reason(self, match, w):
-        lin = match.info["lin"]
-        s, _ = bn_scale_shift(match.info["bn"])
+        lin = match.info.lin
+        s, _ = bn_scale_shift(match.info.bn)
         if w.ndim != 2:
             return "weights are not 2-D"
         if lin.op == "MatMul" and (lin.inputs[0].shape is None or len(lin.inputs[0].shape) != 2):
@@ -118,7 +134,7 @@ class GemmBatchNorm(_AfterLinear):
         return None if s.size == columns else "BN channels differ from the output columns"
 
     def rewrite(self, graph, match, ctx):
-        lin, bn = match.info["lin"], match.info["bn"]
+        lin, bn = match.info.lin, match.info.bn
         w = const_value(lin.inputs[1])
         s, t = bn_scale_shift(bn)
         trans_b = int(lin.attrs.get("transB", 0))
@@ -143,10 +159,10 @@ class BatchNormConv(FusionRule):
         bn = producer(node.inputs[0])
         if bn is None or bn.op != "BatchNormalization" or bn.domain:
             return None
-        return Match([node, bn], {"bn": bn, "conv": node, "outputs": [node.outputs[0]]})
+        return Match([node, bn], BnConvMatch(bn, node, (node.outputs[0],)))
 
     def preconditions(self, graph, match, ctx):
-        bn, conv = match.info["bn"], match.info["conv"]
+        bn, conv = match.info.bn, match.info.conv
         reason = _bn_reason(bn)
         if reason:
             return reason
@@ -160,7 +176,7 @@ class BatchNormConv(FusionRule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        bn, conv = match.info["bn"], match.info["conv"]
+        bn, conv = match.info.bn, match.info.conv
         w = const_value(conv.inputs[1]).astype(np.float64)
         s, t = bn_scale_shift(bn)
         group, cin = int(conv.attrs.get("group", 1)), w.shape[1]

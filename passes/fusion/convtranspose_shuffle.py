@@ -16,6 +16,8 @@ output_shape. The quantizer runs this pass on CPU; it is not in an -O level.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -29,6 +31,11 @@ SHUFFLE_SUFFIX = "_shuffle"  # names the DepthToSpace nodes this pass makes
 UNARY_ELEMENTWISE = ("Relu", "LeakyRelu", "Sigmoid", "Clip", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Softplus")
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvTransposeMatch:
+    weight: gs.Constant  # [C, O, k, k]
+
+
 class ConvTransposeAsShuffle(Rule):
     name = "convtranspose-as-conv-shuffle"
     anchor_ops = ("ConvTranspose",)
@@ -37,10 +44,10 @@ class ConvTransposeAsShuffle(Rule):
         if node.domain not in DEFAULT_DOMAINS or len(node.inputs) < 2:
             return None
         weight = node.inputs[1]
-        return Match([node], {"weight": weight}) if isinstance(weight, gs.Constant) and len(weight.shape) == 4 else None
+        return Match([node], ConvTransposeMatch(weight)) if isinstance(weight, gs.Constant) and len(weight.shape) == 4 else None
 
     def check(self, graph, match, ctx):
-        node, weight = match.nodes[0], match.info["weight"]
+        node, weight = match.nodes[0], match.info.weight
         a = node.attrs
         if len(weight.outputs) != 1:
             return self.refusal("the weight is read by other nodes too", match)
@@ -65,7 +72,7 @@ class ConvTransposeAsShuffle(Rule):
     def rewrite(self, graph, match, ctx):
         node, k = match.nodes[0], match.plan
         base = node.name or node.outputs[0].name
-        w = np.asarray(match.info["weight"].values)  # [C, O, k, k]
+        w = np.asarray(match.info.weight.values)  # [C, O, k, k]
         c_in, c_out = w.shape[0], w.shape[1]
         v = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * c_out, c_in, 1, 1))  # row (a*k + b)*O + o
         inputs = [node.inputs[0], fresh_constant(graph, f"{base}_as_conv_weight", v)]

@@ -9,11 +9,18 @@ need the 2-D shape). The quantizer's float baseline runs this pass; it is not in
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, Rule, RulePass
 from onnxforge.passes.matching import DEFAULT_DOMAINS
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBiasMatch:
+    c: gs.Constant  # the [1, N] bias
 
 
 class GemmRowBias(Rule):
@@ -25,15 +32,15 @@ class GemmRowBias(Rule):
         if node.domain not in DEFAULT_DOMAINS or not isinstance(c, gs.Constant):
             return None
         shape = tuple(c.shape)
-        return Match([node], {"c": c}) if len(shape) == 2 and shape[0] == 1 else None
+        return Match([node], RowBiasMatch(c)) if len(shape) == 2 and shape[0] == 1 else None
 
     def check(self, graph, match, ctx):
-        if len(match.info["c"].outputs) != 1:
-            return self.refusal(f"bias {match.info['c'].name} is read by other nodes too", match)
+        if len(match.info.c.outputs) != 1:
+            return self.refusal(f"bias {match.info.c.name} is read by other nodes too", match)
         return None
 
     def rewrite(self, graph, match, ctx):
-        node, c = match.nodes[0], match.info["c"]
+        node, c = match.nodes[0], match.info.c
         node.inputs[2] = gs.Constant(c.name, np.asarray(c.values).reshape(-1))
 
 

@@ -13,6 +13,8 @@ floating point of the weight's type; the intermediate tensor is read only by the
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -28,6 +30,26 @@ def rank_of(t: gs.Tensor) -> int | None:
     return len(t.shape) if t.shape is not None else None
 
 
+@dataclasses.dataclass(frozen=True)
+class MatMulAddMatch:
+    mm: gs.Node
+    c: gs.Tensor  # the addend
+    outputs: tuple[gs.Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroBiasMatch:
+    mm: gs.Node
+    zero: np.ndarray  # the all-zero addend's value
+    outputs: tuple[gs.Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTransposeMatch:
+    index: int  # the Gemm input (0: A, 1: B) a Transpose makes
+    outputs: tuple[gs.Tensor, ...]
+
+
 class MatMulAdd(FusionRule):
     name = "matmul-add"
     anchor_ops = ("Add",)
@@ -36,11 +58,11 @@ class MatMulAdd(FusionRule):
         for y, c in either_order(node):
             mm = producer(y)
             if mm is not None and mm.op == "MatMul" and not mm.domain:
-                return Match([node, mm], {"mm": mm, "c": c, "outputs": [node.outputs[0]]})
+                return Match([node, mm], MatMulAddMatch(mm, c, (node.outputs[0],)))
         return None
 
     def preconditions(self, graph, match, ctx):
-        mm, c = match.info["mm"], match.info["c"]
+        mm, c = match.info.mm, match.info.c
         a, b = mm.inputs
         if rank_of(a) != 2 or rank_of(b) != 2:
             return "MatMul inputs are not known to be 2-D"
@@ -59,7 +81,7 @@ class MatMulAdd(FusionRule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        mm, c = match.info["mm"], match.info["c"]
+        mm, c = match.info.mm, match.info.c
         bias = c if isinstance(c, gs.Constant) else fresh_constant(graph, f"{c.name}_gemm_bias", const_value(c))
         replace(graph, match, "Gemm", [*mm.inputs, bias], name=mm.name)
 
@@ -74,11 +96,11 @@ class MatMulZeroBias(FusionRule):
             value = const_value(c)
             is_zero = value is not None and value.dtype.kind == "f" and not np.any(value)
             if mm is not None and mm.op == "MatMul" and not mm.domain and is_zero:  # the pattern is "+ 0"
-                return Match([node, mm], {"mm": mm, "zero": value, "outputs": [node.outputs[0]]})
+                return Match([node, mm], ZeroBiasMatch(mm, value, (node.outputs[0],)))
         return None
 
     def preconditions(self, graph, match, ctx):
-        mm, zero = match.info["mm"], match.info["zero"]
+        mm, zero = match.info.mm, match.info.zero
         w = const_value(mm.inputs[1])
         if w is None or w.ndim < 2:
             return "MatMul weight not a constant matrix"
@@ -91,7 +113,7 @@ class MatMulZeroBias(FusionRule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        mm = match.info["mm"]
+        mm = match.info.mm
         replace(graph, match, "MatMul", list(mm.inputs), name=mm.name)
 
 
@@ -103,7 +125,7 @@ class GemmTranspose(FusionRule):
         for index in (0, 1):
             t = producer(node.inputs[index])
             if t is not None and t.op == "Transpose" and not t.domain:
-                return Match([node, t], {"index": index, "outputs": [node.outputs[0]]})
+                return Match([node, t], GemmTransposeMatch(index, (node.outputs[0],)))
         return None
 
     def preconditions(self, graph, match, ctx):
@@ -112,11 +134,11 @@ class GemmTranspose(FusionRule):
 
     def rewrite(self, graph, match, ctx):
         gemm, t = match.nodes
-        key = "transA" if match.info["index"] == 0 else "transB"
+        key = "transA" if match.info.index == 0 else "transB"
         attrs = dict(gemm.attrs)
         attrs[key] = 1 - int(attrs.get(key, 0))
         inputs = list(gemm.inputs)
-        inputs[match.info["index"]] = t.inputs[0]
+        inputs[match.info.index] = t.inputs[0]
         replace(graph, match, "Gemm", inputs, attrs, name=gemm.name)
 
 

@@ -11,6 +11,8 @@ fusions of -O3 still see their pattern (a fused GELU is worth more than one Mul)
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -35,6 +37,15 @@ def activation_product(t: gs.Tensor) -> bool:
     return False
 
 
+@dataclasses.dataclass(frozen=True)
+class ScaleMatch:
+    lin: gs.Node  # the MatMul / Gemm
+    a: gs.Tensor  # its activation input (the scaled one for MatMul(A * s, W))
+    s: gs.Tensor  # the scalar
+    div: bool  # the scale divides
+    outputs: tuple[gs.Tensor, ...]
+
+
 class MatMulScale(FusionRule):
     """Scalar Mul/Div after (or Mul before) a MatMul/Gemm with constant weights."""
 
@@ -47,7 +58,7 @@ class MatMulScale(FusionRule):
             if pre is None or pre.op != "Mul" or split_const(pre) is None:
                 return None
             a, s = split_const(pre)
-            return Match([node, pre], {"lin": node, "a": a, "s": s, "div": False, "outputs": [node.outputs[0]]})
+            return Match([node, pre], ScaleMatch(node, a, s, False, (node.outputs[0],)))
         split = split_const(node)
         if split is None:
             return None
@@ -59,15 +70,14 @@ class MatMulScale(FusionRule):
             return None  # activations times activations (attention scores): nothing to fold into
         if node.op == "Div" and node.inputs[0] is not y:
             return None
-        return Match([node, lin], {"lin": lin, "a": lin.inputs[0], "s": s, "div": node.op == "Div",
-                                   "outputs": [node.outputs[0]]})
+        return Match([node, lin], ScaleMatch(lin, lin.inputs[0], s, node.op == "Div", (node.outputs[0],)))
 
     def preconditions(self, graph, match, ctx):
-        lin = match.info["lin"]
-        s = const_value(match.info["s"])
+        lin = match.info.lin
+        s = const_value(match.info.s)
         if s is None or s.size != 1:
             return "scale is not a constant scalar"
-        if match.nodes[0] is lin and activation_product(match.info["a"]):
+        if match.nodes[0] is lin and activation_product(match.info.a):
             return "the scale belongs to a GELU/HardSwish pattern (kept for the activation fusion)"
         if s.ndim > 0 and lin.op == "Gemm" and s.ndim > 2:
             return "scale would broadcast the output's rank"
@@ -81,9 +91,9 @@ class MatMulScale(FusionRule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        lin, info = match.info["lin"], match.info
-        s = scalar(info["s"])
-        factor = 1.0 / s if info["div"] else s
+        lin, info = match.info.lin, match.info
+        s = scalar(info.s)
+        factor = 1.0 / s if info.div else s
         if lin.op == "Gemm":
             attrs = dict(lin.attrs)
             attrs["alpha"] = float(attrs.get("alpha", 1.0)) * factor
@@ -92,7 +102,7 @@ class MatMulScale(FusionRule):
             return
         w = const_value(lin.inputs[1])
         w2 = (w.astype(np.float64) * factor).astype(w.dtype)
-        replace(graph, match, "MatMul", [info["a"], fresh_constant(graph, f"{lin.name}_scaled_w", w2)], name=lin.name)
+        replace(graph, match, "MatMul", [info.a, fresh_constant(graph, f"{lin.name}_scaled_w", w2)], name=lin.name)
 
 
 class FoldMatMulScale(RulePass):

@@ -12,9 +12,11 @@ read only by that consumer; for pooling, every total pad stays below the kernel 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, RulePass
 
@@ -38,6 +40,13 @@ def pad_value(pad) -> float | None:
     return 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class PadMatch:
+    pad: gs.Node
+    consumer: gs.Node  # the Conv / pool reading the Pad
+    outputs: tuple[gs.Tensor, ...]
+
+
 class PadInto(FusionRule):
     name = "pad-into-conv-pool"
     anchor_ops = CONSUMERS
@@ -46,10 +55,10 @@ class PadInto(FusionRule):
         pad = producer(node.inputs[0])
         if pad is None or pad.op != "Pad" or pad.domain:
             return None
-        return Match([node, pad], {"pad": pad, "consumer": node, "outputs": [node.outputs[0]]})
+        return Match([node, pad], PadMatch(pad, node, (node.outputs[0],)))
 
     def preconditions(self, graph, match, ctx):
-        pad, node = match.info["pad"], match.info["consumer"]
+        pad, node = match.info.pad, match.info.consumer
         if pad.attrs.get("mode", "constant") != "constant":
             return f"pad mode {pad.attrs.get('mode')} is not constant"
         if len(pad.inputs) > 3 and pad.inputs[3].name:
@@ -68,7 +77,7 @@ class PadInto(FusionRule):
         return self._consumer_reason(match, p, value)
 
     def _consumer_reason(self, match, p, value) -> str | None:
-        node = match.info["consumer"]
+        node = match.info.consumer
         if node.op == "Conv":
             return None if value == 0.0 else "pad value is not 0"
         total = self._pads(node, p)
@@ -85,7 +94,7 @@ class PadInto(FusionRule):
             return None
         if value == -math.inf:
             return None
-        x_nonneg = producer(match.info["pad"].inputs[0])
+        x_nonneg = producer(match.info.pad.inputs[0])
         if value == 0.0 and x_nonneg is not None and x_nonneg.op == "Relu":
             return None
         return "MaxPool pad value is neither -inf nor 0 after a Relu"
@@ -98,7 +107,7 @@ class PadInto(FusionRule):
         return [a + b for a, b in zip(own, spatial)]
 
     def rewrite(self, graph, match, ctx):
-        pad, node = match.info["pad"], match.info["consumer"]
+        pad, node = match.info.pad, match.info.consumer
         attrs = dict(node.attrs)
         attrs["pads"] = self._pads(node, pad_amounts(pad))
         attrs.pop("auto_pad", None)  # VALID means no own padding: explicit pads replace it
