@@ -169,6 +169,12 @@ class EmbedPlan:
     total: gs.Tensor | None
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbedMatch:
+    gathers: tuple[gs.Node, ...]  # word, position [, segment] lookups, in the sum's order
+    outputs: tuple[gs.Tensor, ...]
+
+
 class EmbedLayerNorm(FusionRule):
     """LayerNormalization(word + position [+ segment] Gathers) -> EmbedLayerNormalization."""
 
@@ -188,16 +194,16 @@ class EmbedLayerNorm(FusionRule):
         gathers = [producer_op(leaf, "Gather") for leaf in leaves]
         if any(g is None for g in gathers):
             return None
-        return Match([node, *adds, *gathers], {"gathers": gathers, "outputs": [node.outputs[0]]})
+        return Match([node, *adds, *gathers], EmbedMatch(tuple(gathers), (node.outputs[0],)))
 
     def check(self, graph, match, ctx):
         """As FusionRule.check, except that the gathered words may also be read by Shape
         nodes: those are re-pointed at the ids (same leading dims) on rewrite. Returns the
         plan (EmbedPlan) or a refusal."""
-        gathers = match.info["gathers"]
+        gathers = match.info.gathers
         readers = [c for g in gathers for c in g.outputs[0].outputs if c.op == "Shape" and not c.domain]
         total = match.nodes[0].inputs[0]  # the embedding sum: the op's output 2 when read elsewhere
-        kept = [*match.info["outputs"], total, *(r.outputs[0] for r in readers)]
+        kept = [*match.info.outputs, total, *(r.outputs[0] for r in readers)]
         escaped = escaping(graph, match.nodes + readers, keep_tensors=kept)
         if escaped:
             return self.refusal(f"intermediate tensor {escaped[0][1].name} has other consumers", match)
@@ -210,7 +216,7 @@ class EmbedLayerNorm(FusionRule):
         kept_sum = total if len(total.outputs) > 1 or is_graph_output(graph, total) else None
         return EmbedPlan(roles, params, readers, kept_sum)
 
-    def _roles(self, graph: gs.Graph, gathers: list[gs.Node]) -> tuple | str:
+    def _roles(self, graph: gs.Graph, gathers: tuple[gs.Node, ...]) -> tuple | str:
         """(word, position, segment or None) Gathers, or the reason they cannot be told apart."""
         computed = [g for g in gathers if _source_input(graph, g.inputs[1]) is None]
         if len(computed) != 1:
@@ -220,7 +226,7 @@ class EmbedLayerNorm(FusionRule):
 
     def preconditions(self, graph, match, ctx) -> str | tuple:
         """The reason to refuse, or ((word, position, segment) Gathers, (gamma, beta))."""
-        node, gathers = match.nodes[0], match.info["gathers"]
+        node, gathers = match.nodes[0], match.info.gathers
         if int(node.attrs.get("stash_type", 1)) != 1:
             return "norm does not compute in float32"
         params = [const_value(t) if t.name else None for t in node.inputs[1:3]]

@@ -12,6 +12,8 @@ pattern. The product and the division may be associated in any order.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import onnx_graphsurgeon as gs
 
 from onnxforge.context import PassContext
@@ -41,8 +43,38 @@ def clip_bounds(node: gs.Node) -> tuple[float | None, float | None, bool]:
     return (scalar(lo) if lo is not None else None, scalar(hi) if hi is not None else None, ok)
 
 
+@dataclasses.dataclass(frozen=True)
+class HardSwishClipMatch:
+    """x * clip(x + three, lo, hi) / six (or * six when not ``divides``)"""
+
+    x: gs.Tensor
+    three: gs.Tensor
+    six: gs.Tensor
+    divides: bool
+    outputs: tuple[gs.Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class HardSigmoidMatch:
+    """clip(a*x + b, lo, hi) [/ h]"""
+
+    x: gs.Tensor
+    a: gs.Tensor | None  # None: no Mul (a = 1)
+    b: gs.Tensor
+    h: gs.Node | None  # the Div/Mul by the clip's top, None when there is none
+    outputs: tuple[gs.Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class HardSwishMulMatch:
+    """x * HardSigmoid(x)"""
+
+    x: gs.Tensor
+    outputs: tuple[gs.Tensor, ...]
+
+
 def _emit_hardswish(graph: gs.Graph, match: Match, ctx: PassContext) -> None:
-    x = match.info["x"]
+    x = match.info.x
     if model_opset(graph, ctx) >= 14:
         replace(graph, match, "HardSwish", [x])
         return
@@ -87,17 +119,16 @@ class HardSwishClip(FusionRule):
                 return None
         if six is None:
             return None
-        return Match([node, add, first, second], {
-            "x": x, "three": three, "six": six, "divides": divides, "outputs": [second.outputs[0]],
-        })
+        return Match([node, add, first, second],
+                     HardSwishClipMatch(x, three, six, divides, (second.outputs[0],)))
 
     def preconditions(self, graph, match, ctx):
         lo, hi, ok = clip_bounds(match.nodes[0])
         if not ok:
             return "clip bounds are not constants"
-        six = scalar(match.info["six"])
-        scale = six if match.info["divides"] else (1.0 / six if six else None)
-        if not (near(scalar(match.info["three"]), 3.0) and lo == 0.0 and near(hi, 6.0) and near(scale, 6.0)):
+        six = scalar(match.info.six)
+        scale = six if match.info.divides else (1.0 / six if six else None)
+        if not (near(scalar(match.info.three), 3.0) and lo == 0.0 and near(hi, 6.0) and near(scale, 6.0)):
             return "not x * clip(x + 3, 0, 6) / 6"
         return None
 
@@ -132,15 +163,15 @@ class HardSigmoidClip(FusionRule):
             out = div.outputs[0]
         elif clip_bounds(node)[1] != 1.0:
             return None  # a plain clipped ramp (ReLU6-like), not a hard sigmoid
-        return Match(nodes, {"x": x, "a": a, "b": b, "h": h, "outputs": [out]})
+        return Match(nodes, HardSigmoidMatch(x, a, b, h, (out,)))
 
     def _params(self, match: Match) -> tuple[float, float] | None:
         lo, hi, ok = clip_bounds(match.nodes[0])
-        a = 1.0 if match.info["a"] is None else scalar(match.info["a"])
-        b = scalar(match.info["b"])
+        a = 1.0 if match.info.a is None else scalar(match.info.a)
+        b = scalar(match.info.b)
         if not ok or lo != 0.0 or hi is None or a is None or b is None:
             return None
-        h = match.info["h"]
+        h = match.info.h
         if h is None:
             return (a, b) if hi == 1.0 else None
         d = scalar(h.inputs[1])
@@ -152,7 +183,7 @@ class HardSigmoidClip(FusionRule):
 
     def rewrite(self, graph, match, ctx):
         alpha, beta = self._params(match)
-        replace(graph, match, "HardSigmoid", [match.info["x"]], {"alpha": float(alpha), "beta": float(beta)})
+        replace(graph, match, "HardSigmoid", [match.info.x], {"alpha": float(alpha), "beta": float(beta)})
 
 
 class HardSwishFromHardSigmoid(FusionRule):
@@ -166,7 +197,7 @@ class HardSwishFromHardSigmoid(FusionRule):
         mul = consumer_op(node.outputs[0], "Mul")
         if mul is None or other_input(mul, node.outputs[0]) is not x or (graph.opset or 0) < 14:
             return None  # below opset 14 x * HardSigmoid(x) is already the shortest form
-        return Match([node, mul], {"x": x, "outputs": [mul.outputs[0]]})
+        return Match([node, mul], HardSwishMulMatch(x, (mul.outputs[0],)))
 
     def preconditions(self, graph, match, ctx):
         node = match.nodes[0]
@@ -175,7 +206,7 @@ class HardSwishFromHardSigmoid(FusionRule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        replace(graph, match, "HardSwish", [match.info["x"]])
+        replace(graph, match, "HardSwish", [match.info.x])
 
 
 class FuseHardSwish(RulePass):
