@@ -32,6 +32,8 @@ Which exporter form each pass owns:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -42,6 +44,7 @@ from ._match import MS_DOMAIN, const_value, either_order, escaping, is_const, pr
 from .attention_match import (
     Core,
     HeadSplit,
+    ScaleFactor,
     head_split,
     last_dim,
     match_core,
@@ -84,6 +87,20 @@ def is_scalar_constant(tensor: gs.Tensor) -> bool:
 
 # ------------------------------------------------------------------ rule base
 
+@dataclasses.dataclass(frozen=True)
+class AttentionMatch:
+    """The block around a Softmax: its core, the Q/K/V head splits, the Q and K projection
+    outputs under scalar factors (``q3``, ``k3``) and those factors (folded into the scale)."""
+
+    core: Core
+    q: HeadSplit
+    k: HeadSplit
+    v: HeadSplit
+    q3: gs.Tensor
+    k3: gs.Tensor
+    proj_factors: tuple[ScaleFactor, ...]
+
+
 class BlockRule(Rule):
     """A rule anchored on the Softmax of an attention block."""
 
@@ -125,12 +142,11 @@ class AttentionRule(BlockRule):
         q3, q_factors = peeled_projection(q)
         k3, k_factors = peeled_projection(k)
         return Match([node] + [n for n in nodes if n is not node],
-                     {"core": core, "q": q, "k": k, "v": v, "q3": q3, "k3": k3,
-                      "proj_factors": q_factors + k_factors})
+                     AttentionMatch(core, q, k, v, q3, k3, tuple(q_factors + k_factors)))
 
     def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
-        core: Core = match.info["core"]
-        q, k, v = match.info["q"], match.info["k"], match.info["v"]
+        core: Core = match.info.core
+        q, k, v = match.info.q, match.info.k, match.info.v
         if not softmax_is_last_axis(graph, core.softmax):
             return self.refusal("softmax axis not last", match)
         if scale_value(core.factors) is None or any(not is_scalar_constant(f.factor) for f in core.factors):
@@ -157,11 +173,11 @@ class AttentionRule(BlockRule):
         return self.leak_refusal(graph, match, core)
 
     def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
-        core: Core = match.info["core"]
-        q, v = match.info["q"], match.info["v"]
-        scale = scale_value(core.factors + match.info["proj_factors"])
+        core: Core = match.info.core
+        q, v = match.info.q, match.info.v
+        scale = scale_value(core.factors + list(match.info.proj_factors))
         heads = q.num_heads()
-        q3, k3, v3 = match.info["q3"], match.info["k3"], v.x3
+        q3, k3, v3 = match.info.q3, match.info.k3, v.x3
         prefix = core.softmax.name or core.output.name
         mask = expanded_mask(graph, core.bias, q3, k3, prefix) if core.bias is not None else None
         projections = [projection_bias(t) for t in (q3, k3, v3)]

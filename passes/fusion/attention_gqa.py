@@ -279,6 +279,20 @@ def head_layout_problem(core: Core, q: HeadSplit, k: HeadSplit, v: HeadSplit, ro
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class GqaMatch:
+    """A Llama block: its core, the Q/K/V head splits, rotary on Q and K, repeat_kv on K and V."""
+
+    core: Core
+    q: HeadSplit
+    k: HeadSplit
+    v: HeadSplit
+    q_rot: Rotary
+    k_rot: Rotary
+    k_rep: Repeat
+    v_rep: Repeat
+
+
 class GqaRotaryAttention(BlockRule):
     """Llama (TorchScript): rotate_half rotary on Q and K, repeat_kv on K and V, additive mask."""
 
@@ -301,22 +315,21 @@ class GqaRotaryAttention(BlockRule):
         parts = core.nodes + q_rot.nodes + k_rot.nodes + k_rep.nodes + v_rep.nodes + q.nodes + k.nodes + v.nodes
         unique = list({id(n): n for n in parts if n is not None}.values())
         nodes = [node] + [n for n in unique if n is not node]
-        return Match(nodes, {"core": core, "q": q, "k": k, "v": v, "q_rot": q_rot, "k_rot": k_rot,
-                             "k_rep": k_rep, "v_rep": v_rep})
+        return Match(nodes, GqaMatch(core, q, k, v, q_rot, k_rot, k_rep, v_rep))
 
     def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
-        core: Core = match.info["core"]
-        q: HeadSplit = match.info["q"]
-        k: HeadSplit = match.info["k"]
-        v: HeadSplit = match.info["v"]
+        core: Core = match.info.core
+        q: HeadSplit = match.info.q
+        k: HeadSplit = match.info.k
+        v: HeadSplit = match.info.v
         if not softmax_is_last_axis(graph, core.softmax):
             return self.refusal("softmax axis not last", match)
-        problem = head_layout_problem(core, q, k, v, (match.info["q_rot"], match.info["k_rot"]))
+        problem = head_layout_problem(core, q, k, v, (match.info.q_rot, match.info.k_rot))
         if problem is not None:
             return self.refusal(problem, match)
         heads, kv_heads = q.num_heads(), k.num_heads()
-        for label in ("k_rep", "v_rep"):
-            if not repeat_is_exact(match.info[label], heads // kv_heads):
+        for repeat in (match.info.k_rep, match.info.v_rep):
+            if not repeat_is_exact(repeat, heads // kv_heads):
                 return self.refusal("repeat_kv Expand/Reshape does not repeat kv heads N/Nkv times", match)
         if core.nan_guard and not mask_is_finite(core.bias):
             return self.refusal("NaN guard kept: mask is not a Where of finite constants", match)
@@ -327,14 +340,14 @@ class GqaRotaryAttention(BlockRule):
         return self.leak_refusal(graph, match, core)
 
     def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
-        core: Core = match.info["core"]
-        q, k, v = match.info["q"], match.info["k"], match.info["v"]
+        core: Core = match.info.core
+        q, k, v = match.info.q, match.info.k, match.info.v
         prefix = core.softmax.name or core.output.name
         head_size = q.head_size
         b = _Builder(graph, prefix)
         batch, seq = b.dim(q.x3, 0), b.dim(q.x3, 1)
         positions = b.positions(batch, seq)
-        q_rot, k_rot = match.info["q_rot"], match.info["k_rot"]
+        q_rot, k_rot = match.info.q_rot, match.info.k_rot
         caches = {}
         for label, table in (("cos", q_rot.cos), ("sin", q_rot.sin)):
             caches[label] = b.rotary_cache(table, batch, head_size // 2, label)

@@ -34,6 +34,8 @@ axis (2) with the past first; present tensors are not read by other nodes of the
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -43,6 +45,7 @@ from onnxforge.passes.base import Match, RulePass
 from ._match import MS_DOMAIN, ShapeOracle, const_value, escaping, producer
 from .attention import BlockRule, mask_is_finite, softmax_is_last_axis
 from .attention_gqa import (
+    GqaMatch,
     GqaRotaryAttention,
     Repeat,
     _Builder,
@@ -79,6 +82,14 @@ def reshape_reuses_entries(repeat: Repeat) -> bool:
     return True
 
 
+@dataclasses.dataclass(frozen=True)
+class GqaCacheMatch(GqaMatch):
+    """A Llama block with past_key_values: also the Concats that append K and V to the past."""
+
+    k_cat: gs.Node
+    v_cat: gs.Node
+
+
 class GqaRotaryCacheAttention(BlockRule):
     """Llama with past_key_values: rotary on Q and K, K/V appended to the past, repeat_kv, additive mask."""
 
@@ -109,29 +120,26 @@ class GqaRotaryCacheAttention(BlockRule):
                  + q.nodes + k.nodes + v.nodes)
         unique = list({id(n): n for n in parts if n is not None}.values())
         nodes = [node] + [n for n in unique if n is not node]
-        return Match(nodes, {"core": core, "q": q, "k": k, "v": v, "q_rot": q_rot, "k_rot": k_rot,
-                             "k_rep": k_rep, "v_rep": v_rep, "k_cat": k_cat, "v_cat": v_cat,
-                             "outputs": {t.name for t in graph.outputs}})
+        return Match(nodes, GqaCacheMatch(core, q, k, v, q_rot, k_rot, k_rep, v_rep, k_cat, v_cat))
 
     def check(self, graph: gs.Graph, match: Match, ctx: PassContext) -> Refusal | None:
-        core: Core = match.info["core"]
-        q: HeadSplit = match.info["q"]
-        k: HeadSplit = match.info["k"]
-        v: HeadSplit = match.info["v"]
+        core: Core = match.info.core
+        q: HeadSplit = match.info.q
+        k: HeadSplit = match.info.k
+        v: HeadSplit = match.info.v
         if not softmax_is_last_axis(graph, core.softmax):
             return self.refusal("softmax axis not last", match)
         # before the shape inference repeat_ok may need: the provider alone decides here
         if ctx.provider == "cuda" and projection_dtype(q.x3) not in (np.float16, "bfloat16"):
             return self.refusal("CUDA GroupQueryAttention runs float16/bfloat16 only", match)
-        problem = head_layout_problem(core, q, k, v, (match.info["q_rot"], match.info["k_rot"]))
+        problem = head_layout_problem(core, q, k, v, (match.info.q_rot, match.info.k_rot))
         if problem is not None:
             return self.refusal(problem, match)
         heads, kv_heads = q.num_heads(), k.num_heads()
-        for label in ("k_cat", "v_cat"):
-            if int(match.info[label].attrs.get("axis", 0)) not in (2, -2):
+        for cat in (match.info.k_cat, match.info.v_cat):
+            if int(cat.attrs.get("axis", 0)) not in (2, -2):
                 return self.refusal("cache Concat is not along the sequence axis", match)
-        for label in ("k_rep", "v_rep"):
-            repeat: Repeat = match.info[label]
+        for repeat in (match.info.k_rep, match.info.v_rep):
             if not self.repeat_ok(graph, ctx, repeat, heads // kv_heads, heads):
                 return self.refusal("repeat_kv Expand/Reshape does not repeat kv heads N/Nkv times", match)
         if core.bias is None:
@@ -166,7 +174,7 @@ class GqaRotaryCacheAttention(BlockRule):
     def present_leak(self, graph: gs.Graph, match: Match, core: Core) -> Refusal | None:
         """The presents become GroupQueryAttention outputs: they may leave the block (graph outputs,
         Shape readers); every other intermediate may not."""
-        keep = (core.merge_reshape, match.info["k_cat"], match.info["v_cat"])
+        keep = (core.merge_reshape, match.info.k_cat, match.info.v_cat)
         leaked = [node.name for node, _ in escaping(graph, match.nodes, keep_nodes=keep, ignore_readers=("Shape",))]
         if leaked:
             return Refusal(self.name, "intermediate result used outside the attention block",
@@ -174,15 +182,15 @@ class GqaRotaryCacheAttention(BlockRule):
         return None
 
     def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
-        core: Core = match.info["core"]
-        q, k, v = match.info["q"], match.info["k"], match.info["v"]
-        k_cat, v_cat = match.info["k_cat"], match.info["v_cat"]
+        core: Core = match.info.core
+        q, k, v = match.info.q, match.info.k, match.info.v
+        k_cat, v_cat = match.info.k_cat, match.info.v_cat
         prefix = core.softmax.name or core.output.name
         head_size = q.head_size
         b = _Builder(graph, prefix)
         batch, seq = b.dim(q.x3, 0), b.dim(q.x3, 1)
         positions = b.positions(batch, seq)
-        q_rot, k_rot = match.info["q_rot"], match.info["k_rot"]
+        q_rot, k_rot = match.info.q_rot, match.info.k_rot
         caches = {label: b.rotary_cache(table, batch, head_size // 2, label)
                   for label, table in (("cos", q_rot.cos), ("sin", q_rot.sin))}
         query = b.rotary(q.x3, positions, caches["cos"], caches["sin"], "q")
