@@ -124,6 +124,19 @@ def _norm_shape(x: gs.Tensor, k: int, *params: np.ndarray | None) -> tuple[int, 
 
 
 @dataclasses.dataclass(frozen=True)
+class NormMatch:
+    """(x - mean) / sqrt(var + eps) [* gamma] [+ beta], or x / sqrt(mean(x^2) + eps) [* gamma]."""
+
+    x: gs.Tensor
+    eps: gs.Tensor
+    gamma: gs.Tensor | None
+    beta: gs.Tensor | None
+    reduces: tuple[gs.Node, ...]  # the ReduceMeans (of x and of the squares)
+    square: gs.Node  # the Pow or Mul making the squares
+    outputs: tuple[gs.Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class NormPlan:
     """What the checks found: the norm is over the last ``k`` axes of shape ``norm_shape``,
     with ``epsilon``, computing in ``dtype``."""
@@ -140,16 +153,16 @@ class _NormBase(FusionRule):
     def _common(self, match: Match) -> str | NormPlan:
         """The reason to refuse, or the plan."""
         info = match.info
-        for node in info["reduces"]:
+        for node in info.reduces:
             if int(node.attrs.get("keepdims", 1)) != 1:
                 return "ReduceMean does not keep dims"
-        axes = [reduce_axes(n) for n in info["reduces"]]
+        axes = [reduce_axes(n) for n in info.reduces]
         if any(a is None for a in axes) or len(set(axes)) != 1:
             return "mean axes are not constant or differ"
-        k = trailing_axes(axes[0], _rank(info["x"]))
+        k = trailing_axes(axes[0], _rank(info.x))
         if k is None:
             return f"mean axes {axes[0]} are not the last axes"
-        eps = const_value(info["eps"])
+        eps = const_value(info.eps)
         if eps is None or eps.size != 1:
             return "epsilon not a constant"
         if not float_dtype(eps):
@@ -157,23 +170,23 @@ class _NormBase(FusionRule):
         for node in match.nodes:
             if node.op == "Cast" and int(node.attrs["to"]) != onnx.helper.np_dtype_to_tensor_dtype(eps.dtype):
                 return "a Cast inside the pattern changes the type"
-        norm_shape = _norm_shape(info["x"], k, const_value(info["gamma"]), const_value(info["beta"]))
+        norm_shape = _norm_shape(info.x, k, const_value(info.gamma), const_value(info.beta))
         if norm_shape is None:
             return "normalised shape unknown"
-        for key in ("gamma", "beta"):
-            if info[key] is not None and _param(const_value(info[key]), norm_shape) is None:
+        for key, param in (("gamma", info.gamma), ("beta", info.beta)):
+            if param is not None and _param(const_value(param), norm_shape) is None:
                 return f"{key} does not broadcast over the normalised axes only"
         return NormPlan(k, float(eps.reshape(-1)[0]), norm_shape, eps.dtype)
 
     def _params(self, graph: gs.Graph, match: Match, with_beta: bool) -> list[gs.Tensor]:
         info, plan = match.info, match.plan
         shape, dtype = plan.norm_shape, plan.dtype
-        gamma = _param(const_value(info["gamma"]), shape)
-        params = [fresh_constant(graph, f"{info['x'].name}_norm_scale",
+        gamma = _param(const_value(info.gamma), shape)
+        params = [fresh_constant(graph, f"{info.x.name}_norm_scale",
                                  (gamma if gamma is not None else np.ones(shape)).astype(dtype))]
         if with_beta:
-            beta = _param(const_value(info["beta"]), shape)
-            params.append(fresh_constant(graph, f"{info['x'].name}_norm_bias",
+            beta = _param(const_value(info.beta), shape)
+            params.append(fresh_constant(graph, f"{info.x.name}_norm_bias",
                                          (beta if beta is not None else np.zeros(shape)).astype(dtype)))
         return params
 
@@ -244,13 +257,11 @@ class LayerNorm(_NormBase):
             return None
         norm_nodes, normed = step
         tail, out, gamma, beta = _affine_tail(normed)
-        return Match([node, sub, *sq_nodes, *es_nodes, *norm_nodes, *tail], {
-            "x": x, "eps": eps, "gamma": gamma, "beta": beta, "reduces": [node, var_mean],
-            "square": sq_nodes[0], "outputs": [out],
-        })
+        return Match([node, sub, *sq_nodes, *es_nodes, *norm_nodes, *tail],
+                     NormMatch(x, eps, gamma, beta, (node, var_mean), sq_nodes[0], (out,)))
 
     def preconditions(self, graph, match, ctx):
-        square = match.info["square"]
+        square = match.info.square
         if square.op == "Pow" and not near(scalar(square.inputs[1]), 2.0):
             return "variance is not a mean of squares (Pow exponent is not 2)"
         if model_opset(graph, ctx) < 17 and not self.below_17:
@@ -259,7 +270,7 @@ class LayerNorm(_NormBase):
 
     def rewrite(self, graph, match, ctx):
         info = match.info
-        replace(graph, match, "LayerNormalization", [info["x"], *self._params(graph, match, True)],
+        replace(graph, match, "LayerNormalization", [info.x, *self._params(graph, match, True)],
                 {"axis": -match.plan.k, "epsilon": match.plan.epsilon})
 
 
@@ -292,13 +303,11 @@ class RmsNorm(_NormBase):
         tail, out, gamma, _ = _affine_tail(normed)
         if gamma is not None and tail[-1].op == "Add":  # RMSNorm has no bias: keep a trailing Add outside
             tail, out = tail[:-1], tail[-2].outputs[0]
-        return Match([node, square, *es_nodes, *norm_nodes, *tail], {
-            "x": x, "eps": eps, "gamma": gamma, "beta": None, "reduces": [node], "square": square,
-            "outputs": [out],
-        })
+        return Match([node, square, *es_nodes, *norm_nodes, *tail],
+                     NormMatch(x, eps, gamma, None, (node,), square, (out,)))
 
     def preconditions(self, graph, match, ctx):
-        square = match.info["square"]
+        square = match.info.square
         if square.op == "Pow" and not near(scalar(square.inputs[1]), 2.0):
             return "not a mean of squares (Pow exponent is not 2)"
         if ctx.provider not in ("cpu", "cuda"):
@@ -307,7 +316,7 @@ class RmsNorm(_NormBase):
 
     def rewrite(self, graph, match, ctx):
         info = match.info
-        replace(graph, match, "SimplifiedLayerNormalization", [info["x"], *self._params(graph, match, False)],
+        replace(graph, match, "SimplifiedLayerNormalization", [info.x, *self._params(graph, match, False)],
                 {"axis": -match.plan.k, "epsilon": match.plan.epsilon})
 
 
