@@ -20,6 +20,8 @@ node can feed several collapses in one sweep.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -49,6 +51,17 @@ def single_reader(tensor: gs.Tensor, rule: IndexedRule) -> bool:
     return len(tensor.outputs) == 1 and not rule.index.is_graph_output(tensor)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChainMatch:
+    first: gs.Node  # the node the anchor reads
+
+
+@dataclasses.dataclass(frozen=True)
+class TransposeChainMatch:
+    first: gs.Node
+    perm: tuple[int, ...]  # the two permutations composed
+
+
 class CollapseTranspose(IndexedRule):
     name = "collapsed-transpose"
     anchor_ops = ("Transpose",)
@@ -60,23 +73,23 @@ class CollapseTranspose(IndexedRule):
         outer, inner = node.attrs.get("perm"), first.attrs.get("perm")
         if outer is None or inner is None or len(outer) != len(inner):
             return None
-        return Match([node], {"first": first, "perm": [int(inner[i]) for i in outer]})
+        return Match([node], TransposeChainMatch(first, tuple(int(inner[i]) for i in outer)))
 
     def check(self, graph, match, ctx):
-        second, first = match.nodes[0], match.info["first"]
-        if match.info["perm"] == list(range(len(match.info["perm"]))):
+        second, first = match.nodes[0], match.info.first
+        if match.info.perm == tuple(range(len(match.info.perm))):
             reason = bypass_refusal(second, first.inputs[0], second.outputs[0], self.index)
             return self.refusal(reason, match) if reason else None
         return None
 
     def rewrite(self, graph, match, ctx):
-        second, first = match.nodes[0], match.info["first"]
-        perm = match.info["perm"]
-        if perm == list(range(len(perm))):
+        second, first = match.nodes[0], match.info.first
+        perm = match.info.perm
+        if perm == tuple(range(len(perm))):
             bypass(second, first.inputs[0], second.outputs[0], self.index)
         else:
             second.inputs[0] = first.inputs[0]
-            second.attrs["perm"] = perm
+            second.attrs["perm"] = list(perm)
 
 
 class CollapseReshape(IndexedRule):
@@ -87,10 +100,10 @@ class CollapseReshape(IndexedRule):
         first = producer_op(node.inputs[0], "Reshape")
         if first is None or self.index.graph_of(first) is not graph or len(node.inputs) != 2:
             return None
-        return Match([node], {"first": first})
+        return Match([node], ChainMatch(first))
 
     def check(self, graph, match, ctx):
-        second, first = match.nodes[0], match.info["first"]
+        second, first = match.nodes[0], match.info.first
         target = int_list(second.inputs[1])
         if target is None:
             return self.refusal("the second shape is not a constant", match)
@@ -101,7 +114,7 @@ class CollapseReshape(IndexedRule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        second, first = match.nodes[0], match.info["first"]
+        second, first = match.nodes[0], match.info.first
         second.inputs[0] = first.inputs[0]
 
 
@@ -113,10 +126,10 @@ class CollapseCast(IndexedRule):
         first = producer_op(node.inputs[0], "Cast")
         if first is None or self.index.graph_of(first) is not graph:
             return None
-        return Match([node], {"first": first})
+        return Match([node], ChainMatch(first))
 
     def check(self, graph, match, ctx):
-        second, first = match.nodes[0], match.info["first"]
+        second, first = match.nodes[0], match.info.first
         source = self.types.dtype(first.inputs[0])
         middle, target = int(first.attrs["to"]), int(second.attrs["to"])
         if source is None:
@@ -132,7 +145,7 @@ class CollapseCast(IndexedRule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        second, first = match.nodes[0], match.info["first"]
+        second, first = match.nodes[0], match.info.first
         if int(second.attrs["to"]) == self.types.dtype(first.inputs[0]):
             bypass(second, first.inputs[0], second.outputs[0], self.index)
         else:
@@ -159,15 +172,15 @@ class CancelSqueezePair(IndexedRule):
         axes, first_axes = squeeze_axes(node), squeeze_axes(first)
         if axes is None or first_axes is None or sorted(axes) != sorted(first_axes):
             return None
-        return Match([node], {"first": first, "axes": axes})
+        return Match([node], ChainMatch(first))
 
     def check(self, graph, match, ctx):
-        second, first = match.nodes[0], match.info["first"]
+        second, first = match.nodes[0], match.info.first
         reason = bypass_refusal(second, first.inputs[0], second.outputs[0], self.index)
         return self.refusal(reason, match) if reason else None
 
     def rewrite(self, graph, match, ctx):
-        second, first = match.nodes[0], match.info["first"]
+        second, first = match.nodes[0], match.info.first
         bypass(second, first.inputs[0], second.outputs[0], self.index)
 
 

@@ -14,6 +14,8 @@ Preconditions:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -38,6 +40,11 @@ def attribute_value(node: gs.Node) -> gs.Constant | np.ndarray | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class ConstantMatch:
+    value: gs.Constant | np.ndarray  # the Constant node's value (a Constant: one holding external data)
+
+
 class ConstantNodeToInitializer(IndexedRule):
     name = "constant-to-initializer"
     anchor_ops = ("Constant",)
@@ -48,13 +55,13 @@ class ConstantNodeToInitializer(IndexedRule):
         value = attribute_value(node)
         if value is None:
             return None
-        return Match([node], {"value": value})
+        return Match([node], ConstantMatch(value))
 
     def check(self, graph, match, ctx):
         out = match.nodes[0].outputs[0]
         if self.index.is_graph_output(out):
             return self.refusal("its output is a graph output", match)
-        value = match.info["value"]
+        value = match.info.value
         nbytes = const_nbytes(value) if isinstance(value, gs.Constant) else value.nbytes
         if not shared_placement_ok(out, graph, self.index, nbytes):
             return self.refusal("read by other (sub)graphs and too large to copy into each", match)
@@ -63,7 +70,7 @@ class ConstantNodeToInitializer(IndexedRule):
     def rewrite(self, graph, match, ctx):
         node = match.nodes[0]
         out = node.outputs[0]
-        value = match.info["value"]
+        value = match.info.value
         if isinstance(value, gs.Constant):
             tensor = gs.Constant(out.name, value._values, data_location=value.data_location,
                                  export_dtype=value.export_dtype)

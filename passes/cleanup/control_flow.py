@@ -21,6 +21,8 @@ Preconditions:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -40,6 +42,11 @@ def model_names(index) -> set[str]:
     return names
 
 
+@dataclasses.dataclass(frozen=True)
+class IfMatch:
+    cond: gs.Tensor
+
+
 class InlineConstantIf(IndexedRule):
     name = "inlined_if"
     anchor_ops = ("If",)
@@ -47,10 +54,10 @@ class InlineConstantIf(IndexedRule):
     def match(self, graph, node):
         if node.domain not in DEFAULT_DOMAINS or not node.inputs:
             return None
-        return Match([node], {"cond": node.inputs[0]})
+        return Match([node], IfMatch(node.inputs[0]))
 
     def check(self, graph, match, ctx):
-        cond = match.info["cond"]
+        cond = match.info.cond
         if not isinstance(cond, gs.Constant):
             return self.refusal(f"the condition depends on data ({cond.name})", match)
         if const_nbytes(cond) > 64 or np.asarray(cond.values).size != 1:
@@ -66,7 +73,7 @@ class InlineConstantIf(IndexedRule):
 
     def rewrite(self, graph, match, ctx):
         node = match.nodes[0]
-        taken = bool(np.asarray(match.info["cond"].values).reshape(-1)[0])
+        taken = bool(np.asarray(match.info.cond.values).reshape(-1)[0])
         branch = node.attrs["then_branch" if taken else "else_branch"]
         self.rename_clashes(branch, node)
         at = position(node, graph)

@@ -21,6 +21,8 @@ Precondition for all: when the output is a graph output its name is kept (see
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 
@@ -207,6 +209,12 @@ class ConcatNoop(NoopRule):
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class NeutralMatch:
+    data: int  # the input that passes through
+    value: np.ndarray  # the other input's (neutral) value
+
+
 class ArithmeticNoop(IndexedRule):
     """x*1, 1*x, x/1, x-(+0), x+(-0) for floats; x+0, 0+x, x-0, x*1, x/1 for integers."""
 
@@ -220,13 +228,13 @@ class ArithmeticNoop(IndexedRule):
         for pos in positions:
             value = small_value(node.inputs[pos], 1 << 16)
             if value is not None and value.size and neutral_kind(node.op, value) is not None:
-                return Match([node], {"data": 1 - pos, "value": value})
+                return Match([node], NeutralMatch(1 - pos, value))
         return None
 
     def check(self, graph, match, ctx):
         node = match.nodes[0]
-        value = match.info["value"]
-        data = node.inputs[match.info["data"]]
+        value = match.info.value
+        data = node.inputs[match.info.data]
         kind = neutral_kind(node.op, value)
         if kind == "positive_zero_add" and value.dtype.kind == "f":
             return self.refusal("x + 0.0 is not exact: it turns -0.0 into +0.0", match)
@@ -239,7 +247,7 @@ class ArithmeticNoop(IndexedRule):
 
     def rewrite(self, graph, match, ctx):
         node = match.nodes[0]
-        bypass(node, node.inputs[match.info["data"]], node.outputs[0], self.index)
+        bypass(node, node.inputs[match.info.data], node.outputs[0], self.index)
 
 
 def neutral_kind(op: str, value: np.ndarray) -> str | None:

@@ -12,6 +12,8 @@ state is computed from tensor values (depends on data).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -38,6 +40,11 @@ def zero_fill(tensor: gs.Tensor) -> bool | None:
     return not np.any(np.asarray(fill.values))
 
 
+@dataclasses.dataclass(frozen=True)
+class StateMatch:
+    slots: tuple[int, ...]  # the node's initial-state inputs that are given
+
+
 class DropZeroInitialState(IndexedRule):
     name = "zero-initial-state-dropped"
     anchor_ops = tuple(STATE_INPUTS)
@@ -46,16 +53,16 @@ class DropZeroInitialState(IndexedRule):
         if node.domain not in DEFAULT_DOMAINS:
             return None
         slots = [i for i in STATE_INPUTS[node.op] if i < len(node.inputs) and not node.inputs[i].is_empty()]
-        return Match([node], {"slots": slots}) if slots else None
+        return Match([node], StateMatch(tuple(slots))) if slots else None
 
     def check(self, graph, match, ctx):
         node = match.nodes[0]
-        states = [zero_fill(node.inputs[i]) for i in match.info["slots"]]
+        states = [zero_fill(node.inputs[i]) for i in match.info.slots]
         if not any(states):
             if False in states:
                 return self.refusal("the initial state is not zero (not the default)", match)
             return self.refusal("the initial state is computed from tensor values (depends on data)", match)
-        return [i for i, zero in zip(match.info["slots"], states) if zero]
+        return [i for i, zero in zip(match.info.slots, states) if zero]
 
     def rewrite(self, graph, match, ctx):
         node = match.nodes[0]

@@ -146,6 +146,27 @@ def concat_pieces(concat: gs.Node, types) -> list[Piece]:
     return [shape_piece(t, types) for t in concat.inputs]
 
 
+@dataclasses.dataclass(frozen=True)
+class PiecesMatch:
+    pieces: tuple[Piece, ...]  # what each input of the shape's Concat holds
+
+
+@dataclasses.dataclass(frozen=True)
+class NestedConcatMatch:
+    inner: tuple[int, ...]  # the inputs an inner Concat on the same axis makes
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeRunsMatch:
+    pieces: tuple[Piece, ...]
+    runs: tuple[tuple[int, int], ...]  # (first, last) input of each run of consecutive dims of one tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticDimsMatch:
+    value: np.ndarray  # the int64 dims the node reads, all static
+
+
 class ReshapeCopiesOwnDims(IndexedRule):
     name = "reshape-copies-own-dims"
     anchor_ops = ("Reshape",)
@@ -159,14 +180,14 @@ class ReshapeCopiesOwnDims(IndexedRule):
         pieces = concat_pieces(concat, self.types)
         if not any(p.source is not None or p.why for p in pieces):
             return None  # all constant: fold-constants' job
-        return Match([node], {"pieces": pieces, "concat": concat})
+        return Match([node], PiecesMatch(tuple(pieces)))
 
     def check(self, graph, match, ctx):
         node = match.nodes[0]
         if int(node.attrs.get("allowzero", 0)):
             return self.refusal("allowzero=1: a 0 entry would be a literal zero, not a copied dim", match)
         offset = 0
-        for piece in match.info["pieces"]:
+        for piece in match.info.pieces:
             if piece.why:
                 return self.refusal(f"a piece of the target shape is {piece.why}", match)
             if piece.source is not None:
@@ -180,7 +201,7 @@ class ReshapeCopiesOwnDims(IndexedRule):
     def rewrite(self, graph, match, ctx):
         node = match.nodes[0]
         target = []
-        for piece in match.info["pieces"]:
+        for piece in match.info.pieces:
             target += list(piece.values) if piece.values is not None else [0] * piece.count
         node.inputs[1] = gs.Constant(f"{node.name or 'reshape'}_target", np.array(target, dtype=np.int64))
 
@@ -200,12 +221,12 @@ class FlattenNestedConcat(IndexedRule):
     def match(self, graph, node):
         inner = [i for i, t in enumerate(node.inputs) if (p := producer_op(t, "Concat")) is not None
                  and self.index.graph_of(p) is graph and _same_axis(node, p, self.types)]
-        return Match([node], {"inner": inner}) if inner else None
+        return Match([node], NestedConcatMatch(tuple(inner))) if inner else None
 
     def check(self, graph, match, ctx):
         node = match.nodes[0]
         if all(len(node.inputs[i].outputs) != 1 or self.index.is_graph_output(node.inputs[i])
-               for i in match.info["inner"]):
+               for i in match.info.inner):
             return self.refusal("the inner Concat has other readers (flattening would save nothing)", match)
         return None
 
@@ -213,7 +234,7 @@ class FlattenNestedConcat(IndexedRule):
         node = match.nodes[0]
         spliced = []
         for i, tensor in enumerate(node.inputs):
-            if i in match.info["inner"] and len(tensor.outputs) == 1 and not self.index.is_graph_output(tensor):
+            if i in match.info.inner and len(tensor.outputs) == 1 and not self.index.is_graph_output(tensor):
                 spliced += list(tensor.inputs[0].inputs)
             else:
                 spliced.append(tensor)
@@ -240,21 +261,21 @@ class MergeShapePieces(IndexedRule):
             if j > i:
                 runs.append((i, j))
             i = j + 1
-        return Match([node], {"pieces": pieces, "runs": runs}) if runs else None
+        return Match([node], ShapeRunsMatch(tuple(pieces), tuple(runs))) if runs else None
 
     def check(self, graph, match, ctx):
         # Each merged piece must go away with the merge, else a Shape node is only added.
         node = match.nodes[0]
-        for first, last in match.info["runs"]:
+        for first, last in match.info.runs:
             for tensor in node.inputs[first:last + 1]:
                 if len(tensor.outputs) != 1 or self.index.is_graph_output(tensor):
                     return self.refusal("a piece of the shape is read elsewhere too (merging would add a node)", match)
         return None
 
     def rewrite(self, graph, match, ctx):
-        node, pieces = match.nodes[0], match.info["pieces"]
+        node, pieces = match.nodes[0], match.info.pieces
         inputs = list(node.inputs)
-        for first, last in reversed(match.info["runs"]):
+        for first, last in reversed(match.info.runs):
             start, end = pieces[first].start, pieces[last].start + pieces[last].count
             out = gs.Variable(f"{node.name or 'concat'}_dims_{start}_{end}", dtype=np.int64, shape=[end - start])
             shape = gs.Node("Shape", name=f"{node.name or 'concat'}_shape_{start}_{end}",
@@ -294,7 +315,7 @@ class StaticDimsOfShape(IndexedRule):
             value = np.array(dims[piece.start:piece.start + piece.count], dtype=object)
         if any(d is None for d in np.asarray(value).reshape(-1)):
             return None  # a dynamic dim: stays computed at run time
-        return Match([node], {"value": np.asarray(value, dtype=np.int64)})
+        return Match([node], StaticDimsMatch(np.asarray(value, dtype=np.int64)))
 
     def check(self, graph, match, ctx):
         if self.index.is_graph_output(match.nodes[0].outputs[0]):
@@ -305,7 +326,7 @@ class StaticDimsOfShape(IndexedRule):
         node = match.nodes[0]
         out = node.outputs[0]
         remove_node(node, graph)
-        replace_uses(out, gs.Constant(out.name, match.info["value"]), self.index)
+        replace_uses(out, gs.Constant(out.name, match.info.value), self.index)
 
 
 class SimplifyShapes(IndexedRulePass):
