@@ -18,6 +18,7 @@ this pass (quant/plan.py); it is not in an -O level.
 """
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 
 import numpy as np
@@ -37,6 +38,12 @@ def _shared(graph: gs.Graph, name: str, make) -> gs.Constant:
     return existing if isinstance(existing, gs.Constant) else gs.Constant(name, make())
 
 
+@dataclasses.dataclass(frozen=True)
+class Int8WeightMatch:
+    q: gs.Constant  # the int8 / uint8 weight
+    scale: gs.Constant
+
+
 class Int8WeightMatMul(Rule):
     name = "int8-weight-matmul"
     anchor_ops = ("MatMul",)
@@ -50,11 +57,11 @@ class Int8WeightMatMul(Rule):
             if cast is None or not isinstance(cast.inputs[0], gs.Constant) or not isinstance(scale, gs.Constant):
                 continue
             if np.dtype(cast.inputs[0].dtype) in (np.int8, np.uint8) and len(weight.outputs) == 1:
-                return Match([node, mul, cast], {"q": cast.inputs[0], "scale": scale})
+                return Match([node, mul, cast], Int8WeightMatch(cast.inputs[0], scale))
         return None
 
     def check(self, graph, match, ctx):
-        q, scale = match.info["q"], match.info["scale"]
+        q, scale = match.info.q, match.info.scale
         if q.name not in ctx.option(PASS_NAME, "weights", ()):
             return self.refusal(f"the caller keeps the readers of {q.name} float", match)
         if len(q.shape) != 2:
@@ -66,7 +73,7 @@ class Int8WeightMatMul(Rule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        node, q, scale = match.nodes[0], match.info["q"], match.info["scale"]
+        node, q, scale = match.nodes[0], match.info.q, match.info.scale
         columns = q.shape[1]
         s = _shared(graph, f"{q.name}_dq_scale",
                     lambda: np.broadcast_to(np.asarray(scale.values, np.float32).reshape(-1), (columns,)).copy())

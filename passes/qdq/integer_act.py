@@ -33,6 +33,8 @@ adds no rounding beyond its own output grid (1/255).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -67,6 +69,18 @@ def _u8_const(graph, name, value) -> tuple[gs.Constant, gs.Constant, gs.Constant
     return _u8(graph, f"{name}_quantized", q), _f32(graph, f"{name}_scale", scale), _u8(graph, f"{name}_zero_point", zero)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShiftMatch:
+    h_dq: gs.Node  # the DequantizeLinear of the activation
+    c_dq: gs.Node  # the DequantizeLinear of the constant
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSiteMatch:
+    dq: gs.Node  # the DequantizeLinear the activation reads
+    q: gs.Node  # the QuantizeLinear reading it
+
+
 class ShiftIntoZeroPoint(Rule):
     """Add(DQ(h), DQ(c)) -> Q -> DQs  =>  DQs of h with zero point z - round(c / s)."""
 
@@ -82,10 +96,10 @@ class ShiftIntoZeroPoint(Rule):
         constant = [i for i, s in enumerate(sources) if isinstance(s.inputs[0], gs.Constant)]
         if len(constant) != 1:
             return None
-        return Match([node], {"h_dq": sources[1 - constant[0]], "c_dq": sources[constant[0]]})
+        return Match([node], ShiftMatch(sources[1 - constant[0]], sources[constant[0]]))
 
     def check(self, graph, match, ctx):
-        add, h_dq, c_dq = match.nodes[0], match.info["h_dq"], match.info["c_dq"]
+        add, h_dq, c_dq = match.nodes[0], match.info.h_dq, match.info.c_dq
         if add.name.endswith(MADE_ADDS):
             return self.refusal("an Add this pass made: the QuantizeLinear after it clips", match)
         c = _dequantized(c_dq)
@@ -109,7 +123,7 @@ class ShiftIntoZeroPoint(Rule):
         return readers, zero - k  # the plan: the DQs to re-point and their zero point
 
     def rewrite(self, graph, match, ctx):
-        add, h_dq = match.nodes[0], match.info["h_dq"]
+        add, h_dq = match.nodes[0], match.info.h_dq
         readers, shifted = match.plan
         zero = _u8(graph, f"{add.name or add.outputs[0].name}_shifted_zero_point", shifted)
         for reader in readers:
@@ -139,13 +153,13 @@ class IntegerActivation(Rule):
         users = node.outputs[0].outputs
         if dq is None or len(users) != 1 or users[0].op != "QuantizeLinear":
             return None
-        return Match([node], {"dq": dq, "q": users[0]})
+        return Match([node], ActivationSiteMatch(dq, users[0]))
 
     def check(self, graph, match, ctx):
         node = match.nodes[0]
         if any(o is node.outputs[0] for o in graph.outputs):
             return self.refusal("the activation is a graph output", match)
-        for qdq in (match.info["dq"], match.info["q"]):
+        for qdq in (match.info.dq, match.info.q):
             if not scalar_u8_grid(qdq) or qdq.attrs.get("axis", 1) != 1:
                 return self.refusal(f"{qdq.op} {qdq.name} is not u8 per tensor", match)
         return None
@@ -156,7 +170,7 @@ class IntegerHardSwish(IntegerActivation):
     anchor_ops = ("HardSwish",)
 
     def rewrite(self, graph, match, ctx):
-        node, dq, q = match.nodes[0], match.info["dq"], match.info["q"]
+        node, dq, q = match.nodes[0], match.info.dq, match.info.q
         base = node.name or node.outputs[0].name
         y, out = node.inputs[0], node.outputs[0]
         node.outputs.clear()
@@ -186,7 +200,7 @@ class IntegerHardSigmoid(IntegerActivation):
         return super().check(graph, match, ctx)
 
     def rewrite(self, graph, match, ctx):
-        node, q = match.nodes[0], match.info["q"]
+        node, q = match.nodes[0], match.info.q
         base = node.name or node.outputs[0].name
         alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
         y, out = node.inputs[0], node.outputs[0]

@@ -28,6 +28,8 @@ transposes cancel around it (quant/layout.py).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -72,6 +74,11 @@ def same_grid(dq: gs.Node, q: gs.Node) -> bool:
         _scalar_constant(dq.inputs[2]) == _scalar_constant(q.inputs[2])
 
 
+@dataclasses.dataclass(frozen=True)
+class MovementMatch:
+    dq: gs.Node  # the DequantizeLinear of the moved activation
+
+
 class IntegerMovement(Rule):
     name = "nhwc-integer-movement"
     anchor_ops = ("Resize", "DepthToSpace")
@@ -83,10 +90,10 @@ class IntegerMovement(Rule):
         if node.domain not in DEFAULT_DOMAINS:
             return None
         dq = activation_dq(node.inputs[0])
-        return Match([node], {"dq": dq}) if dq is not None else None
+        return Match([node], MovementMatch(dq)) if dq is not None else None
 
     def check(self, graph, match, ctx):
-        node, dq = match.nodes[0], match.info["dq"]
+        node, dq = match.nodes[0], match.info.dq
         chain = self._resize(node, match) if node.op == "Resize" else self._depth_to_space(node, match)
         if not isinstance(chain, tuple):
             return chain
@@ -119,7 +126,7 @@ class IntegerMovement(Rule):
         return ("d2s", int(node.attrs.get("blocksize", 0)))
 
     def rewrite(self, graph, match, ctx):
-        node, dq = match.nodes[0], match.info["dq"]
+        node, dq = match.nodes[0], match.info.dq
         chain, requantizers = match.plan
         if self._shapes is None:
             self._shapes = infer_shapes(graph, ctx)

@@ -16,6 +16,8 @@ quantizer keeps the result only where onnxruntime's layout transposes cancel (la
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -26,6 +28,11 @@ from onnxforge.passes.matching import DEFAULT_DOMAINS
 from .common import activation_dq, fresh_name, i64
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+
+
+@dataclasses.dataclass(frozen=True)
+class WideScaleMatch:
+    dqs: tuple[gs.Node, gs.Node]  # the DequantizeLinear of each operand
 
 
 class WideChannelScale(Rule):
@@ -39,7 +46,7 @@ class WideChannelScale(Rule):
         if node.domain not in DEFAULT_DOMAINS or len(node.inputs) != 2:
             return None
         dqs = [activation_dq(t) for t in node.inputs]
-        return Match([node], {"dqs": dqs}) if all(dqs) else None
+        return Match([node], WideScaleMatch(tuple(dqs))) if all(dqs) else None
 
     def check(self, graph, match, ctx):
         if self._shapes is None:
@@ -60,7 +67,7 @@ class WideChannelScale(Rule):
     def rewrite(self, graph, match, ctx):
         node = match.nodes[0]
         small, width = match.plan
-        small_dq, big_dq = match.info["dqs"][small], match.info["dqs"][1 - small]
+        small_dq, big_dq = match.info.dqs[small], match.info.dqs[1 - small]
         base = fresh_name(graph, f"{node.name or node.outputs[0].name}_wide_scale")
         q = small_dq.inputs[0]
         if isinstance(width, int) and width > 0:
