@@ -255,46 +255,13 @@ def bench_model(spec: Spec, tmp: Path, rounds: int, peer_python: str | None) -> 
 # ------------------------------------------------------------------ MHA or packed Attention?
 
 def pack_qkv(source: Path, out: Path) -> int:
-    """Rewrite each MultiHeadAttention whose Q, K, V are MatMul(+Add) of one input with constant
-    weights into com.microsoft Attention with concatenated weights (the other candidate form)."""
-    import onnx_graphsurgeon as gs
-
-    from onnxforge.passes.fusion.attention_match import const_value, producer
-
+    """The pack-qkv pass (passes/fusion/pack_qkv.py): each MultiHeadAttention over Q/K/V projections
+    of one input becomes com.microsoft Attention with concatenated weights (the other candidate form).
+    Returns how many it packed."""
     model = load(source)
-    graph, packed = model.graph, 0
-    for node in [n for n in graph.nodes if n.op == "MultiHeadAttention"]:
-        parts = [_projection(t, producer, const_value) for t in node.inputs[:3]]
-        if None in parts or not (parts[0][0] is parts[1][0] is parts[2][0]):
-            continue
-        weight = gs.Constant(f"{node.name}/qkv_weight", np.concatenate([p[1] for p in parts], axis=1))
-        bias = gs.Constant(f"{node.name}/qkv_bias", np.concatenate([p[2] for p in parts]).astype(np.float32))
-        extra = [gs.Variable.empty(), gs.Variable.empty(), node.inputs[5]] if len(node.inputs) > 5 else []
-        graph.nodes.append(gs.Node("Attention", f"{node.name}/Attention", domain="com.microsoft",
-                                   attrs={"num_heads": node.attrs["num_heads"], "scale": node.attrs["scale"]},
-                                   inputs=[parts[0][0], weight, bias] + extra, outputs=list(node.outputs)))
-        node.outputs.clear()
-        packed += 1
-    graph.cleanup().toposort()
+    result = resolve("pack-qkv").run(model.graph, PassContext(model=model, provider="cpu"))
     save(model, out)
-    return packed
-
-
-def _projection(tensor, producer, const_value):
-    """(x, W, b) for MatMul(x, W) [+ b]; None otherwise."""
-    add, bias = producer(tensor, "Add"), None
-    if add is not None:
-        for a, b in (add.inputs, add.inputs[::-1]):
-            if producer(a, "MatMul") is not None and const_value(b) is not None:
-                tensor, bias = a, const_value(b)
-                break
-        else:
-            return None
-    matmul = producer(tensor, "MatMul")
-    weight = const_value(matmul.inputs[1]) if matmul is not None else None
-    if weight is None or weight.ndim != 2:
-        return None
-    return matmul.inputs[0], weight, bias if bias is not None else np.zeros(weight.shape[1], np.float32)
+    return result.stats.get("pack-qkv-attention", 0)
 
 
 def packing_check(spec: Spec, tmp: Path, rounds: int) -> str:
