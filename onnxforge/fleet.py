@@ -18,6 +18,11 @@ driver, which runs on the target machine, measures each bench step there,
 one model at a time on an otherwise idle fleet, and the report names the host
 of every figure. A fleet refuses ``tune`` steps: their result is a timing.
 
+Isolation: a model's worker process that dies (a segfault, the OOM killer)
+or runs past the per-model limit (``model_timeout`` seconds, default
+DEFAULT_MODEL_TIMEOUT; a hung onnxruntime session, a pass that never ends) is
+killed and that model reported as failed; the fleet goes on.
+
 Per-model data: ``{model}`` in the recipe text stands for each model's file
 stem, so one recipe points every model at its own data
 (``calibration = "data/{model}/calib"``); a model whose data is missing fails
@@ -58,6 +63,7 @@ from .workers import Workers, host_name
 FLEET_SCHEMA = "onnxforge.fleet-report"
 FLEET_SCHEMA_VERSION = 1
 REPORT_NAMES = ("fleet.json", "fleet.csv", "fleet.md")
+DEFAULT_MODEL_TIMEOUT = 10800.0  # seconds: generous for one model on a small machine, but never unbounded
 CSV_COLUMNS = ("name", "status", "exit_code", "nodes_before", "nodes_after", "bytes_before", "bytes_after",
                "accuracy", "accuracy_source", "latency_ratio", "latency_low", "latency_high", "latency_measured_on",
                "seconds", "worker", "cached", "error")
@@ -170,12 +176,19 @@ def run_model(common: Mapping[str, Any], task: Mapping[str, Any]) -> dict:
         output = Path(tmp) / "out" / task["file"] if common["ship"] else Path(task["output"])
         output.parent.mkdir(parents=True, exist_ok=True)
         job = {**common, "model": task["model"], "output": str(output), "result": str(Path(tmp) / "result.json")}
-        proc = subprocess.run([sys.executable, "-m", "onnxforge.fleet_worker"], input=json.dumps(job),
-                              capture_output=True, text=True, env=_child_env())
-        try:
+        limit = common.get("model_timeout") or DEFAULT_MODEL_TIMEOUT
+        proc = None
+        try:  # on timeout subprocess.run kills the worker (it starts no processes of its own) and waits for it
+            proc = subprocess.run([sys.executable, "-m", "onnxforge.fleet_worker"], input=json.dumps(job),
+                                  capture_output=True, text=True, env=_child_env(), timeout=limit)
             result = json.loads(Path(job["result"]).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            result = {"exit_code": 1, "error": _died(proc), "report": None, "run_cached": False}
+        except subprocess.TimeoutExpired:
+            result = {"exit_code": 1, "report": None, "run_cached": False,
+                      "error": f"timed out after {limit:g} s (the fleet's per-model limit, model_timeout / "
+                               "--model-timeout): its worker process was killed"}
+        except (OSError, json.JSONDecodeError) as exc:
+            error = _died(proc) if proc is not None else f"cannot start the worker process: {first_line(exc)}"
+            result = {"exit_code": 1, "error": error, "report": None, "run_cached": False}
         result.update(host=host_name(), seconds=round(time.perf_counter() - started, 3), files=None)
         if common["ship"] and result["exit_code"] == 0:
             from .cache import saved_model_files
@@ -222,9 +235,12 @@ def run_fleet(
     use_cache: bool = True,
     progress: Callable[[dict], None] | None = None,
     measure_latency: bool = True,
+    model_timeout: float | None = None,
 ) -> FleetResult:
     """Run the recipe on every model; see the module docstring. ``progress`` gets each
-    model's row as it finishes. Exit code 0 when every model succeeded, else 2."""
+    model's row as it finishes; ``model_timeout``: seconds per model (default: the
+    recipe's ``model_timeout``, else DEFAULT_MODEL_TIMEOUT). Exit code 0 when every
+    model succeeded, else 2."""
     from .cache import default_cache_dir
 
     started = time.perf_counter()
@@ -238,7 +254,8 @@ def run_fleet(
     names = model_names(models)
     ship = workers.kind == "ray"
     common = {"recipe": str(Path(recipe_path).resolve()), "cache_dir": str(Path(cache_dir or default_cache_dir()).resolve()),
-              "use_cache": use_cache, "ship": ship}
+              "use_cache": use_cache, "ship": ship,
+              "model_timeout": float(model_timeout or recipe.settings.get("model_timeout") or DEFAULT_MODEL_TIMEOUT)}
     tasks = [{"index": i, "name": n, "model": str(m.resolve()), "file": f"{n}.onnx", "output": str((outdir / f"{n}.onnx").resolve())}
              for i, (n, m) in enumerate(zip(names, models))]
     report = _empty_fleet_report(recipe, workers, common, tasks)
@@ -402,6 +419,7 @@ def _empty_fleet_report(recipe, workers: Workers, common: dict, tasks: list[dict
         "where": {"steps": "workers (each model in its own process)", "accuracy": "workers (deterministic)",
                   "latency": f"{host_name()}, the driver (target machine), after all models, one at a time"},
         "cache": {"enabled": common["use_cache"], "folder": common["cache_dir"]},
+        "model_timeout_s": common["model_timeout"],
         "models": [model_row(t, {"exit_code": None}, None) | {"status": "pending"} for t in tasks],
         "summary": None, "seconds": None,
     }

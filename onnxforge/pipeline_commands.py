@@ -26,6 +26,9 @@ def add_run_parser(subparsers) -> None:
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="fleet: run the models as Ray tasks, on the cluster at ADDRESS (auto: the one `ray start` "
                         "made here) or, without one, on a private local Ray; needs `pip install onnxforge[ray]`")
+    p.add_argument("--model-timeout", type=_positive_float, metavar="SECONDS",
+                   help="fleet: kill a model's worker process after this long and report the model as failed "
+                        "(default: the recipe's model_timeout, else 10800)")
     p.add_argument("--report", help="write the JSON report here (also when the run fails)")
     p.add_argument("--cache-dir", help="cache folder of expensive steps (default: ~/.cache/onnxforge/steps)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached step results")
@@ -39,9 +42,25 @@ def _positive(text: str) -> int:
     return positive_int(text)
 
 
+def _positive_float(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def cmd_run(args) -> int:
     fleet = len(args.input) > 1 or args.jobs is not None or args.ray is not None or Path(args.input[0]).is_dir()
     if not fleet:
+        if args.model_timeout is not None:
+            from .errors import OptionError
+
+            raise OptionError("--model-timeout: only for fleets (several models, a folder, --jobs or --ray)")
         args.input = args.input[0]
         return _run_one(args)
     if args.ray is None:
@@ -66,7 +85,7 @@ def _run_fleet(args, ray) -> int:
     with make_workers(args.jobs, ray if ray is not False else None, threads=True) as workers:  # each model: its own process
         with _fleet_progress(args.quiet, args.input) as on_done:
             result = run_fleet(args.recipe, args.input, args.output, workers, cache_dir=args.cache_dir,
-                               use_cache=not args.no_cache, progress=on_done)
+                               use_cache=not args.no_cache, progress=on_done, model_timeout=args.model_timeout)
     if not args.quiet:
         s = result.report["summary"]
         for row in result.report["models"]:

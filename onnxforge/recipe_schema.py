@@ -57,6 +57,8 @@ TOP_FIELDS = MappingProxyType({
     "seed": Field("int", "seed of synthetic inputs", 0, minimum=0),
     "ray": Field("str", "fleets (onnxforge run RECIPE MODELS... -o DIR) run as Ray tasks: \"auto\" (the cluster "
                  "`ray start` made here, or RAY_ADDRESS) or a cluster address; --ray overrides it"),
+    "model_timeout": Field("float", "fleets: seconds one model may run before its worker process is killed and the "
+                           "model reported as failed (default 10800); --model-timeout overrides it", minimum=1),
     "external_data": Field("bool", "write weights to OUTPUT.data (default: only when the input had external data or is near 2 GB)"),
     "steps": Field("steps", "the steps, in order ([[steps]] tables)", required=True),
 })

@@ -45,6 +45,22 @@ class Die(Pass):
         return PassResult(False)
 '''
 
+HANGER = '''
+import os, time
+from pathlib import Path
+from onnxforge.passes.base import Pass, PassResult
+
+class Hang(Pass):
+    """Never ends on a graph named "hang" (after writing its pid): a worker that hangs."""
+    name = "hang"
+
+    def run(self, graph, ctx):
+        if graph.name == "hang":
+            Path(os.environ["HANG_PID_FILE"]).write_text(str(os.getpid()))
+            time.sleep(3600)
+        return PassResult(False)
+'''
+
 
 @pytest.fixture
 def fleet_dir(tmp_path):
@@ -104,6 +120,40 @@ def test_a_worker_process_that_dies_is_reported_and_the_fleet_goes_on(fleet_dir)
     assert result.exit_code == 2
     assert rows["doomed"]["error"] == "the worker process died (SIGKILL)"
     assert rows["a"]["status"] == "ok"
+
+
+def test_a_hanging_worker_is_killed_at_the_per_model_timeout(fleet_dir, monkeypatch):
+    import os
+    import time
+
+    import onnx
+
+    (fleet_dir / "hang.py").write_text(HANGER)
+    (fleet_dir / "hang.toml").write_text('version = 1\nmodel_timeout = 3600\n[[steps]]\nstep = "optimize"\nlevel = 1\n'
+                                         'extra_passes = ["hang.py:Hang"]\nverify = "none"\n')
+    stuck = conv_model(2)
+    stuck.graph.name = "hang"
+    onnx.save(stuck, fleet_dir / "stuck.onnx")
+    monkeypatch.setenv("HANG_PID_FILE", str(fleet_dir / "pid"))
+    started = time.monotonic()
+    result = run_fleet(fleet_dir / "hang.toml", [fleet_dir / "stuck.onnx"], fleet_dir / "out", LocalWorkers(1, threads=True),
+                       use_cache=False, model_timeout=8)  # the argument wins over the recipe's 3600
+    row = result.report["models"][0]
+    assert time.monotonic() - started < 120
+    assert result.exit_code == 2 and row["status"] == "failed" and not (fleet_dir / "out" / "stuck.onnx").exists()
+    assert row["error"].startswith("timed out after 8 s") and result.report["model_timeout_s"] == 8
+    if (fleet_dir / "pid").exists():  # the pass was reached within 8 s (not a slow import): that process is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(int((fleet_dir / "pid").read_text()), 0)
+
+
+def test_model_timeout_only_for_fleets(fleet_dir, capsys):
+    from onnxforge.cli import main
+
+    assert main(["run", str(fleet_dir / "recipe.toml"), str(fleet_dir / "models" / "a.onnx"), "-o",
+                 str(fleet_dir / "a.out.onnx"), "--model-timeout", "5"]) == 2
+    assert "--model-timeout: only for fleets" in capsys.readouterr().err
+    assert not (fleet_dir / "a.out.onnx").exists()
 
 
 def test_fleet_refuses_tune_and_a_bench_before_other_steps(fleet_dir):

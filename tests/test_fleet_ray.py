@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'onnx
 from onnxforge.inputs import data_files, iter_feed_files  # noqa: E402
 from onnxforge.passes.quant import calibrate as cal  # noqa: E402
 from onnxforge.passes.quant.shards import collect_histograms_sharded  # noqa: E402
-from onnxforge.workers import RayWorkers  # noqa: E402
+from onnxforge.workers import RayWorkers, Workers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +55,41 @@ def test_ray_fleet_ships_outputs_back_and_reports_the_corrupt_model(local_ray, t
     assert (tmp_path / "out" / "a.onnx").read_bytes() == (tmp_path / "alone.onnx").read_bytes()
     # latency comes from the driver, never from a Ray worker
     assert rows["a"]["latency_ratio"] is not None and "driver" in rows["a"]["latency_measured_on"]
+
+
+def test_ray_sensitivity_scoring_gives_the_one_process_model(local_ray, tmp_path):
+    """The accuracy budget's per-candidate sensitivity measurements as Ray tasks (max_drop 0
+    forces the ranking), calibration sharded too: the same fallback steps and bytes as one
+    process; quantize's latency stays on the driver (measure_latency off here)."""
+    from onnxforge.passes.quant.quantize import quantize
+
+    model = conv_model()
+    calib = feed_folder(tmp_path / "calib", 4)
+    kw = dict(method="percentile", max_drop=0.0, measure_latency=False, log=lambda _m: None, max_evaluations=24)
+    alone, rep_alone = quantize(model, str(calib), **kw)
+    workers = Recording(local_ray)
+    spread, rep_spread = quantize(model, str(calib), workers=workers, **kw)
+    assert workers.calls == ["_shard_histograms", "_score"]  # both went to the Ray tasks
+    assert any("split across Ray cluster" in n for n in rep_spread.notes)
+    steps = lambda rep: [(s["float"], s["score"]) for s in rep.fallback_steps]  # noqa: E731
+    assert steps(rep_alone) == steps(rep_spread) and len(rep_alone.fallback_steps) > 0
+    assert alone.to_proto().SerializeToString() == spread.to_proto().SerializeToString()
+
+
+class Recording(Workers):
+    """Another Workers, with the names of the functions sent to it recorded."""
+
+    def __init__(self, inner: Workers):
+        self.inner, self.calls, self.kind = inner, [], inner.kind
+
+    @property
+    def count(self) -> int:
+        return self.inner.count
+
+    @property
+    def where(self) -> str:
+        return self.inner.where
+
+    def run(self, fn, items, common=None):
+        self.calls.append(fn.__name__)
+        return self.inner.run(fn, items, common)

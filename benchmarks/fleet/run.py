@@ -1,17 +1,26 @@
 """The fleet benchmark (issue 20): the 8 shared models, 4 corpus models and one corrupt
 model through benchmarks/fleet/fleet_cpu_int8.toml.
 
-    nice -n 10 .venv/bin/python benchmarks/fleet/run.py [--work DIR] [--skip-alone]
+    nice -n 10 .venv/bin/python benchmarks/fleet/run.py [--work DIR] [--stages jobs2,rerun,alone,jobs1] [--redo S]
 
-1. WORK/models: links to the models plus corrupt_model.onnx (random bytes);
-   WORK/data/<model>: ../shared/data/<model>, or seeded feeds (8 calib, 4 val) where
-   the shared data has none (magika, yolov8n, the corpus CNNs); the recipe is copied in.
-2. `onnxforge run` the fleet with --jobs 1 and with --jobs 2 (each on a fresh cache),
-   wall times measured; then the --jobs 2 fleet again on its cache (every finished
-   model must come from the cache, byte-identical).
-3. Each good model alone (`onnxforge run RECIPE MODEL -o OUT --no-cache`, the recipe
-   with {model} filled in): its output must be byte-identical to the fleet's.
-Writes benchmarks/results/fleet.json and fleet.md.
+WORK/models: links to the models plus corrupt_model.onnx (random bytes); WORK/data/<model>:
+../shared/data/<model>, or seeded feeds (8 calib, 4 val) where the shared data has none
+(magika, yolov8n, the corpus models); the recipe is copied in. Then, each stage recorded in
+WORK/stages/<stage>.json (a recorded stage is reused, so a long benchmark resumes):
+
+- jobs2: `onnxforge run` the fleet with --jobs 2 on an empty cache (cache2), wall time;
+- rerun: the same command again on cache2: every finished model must come from the run
+  cache, byte-identical;
+- alone: each good model (and the corrupt one) by itself, `onnxforge run` with the recipe's
+  {model} filled in and --no-cache (nothing from the fleet's cache), 2 at a time: its output
+  file must be byte-identical to the fleet's (model files are compared, never reports:
+  latency figures are timings);
+- jobs1: the fleet with --jobs 1 on another empty cache (cache1), wall time, bytes.
+
+Every stage samples the 1-minute load average (the machine is shared). The package must not
+change while this runs (the fleet's worker processes import it anew per model): run it on a
+frozen copy, e.g. `git archive HEAD` unpacked with PYTHONPATH pointing at it (FLEET_SOURCE
+names it in the results). Writes benchmarks/results/fleet.json, fleet.md, fleet_report.md.
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ SHARED_MODELS = ["magika_v3_3", "minilm_l6_w8", "pplcnet_orientation", "ppocr_mo
 CORPUS_MODELS = ["mobilenet_v2_hf", "resnet50_hf", "whisper_tiny_encoder", "minilm_l6_real"]
 PINNED = {"yolov8n_320": {"images": (1, 3, 320, 320)}, "magika_v3_3": {"bytes": (1, 2048)}}
 ONNXFORGE = [str(Path(sys.executable).with_name("onnxforge"))]
+STAGE_TIMEOUT = 3600  # seconds, per onnxforge command: nothing here runs unbounded
 
 
 def sha(path: Path) -> str:
@@ -75,28 +85,69 @@ def prepare(work: Path) -> list[str]:
     return names
 
 
+class LoadSampler:
+    """The machine's 1-minute load average every 30 s while a stage runs (the machine is shared)."""
+
+    def __init__(self):
+        import threading
+
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while True:
+            self.samples.append(float(Path("/proc/loadavg").read_text().split()[0]))
+            if self.stop.wait(30):
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self) -> dict:
+        s = self.samples or [float("nan")]
+        return {"mean_1min": round(sum(s) / len(s), 2), "max_1min": max(s), "samples": len(s)}
+
+
 def fleet(work: Path, out: str, cache: str, jobs: int) -> dict:
+    """``onnxforge run`` on the fleet; the model stays frozen only if the package is (see --frozen)."""
+    command = ONNXFORGE + ["run", str(work / "recipe.toml"), str(work / "models"), "-o", str(work / out),
+                           "--jobs", str(jobs), "--cache-dir", str(work / cache), "--quiet"]
     started = time.perf_counter()
-    proc = subprocess.run(ONNXFORGE + ["run", str(work / "recipe.toml"), str(work / "models"), "-o", str(work / out),
-                                       "--jobs", str(jobs), "--cache-dir", str(work / cache), "--quiet"],
-                          capture_output=True, text=True)
+    with LoadSampler() as load:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=STAGE_TIMEOUT, cwd=work)
     wall = time.perf_counter() - started
     report = json.loads((work / out / "fleet.json").read_text())
-    return {"jobs": jobs, "exit_code": proc.returncode, "wall_s": round(wall, 1), "stderr": proc.stderr.strip().splitlines()[-3:],
-            "report": report}
+    return {"jobs": jobs, "command": " ".join(command[1:]), "exit_code": proc.returncode, "wall_s": round(wall, 1),
+            "load": load.summary(), "stderr": proc.stderr.strip().splitlines()[-3:], "report": report}
 
 
 def alone(work: Path, name: str) -> dict:
+    """The model by itself: the same recipe with {model} filled in, no cache at all (nothing from the fleet's)."""
     text = (work / "recipe.toml").read_text().replace("{model}", name)
-    recipe = work / f"alone_{name}.toml"
+    recipe = work / "alone" / f"{name}.toml"
     recipe.write_text(text)
-    (work / "alone").mkdir(exist_ok=True)
     out = work / "alone" / f"{name}.onnx"
+    command = ONNXFORGE + ["run", str(recipe), str(work / "models" / f"{name}.onnx"), "-o", str(out), "--no-cache", "--quiet"]
     started = time.perf_counter()
-    proc = subprocess.run(ONNXFORGE + ["run", str(recipe), str(work / "models" / f"{name}.onnx"), "-o", str(out),
-                                       "--no-cache", "--quiet"], capture_output=True, text=True)
-    return {"exit_code": proc.returncode, "seconds": round(time.perf_counter() - started, 1),
-            "sha256": sha(out) if out.exists() else None, "error": proc.stderr.strip().splitlines()[:1]}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=STAGE_TIMEOUT, cwd=work)
+    return {"command": " ".join(command[1:]), "exit_code": proc.returncode, "seconds": round(time.perf_counter() - started, 1),
+            "sha256": sha(out) if out.exists() else None, "error": (proc.stderr.strip().splitlines() or [None])[0]}
+
+
+def alone_all(work: Path, names: list[str]) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    (work / "alone").mkdir(exist_ok=True)
+    started = time.perf_counter()
+    with LoadSampler() as load, ThreadPoolExecutor(2) as pool:  # their times do not matter: 2 at a time
+        runs = dict(zip(names, pool.map(lambda n: alone(work, n), names)))
+    return {"wall_s": round(time.perf_counter() - started, 1), "load": load.summary(), "models": runs}
 
 
 def summary_md(result: dict) -> str:
@@ -105,97 +156,140 @@ def summary_md(result: dict) -> str:
     lines = [
         "# Fleet: 8 shared + 4 corpus models + 1 corrupt model, recipe benchmarks/fleet/fleet_cpu_int8.toml", "",
         f"`{result['command']}` on {result['machine']['host']} ({result['machine']['cpus']} cores, "
-        f"{result['machine']['isa']}; {result['machine']['note']}).", "",
-        f"Wall time: `--jobs 1` {w['jobs1']} s, `--jobs 2` {w['jobs2']} s (ratio jobs2/jobs1 "
-        f"{w['jobs2'] / w['jobs1']:.2f}, one run each), rerun of the `--jobs 2` fleet on its cache {w['rerun_jobs2']} s. "
-        f"Exit codes: {result['exit_codes']}.", "",
-        "| model | status | nodes | size (MB) | accuracy | latency ratio [95%] (measured on) | time (s) | "
-        "jobs1 = jobs2 bytes | rerun | rerun bytes | alone = fleet bytes | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{result['machine']['isa']}), onnxforge {result['source']}. {result['machine']['note']}", "",
+        "Stages (each `onnxforge run` niced):", "",
+        "| stage | command | wall (s) | exit | load avg (1 min) mean / max |", "|---|---|---|---|---|",
     ]
+    for stage in STAGES:
+        if stage in result["stages"]:
+            st = result["stages"][stage]
+            cmd = st.get("command") or "each good model alone, 2 at a time: onnxforge run alone/NAME.toml models/NAME.onnx -o alone/NAME.onnx --no-cache --quiet"
+            lines.append(f"| {stage} | `{cmd}` | {st['wall_s']} | {st.get('exit_code', '')} | "
+                         f"{st['load']['mean_1min']} / {st['load']['max_1min']} |")
+    if "jobs1" in w and "jobs2" in w:
+        lines += ["", f"`--jobs 2` / `--jobs 1` wall time: {w['jobs2']} / {w['jobs1']} s = {w['jobs2'] / w['jobs1']:.2f} "
+                      "(one run each, on a shared machine: see the load column)."]
+    c = result["checks"]
+    lines += ["", f"Checks: {c['alone_same']} of {c['good']} good models byte-identical alone and in the fleet; "
+                  f"{c['jobs1_same']} of {c['good']} identical between --jobs 1 and --jobs 2; rerun: "
+                  f"{c['rerun_from_cache']} of {c['good']} restored from the run cache (fleet summary from_run_cache), "
+                  f"{c['rerun_same']} byte-identical; fleet exit codes {result['exit_codes']}.",
+              "Compared: the output model files (SHA-256 of NAME.onnx), never the reports (latency figures are timings).", "",
+              "| model | status | nodes | size (MB) | accuracy | latency ratio [95%] (measured on) | fleet time (s) | "
+              "alone sha256 | alone = fleet | jobs1 = jobs2 | rerun cache | rerun bytes | error |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in result["models"].items():
         nodes = f"{m['nodes_before']} -> {m['nodes_after']}" if m["nodes_after"] is not None else ""
-        size = (f"{m['bytes_before'] / 1e6:.2f} -> {m['bytes_after'] / 1e6:.2f}" if m["bytes_after"] is not None else "")
+        size = f"{m['bytes_before'] / 1e6:.2f} -> {m['bytes_after'] / 1e6:.2f}" if m["bytes_after"] is not None else ""
         acc = f"{m['accuracy']:.5f}" if m["accuracy"] is not None else ""
         lat = (f"{m['latency_ratio']:.3f} [{m['latency_low']:.3f}, {m['latency_high']:.3f}] ({m['latency_measured_on']})"
                if m["latency_ratio"] is not None else "")
-        alone_same = m.get("alone_same_bytes")
-        lines.append(f"| {name} | {m['status']} | {nodes} | {size} | {acc} | {lat} | {m['seconds']} | "
-                     f"{m['jobs1_same_bytes_as_jobs2'] if m['status'] == 'ok' else ''} | {m['rerun_cached'] or ''} | "
-                     f"{'' if m['rerun_same_bytes'] is None else m['rerun_same_bytes']} | "
-                     f"{'' if alone_same is None else alone_same} | {(m['error'] or '')[:160]} |")
+        a = m.get("alone") or {}
+        alone_sha = (a.get("sha256") or "")[:12] or (f"exit {a['exit_code']}" if a else "")
+        fmt = lambda v: "" if v is None else v  # noqa: E731
+        error = (m["error"] or "").replace("|", "\\|")
+        lines.append(f"| {name} | {m['status']} | {nodes} | {size} | {acc} | {lat} | {m['seconds']} | {alone_sha} | "
+                     f"{fmt(m.get('alone_same_bytes'))} | {fmt(m.get('jobs1_same_bytes_as_jobs2'))} | "
+                     f"{fmt(m.get('rerun_cached'))} | {fmt(m.get('rerun_same_bytes'))} | {error} |")
     return "\n".join(lines) + "\n"
+
+
+STAGES = ("jobs2", "rerun", "alone", "jobs1")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "onnxforge" / "fleet-bench"))
-    parser.add_argument("--skip-alone", action="store_true")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="run these stages (jobs2, rerun, alone, jobs1); a stage already recorded in WORK/stages "
+                             "is reused unless --redo names it; the results are written from every recorded stage")
+    parser.add_argument("--redo", default="", help="stages to run again although recorded")
     parser.add_argument("--summarize-only", action="store_true", help="rewrite results/fleet.md from results/fleet.json")
-    parser.add_argument("--jobs1-wall", type=float, default=None,
-                        help="reuse WORK/out1 (a finished --jobs 1 fleet) and this wall time instead of running it again")
-    parser.add_argument("--alone-max-seconds", type=float, default=None,
-                        help="run alone only the models whose fleet run took at most this long")
     args = parser.parse_args()
     results = ROOT / "benchmarks" / "results"
     if args.summarize_only:
         (results / "fleet.md").write_text(summary_md(json.loads((results / "fleet.json").read_text())))
         return 0
     work = Path(args.work)
-    for old in ("out2", "cache2", "alone") + (() if args.jobs1_wall else ("out1", "cache1")):
-        shutil.rmtree(work / old, ignore_errors=True)
     names = prepare(work)
-    runs = {}
-    if args.jobs1_wall:
-        runs["jobs1"] = {"jobs": 1, "exit_code": json.loads((work / "out1" / "fleet.json").read_text())["exit_code"],
-                         "wall_s": args.jobs1_wall, "report": json.loads((work / "out1" / "fleet.json").read_text())}
-    else:
-        runs["jobs1"] = fleet(work, "out1", "cache1", 1)
-    print("jobs 1:", runs["jobs1"]["wall_s"], "s, exit", runs["jobs1"]["exit_code"], flush=True)
-    runs["jobs2"] = fleet(work, "out2", "cache2", 2)
-    print("jobs 2:", runs["jobs2"]["wall_s"], "s, exit", runs["jobs2"]["exit_code"], flush=True)
-    before = {n: sha(work / "out2" / f"{n}.onnx") for n in names if (work / "out2" / f"{n}.onnx").exists()}
-    runs["rerun"] = fleet(work, "out2", "cache2", 2)
-    print("rerun:", runs["rerun"]["wall_s"], "s, exit", runs["rerun"]["exit_code"], flush=True)
-    after = {n: sha(work / "out2" / f"{n}.onnx") for n in before}
-    rows = {r["name"]: r for r in runs["jobs2"]["report"]["models"]}
-    rows1 = {r["name"]: r for r in runs["jobs1"]["report"]["models"]}
-    rerun_rows = {r["name"]: r for r in runs["rerun"]["report"]["models"]}
+    stages_dir = work / "stages"
+    stages_dir.mkdir(exist_ok=True)
+    redo = set(filter(None, args.redo.split(",")))
+    fresh = {"jobs2": ("out2", "cache2"), "jobs1": ("out1", "cache1"), "alone": ("alone",)}
+    for stage in filter(None, args.stages.split(",")):
+        record = stages_dir / f"{stage}.json"
+        if record.exists() and stage not in redo:
+            continue
+        for old in fresh.get(stage, ()):  # a fleet starts on an empty cache; alone runs in a fresh folder
+            shutil.rmtree(work / old, ignore_errors=True)
+        if stage == "rerun":
+            before = {n: sha(work / "out2" / f"{n}.onnx") for n in names if (work / "out2" / f"{n}.onnx").exists()}
+            done = fleet(work, "out2", "cache2", 2)
+            done["sha_before"] = before
+            done["sha_after"] = {n: sha(work / "out2" / f"{n}.onnx") for n in before}
+        elif stage == "alone":
+            rows = {r["name"]: r for r in json.loads((stages_dir / "jobs2.json").read_text())["report"]["models"]}
+            done = alone_all(work, [n for n in names if rows[n]["status"] == "ok"] + ["corrupt_model"])
+        else:
+            jobs = int(stage[-1])
+            done = fleet(work, f"out{jobs}", f"cache{jobs}", jobs)
+        record.write_text(json.dumps(done, indent=1) + "\n")
+        print(stage, done["wall_s"], "s", "exit", done.get("exit_code"), done["load"], flush=True)
+    stages = {s: json.loads((stages_dir / f"{s}.json").read_text()) for s in STAGES if (stages_dir / f"{s}.json").exists()}
+    result = collect(stages, names)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "fleet.json").write_text(json.dumps(result, indent=1) + "\n")
+    shutil.copyfile(work / "out2" / "fleet.md", results / "fleet_report.md")
+    (results / "fleet.md").write_text(summary_md(result))
+    print(json.dumps({k: result[k] for k in ("wall_s", "exit_codes", "checks")}))
+    return 0
+
+
+def collect(stages: dict, names: list[str]) -> dict:
+    rows = {r["name"]: r for r in stages["jobs2"]["report"]["models"]}
+    rows1 = {r["name"]: r for r in stages["jobs1"]["report"]["models"]} if "jobs1" in stages else {}
+    rerun = stages.get("rerun")
+    rerun_rows = {r["name"]: r for r in rerun["report"]["models"]} if rerun else {}
+    alone_runs = stages["alone"]["models"] if "alone" in stages else {}
     result = {
-        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "isa": "AVX2, no AVX-512/VNNI (as onnxforge env reports)",
-                    "note": "shared by ~7 agents: wall times are noisy"},
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "isa": "AVX2, no AVX-512/VNNI (onnxforge env)",
+                    "note": "The machine is shared by ~6 agents: the load column says how busy it was; wall times "
+                            "are one run each."},
         "command": "nice -n 10 .venv/bin/python benchmarks/fleet/run.py " + " ".join(sys.argv[1:]),
-        "wall_s": {"jobs1": runs["jobs1"]["wall_s"], "jobs2": runs["jobs2"]["wall_s"], "rerun_jobs2": runs["rerun"]["wall_s"]},
-        "exit_codes": {k: v["exit_code"] for k, v in runs.items()},
+        "source": os.environ.get("FLEET_SOURCE", "this checkout"),
+        "wall_s": {k: v["wall_s"] for k, v in stages.items()},
+        "load": {k: v["load"] for k, v in stages.items()},
+        "exit_codes": {k: v.get("exit_code") for k, v in stages.items() if k != "alone"},
+        "stages": {k: {x: v.get(x) for x in ("command", "wall_s", "exit_code", "load")} for k, v in stages.items()},
         "models": {},
     }
-    from concurrent.futures import ThreadPoolExecutor
-
-    good = [n for n in names if rows[n]["status"] == "ok" and (args.alone_max_seconds is None
-            or rows1[n]["seconds"] <= args.alone_max_seconds)] if not args.skip_alone else []
-    with ThreadPoolExecutor(2) as pool:  # the alone runs' times do not matter: 2 at a time
-        alone_runs = dict(zip(good, pool.map(lambda n: alone(work, n), good)))
     for name in names + ["corrupt_model"]:
         row = rows[name]
         entry = {k: row.get(k) for k in ("status", "error", "nodes_before", "nodes_after", "bytes_before", "bytes_after",
                                          "accuracy", "accuracy_source", "latency_ratio", "latency_low", "latency_high",
-                                         "latency_measured_on", "seconds", "cached")}
-        entry["jobs1_same_bytes_as_jobs2"] = rows1[name].get("output_sha256") == row.get("output_sha256")
-        entry["rerun_cached"] = rerun_rows[name]["cached"]
-        entry["rerun_same_bytes"] = before.get(name) == after.get(name) if name in before else None
+                                         "latency_measured_on", "seconds", "cached", "output_sha256")}
+        ok = row["status"] == "ok"
+        if rows1:
+            entry["jobs1_status"] = rows1[name]["status"]
+            entry["jobs1_same_bytes_as_jobs2"] = rows1[name].get("output_sha256") == row.get("output_sha256") if ok else None
+        if rerun:
+            entry["rerun_cached"] = rerun_rows[name]["cached"]
+            entry["rerun_same_bytes"] = (rerun["sha_before"].get(name) == rerun["sha_after"].get(name)
+                                         == row.get("output_sha256")) if ok else None
         if name in alone_runs:
             a = alone_runs[name]
             entry["alone"] = a
-            entry["alone_same_bytes"] = a["sha256"] == row.get("output_sha256")
-            print(name, "alone same bytes:", entry["alone_same_bytes"], flush=True)
+            entry["alone_same_bytes"] = (a["sha256"] == row.get("output_sha256")) if ok else None
         result["models"][name] = entry
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fleet.json").write_text(json.dumps(result, indent=1) + "\n")
-    shutil.copyfile(work / "out2" / "fleet.md", out / "fleet_report.md")
-    (out / "fleet.md").write_text(summary_md(result))
-    print(json.dumps({k: result[k] for k in ("wall_s", "exit_codes")}))
-    return 0
+    good = [m for m in result["models"].values() if m["status"] == "ok"]
+    result["checks"] = {
+        "good": len(good), "failed": len(result["models"]) - len(good),
+        "alone_same": sum(1 for m in good if m.get("alone_same_bytes")),
+        "jobs1_same": sum(1 for m in good if m.get("jobs1_same_bytes_as_jobs2")),
+        "rerun_from_cache": (rerun["report"]["summary"]["from_run_cache"] if rerun else None),
+        "rerun_same": sum(1 for m in good if m.get("rerun_same_bytes")),
+    }
+    return result
 
 
 if __name__ == "__main__":
