@@ -60,7 +60,9 @@ def test_ray_fleet_ships_outputs_back_and_reports_the_corrupt_model(local_ray, t
 def test_ray_sensitivity_scoring_gives_the_one_process_model(local_ray, tmp_path):
     """The accuracy budget's per-candidate sensitivity measurements as Ray tasks (max_drop 0
     forces the ranking), calibration sharded too: the same fallback steps and bytes as one
-    process; quantize's latency stays on the driver (measure_latency off here)."""
+    process; quantize's latency is measured in the driver, and its report says so."""
+    import platform
+
     from onnxforge.passes.quant.quantize import quantize
 
     model = conv_model()
@@ -68,8 +70,12 @@ def test_ray_sensitivity_scoring_gives_the_one_process_model(local_ray, tmp_path
     kw = dict(method="percentile", max_drop=0.0, measure_latency=False, log=lambda _m: None, max_evaluations=24)
     alone, rep_alone = quantize(model, str(calib), **kw)
     workers = Recording(local_ray)
-    spread, rep_spread = quantize(model, str(calib), workers=workers, **kw)
-    assert workers.calls == ["_shard_histograms", "_score"]  # both went to the Ray tasks
+    spread, rep_spread = quantize(model, str(calib), workers=workers, **{**kw, "measure_latency": True})
+    assert workers.calls == ["_shard_histograms", "_score"]  # both went to the Ray tasks, latency did not
+    assert rep_spread.latency is not None and platform.node() in rep_spread.where["latency"]
+    assert rep_spread.where["sensitivity"].startswith("scored on Ray cluster")
+    assert rep_spread.where["calibration"].startswith("split across Ray cluster")
+    assert rep_alone.where["sensitivity"] == rep_alone.where["calibration"] == f"this process on {platform.node()}"
     assert any("split across Ray cluster" in n for n in rep_spread.notes)
     steps = lambda rep: [(s["float"], s["score"]) for s in rep.fallback_steps]  # noqa: E731
     assert steps(rep_alone) == steps(rep_spread) and len(rep_alone.fallback_steps) > 0

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -151,6 +152,8 @@ def quantize(
         log(f"WARNING: {RANDOM_WARNING}")
 
     sharded = _sharding(calib, workers, equalize)
+    here = f"this process on {platform.node()}"
+    report.where = {"calibration": f"split across {workers.where}" if sharded else here, "accuracy": here}
     plan = _plan(original, baseline, spec, detection, calib_feeds, method, report, log, equalize, sharded)
     val_feeds, report.validation = _validation_feeds(val, plan.kept_feeds, original, calib_desc)
     if not val_feeds:
@@ -177,8 +180,9 @@ def quantize(
         result = _fallback_recorrected(plan, result, evaluate, threshold, search, report, log)
     if not result.met and plan.candidates and search.left and not search.time_up():
         log(f"{report.metric} {first_score:.5f} misses the budget {threshold:.5f}: ranking node sensitivity")
-        ranked = _ranked(baseline, first, plan, val_feeds[:2], metric_fn, search,
-                         workers if isinstance(metric, str) and workers is not None and workers.count > 1 else None, metric)
+        scorers = workers if isinstance(metric, str) and workers is not None and workers.count > 1 else None
+        report.where["sensitivity"] = f"scored on {scorers.where}" if scorers is not None else here
+        ranked = _ranked(baseline, first, plan, val_feeds[:2], metric_fn, search, scorers, metric)
         searched = budget_mod.fallback_search(plan.build, evaluate, ranked, threshold, initial=(first, first_score), search=search)
         if searched.score > result.score:
             result = dataclasses.replace(searched, steps=result.steps + searched.steps)
@@ -202,6 +206,7 @@ def quantize(
         from .latency import compare
 
         report.latency = compare(baseline, final, val_feeds[0]).as_dict()
+        report.where["latency"] = f"{here} (never on a worker)"
         if keep_float_if_slower:  # a measurement decides the bytes: load can flip it
             report.reproducible = False
         if report.latency["ci_low"] > 1.0:

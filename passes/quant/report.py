@@ -40,6 +40,9 @@ class QuantReport:
     bias_corrected: int = 0  # layers whose bias absorbed the mean rounding error
     kept_float: bool = False
     seconds: float = 0.0
+    # where each figure was computed: calibration, sensitivity (the accuracy budget's per-candidate
+    # scores), accuracy (the budget's scores), latency (always this process: the machine quantize runs on)
+    where: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
