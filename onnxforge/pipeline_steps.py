@@ -128,7 +128,7 @@ def _quantize(run: _Run, step: Step) -> dict:
         model, rep = quantize(
             run.model, p["calibration"], provider=run.recipe.provider, method=p["method"], max_drop=p["max_drop"],
             metric=p["metric"], val=p["validation"], budget_seconds=p["budget_seconds"],
-            max_evaluations=p["max_evaluations"], mode=p["mode"],
+            max_evaluations=p["max_evaluations"], mode=p["mode"], rounding=p["rounding"],
             measure_latency=p["measure_latency"], log=run.progress,
         )
         return model, {"quantization": _json_safe(rep.as_dict())}

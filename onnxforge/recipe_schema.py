@@ -104,6 +104,8 @@ STEPS = MappingProxyType({
         "budget_seconds": Field("float", "optional time limit: stops the search early, the result is then "
                                 "marked not reproducible (default: none)", None, minimum=0),
         "measure_latency": Field("bool", "measure INT8 against float latency (CPU)", True),
+        "rounding": Field("str", "static formats: weight rounding, nearest or learned per layer (AdaRound-style, "
+                          "biases refit)", "nearest", choices=("nearest", "learned")),
         "bits": Field("int", "8: INT8 (the keys above); 4: INT4 weight-only MatMulNBits (the keys below)", 8,
                       choices=(8, 4)),
         "weight_method": Field("str", "INT4 weights: rtn, gptq (calibrated), awq, awq+gptq", "gptq",

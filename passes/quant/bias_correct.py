@@ -112,8 +112,8 @@ def _sites(float_model, qdq_model) -> list[_Site]:
 
 
 def _session(model, outputs: list[str], inputs: Mapping[str, np.ndarray]):
-    """calibrate's exposing session; ``inputs`` (the int32 biases) become graph
-    inputs, so one session serves every step with new values per run."""
+    """calibrate's exposing session; ``inputs`` (int32 biases, int8 weight codes) become
+    graph inputs, so one session serves every step with new values per run."""
     if inputs:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -122,7 +122,8 @@ def _session(model, outputs: list[str], inputs: Mapping[str, np.ndarray]):
         del graph.initializer[:]
         graph.initializer.extend(keep)
         for name, value in inputs.items():
-            graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT32, list(value.shape)))
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype)
+            graph.input.append(onnx.helper.make_tensor_value_info(name, elem, list(np.shape(value))))
         model = copy
     return session_with_outputs(model, outputs)
 

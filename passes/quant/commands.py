@@ -39,6 +39,9 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
                         "reproducible); default none")
     p.add_argument("--equalize", default="cle", choices=("cle", "smooth", "none"),
                    help="static formats: data-free cross-layer equalization (default), activation smoothing, or none")
+    p.add_argument("--rounding", default="nearest", choices=("nearest", "learned"),
+                   help="static formats: weights rounded to nearest (default), or learned per layer against the "
+                        "float layer's output on calibration data (AdaRound-style, biases refit; slower)")
     p.add_argument("--keep-float-if-slower", action="store_true",
                    help="return the float model when the INT8 one measures slower (a timing then decides the "
                         "bytes: not reproducible)")
@@ -136,7 +139,7 @@ def run_quantize(args) -> int:
             model, args.calib, provider=args.provider, method=args.method, max_drop=args.max_drop,
             metric=args.metric, val=args.val, budget_seconds=args.budget_seconds, mode=args.mode,
             measure_latency=not args.no_latency, tensorrt_cache=args.trt_cache, max_evaluations=args.max_evaluations,
-            equalize=args.equalize, keep_float_if_slower=args.keep_float_if_slower and not args.keep_int8_if_slower,
+            equalize=args.equalize, rounding=args.rounding, keep_float_if_slower=args.keep_float_if_slower and not args.keep_int8_if_slower,
             log=_progress_log(), workers=workers if workers.count > 1 else None,
         )
     _write_outputs(args, result, report)

@@ -18,7 +18,9 @@ from .formats import CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, dynamic_matm
 from .inputs import MAX_VALIDATION_FEEDS, _take, _Tee
 from .layout import convtranspose_as_conv_shuffle
 from .prepare import constant_nodes_to_initializers
+from .registered import apply_passes
 from .report import QuantReport
+from .rounding import RoundingResult
 
 # method "auto": ranges from each of these (one histogram pass), the best scored is kept
 AUTO_METHODS = ("minmax", "percentile")
@@ -38,6 +40,7 @@ class _Plan:
     # float bias name -> correction; applied only to layers that stay int8 (a
     # correction for rounding is an error in a float layer)
     bias_deltas: dict = dataclasses.field(default_factory=dict)
+    rounding: "RoundingResult | None" = None  # learned weight codes and bias refits (rounding.py)
 
 
 def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log, equalize: str = "none",
@@ -102,12 +105,30 @@ def _static_plan(baseline, spec: FormatSpec, fixed: dict, ranges, kept_feeds) ->
         # range choice replace them after the plan is made
         kept, floats = without_tensors_of(plan.float_model, plan.ranges, excluded)
         source = plan.float_model
-        if plan.bias_deltas:
-            source = _with_deltas(plan.float_model, plan.bias_deltas, set(floats) | set(fixed))
-        return static_qdq(source, kept, spec, list(fixed) + floats)
+        deltas = _summed(plan.rounding.bias_deltas if plan.rounding else {}, plan.bias_deltas)
+        if deltas:
+            source = _with_deltas(plan.float_model, deltas, set(floats) | set(fixed))
+        model = static_qdq(source, kept, spec, list(fixed) + floats)
+        return with_codes(model, plan.rounding.codes) if plan.rounding and plan.rounding.codes else model
 
     plan = _Plan(build, candidates, dict(fixed), ranges, kept_feeds, baseline)
     return plan
+
+
+def _summed(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> dict:
+    """Bias deltas of both (the bias corrections are measured on top of the refits)."""
+    out = dict(first)
+    for name, delta in second.items():
+        out[name] = out[name] + delta if name in out else delta
+    return out
+
+
+def with_codes(model: onnx.ModelProto, codes: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """``model`` with learned weight codes, through the registered pass (qdq/weight_codes.py);
+    codes of weights the model does not hold (layers kept float) are not used."""
+    from onnxforge.passes.qdq.weight_codes import PASS_NAME
+
+    return apply_passes(model, (PASS_NAME,), max_iterations=1, options={PASS_NAME: {"codes": dict(codes)}})[0]
 
 
 def _with_deltas(model: onnx.ModelProto, deltas: Mapping[str, np.ndarray], float_nodes: set[str]) -> onnx.ModelProto:

@@ -15,8 +15,10 @@ Order of work:
      constant shifts become integer ops, integer_act.py, and nearest Resize,
      pixel shuffles and squeeze-excitation scales move integers in
      onnxruntime's NHWC layout, layout.py); per range option the
-     model is built, scored, bias-corrected layer by layer (bias_correct.py)
-     and scored again, and the best is kept; when it still misses the budget,
+     model is built (with ``rounding="learned"``: weights rounded to minimise each
+     layer's output error and biases refit, layer by layer, rounding.py), scored,
+     bias-corrected layer by layer (bias_correct.py) and scored again, and the
+     best is kept; when it still misses the budget,
      the same placement with elementwise ops left float is scored too and the
      better one is kept;
   5. the accuracy budget (budget.py): evaluate on validation feeds, and if the
@@ -67,6 +69,7 @@ from .ortsession import return_freed_memory
 from .plan import _Plan, _plan, _with_deltas, without_tensors_of  # noqa: F401  (re-exported for tests)
 from .prepare import float_baseline
 from .report import QuantReport
+from .rounding import FEEDS as ROUNDING_FEEDS, learn_rounding
 
 RANDOM_WARNING = (
     "calibrating on RANDOM data (--calib random): the ranges fit noise, not your inputs, "
@@ -78,6 +81,7 @@ MAX_RECORRECTED = 8  # layers the bias-corrected fallback returns to float befor
 # prior); the rest keep the prior's order. Each is a model built and scored.
 MAX_MEASURED = 8
 EQUALIZE_MODES = ("cle", "smooth", "none")
+ROUNDINGS = ("nearest", "learned")
 
 
 # ------------------------------------------------------------------ entry
@@ -101,6 +105,7 @@ def quantize(
     log: Callable[[str], None] | None = None,
     max_evaluations: int | None = None,
     workers: "Workers | None" = None,
+    rounding: str = "nearest",
 ) -> tuple[Model, QuantReport]:
     """Quantize ``model`` to INT8 for ``provider``; see the module docstring.
 
@@ -109,13 +114,16 @@ def quantize(
     optional time limit on the search that stops it early (not reproducible).
     ``workers`` (onnxforge.workers): calibration feed files split across them
     and the sensitivity measurements scored on them (shards.py); the result is
-    the same as in one process."""
+    the same as in one process. ``rounding``: "nearest" or "learned" (static
+    formats: AdaRound-style codes and bias refits per layer, rounding.py)."""
     started = time.monotonic()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if method not in METHODS + ("auto",):
         raise OptionError(f"unknown calibration method {method!r}", hint=f"choose one of auto, {', '.join(METHODS)}")
     if equalize not in EQUALIZE_MODES:
         raise OptionError(f"unknown equalization {equalize!r}", hint=f"choose one of {', '.join(EQUALIZE_MODES)}")
+    if rounding not in ROUNDINGS:
+        raise OptionError(f"unknown rounding {rounding!r}", hint=f"choose one of {', '.join(ROUNDINGS)}")
     if not 0 <= max_drop < 1:
         raise OptionError(f"--max-drop {max_drop}: must be in [0, 1)")
     if max_evaluations is not None and max_evaluations < 1:
@@ -167,7 +175,11 @@ def quantize(
         max_evaluations or budget_mod.default_max_evaluations(len(plan.range_options), min(weighted, MAX_MEASURED), MAX_RECORRECTED),
         budget_seconds)
     if plan.range_options:
-        first, first_score = _tune_static(plan, evaluate, report, log, search)
+        learn = None
+        if rounding == "learned":
+            learn = lambda m: learn_rounding(plan.float_model, m, plan.kept_feeds[:ROUNDING_FEEDS],  # noqa: E731
+                                             reduce_range=spec.reduce_range, log=log)
+        first, first_score = _tune_static(plan, evaluate, report, log, search, learn)
     else:
         search.take(force=True)
         first = plan.build([])
@@ -241,18 +253,25 @@ def _slower(report: QuantReport, baseline, final, keep_float: bool) -> onnx.Mode
     return baseline
 
 
-def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, search: budget_mod.SearchBudget):
-    """Per range option: build, score, bias-correct layer by layer, score again; keep the best.
+def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, search: budget_mod.SearchBudget, learn=None):
+    """Per range option: build (``learn(model)``: learned rounding of the built model,
+    rebuilt with it), score, bias-correct layer by layer, score again; keep the best.
     Each score is one of ``search``'s evaluations (the first is always made)."""
     best = None
     for method, ranges in plan.range_options.items():
         if not search.take(force=best is None):
             break
-        plan.ranges, plan.bias_deltas = ranges, {}
+        plan.ranges, plan.bias_deltas, plan.rounding = ranges, {}, None
         model = plan.build([])
+        if learn is not None:
+            plan.rounding = learn(model)
+            model = plan.build([])
+            log(f"ranges {method}: {plan.rounding.describe()}")
         score = evaluate(model)
         deltas = _bias_deltas(plan, model, search)
         line = f"ranges {method}: {report.metric} {score:.5f}"
+        if plan.rounding is not None:
+            line += " (learned rounding)"
         if deltas and search.take():
             plan.bias_deltas = deltas
             model_bc = plan.build([])
@@ -265,11 +284,14 @@ def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, search: budget
         log(line)
         report.notes.append(line)
         if best is None or score > best[0]:
-            best = (score, method, model, deltas, ranges)
-    score, method, model, deltas, ranges = best
-    plan.ranges, plan.bias_deltas = ranges, deltas
+            best = (score, method, model, deltas, ranges, plan.rounding)
+    score, method, model, deltas, ranges, rounding = best
+    plan.ranges, plan.bias_deltas, plan.rounding = ranges, deltas, rounding
     if plan.lean is not None:
-        plan.lean.ranges, plan.lean.bias_deltas = ranges, deltas
+        plan.lean.ranges, plan.lean.bias_deltas, plan.lean.rounding = ranges, deltas, rounding
+    if rounding is not None:
+        report.rounding = rounding.as_dict()
+        report.notes.append(rounding.describe())
     report.method = method if len(plan.range_options) == 1 else f"auto ({method})"
     report.bias_corrected = len(deltas)
     return model, score

@@ -38,6 +38,7 @@ class QuantReport:
     notes: list[str] = dataclasses.field(default_factory=list)
     equalized: int = 0
     bias_corrected: int = 0  # layers whose bias absorbed the mean rounding error
+    rounding: dict | None = None  # learned rounding: per layer errors, skipped layers (rounding.py)
     kept_float: bool = False
     seconds: float = 0.0
     # where each figure was computed: calibration, sensitivity (the accuracy budget's per-candidate
