@@ -107,8 +107,8 @@ def shape_reads(projections: list[Projection]) -> tuple[tuple[gs.Node, ...], tup
 
 
 def _vector_addend(add: gs.Node, tensor: gs.Tensor) -> bool:
-    other = other_input(add, tensor)
-    return isinstance(other, gs.Constant) and len(other.shape) <= 1 and len(add.outputs) == 1
+    value = const_value(other_input(add, tensor))  # an initializer, or a Constant / Identity of one
+    return value is not None and value.ndim <= 1 and len(add.outputs) == 1
 
 
 def _given(node: gs.Node, index: int) -> bool:
