@@ -163,7 +163,7 @@ class _Plan:
 
 
 def _plan(original, changed) -> _Plan:
-    from .pass_manager import read_name_map
+    from .name_map import read_name_map
 
     for m in (original, changed):
         m.graph.toposort()

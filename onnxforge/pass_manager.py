@@ -32,15 +32,23 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-import onnx
-import onnx_graphsurgeon as gs
-
 from .context import PassContext
 from .errors import OptionError, PassError, VerificationError
 from .io import runtime_only_op
-from .model import ExternalValues, Model, constants
+from .model import Model
+from .model_prep import apply_input_shapes, forget_negative_dims, snapshot
+from .name_map import NAME_MAP_KEY, read_name_map, record_name_map  # noqa: F401  (the first two re-exported)
 from .report import OptimizeReport, PassRecord, model_stats
-from .verify import MODES, Verification, Verifier, compare_arrays, reference_outputs, run_outputs, structural_check
+from .verify import (
+    MODES,
+    Verification,
+    Verifier,
+    compare_arrays,
+    random_outputs,
+    reference_outputs,
+    run_outputs,
+    structural_check,
+)
 
 log = logging.getLogger("onnxforge")
 
@@ -48,7 +56,6 @@ DEFAULT_MAX_ITERATIONS = 10
 DEFAULT_TOLERANCE = (1e-5, 1e-6)
 # Rewrites one run may roll back one by one before a failing pass is disabled whole.
 MAX_DENIED = 8
-NAME_MAP_KEY = "onnxforge.name_map"
 
 
 @dataclasses.dataclass
@@ -362,115 +369,3 @@ class PassManager:
             except Exception as exc:  # saving is a courtesy; the verdict stands
                 log.warning("could not save %s model: %s", label, exc)
         return folder
-
-
-def record_name_map(model: Model, name_map: dict[str, str]) -> None:
-    """Store ``name_map`` (new tensor -> original tensor) in the model's metadata,
-    composed with the map the input already carried and limited to tensors the
-    graph still has, so it stays small."""
-    import json
-
-    props = model.meta.metadata_props
-    old = read_name_map(model)
-    present = {t for n in model.graph.nodes for t in (o.name for o in n.outputs)}
-    merged = {k: old.get(v, v) for k, v in {**old, **name_map}.items() if k in present}
-    merged = {k: v for k, v in merged.items() if k != v}
-    kept = [p for p in props if p.key != NAME_MAP_KEY]
-    if len(kept) != len(props):
-        del props[:]
-        props.extend(kept)
-    if merged:
-        props.add(key=NAME_MAP_KEY, value=json.dumps(merged, sort_keys=True, separators=(",", ":")))
-
-
-def read_name_map(model: Model) -> dict[str, str]:
-    """The ``onnxforge.name_map`` a model carries (new tensor -> original), {} if none."""
-    import json
-
-    for p in model.meta.metadata_props:
-        if p.key == NAME_MAP_KEY:
-            try:
-                data = json.loads(p.value)
-            except ValueError:
-                return {}
-            return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-    return {}
-
-
-def snapshot(model: Model) -> Model:
-    """An independent copy: serialized and re-imported, so no pass can mutate the
-    original's arrays in place. External weights stay on disk and are re-attached."""
-    external = {}
-    for const in constants(model.graph):
-        values = const._values
-        if isinstance(values, ExternalValues):
-            external[_external_key(values.tensor)] = values
-    copy = Model.from_proto(model.to_proto(), model.source)
-    copy.notes = list(model.notes)
-    for const in constants(copy.graph):
-        tensor = getattr(const._values, "tensor", None)
-        if tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
-            src = external.get(_external_key(tensor))
-            if src is not None:
-                const._values = ExternalValues(tensor, src.path, src.offset, src.length)
-    return copy
-
-
-def _external_key(tensor: onnx.TensorProto) -> tuple[str, str]:
-    info = {e.key: e.value for e in tensor.external_data}
-    return info.get("location", ""), info.get("offset", "0")
-
-
-RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-                        "Bernoulli"})
-
-
-def random_outputs(model: Model) -> set[str]:
-    """Graph outputs downstream of a random op (a node whose subgraphs hold one counts):
-    onnxruntime draws other numbers once the graph around it changes."""
-    from .model import iter_graphs
-
-    def is_random(node) -> bool:
-        return node.op in RANDOM_OPS or any(
-            n.op in RANDOM_OPS for v in node.attrs.values() if isinstance(v, gs.Graph)
-            for g in iter_graphs(v) for n in g.nodes)
-
-    tainted: set[int] = set()
-    for node in model.graph.nodes:  # topological order
-        if is_random(node) or any(id(t) in tainted for t in node.inputs):
-            tainted.update(id(t) for t in node.outputs)
-    return {t.name for t in model.graph.outputs if id(t) in tainted}
-
-
-def forget_negative_dims(model: Model) -> None:
-    """Exporters (paddle2onnx) write -1 for unknown dims of outputs and value_info;
-    ONNX has no negative dims, and strict shape inference rejects them once inputs
-    are pinned. They mean "unknown", so say that."""
-    from .model import iter_graphs
-
-    for g in iter_graphs(model.graph):
-        for tensor in g.tensors().values():
-            if isinstance(tensor, gs.Variable) and tensor.shape is not None and tensor not in g.inputs:
-                if any(isinstance(d, int) and d < 0 for d in tensor.shape):
-                    tensor.shape = [None if isinstance(d, int) and d < 0 else d for d in tensor.shape]
-
-
-def apply_input_shapes(model: Model, shapes: dict[str, tuple]) -> None:
-    """Pin graph input shapes (``--input-shape``) so folding can resolve Shape chains."""
-    if not shapes:
-        return
-    inputs = {t.name: t for t in model.graph.inputs}
-    unknown = [n for n in shapes if n not in inputs]
-    if unknown:
-        raise OptionError(
-            f"--input-shape names {', '.join(unknown)}, which the model does not have",
-            hint=f"the inputs are {', '.join(inputs)}",
-        )
-    for name, dims in shapes.items():
-        tensor = inputs[name]
-        if tensor.shape is not None and len(tensor.shape) != len(dims):
-            raise OptionError(f"--input-shape {name}: rank {len(dims)} but the model's input has rank {len(tensor.shape)}")
-        for have, want in zip(tensor.shape or [], dims):
-            if isinstance(have, int) and have >= 0 and have != want:
-                raise OptionError(f"--input-shape {name}: dim {have} is fixed in the model, cannot pin it to {want}")
-        tensor.shape = list(dims)

@@ -291,7 +291,7 @@ class _Run:
 
 def _independent_copy(model: Model) -> Model:
     """A copy no step can change the original through (external weights stay on disk)."""
-    from .pass_manager import snapshot
+    from .model_prep import snapshot
 
     return snapshot(model)
 
