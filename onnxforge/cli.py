@@ -350,7 +350,8 @@ def _add_debug(sub) -> None:
 
 
 def cmd_debug(args) -> int:
-    from .debug import debug_files, json_safe, render_debug
+    from .debug import debug_files
+    from .debug_render import json_safe, render_debug
 
     if not (args.threshold >= 0):
         raise InputError(f"--threshold must be >= 0, got {args.threshold}")
