@@ -64,7 +64,7 @@ def bench_from_args(args, progress=None):
 def variants_from_args(args) -> list:
     """The models of ``bench A B ...``, each with its own profile (``model.onnx:profile.json``)
     or the shared ``--profile``."""
-    from onnxforge.bench.harness import load_profile_arg, make_variants, parse_model_spec
+    from onnxforge.bench.variants import load_profile_arg, make_variants, parse_model_spec
 
     shared_profile = load_profile_arg(args.profile)
     models, profiles = [], []

@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from onnxforge.bench.harness import Variant, _reset_peak_rss, _status_kb
+from onnxforge.bench.memory import reset_peak_rss, status_kb
+from onnxforge.bench.variants import Variant
 from onnxforge.bench.stats import RatioCI, ratio_ci
 from onnxforge.errors import DataError, OptionError
 from onnxforge.runtime.env import environment
@@ -253,8 +254,8 @@ def _start(variant: Variant, config: GenerateConfig, prompt) -> tuple[_Live, tup
     """Session, its I/O, one untimed generation (allocations, kernel choice) and the peak memory of
     all that; ``prompt`` is (ids, mask) or None to make it now (the vocabulary comes from the logits)."""
     _release_free_memory()
-    before = _status_kb("VmRSS")
-    tracked = _reset_peak_rss() and before is not None
+    before = status_kb("VmRSS")
+    tracked = reset_peak_rss() and before is not None
     overrides = {"intra_op_num_threads": config.threads} if config.threads is not None else None
     sess = session(variant.path, variant.profile, overrides=overrides)
     io = decoder_io(sess, str(variant.path))
@@ -264,7 +265,7 @@ def _start(variant: Variant, config: GenerateConfig, prompt) -> tuple[_Live, tup
                            config.data, config.seed)
         prompt = left_padded(rows)
     first = generate(sess, io, *prompt, config.tokens)
-    peak = _status_kb("VmHWM") if tracked else None
+    peak = status_kb("VmHWM") if tracked else None
     live = _Live(variant, sess, io, None if peak is None else (peak - before) / 1024)
     live.tokens = first.tokens
     return live, prompt

@@ -25,33 +25,23 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from onnxforge.bench.memory import reset_peak_rss, status_kb
 from onnxforge.bench.stats import RatioCI, ratio_ci, summarize
+from onnxforge.bench.variants import Variant, make_variants, parse_model_spec  # noqa: F401  (parse_model_spec re-exported)
 from onnxforge.errors import DataError, OptionError
 from onnxforge.inputs import check_data, load_feeds
 from onnxforge.verify_feeds import runnable_feeds
 from onnxforge.io import load_input
 from onnxforge.runtime.env import environment
-from onnxforge.runtime.profile import Profile, load_profile, profile_path_for, resolve_profile
 from onnxforge.runtime.session import make_runner, outputs_as_numpy, session
 
 ROUND_TARGET_S = 0.15  # aim for this much time per model per round when choosing iterations
 MIN_ITERATIONS, MAX_ITERATIONS = 3, 50
 ACCURACY_FEEDS = 4  # feeds compared against --reference
-
-
-@dataclass
-class Variant:
-    """One thing to benchmark: a model file run with a profile."""
-
-    label: str
-    path: Path
-    profile: Profile
-    profile_source: str = "default"
 
 
 @dataclass
@@ -119,26 +109,6 @@ class BenchResult:
 # ---------------------------------------------------------------------- memory
 
 
-def _status_kb(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def _warm_runtime() -> None:
     """Pay onnxruntime's one-time process setup (environment, kernel registry)
     before measuring, so it is not charged to the first model's memory and time."""
@@ -182,13 +152,13 @@ class LiveSession:
 
 def start_session(variant: Variant, feeds: list[dict], config: BenchConfig) -> LiveSession:
     gc.collect()
-    rss_before = _status_kb("VmRSS")
-    can_track = _reset_peak_rss() and rss_before is not None
+    rss_before = status_kb("VmRSS")
+    can_track = reset_peak_rss() and rss_before is not None
     overrides = {"intra_op_num_threads": config.threads} if config.threads is not None else None
     t0 = time.perf_counter()
     sess = session(variant.path, variant.profile, overrides=overrides)
     create_ms = (time.perf_counter() - t0) * 1e3
-    rss_created = _status_kb("VmRSS")
+    rss_created = status_kb("VmRSS")
     runner = make_runner(sess, feeds, variant.profile)
     t0 = time.perf_counter()
     runner(0)
@@ -198,7 +168,7 @@ def start_session(variant: Variant, feeds: list[dict], config: BenchConfig) -> L
         t0 = time.perf_counter()
         runner(i + 1)
         warm.append((time.perf_counter() - t0) * 1e3)
-    peak = _status_kb("VmHWM") if can_track else None
+    peak = status_kb("VmHWM") if can_track else None
     live = LiveSession(variant, runner, sess.get_providers(), create_ms, first_ms,
                  None if peak is None else (peak - rss_before) / 1024,
                  None if not can_track or rss_created is None else (rss_created - rss_before) / 1024,
@@ -322,43 +292,6 @@ def _accuracy(reference_path: str, lives: Sequence[LiveSession], feeds: list[dic
 # --------------------------------------------------------------------- public API
 
 
-def unique_label(name: str, taken: set[str]) -> str:
-    label, n = name, 2
-    while label in taken:
-        label = f"{name}#{n}"
-        n += 1
-    return label
-
-
-def make_variants(models: Sequence, profiles: Sequence | None = None, provider: str = "cpu") -> list[Variant]:
-    """Variants for model paths; ``profiles[i]`` (path, dict, Profile, "auto" or None) per model."""
-    profiles = list(profiles) if profiles is not None else ["auto"] * len(models)
-    if len(profiles) != len(models):
-        raise OptionError("bench: give one profile per model (or none)")
-    variants, taken = [], set()
-    for model, prof in zip(models, profiles):
-        path = Path(model)
-        if not os.path.lexists(path):  # DataError: what callers of make_variants catch
-            raise DataError(f"{path}: no such model file", hint="check that the path points to a complete .onnx file")
-        load_input(path, "a benchmarked model")  # refuses what optimize refuses (exit 2), validates external data
-        source = _profile_source(prof, path)
-        name = path.stem if source in ("default", "beside", "given") else f"{path.stem}@{Path(source).stem}"
-        label = unique_label(name, taken)
-        taken.add(label)
-        variants.append(Variant(label, path, resolve_profile(prof, path, provider), source))
-    return variants
-
-
-def _profile_source(prof, path: Path) -> str:
-    if prof == "auto":
-        return "beside" if profile_path_for(path).is_file() else "default"
-    if prof is None:
-        return "default"
-    if isinstance(prof, (str, os.PathLike)):
-        return str(prof)
-    return "given"
-
-
 def run_bench(variants: Sequence[Variant], config: BenchConfig, feeds: list[dict] | None = None,
               progress=None, record_environment: bool = True) -> BenchResult:
     """Benchmark ``variants`` interleaved; ``progress(advance)`` is called per round.
@@ -448,21 +381,3 @@ def compare_latency(models: Sequence[str | os.PathLike], feeds: dict | list[dict
     config = BenchConfig(rounds=rounds, warmup=warmup, iterations=iterations, threads=threads, seed=seed,
                          input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()})
     return run_bench(variants, config, feeds)
-
-
-def parse_model_spec(spec: str) -> tuple[str, str | None]:
-    """``model.onnx@profile.json`` -> (model, profile); plain ``model.onnx`` -> (model, None)."""
-    model, sep, prof = spec.rpartition("@")
-    if sep and prof.endswith(".json") and model:
-        return model, prof
-    return spec, None
-
-
-def load_profile_arg(arg: str | None):
-    """CLI ``--profile``: None -> "auto", "none"/"default" -> None, else a loaded Profile path."""
-    if arg is None or arg == "auto":
-        return "auto"
-    if arg.lower() in ("none", "default"):
-        return None
-    load_profile(arg)  # validate early: one clear error before anything runs
-    return arg

@@ -29,7 +29,7 @@ from pathlib import Path
 import onnx
 
 from onnxforge.bench.generate import GenerateConfig, markdown_table, run_generate_bench
-from onnxforge.bench.harness import make_variants
+from onnxforge.bench.variants import make_variants
 from onnxforge.bench.stats import ratio_ci
 from onnxforge.runtime.env import environment
 

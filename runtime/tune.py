@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from onnxforge.bench.harness import BenchConfig, LiveSession, Variant, make_feeds, run_rounds, start_session
+from onnxforge.bench.harness import BenchConfig, LiveSession, make_feeds, run_rounds, start_session
+from onnxforge.bench.variants import Variant
 from onnxforge.bench.stats import RatioCI, ratio_ci
 from onnxforge.errors import OnnxForgeError, OptionError
 from onnxforge.io import check_output_paths, load_input, write_file
