@@ -45,7 +45,7 @@ SHARED_MODELS = ["magika_v3_3", "minilm_l6_w8", "pplcnet_orientation", "ppocr_mo
 CORPUS_MODELS = ["mobilenet_v2_hf", "resnet50_hf", "whisper_tiny_encoder", "minilm_l6_real"]
 PINNED = {"yolov8n_320": {"images": (1, 3, 320, 320)}, "magika_v3_3": {"bytes": (1, 2048)}}
 ONNXFORGE = [str(Path(sys.executable).with_name("onnxforge"))]
-STAGE_TIMEOUT = 3600  # seconds, per onnxforge command: nothing here runs unbounded
+STAGE_TIMEOUT = 3600  # seconds per onnxforge command (--stage-timeout): nothing here runs unbounded
 
 
 def sha(path: Path) -> str:
@@ -114,17 +114,38 @@ class LoadSampler:
         return {"mean_1min": round(sum(s) / len(s), 2), "max_1min": max(s), "samples": len(s)}
 
 
+def run_bounded(command: list[str], cwd: Path) -> tuple[int | None, str]:
+    """(exit code, stderr); None when it ran past STAGE_TIMEOUT: then its whole process
+    group (the fleet's worker processes too) is stopped, so nothing runs on."""
+    import signal
+
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=STAGE_TIMEOUT), proc.stderr.read()
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        return None, proc.stderr.read()
+
+
 def fleet(work: Path, out: str, cache: str, jobs: int) -> dict:
     """``onnxforge run`` on the fleet; the model stays frozen only if the package is (see --frozen)."""
     command = ONNXFORGE + ["run", str(work / "recipe.toml"), str(work / "models"), "-o", str(work / out),
                            "--jobs", str(jobs), "--cache-dir", str(work / cache), "--quiet"]
     started = time.perf_counter()
     with LoadSampler() as load:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=STAGE_TIMEOUT, cwd=work)
+        code, stderr = run_bounded(command, work)
     wall = time.perf_counter() - started
-    report = json.loads((work / out / "fleet.json").read_text())
-    return {"jobs": jobs, "command": " ".join(command[1:]), "exit_code": proc.returncode, "wall_s": round(wall, 1),
-            "load": load.summary(), "stderr": proc.stderr.strip().splitlines()[-3:], "report": report}
+    report = json.loads((work / out / "fleet.json").read_text())  # as far as it got, when stopped
+    return {"jobs": jobs, "command": " ".join(command[1:]), "exit_code": code, "wall_s": round(wall, 1),
+            "finished": code is not None, "load": load.summary(), "stderr": stderr.strip().splitlines()[-3:],
+            "report": report}
 
 
 def alone(work: Path, name: str) -> dict:
@@ -135,9 +156,9 @@ def alone(work: Path, name: str) -> dict:
     out = work / "alone" / f"{name}.onnx"
     command = ONNXFORGE + ["run", str(recipe), str(work / "models" / f"{name}.onnx"), "-o", str(out), "--no-cache", "--quiet"]
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=STAGE_TIMEOUT, cwd=work)
-    return {"command": " ".join(command[1:]), "exit_code": proc.returncode, "seconds": round(time.perf_counter() - started, 1),
-            "sha256": sha(out) if out.exists() else None, "error": (proc.stderr.strip().splitlines() or [None])[0]}
+    code, stderr = run_bounded(command, work)
+    return {"command": " ".join(command[1:]), "exit_code": code, "seconds": round(time.perf_counter() - started, 1),
+            "sha256": sha(out) if out.exists() else None, "error": (stderr.strip().splitlines() or [None])[0]}
 
 
 def alone_all(work: Path, names: list[str]) -> dict:
@@ -166,9 +187,13 @@ def summary_md(result: dict) -> str:
             cmd = st.get("command") or "each good model alone, 2 at a time: onnxforge run alone/NAME.toml models/NAME.onnx -o alone/NAME.onnx --no-cache --quiet"
             lines.append(f"| {stage} | `{cmd}` | {st['wall_s']} | {st.get('exit_code', '')} | "
                          f"{st['load']['mean_1min']} / {st['load']['max_1min']} |")
-    if "jobs1" in w and "jobs2" in w:
+    if "jobs1" in w and "jobs2" in w and result["stages"]["jobs1"].get("finished", True):
         lines += ["", f"`--jobs 2` / `--jobs 1` wall time: {w['jobs2']} / {w['jobs1']} s = {w['jobs2'] / w['jobs1']:.2f} "
                       "(one run each, on a shared machine: see the load column)."]
+    elif "jobs1" in w:
+        done = sum(1 for m in result["models"].values() if m.get("jobs1_status") not in (None, "pending"))
+        lines += ["", f"`--jobs 1` was stopped at the stage limit after {w['jobs1']} s with {done} of "
+                      f"{len(result['models'])} models done (`--jobs 2`: all in {w['jobs2']} s)."]
     c = result["checks"]
     lines += ["", f"Checks: {c['alone_same']} of {c['good']} good models byte-identical alone and in the fleet; "
                   f"{c['jobs1_same']} of {c['good']} identical between --jobs 1 and --jobs 2; rerun: "
@@ -204,12 +229,15 @@ def main() -> int:
                         help="run these stages (jobs2, rerun, alone, jobs1); a stage already recorded in WORK/stages "
                              "is reused unless --redo names it; the results are written from every recorded stage")
     parser.add_argument("--redo", default="", help="stages to run again although recorded")
+    parser.add_argument("--stage-timeout", type=float, default=STAGE_TIMEOUT,
+                        help="seconds one onnxforge command may run; a fleet stopped there is recorded as unfinished")
     parser.add_argument("--summarize-only", action="store_true", help="rewrite results/fleet.md from results/fleet.json")
     args = parser.parse_args()
     results = ROOT / "benchmarks" / "results"
     if args.summarize_only:
         (results / "fleet.md").write_text(summary_md(json.loads((results / "fleet.json").read_text())))
         return 0
+    globals()["STAGE_TIMEOUT"] = args.stage_timeout
     work = Path(args.work)
     names = prepare(work)
     stages_dir = work / "stages"
@@ -260,7 +288,7 @@ def collect(stages: dict, names: list[str]) -> dict:
         "wall_s": {k: v["wall_s"] for k, v in stages.items()},
         "load": {k: v["load"] for k, v in stages.items()},
         "exit_codes": {k: v.get("exit_code") for k, v in stages.items() if k != "alone"},
-        "stages": {k: {x: v.get(x) for x in ("command", "wall_s", "exit_code", "load")} for k, v in stages.items()},
+        "stages": {k: {x: v.get(x) for x in ("command", "wall_s", "exit_code", "finished", "load")} for k, v in stages.items()},
         "models": {},
     }
     for name in names + ["corrupt_model"]:
@@ -271,7 +299,8 @@ def collect(stages: dict, names: list[str]) -> dict:
         ok = row["status"] == "ok"
         if rows1:
             entry["jobs1_status"] = rows1[name]["status"]
-            entry["jobs1_same_bytes_as_jobs2"] = rows1[name].get("output_sha256") == row.get("output_sha256") if ok else None
+            entry["jobs1_same_bytes_as_jobs2"] = (rows1[name].get("output_sha256") == row.get("output_sha256")
+                                                  if ok and rows1[name]["status"] == "ok" else None)
         if rerun:
             entry["rerun_cached"] = rerun_rows[name]["cached"]
             entry["rerun_same_bytes"] = (rerun["sha_before"].get(name) == rerun["sha_after"].get(name)
