@@ -48,7 +48,8 @@ def cmd_tune(args) -> int:
     from rich.console import Console
 
     from onnxforge.bench.commands import checked_shape_ranges
-    from onnxforge.runtime.tune import parse_budget, render_tune, tune
+    from onnxforge.runtime.tune import parse_budget, tune
+    from onnxforge.runtime.tune_report import render_tune
 
     budget = parse_budget(args.budget)
     ranges = checked_shape_ranges(args.input_shape)
