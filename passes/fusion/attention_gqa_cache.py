@@ -44,18 +44,9 @@ from onnxforge.passes.base import Match, RulePass
 
 from ._match import MS_DOMAIN, ShapeOracle, const_value, escaping, producer
 from .attention import BlockRule, mask_is_finite, softmax_is_last_axis
-from .attention_gqa import (
-    GqaMatch,
-    GqaRotaryAttention,
-    Repeat,
-    _Builder,
-    head_layout_problem,
-    match_repeat,
-    match_rotary,
-    projection_dtype,
-    repeat_is_exact,
-)
+from .attention_gqa import GqaMatch, GqaRotaryAttention, _Builder, head_layout_problem
 from .attention_match import Core, HeadSplit, head_split, match_core, scale_value
+from .llama_match import Repeat, match_repeat, match_rotary, projection_dtype, repeat_is_exact
 
 
 def cache_concat(tensor: gs.Tensor) -> gs.Node | None:
