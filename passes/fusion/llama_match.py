@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from ._match import const_value, producer, scalar
 from .attention import is_scalar_constant
-from .attention_match import INT64_MAX, Dim, shape_entries
+from .shape_entries import INT64_MAX, Dim, shape_entries
 
 
 # ------------------------------------------------------------------ small evaluator
