@@ -16,6 +16,7 @@ their own).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -100,6 +101,39 @@ def _bias_constant(graph: gs.Graph, b: gs.Tensor) -> gs.Tensor:
     return b if isinstance(b, gs.Constant) else gs.Constant(f"{b.name}_bias", np.asarray(const_value(b)))
 
 
+@dataclasses.dataclass(frozen=True)
+class GeluErfMatch:
+    """x * half * (one + erf(x / scale))  (or x * scale when not ``divides``)"""
+
+    x: gs.Tensor
+    scale: gs.Tensor
+    one: gs.Tensor
+    half: gs.Tensor
+    divides: bool
+    outputs: tuple[gs.Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GeluTanhMatch:
+    """x * half * (one + tanh(k * (x + c * x^3)))"""
+
+    x: gs.Tensor
+    k: gs.Tensor
+    c: gs.Tensor
+    one: gs.Tensor
+    half: gs.Tensor
+    outputs: tuple[gs.Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SiluMatch:
+    """x * sigmoid(alpha * x)"""
+
+    x: gs.Tensor
+    alpha: gs.Tensor | None  # None: no scale (alpha = 1)
+    outputs: tuple[gs.Tensor, ...]
+
+
 class _GeluBase(FusionRule):
     """Shared rewrite: the Gelu-family op, absorbing a preceding bias Add when it can."""
 
@@ -108,7 +142,7 @@ class _GeluBase(FusionRule):
 
     def rewrite(self, graph: gs.Graph, match: Match, ctx: PassContext) -> None:
         need_ms_domain(ctx)
-        x = match.info["x"]
+        x = match.info.x
         bias = _bias_of(x, match.nodes)
         if bias is not None:
             add, a, b = bias
@@ -144,19 +178,17 @@ class GeluErf(_GeluBase):
         if found is None:
             return None
         nodes, out, half = found
-        return Match([node, scale_node, add, *nodes], {
-            "x": x, "scale": scale, "one": other_input(add, node.outputs[0]), "half": half,
-            "divides": scale_node.op == "Div", "outputs": [out],
-        })
+        return Match([node, scale_node, add, *nodes], GeluErfMatch(
+            x, scale, other_input(add, node.outputs[0]), half, scale_node.op == "Div", (out,)))
 
     def preconditions(self, graph, match, ctx):
         info = match.info
-        target = SQRT2 if info["divides"] else 1.0 / SQRT2
-        if not near(scalar(info["scale"]), target):
-            return f"erf argument is not x / sqrt(2) (scale {scalar(info['scale'])})"
-        if not near(scalar(info["one"]), 1.0):
+        target = SQRT2 if info.divides else 1.0 / SQRT2
+        if not near(scalar(info.scale), target):
+            return f"erf argument is not x / sqrt(2) (scale {scalar(info.scale)})"
+        if not near(scalar(info.one), 1.0):
             return "erf is not shifted by 1"
-        if not near(scalar(info["half"]), 0.5):
+        if not near(scalar(info.half), 0.5):
             return "product is not multiplied by 0.5"
         return None
 
@@ -191,17 +223,16 @@ class GeluTanh(_GeluBase):
         if found is None:
             return None
         nodes, out, half = found
-        return Match([node, outer, add, *cube_nodes, plus, *nodes], {
-            "x": x, "k": k, "c": c, "one": other_input(plus, node.outputs[0]), "half": half, "outputs": [out],
-        })
+        return Match([node, outer, add, *cube_nodes, plus, *nodes],
+                     GeluTanhMatch(x, k, c, other_input(plus, node.outputs[0]), half, (out,)))
 
     def preconditions(self, graph, match, ctx):
         info = match.info
-        if not near(scalar(info["k"]), SQRT_2_OVER_PI):
+        if not near(scalar(info.k), SQRT_2_OVER_PI):
             return "tanh argument is not scaled by sqrt(2/pi)"
-        if not near(scalar(info["c"]), 0.044715):
+        if not near(scalar(info.c), 0.044715):
             return "cubic coefficient is not 0.044715"
-        if not near(scalar(info["one"]), 1.0) or not near(scalar(info["half"]), 0.5):
+        if not near(scalar(info.one), 1.0) or not near(scalar(info.half), 0.5):
             return "not 0.5 * x * (1 + tanh(...))"
         return None
 
@@ -245,23 +276,23 @@ class QuickGelu(FusionRule):
             return None
         other = other_input(mul, node.outputs[0])
         if other is s_in:
-            return Match([node, mul], {"x": s_in, "alpha": None, "outputs": [mul.outputs[0]]})
+            return Match([node, mul], SiluMatch(s_in, None, (mul.outputs[0],)))
         scale = producer_op(s_in, "Mul")
         if scale is not None and other is not None and other_input(scale, other) is not None:
             alpha = other_input(scale, other)
-            return Match([node, mul, scale], {"x": other, "alpha": alpha, "outputs": [mul.outputs[0]]})
+            return Match([node, mul, scale], SiluMatch(other, alpha, (mul.outputs[0],)))
         return None
 
     def preconditions(self, graph, match, ctx):
-        alpha = match.info["alpha"]
+        alpha = match.info.alpha
         if alpha is not None and scalar(alpha) is None:
             return "sigmoid scale is not a constant scalar"
         return None
 
     def rewrite(self, graph, match, ctx):
         need_ms_domain(ctx)
-        alpha = 1.0 if match.info["alpha"] is None else scalar(match.info["alpha"])
-        replace(graph, match, "QuickGelu", [match.info["x"]], {"alpha": float(alpha)}, domain=MS_DOMAIN)
+        alpha = 1.0 if match.info.alpha is None else scalar(match.info.alpha)
+        replace(graph, match, "QuickGelu", [match.info.x], {"alpha": float(alpha)}, domain=MS_DOMAIN)
 
 
 class FuseGelu(RulePass):
