@@ -72,12 +72,12 @@ class Pass:
 @dataclasses.dataclass
 class Match:
     """The nodes a rule matched (``nodes[0]`` is the anchor) and what ``match`` found on the
-    way (``info``: the rule's own dataclass, or a dict in rules written before those).
+    way (``info``: the rule's own frozen dataclass with named fields, None when the nodes say it all).
     ``plan`` is what ``check`` worked out for ``rewrite`` (its return value when that is not
     a refusal); ``check`` itself changes neither the graph nor the match."""
 
     nodes: list[gs.Node]
-    info: Any = dataclasses.field(default_factory=dict)
+    info: Any = None
     plan: Any = None
 
     @property

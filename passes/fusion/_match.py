@@ -147,8 +147,7 @@ def escaping(graph: gs.Graph, nodes: list[gs.Node], keep_tensors=(), keep_nodes=
 def fused_outputs(match: Match) -> tuple[gs.Tensor, ...]:
     """The tensors the fused node makes: the ``outputs`` field of the rule's match, none
     when its match has no such field."""
-    info = match.info
-    return tuple(info.get("outputs", ()) if isinstance(info, dict) else getattr(info, "outputs", ()))
+    return tuple(getattr(match.info, "outputs", ()))
 
 
 def escaping_tensor(graph: gs.Graph, match: Match) -> gs.Tensor | None:

@@ -99,7 +99,7 @@ class ActivationBeforeShuffle(Rule):
         shuffle = producer(node.inputs[0], "DepthToSpace") if node.inputs else None
         if shuffle is None or not shuffle.name.endswith(SHUFFLE_SUFFIX) or node.domain not in DEFAULT_DOMAINS:
             return None
-        return Match([node, shuffle], {})
+        return Match([node, shuffle])
 
     def check(self, graph, match, ctx):
         act, shuffle = match.nodes

@@ -37,7 +37,7 @@ class WholeWindowPool(Rule):
     def match(self, graph, node):
         if node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1:
             return None
-        return Match([node], {})
+        return Match([node])
 
     def check(self, graph, match, ctx):
         node = match.nodes[0]

@@ -12,6 +12,7 @@ the result with its accuracy budget; it is not in an -O level.
 """
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 
 import numpy as np
@@ -24,6 +25,11 @@ PASS_NAME = "learned-weight-rounding"
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 
 
+@dataclasses.dataclass(frozen=True)
+class CodesMatch:
+    codes: gs.Constant  # the integer weight the DequantizeLinear reads
+
+
 class LearnedWeightCodes(Rule):
     name = "learned-weight-codes"
     anchor_ops = ("DequantizeLinear",)
@@ -33,10 +39,10 @@ class LearnedWeightCodes(Rule):
             return None
         out = node.outputs[0]
         readers = [r for r in out.outputs if r.op in WEIGHTED and len(r.inputs) > 1 and r.inputs[1] is out]
-        return Match([node], {"codes": node.inputs[0]}) if readers else None
+        return Match([node], CodesMatch(node.inputs[0])) if readers else None
 
     def check(self, graph, match, ctx):
-        const = match.info["codes"]
+        const = match.info.codes
         new = ctx.option(PASS_NAME, "codes", {}).get(const.name)
         if new is None:
             return self.refusal(f"no learned codes for {const.name} (nearest rounding kept)", match)
@@ -54,7 +60,7 @@ class LearnedWeightCodes(Rule):
         return None
 
     def rewrite(self, graph, match, ctx):
-        const = match.info["codes"]
+        const = match.info.codes
         const.values = np.array(ctx.option(PASS_NAME, "codes", {})[const.name], dtype=np.asarray(const.values).dtype)
 
 
