@@ -95,10 +95,14 @@ def cmd_bench(args) -> int:
     from onnxforge.bench.plot import plot_result
     from onnxforge.io import check_output_paths, write_file
 
+    from onnxforge.bench.harness import parse_model_spec
+    from onnxforge.runtime.cpuclass import warn_for
+
     outputs = ((write_json, args.json), (write_csv, args.csv), (write_markdown, args.markdown),
                (plot_result, args.plot))
     check_output_paths(*(target for _, target in outputs))
     console = Console(stderr=True)
+    warn_for([parse_model_spec(spec)[0] for spec in args.models], lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
     if console.is_terminal:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -49,9 +49,14 @@ def add_compare(sub) -> None:
 
 
 def cmd_compare(args) -> int:
+    import sys
+
+    from onnxforge.runtime.cpuclass import warn_for
+
     from .compare import compare_models, render_comparison
     from .inputs import parse_shape_specs
 
+    warn_for([args.a, args.b], lambda line: print(line, file=sys.stderr))
     result = compare_models(args.a, args.b, data=args.data, input_shapes=parse_shape_specs(args.input_shape),
                             samples=args.samples, rtol=args.rtol)
     if args.json:

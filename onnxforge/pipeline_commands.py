@@ -130,8 +130,12 @@ def _run_one(args) -> int:
     from .pipeline import Pipeline, REPORT_SCHEMA, REPORT_SCHEMA_VERSION
     from .report import write_json
 
+    from onnxforge.runtime.cpuclass import warn_for
+
     report_path = Path(args.report) if args.report else None
     progress = None if args.quiet else _progress()
+    if Path(args.input).is_file():
+        warn_for([args.input], lambda line: print(line, file=sys.stderr))
     try:
         check_output_paths(args.output, report_path)  # the recipe and the input are protected by the CLI
         pipeline = Pipeline.from_file(args.recipe)

@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from onnxforge.runtime.capture import captured_output, first_reason
+from onnxforge.runtime.cpuclass import cpu_class, has_int8_dot
 
 PROBED = (("cpu", "CPUExecutionProvider"), ("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider"))
 # ISA features that decide which kernels MLAS and the quantizers can use.
@@ -109,6 +110,7 @@ def cpu_info(cpuinfo_text: str | None = None) -> dict:
         "usable_cores": usable,
         "physical_cores": _physical_cores(cpuinfo_text),
         "isa": [f for f in ISA_FLAGS if f in flags],
+        "class": cpu_class(cpuinfo_text) if cpuinfo_text else "unknown",
     }
 
 
@@ -201,6 +203,9 @@ def render_environment(env: dict, console=None) -> None:
     table.add_row("cores", f"{cpu['usable_cores']} usable, {cpu['logical_cores']} logical, "
                            f"{cpu['physical_cores'] or '?'} physical")
     table.add_row("isa", " ".join(cpu["isa"]) or "-")
+    if cpu.get("class"):
+        dot = "int8 dot products" if has_int8_dot(cpu["class"]) else "no int8 dot products: INT8 weights 7-bit or uint8"
+        table.add_row("cpu class", f"{cpu['class']} ({dot})")
     table.add_row("gpu", "; ".join(f"{g['name']} ({g['memory_mib']} MiB, driver {g['driver']})" for g in env["gpus"]) or "none")
     for key, value in env["versions"].items():
         table.add_row(key, str(value))

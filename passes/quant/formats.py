@@ -62,17 +62,11 @@ CPU_STATIC_LEAN_OPS = tuple(op for op in CPU_STATIC_OPS if op not in ("Add", "Mu
 
 
 def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
-    """True when the CPU has VNNI (AVX512-VNNI, AVX-VNNI) or AMX int8 dot products."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return True  # unknown: onnxruntime's default (full range) is what other hosts expect
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+    """True when the CPU has int8 dot products (AVX512-VNNI, AVX-VNNI, AMX int8, ARM
+    dotprod/i8mm: runtime/cpuclass.py); an unreadable cpuinfo counts as one."""
+    from onnxforge.runtime.cpuclass import cpu_class, has_int8_dot
+
+    return has_int8_dot(cpu_class(cpuinfo))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,15 +77,30 @@ class FormatSpec:
     symmetric_activations: bool = False
     per_channel: bool = True
     reduce_range: bool = False
+    # with reduce_range: depthwise Conv weights keep all 8 bits (MLAS's depthwise
+    # kernel widens before it adds, so it cannot saturate; cpuclass.saturation probes it)
+    depthwise_full_range: bool = False
     op_types: tuple[str, ...] = CPU_STATIC_OPS
     dynamic_matmul: bool = False  # quantize MatMul/Gemm weights dynamically (CPU transformers)
+    cpu_class: str = ""  # the CPU class the CPU formats are chosen for (runtime/cpuclass.py)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def spec_for(provider: str, model: onnx.ModelProto, mode: str = "auto", vnni: bool | None = None) -> FormatSpec:
-    """The format for ``provider``; ``mode``: auto | static | dynamic (dynamic: CPU only)."""
+def spec_for(provider: str, model: onnx.ModelProto, mode: str = "auto", vnni: bool | None = None,
+             cpu: str | None = None) -> FormatSpec:
+    """The format for ``provider``; ``mode``: auto | static | dynamic (dynamic: CPU only).
+    ``cpu``: the CPU class to quantize for (runtime/cpuclass.py; None: this machine's);
+    ``vnni`` overrides whether it has int8 dot products.
+
+    Without them (AVX2, AVX-512 without VNNI), measured in
+    benchmarks/results/quant_formats_avx2.md: static Conv/Gemm weights are s8 with 7 bits
+    (u8 x u8 QLinearConv, exact at 8 bits, ran 2.1x the float latency: slower than leaving
+    the layer float), dynamic MatMul weights are u8 (u8 x u8 MatMulInteger: 8 bits, no
+    saturation, as fast as 7-bit s8)."""
+    from onnxforge.runtime.cpuclass import cpu_class, has_int8_dot
+
     if provider not in PROVIDERS:
         raise OptionError(f"unknown provider {provider!r}", hint=f"choose one of {', '.join(PROVIDERS)}")
     if mode not in ("auto", "static", "dynamic"):
@@ -100,9 +109,14 @@ def spec_for(provider: str, model: onnx.ModelProto, mode: str = "auto", vnni: bo
         if mode == "dynamic":
             raise OptionError(f"dynamic quantization has no {provider} kernels", hint="use static")
         return FormatSpec(provider, "s8", symmetric_activations=True, op_types=WEIGHTED_OPS)
-    vnni = cpu_has_vnni() if vnni is None else vnni
+    cls = cpu or cpu_class()
+    vnni = has_int8_dot(cls) if vnni is None else vnni
     dynamic = mode == "dynamic" or (mode == "auto" and is_transformer(model))
-    return FormatSpec("cpu", "u8", reduce_range=not vnni, dynamic_matmul=dynamic)
+    if vnni:
+        return FormatSpec("cpu", "u8", dynamic_matmul=dynamic, cpu_class=cls)
+    if dynamic:
+        return FormatSpec("cpu", "u8", weight_type="u8", dynamic_matmul=True, cpu_class=cls)
+    return FormatSpec("cpu", "u8", reduce_range=True, cpu_class=cls)
 
 
 def is_transformer(model: onnx.ModelProto) -> bool:
@@ -162,6 +176,10 @@ def static_qdq(
     # the types of contrib-op outputs (see ortsession.infer_shapes): onnxruntime's own
     # inference keeps them, and without them it skips those tensors and fails on the
     # biases they feed
+    extra = {}
+    overrides = weight_overrides(model, spec)
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
     quantizer = QDQQuantizer(
         _with_inferred_types(_copy(model)),
         spec.per_channel,
@@ -178,6 +196,7 @@ def static_qdq(
             "AddQDQPairToWeight": False,  # weights stored as int8, no float copy
             # Tensors feeding contrib ops (fused graphs) have no inferred type; they are float.
             "DefaultTensorType": onnx.TensorProto.FLOAT,
+            **extra,
         },
     )
     quantizer.quantize_model()
@@ -186,6 +205,30 @@ def static_qdq(
         out, _ = integer_activations(out)  # HardSwish/HardSigmoid as QLinearAdd/QLinearMul
         out = _movement_in_nhwc(out)
     return _toposorted(_without_unused_initializers(out))
+
+
+def depthwise_weights(model: onnx.ModelProto) -> dict[str, str]:
+    """Weight initializer -> Conv name, for depthwise Convs (one input and one output
+    channel per group: MLAS runs them on its depthwise kernel, not a GEMM)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        dims = inits[node.input[1]].dims
+        if group > 1 and len(dims) >= 2 and dims[1] == 1 and dims[0] == group:
+            found[node.input[1]] = node.name
+    return found
+
+
+def weight_overrides(model: onnx.ModelProto, spec: FormatSpec) -> dict[str, list[dict]]:
+    """onnxruntime TensorQuantOverrides for weights whose format differs from the spec's:
+    depthwise weights at 8 bits when the spec reduces the range of the rest."""
+    if not (spec.reduce_range and spec.depthwise_full_range and spec.weight_type == "s8"):
+        return {}
+    axis = {"axis": 0} if spec.per_channel else {}
+    return {name: [{**axis, "reduce_range": False}] for name in sorted(depthwise_weights(model))}
 
 
 def _movement_in_nhwc(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -223,7 +266,7 @@ def dynamic_matmul(model: onnx.ModelProto, spec: FormatSpec, exclude: list[str] 
             spec.reduce_range,
             QuantizationMode.IntegerOps,
             False,
-            _qtype("s8"),
+            _qtype(spec.weight_type),
             _qtype("u8"),
             None,
             None,

@@ -227,9 +227,26 @@ def quantize(
         report.warnings.append(
             "the model's computation lies in If/Loop/Scan subgraphs, which are not quantized: the result is the float model"
         )
+    if provider == "cpu" and final is not baseline and report.int8_nodes:
+        final = _marked_for(final, spec.cpu_class, report)
     report.seconds = round(time.monotonic() - started, 2)
     out = Model.from_proto(final)
     return out, report
+
+
+def _marked_for(model: onnx.ModelProto, cpu: str, report: QuantReport) -> onnx.ModelProto:
+    """``model`` with the CPU class its formats were chosen for in its metadata
+    (runtime/cpuclass.py: bench, compare and run warn when it runs on another class)."""
+    from onnxforge.runtime.cpuclass import METADATA_KEY, has_int8_dot
+
+    report.quantized_for = cpu
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=METADATA_KEY, value=cpu)
+    report.notes.append(f"quantized for CPU class {cpu} ({'int8 dot products' if has_int8_dot(cpu) else 'no int8 dot products'}),"
+                        f" recorded as {METADATA_KEY} in the model's metadata")
+    return model
 
 
 def _slower(report: QuantReport, baseline, final, keep_float: bool) -> onnx.ModelProto:

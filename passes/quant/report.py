@@ -40,6 +40,7 @@ class QuantReport:
     bias_corrected: int = 0  # layers whose bias absorbed the mean rounding error
     rounding: dict | None = None  # learned rounding: per layer errors, skipped layers (rounding.py)
     kept_float: bool = False
+    quantized_for: str = ""  # CPU class the formats were chosen for (runtime/cpuclass.py)
     seconds: float = 0.0
     # where each figure was computed: calibration, sensitivity (the accuracy budget's per-candidate
     # scores), accuracy (the budget's scores), latency (always this process: the machine quantize runs on)
@@ -57,6 +58,8 @@ class QuantReport:
             f"method {self.method}, calibration: {self.calibration} ({self.calibration_feeds} feeds)",
             f"int8 nodes: {len(self.int8_nodes)}, float nodes: {len(self.float_nodes)}",
         ]
+        if self.quantized_for:
+            lines[0] += f", for CPU class {self.quantized_for}"
         if self.score is not None:
             lines.append(
                 f"{self.metric} vs float: {self.score:.5f} (budget >= {1 - self.max_drop:.5f}: "
