@@ -26,9 +26,10 @@ def _feeds(name, model):
     return None, [seeded_feeds(model, seed=s) for s in range(2)]
 
 
-# -O3 swaps written-out GELU(tanh) for onnxruntime's FastGelu kernel, whose own tanh
-# approximation differs by up to 1.4e-4 of the output scale on magika (0 with --disable fuse-gelu).
-O3_RTOL = {"magika_v3_3": 2e-4}
+# magika's first GELU(tanh) feeds a LayerNorm written as E[x^2] - E[x]^2, which multiplies
+# FastGelu's last-bit differences to 1.3e-4 of the output: the verifier rolls that one
+# rewrite back (fuse-gelu's bound is max error <= 1e-4 of max |output|), so -O3 is not --strict there.
+ROLLED_BACK = {("magika_v3_3", 3): ["gelu-tanh"]}
 
 
 @pytest.mark.parametrize("level", [2, 3])
@@ -38,12 +39,15 @@ def test_optimize_shared_model(name, level, tmp_path):
     out, report_path = tmp_path / f"{name}.opt.onnx", tmp_path / "report.json"
     original = load(src)
     data, feeds = _feeds(name, original)
-    args = ["optimize", str(src), "-o", str(out), "--report", str(report_path), "--strict", f"-O{level}"]
+    expected_rollbacks = ROLLED_BACK.get((name, level), [])
+    args = ["optimize", str(src), "-o", str(out), "--report", str(report_path), f"-O{level}"]
+    args += [] if expected_rollbacks else ["--strict"]
     if data:
         args += ["--data", data]
     assert main(args) == 0
     report = json.loads(report_path.read_text())
-    assert report["verification"]["ok"] and not report["rolled_back"]
+    assert report["verification"]["ok"]
+    assert [r.get("rule") for r in report["rolled_back"]] == expected_rollbacks
     assert report["after"]["nodes"] <= report["before"]["nodes"]
     assert report["after"]["file_bytes"] <= report["before"]["file_bytes"]
     if level == 2:  # -O3 may use onnxruntime's own ops, which the onnx checker does not know
@@ -54,6 +58,5 @@ def test_optimize_shared_model(name, level, tmp_path):
     ref, got = run_outputs(original, feeds), run_outputs(optimized, feeds)
     for refs, outs in zip(ref, got):
         for r, o in zip(refs, outs):
-            rtol = O3_RTOL.get(name, 1e-4) if level == 3 else 1e-4
-            diff = compare_arrays("out", r, o, rtol=rtol, atol=0.0)
+            diff = compare_arrays("out", r, o, rtol=1e-4, atol=0.0)
             assert diff.ok, (name, diff)

@@ -14,6 +14,11 @@ Identities:
     Reshape target copies the input dim at that position (allowzero=0), so each such piece
     can be written as m zeros and the target becomes one constant. Constant pieces keep
     their values (a 0 there already meant "copy" before). No value of any dim is assumed.
+  * Reshape(x, Concat(p_0, ..., p_n)) (possibly through a Cast to int64) where every entry is
+    a positive constant but one, a single dim d of any origin (another tensor's shape, data):
+    the output has as many elements as x, so d = numel(x) / prod(constants) on every run the
+    original makes, which is what a -1 entry means; the target becomes one constant. Only
+    positive constants beside it: a 0 (copied dim, possibly 0) would make the -1 ambiguous.
   * Concat(a, Concat(b, c), d) = Concat(a, b, c, d) on the same axis (concatenation is
     associative); done when the inner Concat has no other reader, so a node goes away.
   * Concat(..., x.shape[i:j], x.shape[j:k], ...) = Concat(..., x.shape[i:k], ...): adjacent
@@ -26,7 +31,8 @@ whose shape chains are the same Shape arithmetic in tf2onnx exports.
 Refused (reason in --explain): a piece computed from tensor values rather than a shape
 (it depends on data), a piece read from another tensor's shape or from other dims than
 the position it fills, allowzero=1 (a 0 would be a literal zero), an unknown rank where an
-index is negative or open-ended.
+index is negative or open-ended; for the -1 target: more than one entry not a constant, a
+constant entry that is not positive.
 """
 from __future__ import annotations
 
@@ -206,6 +212,48 @@ class ReshapeCopiesOwnDims(IndexedRule):
         node.inputs[1] = gs.Constant(f"{node.name or 'reshape'}_target", np.array(target, dtype=np.int64))
 
 
+def _target_concat(reshape: gs.Node) -> gs.Node | None:
+    """The Concat building a Reshape's target, directly or through one Cast to int64."""
+    cast = producer_op(reshape.inputs[1], "Cast")
+    if cast is not None and int(cast.attrs.get("to", 0)) == 7:
+        return producer_op(cast.inputs[0], "Concat")
+    return producer_op(reshape.inputs[1], "Concat")
+
+
+class ReshapeInfersOneDim(IndexedRule):
+    name = "reshape-infers-one-dim"
+    anchor_ops = ("Reshape",)
+
+    def match(self, graph, node):
+        if len(node.inputs) != 2:
+            return None
+        concat = _target_concat(node)
+        if concat is None or self.index.graph_of(concat) is not graph:
+            return None
+        pieces = concat_pieces(concat, self.types)
+        if all(p.values is not None for p in pieces):
+            return None  # all constant: fold-constants' job
+        return Match([node], {"pieces": pieces, "tensors": list(concat.inputs)})
+
+    def check(self, graph, match, ctx):
+        varying = [(p, t) for p, t in zip(match.info["pieces"], match.info["tensors"]) if p.values is None]
+        if len(varying) > 1:
+            return self.refusal("more than one entry of the target shape is not a constant", match)
+        shape = self.types.static_shape(varying[0][1])
+        if shape not in ((1,),):
+            return self.refusal("the entry that is not a constant is not one dim", match)
+        if any(v <= 0 for p in match.info["pieces"] if p.values is not None for v in p.values):
+            return self.refusal("a constant entry of the target is 0 or negative (a -1 would not be unique)", match)
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        node = match.nodes[0]
+        target = []
+        for piece in match.info["pieces"]:
+            target += list(piece.values) if piece.values is not None else [-1]
+        node.inputs[1] = gs.Constant(f"{node.name or 'reshape'}_target", np.array(target, dtype=np.int64))
+
+
 def _same_axis(outer: gs.Node, inner: gs.Node, types) -> bool:
     a, b = int(outer.attrs.get("axis", 0)), int(inner.attrs.get("axis", 0))
     if a == b:
@@ -331,9 +379,11 @@ class StaticDimsOfShape(IndexedRule):
 
 class SimplifyShapes(IndexedRulePass):
     name = "simplify-shapes"
-    description = "fold shape arithmetic over dynamic dims (Reshape targets from the input's own dims, nested Concat)"
+    description = ("fold shape arithmetic over dynamic dims (Reshape targets from the input's own dims or with one "
+                   "inferred dim, nested Concat)")
     tolerance = (0.0, 0.0)
-    rules = (StaticDimsOfShape, ReshapeCopiesOwnDims, MergeShapePieces, FlattenNestedConcat, DropZeroInitialState)
+    rules = (StaticDimsOfShape, ReshapeCopiesOwnDims, ReshapeInfersOneDim, MergeShapePieces, FlattenNestedConcat,
+             DropZeroInitialState)
 
     def types(self, graph, ctx):
         return infer_types(graph, ctx)

@@ -298,9 +298,12 @@ class QuickGelu(FusionRule):
 class FuseGelu(RulePass):
     name = "fuse-gelu"
     description = "exact and tanh GELU (with bias) -> com.microsoft Gelu / BiasGelu / FastGelu"
-    # Gelu/BiasGelu use MLAS's erf and FastGelu its own tanh: not bit-equal to the
-    # written-out form; measured differences are ~1e-6 relative.
-    tolerance = (1e-4, 1e-5)
+    # Gelu/BiasGelu use MLAS's erf and FastGelu computes tanh's argument as x(c'x^2 + k):
+    # last-bit differences from the written-out form (~1e-7 of the activation), which a
+    # later variance written as E[x^2] - E[x]^2 multiplies by mean^2/var (magika_v3_3:
+    # 2e-4 of the output). No atol: the bound is the project's "equal" (max error <=
+    # 1e-4 of max |output|), so such a rewrite is rolled back by the verifier.
+    tolerance = (1e-4, 0.0)
     rules = (GeluErf, GeluTanh)
 
 

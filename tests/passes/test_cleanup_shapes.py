@@ -96,6 +96,61 @@ def test_reshape_target_kept(body, reason):
     assert histogram(model)["Concat"] == 1
 
 
+# magika (tf2onnx): the batch dim read from another input's shape as int32, the target cast back to int64.
+OTHER_BATCH = """
+g (float[N,8] x, int32[N,4] z) => (float[N,2,4] y) {
+  s = Shape(z)
+  s32 = Cast <to = 6> (s)
+  b = Slice(s32, starts, ends)
+  two = Constant <value = int32[1] {2}> ()
+  four = Constant <value = int32[1] {4}> ()
+  t32 = Concat <axis = 0> (b, two, four)
+  t = Cast <to = 7> (t32)
+  y = Reshape(x, t)
+}"""
+
+
+def test_reshape_target_with_one_dim_not_a_constant_infers_it():
+    model, before, result, _ = simplified(with_consts(OTHER_BATCH))
+    assert result.stats == {"reshape-infers-one-dim": 1}
+    assert histogram(model) == {"Reshape": 1}
+    assert model.graph.nodes[0].inputs[1].values.tolist() == [-1, 2, 4]
+    assert output_dims(model) == [["N", 2, 4]]
+    for n in (1, 3):
+        assert_parity(before, model, {"x": np.arange(n * 8, dtype=np.float32).reshape(n, 8),
+                                      "z": np.zeros((n, 4), np.int32)})
+
+
+def test_reshape_target_entry_from_data_is_inferred():
+    model, before, result, _ = simplified("""
+    g (float[N,6] x, int64[1] d) => (float[M,3] y) {
+      three = Constant <value = int64[1] {3}> ()
+      t = Concat <axis = 0> (d, three)
+      y = Reshape(x, t)
+    }""")
+    assert result.stats == {"reshape-infers-one-dim": 1}
+    for n in (1, 4):
+        assert_parity(before, model, {"x": np.ones((n, 6), np.float32), "d": np.array([2 * n], np.int64)})
+
+
+@pytest.mark.parametrize("target, out, reason", [
+    ("Concat <axis = 0> (d, d)", "M,K", "more than one entry of the target shape is not a constant"),
+    ("Concat <axis = 0> (d2, three)", "M,K,3", "the entry that is not a constant is not one dim"),
+    ("Concat <axis = 0> (d, zero, three)", "M,K,3", "a constant entry of the target is 0 or negative (a -1 would not be unique)"),
+])
+def test_reshape_target_not_inferred(target, out, reason):
+    model, _, result, ctx = simplified(f"""
+    g (float[N,6] x, int64[1] d, int64[2] d2) => (float[{out}] y) {{
+      three = Constant <value = int64[1] {{3}}> ()
+      zero = Constant <value = int64[1] {{0}}> ()
+      t = {target}
+      y = Reshape(x, t)
+    }}""")
+    assert "reshape-infers-one-dim" not in result.stats
+    assert reason in refusal_reasons(ctx)
+    assert histogram(model)["Concat"] == 1
+
+
 def test_nested_concat_flattens():
     model, before, result, _ = simplified("""
     g (float[2,N] a, float[3,N] b, float[4,N] c) => (float[9,N] y) {
