@@ -154,7 +154,7 @@ def _quantize_int4(run: _Run, step: Step) -> dict:
     details = run.cached(step, compute)
     q = details["int4"]
     if q["budget_met"] is not None:
-        ppl = "perplexity" in q["metrics"]
+        ppl = q.get("budget_metric") == "perplexity"
         details["accuracy"] = {"metric": "perplexity_increase" if ppl else "cosine", "score": q["score"],
                                "ok": bool(q["budget_met"]), "source": q["validation"]}
         if q["budget_met"] is False:

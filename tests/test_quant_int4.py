@@ -440,3 +440,13 @@ def test_weights_in_external_data_are_read_without_being_kept(tmp_path):
     constant, transposed = matmul_weight(next(n for n in model.graph.nodes if n.name == "mm"))
     np.testing.assert_array_equal(weight_rows(constant, transposed), weight().T)
     assert isinstance(constant._values, LazyValues)  # still a reference into the file
+
+
+def test_quantize_int4_budget_metric_cosine_judges_the_cosine_even_with_logits(tmp_path):
+    calib = _calib(tmp_path / "calib")
+    _, by_ppl = quantize_int4(_load(_lm(), tmp_path), calib, method="rtn", block_size=32)
+    _, by_cos = quantize_int4(_load(_lm(), tmp_path), calib, method="rtn", block_size=32, budget_metric="cosine")
+    assert by_ppl.budget_metric == "perplexity" and by_ppl.score == pytest.approx(
+        by_ppl.metrics["perplexity"] / by_ppl.metrics["perplexity_float"] - 1)
+    assert by_cos.budget_metric == "cosine" and by_cos.score == by_cos.metrics["cosine_mean"]
+    assert "perplexity" in by_cos.metrics  # still reported

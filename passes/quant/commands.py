@@ -57,8 +57,10 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
                    help="the same on Ray: the cluster at ADDRESS (auto: the one `ray start` made), or a private "
                         "local one (docs/fleets.md); latency is still measured here")
     int4 = p.add_argument_group("INT4 weight-only (--bits 4): MatMul -> MatMulNBits")
-    int4.add_argument("--bits", type=int, default=8, choices=(8, 4),
-                      help="8: INT8 (default, the options above); 4: INT4 weights, float activations")
+    int4.add_argument("--bits", type=_bits, default=8, choices=(8, 4, "auto"),
+                      help="8: INT8 (default, the options above); 4: INT4 weights, float activations; auto: "
+                           "fp32, INT8 dynamic and INT4 judged on --val and timed interleaved, the fastest "
+                           "within the accuracy budget kept (near ties: the smaller)")
     int4.add_argument("--weight-method", default="gptq", choices=("rtn", "gptq", "awq", "awq+gptq"),
                       help="rtn: round to nearest (data-free); gptq (default): GPTQ with per-block clip search; "
                            "awq: activation-aware input scaling; awq+gptq: both")
@@ -72,9 +74,21 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     int4.add_argument("--max-ppl-increase", type=float, default=0.10,
                       help="budget for models with `logits` and `input_ids`: relative perplexity increase "
                            "(default 0.10); other models use --max-drop on the output cosine")
+    int4.add_argument("--budget-metric", default="auto", choices=("auto", "cosine"),
+                      help="--bits 4/auto: auto (default) judges perplexity where the model has logits and "
+                           "input_ids, else the output cosine (--max-drop); cosine: always the cosine (random weights)")
+    int4.add_argument("--auto-rounds", type=int, default=8, metavar="N",
+                      help="--bits auto: interleaved timing rounds (default 8)")
+    int4.add_argument("--auto-margin", type=float, default=0.10, metavar="F",
+                      help="--bits auto: a larger candidate replaces a smaller one only when its whole 95%% "
+                           "interval is faster by more than F (default 0.10)")
     int4.add_argument("--calib-limit", type=int, default=None, metavar="N", help="use the first N calibration feeds")
     p.set_defaults(func=run_quantize)
     return p
+
+
+def _bits(value: str):
+    return value if value == "auto" else int(value)
 
 
 def add_fp16_parser(subparsers) -> argparse.ArgumentParser:
@@ -116,11 +130,13 @@ def _progress_log():
     return logging.getLogger("onnxforge.quant").info
 
 
-def _write_outputs(args, result, report) -> None:
+def _write_outputs(args, result, report, verify: bool = True) -> None:
+    """``verify``: check the written file runs equal to ``result`` (off where ``result`` was itself read back
+    from a written candidate that ran: --bits auto)."""
     from onnxforge.io import save, write_file
     from onnxforge.verify import written_equals
 
-    save(result, args.output, check=written_equals(result))
+    save(result, args.output, check=written_equals(result) if verify else None)
     print(report.summary())
     if args.report:
         write_file(args.report, report.save)
@@ -131,6 +147,8 @@ def run_quantize(args) -> int:
 
     if args.bits == 4:
         return run_int4(args)
+    if args.bits == "auto":
+        return run_auto(args)
     from onnxforge.workers import make_workers
 
     model = _prepare(args, args.trt_cache)
@@ -155,17 +173,32 @@ def run_int4(args) -> int:
         model, args.calib, method=args.weight_method, block_size=args.block_size, symmetric=not args.asymmetric,
         lm_head=args.lm_head == "int4", act_order=args.act_order, accuracy_level=args.accuracy_level, val=args.val,
         max_ppl_increase=args.max_ppl_increase, max_drop=args.max_drop, calib_limit=args.calib_limit,
-        log=_progress_log(),
+        budget_metric=args.budget_metric, log=_progress_log(),
     )
     _write_outputs(args, result, report)
     if report.budget_met is False:
         m = report.metrics
-        what = (f"perplexity +{100 * report.score:.1f}% > +{100 * args.max_ppl_increase:.0f}%" if "perplexity" in m
+        what = (f"perplexity +{100 * report.score:.1f}% > +{100 * args.max_ppl_increase:.0f}%" if report.budget_metric == "perplexity"
                 else f"cosine {report.score:.5f} < {1 - args.max_drop:.5f}")
         error = VerificationError(f"accuracy budget missed: {what}; the INT4 model was written",
                                   hint="try --weight-method gptq/awq+gptq, a smaller --block-size, or --lm-head float")
         print(f"error: {error.message}\nhint: {error.hint}", file=sys.stderr)
         return error.exit_code
+    return 0
+
+
+def run_auto(args) -> int:
+    from .auto_bits import quantize_auto
+
+    model = _prepare(args)
+    result, report = quantize_auto(
+        args.model, model, args.calib, val=args.val, max_ppl_increase=args.max_ppl_increase, max_drop=args.max_drop,
+        int4_options=dict(method=args.weight_method, block_size=args.block_size, symmetric=not args.asymmetric,
+                          lm_head=args.lm_head == "int4", act_order=args.act_order, calib_limit=args.calib_limit),
+        rounds=args.auto_rounds, margin=args.auto_margin, perplexity=args.budget_metric != "cosine",
+        log=_progress_log(),
+    )
+    _write_outputs(args, result, report, verify=False)
     return 0
 
 

@@ -69,6 +69,7 @@ class Int4Report:
     max_ppl_increase: float = MAX_PPL_INCREASE
     max_drop: float = 0.05
     accuracy_level: int = 0
+    budget_metric: str = ""  # what the budget judged: perplexity (increase) or cosine
     budget_met: bool | None = None
     score: float | None = None
     weight_bytes_float: int = 0
@@ -98,13 +99,13 @@ class Int4Report:
         m = self.metrics
         if "perplexity" in m:
             lines.append(f"perplexity {m['perplexity_float']:.3f} -> {m['perplexity']:.3f} "
-                         f"(+{100 * (m['perplexity'] / m['perplexity_float'] - 1):.1f}%, budget "
-                         f"+{100 * self.max_ppl_increase:.0f}%)")
+                         f"({100 * (m['perplexity'] / m['perplexity_float'] - 1):+.1f}%"
+                         + (f", budget +{100 * self.max_ppl_increase:.0f}%)" if self.budget_metric == "perplexity" else ")"))
         if "cosine_mean" in m:
             lines.append(f"output cosine (mean removed) mean {m['cosine_mean']:.5f}, min {m['cosine_min']:.5f}"
                          + (f"; top-1 agreement {100 * m['top1_agreement']:.1f}%" if "top1_agreement" in m else ""))
         if self.budget_met is not None:
-            lines.append("accuracy budget " + ("met" if self.budget_met else "MISSED"))
+            lines.append(f"accuracy budget ({self.budget_metric}) " + ("met" if self.budget_met else "MISSED"))
         return "\n".join(lines)
 
 
@@ -112,6 +113,7 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
                   symmetric: bool = True, lm_head: bool = True, act_order: bool = False,
                   accuracy_level: int = 0, val: str | None = None, max_ppl_increase: float = MAX_PPL_INCREASE,
                   max_drop: float = 0.05, calib_limit: int | None = None, check: bool = True,
+                  budget_metric: str = "auto",
                   log: Callable[[str], None] | None = None) -> tuple[Model, Int4Report]:
     """Quantize ``model`` (changed in place and returned) to INT4 weights; see the module docstring."""
     start = time.monotonic()
@@ -164,7 +166,7 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
     report.refusals = [str(r) for r in ctx.refusals]
     report.weight_bytes_int4 = weight_bytes(model.graph)
     if reference is not None:
-        _judge(report, reference, model, val or calib, log)
+        _judge(report, reference, model, val or calib, log, budget_metric != "cosine")
     report.seconds = time.monotonic() - start
     return model, report
 
@@ -242,19 +244,37 @@ def _solve(plan, report, keys, sites, tables, hessian, tensor, method, block, sy
         start += n
 
 
-def _judge(report: Int4Report, reference, model: Model, data: str, log) -> None:
-    """Float and INT4 outputs side by side on the validation feeds (see the module docstring)."""
+def _judge(report: Int4Report, reference, model: Model, data: str, log, perplexity: bool) -> None:
+    log("int4: checking the INT4 model against the float one")
+    metrics, report.score, report.budget_met = judge(reference, model.to_proto(), data, report.max_ppl_increase,
+                                                     report.max_drop, perplexity)
+    report.metrics.update(metrics)
+    report.budget_metric = "perplexity" if perplexity and "perplexity" in metrics else "cosine"
+
+
+def judge(reference, candidate, data: str, max_ppl_increase: float = MAX_PPL_INCREASE, max_drop: float = 0.05,
+          perplexity: bool = True) -> tuple[dict[str, float], float, bool]:
+    """Float (``reference``) and quantized (``candidate``) outputs side by side on the validation feeds (see
+    the module docstring); each model a ModelProto or a file path. ``perplexity`` False: the budget is the
+    cosine even for a model with logits (e.g. random weights, whose perplexity means nothing).
+    Returns (metrics, score, budget met)."""
     import onnxruntime as ort
 
     from onnxforge.inputs import iter_feed_files
     from .ortsession import session
 
-    log("int4: checking the INT4 model against the float one")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    float_session = session(reference, options)
+
+    def start(m):
+        if isinstance(m, (str, os.PathLike)):
+            return ort.InferenceSession(str(m), options, providers=["CPUExecutionProvider"])
+        return session(m, options)
+
+    float_session = start(reference)
     del reference
-    int4_session = session(model.to_proto(), options)
+    int4_session = start(candidate)
+    del candidate
     name = next((o.name for o in int4_session.get_outputs() if o.name == "logits"), int4_session.get_outputs()[0].name)
     cos, nll, nll_float, top1 = [], [], [], []
     for feed in _limited(iter_feed_files(data), MAX_VALIDATION_FEEDS):
@@ -279,14 +299,12 @@ def _judge(report: Int4Report, reference, model: Model, data: str, log) -> None:
     if not cos:
         raise DataError(f"{data}: no validation feeds")
     cos = np.concatenate(cos)
-    report.metrics.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
-                          top1_agreement=float(np.concatenate(top1).mean()))
+    metrics = dict(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+                   top1_agreement=float(np.concatenate(top1).mean()))
     if nll:
-        report.metrics.update(perplexity=float(np.exp(np.concatenate(nll).mean())),
-                              perplexity_float=float(np.exp(np.concatenate(nll_float).mean())))
-        ratio = report.metrics["perplexity"] / report.metrics["perplexity_float"]
-        report.score = ratio - 1
-        report.budget_met = bool(ratio <= 1 + report.max_ppl_increase)
-    else:
-        report.score = report.metrics["cosine_mean"]
-        report.budget_met = bool(report.score >= 1 - report.max_drop)
+        metrics.update(perplexity=float(np.exp(np.concatenate(nll).mean())),
+                       perplexity_float=float(np.exp(np.concatenate(nll_float).mean())))
+    if nll and perplexity:
+        ratio = metrics["perplexity"] / metrics["perplexity_float"]
+        return metrics, ratio - 1, bool(ratio <= 1 + max_ppl_increase)
+    return metrics, metrics["cosine_mean"], bool(metrics["cosine_mean"] >= 1 - max_drop)
