@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.errors import DataError, OptionError
-from onnxforge.passes.quant import budget, calibrate as cal, detect as det, formats
+from onnxforge.passes.quant import budget, calibrate as cal, detect as det, formats, kernels, tensorrt_cache
 from onnxforge.passes.quant.fp16 import FP16_MAX, convert_fp16
 from onnxforge.passes.quant.quantize import RANDOM_WARNING, quantize
 
@@ -136,7 +136,7 @@ def test_no_stale_float_weights_after_quantization():
     proto = out.to_proto()
     float_weights = [t.name for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 4]
     assert float_weights == []
-    assert formats.stale_float_weights(proto) == []
+    assert kernels.stale_float_weights(proto) == []
     assert not any("duplicate" in w for w in report.warnings)
 
 
@@ -220,8 +220,8 @@ def test_reduce_range_follows_vnni():
 
 
 def test_tensorrt_cache_ranges_are_symmetric(tmp_path):
-    path = formats.write_tensorrt_cache({"a": (-3.0, 1.0), "b": (-0.5, 2.0)}, tmp_path / "calib.cache")
-    scales = formats.read_tensorrt_cache(path)
+    path = tensorrt_cache.write_tensorrt_cache({"a": (-3.0, 1.0), "b": (-0.5, 2.0)}, tmp_path / "calib.cache")
+    scales = tensorrt_cache.read_tensorrt_cache(path)
     assert scales["a"] == pytest.approx(3.0 / 127, rel=1e-6)
     assert scales["b"] == pytest.approx(2.0 / 127, rel=1e-6)
     assert path.read_text().startswith("TRT-")

@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxforge.passes.quant import equalize as eq
-from onnxforge.passes.quant.quantize import QuantReport, _slower, quantize
+from onnxforge.passes.quant.finish import slower
+from onnxforge.passes.quant.quantize import QuantReport, quantize
 
 RNG = np.random.default_rng(3)
 
@@ -167,11 +168,11 @@ def test_slower_int8_returns_float_and_says_so():
     report.latency = {"ratio": 2.5, "ci_low": 2.0, "ci_high": 3.0}
     baseline, int8 = onnx.ModelProto(), onnx.ModelProto()
     baseline.graph.name, int8.graph.name = "float", "int8"
-    assert _slower(report, baseline, int8, keep_float=True) is baseline
+    assert slower(report, baseline, int8, keep_float=True) is baseline
     assert report.kept_float and not report.int8_nodes and "float model was returned" in report.warnings[0]
     report = QuantReport("cpu", {}, "minmax", "x", 1, "x", "cosine", 0.01, int8_nodes=["conv1"])
     report.latency = {"ratio": 2.5, "ci_low": 2.0, "ci_high": 3.0}
-    assert _slower(report, baseline, int8, keep_float=False) is int8 and not report.kept_float
+    assert slower(report, baseline, int8, keep_float=False) is int8 and not report.kept_float
 
 
 def _affine_conv(pads, group=1, a=None, with_add=True) -> onnx.ModelProto:

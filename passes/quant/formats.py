@@ -6,11 +6,18 @@ provider fuses DQ -> op -> Q into an integer kernel when it has one.
 
   * CPU (onnxruntime MLAS): u8 activations (asymmetric), s8 weights per output
     channel, int32 bias; DQ->Conv/Gemm/MatMul->Q become QLinearConv, QGemm,
-    QLinearMatMul. Without VNNI, u8 x s8 products saturate in the 16-bit
-    accumulate of VPMADDUBSW, so weights use 7 bits (reduce_range). For
-    transformers the MatMul weights are quantized dynamically (activations
-    quantized per call: DynamicQuantizeMatMul / MatMulInteger), because static
-    ranges of attention activations lose accuracy.
+    QLinearMatMul. For transformers the MatMul weights are quantized dynamically
+    (activations quantized per call: DynamicQuantizeMatMul / MatMulInteger),
+    because static ranges of attention activations lose accuracy. The formats
+    depend on the CPU class (runtime/cpuclass.py), recorded in the model: without
+    int8 dot products (AVX2, AVX-512 without VNNI) the u8 x s8 GEMM kernels add
+    pairs of products in 16 bits and saturate (255 * 127 * 2 > 32767), so static
+    weights use 7 bits (reduce_range) and dynamic MatMul weights uint8 (u8 x u8
+    widens first: 8 bits, no saturation, as fast there). Measured on this
+    project's AVX2 CPU (benchmarks/results/quant_formats_avx2.md): u8 x u8
+    QLinearConv runs slower than float, so a static layer that needs more than 7
+    bits goes back to float instead; depthwise weights in 8 bits (that kernel
+    does not saturate: ``depthwise_full_range``) scored no better than 7 bits.
   * TensorRT / CUDA: symmetric s8 activations and weights (zero point 0),
     weights per channel, Q/DQ only at the inputs of weighted ops (Conv,
     ConvTranspose, Gemm, MatMul with a constant weight); never around
@@ -21,10 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import struct
 import threading
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -38,12 +42,6 @@ from onnxforge.opsets import one_default_domain
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-INTEGER_KERNELS = (
-    "QLinearConv", "QGemm", "QLinearMatMul", "QAttention", "MatMulInteger", "ConvInteger",
-    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul",
-    "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
-    "QLinearAveragePool", "QLinearSoftmax", "NhwcQLinearConv", "DynamicQuantizeLSTM",
-)
 # Below this many weight elements a GEMM is "tiny": quantizing it costs more
 # (two extra kernels, precision) than the integer product saves.
 TINY_GEMM_ELEMENTS = 4096
@@ -385,74 +383,3 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(attr.g)
             for sub in attr.graphs:
                 yield from _all_nodes(sub)
-
-
-# ------------------------------------------------------------------ checks
-
-
-def integer_kernels(model: onnx.ModelProto, provider: str = "cpu") -> dict[str, int]:
-    """Op counts of the graph onnxruntime really runs (its optimized graph): which
-    integer kernels the Q/DQ placement turned into."""
-    from .prepare import ort_offline
-
-    if provider != "cpu":
-        raise OptionError("integer kernel check runs on the CPU provider only")
-    optimized = ort_offline(model, level="extended", weights=False)
-    counts: dict[str, int] = {}
-    for node in _all_nodes(optimized.graph):
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
-def summarize_kernels(counts: Mapping[str, int]) -> dict[str, int]:
-    return {op: n for op, n in sorted(counts.items()) if op in INTEGER_KERNELS or op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")}
-
-
-def stale_float_weights(model: onnx.ModelProto) -> list[str]:
-    """Float initializers that duplicate a quantized weight (same name stem) or that
-    nothing reads; empty for a clean quantized model."""
-    used = {name for node in _all_nodes(model.graph) for name in node.input}
-    quantized = {t.name[: -len("_quantized")] for t in model.graph.initializer if t.name.endswith("_quantized")}
-    stale = []
-    for t in model.graph.initializer:
-        if t.data_type != onnx.TensorProto.FLOAT:
-            continue
-        if t.name not in used or t.name in quantized:
-            stale.append(t.name)
-    return stale
-
-
-# ------------------------------------------------------------------ TensorRT cache
-
-
-def symmetric_amax(low: float, high: float) -> float:
-    return float(max(abs(low), abs(high)))
-
-
-def write_tensorrt_cache(ranges: Mapping[str, tuple[float, float]], path: str | Path, header: str = "TRT-8601-EntropyCalibration2") -> Path:
-    """TensorRT's calibration cache: one ``name: <float32 scale, big-endian hex>``
-    line per tensor with scale = max(|min|, |max|) / 127, plus ``<path>.json``
-    holding the dynamic ranges (amax) that onnxruntime's TensorRT EP reads."""
-    path = Path(path)
-    lines = [header]
-    amax = {}
-    for name in sorted(ranges):
-        bound = symmetric_amax(*ranges[name])
-        amax[name] = bound
-        scale = bound / 127.0 if bound > 0 else 1.0 / 127.0
-        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
-    from onnxforge.io import write_text  # guarded and atomic, like every output
-
-    write_text(path, "\n".join(lines) + "\n")
-    write_text(path.with_suffix(path.suffix + ".json"), json.dumps({"dynamic_range": amax}, indent=1, sort_keys=True))
-    return path
-
-
-def read_tensorrt_cache(path: str | Path) -> dict[str, float]:
-    """name -> scale from a TensorRT text calibration cache."""
-    scales = {}
-    for line in Path(path).read_text().splitlines()[1:]:
-        name, _, hexval = line.rpartition(": ")
-        if name:
-            scales[name] = struct.unpack(">f", bytes.fromhex(hexval.strip()))[0]
-    return scales

@@ -50,7 +50,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import onnx
 
 from onnxforge.errors import DataError, OptionError
@@ -60,7 +59,10 @@ from . import budget as budget_mod
 from .bias_correct import correct_biases
 from .calibrate import METHODS
 from .detect import detect
-from .formats import holds_subgraph, integer_kernels, spec_for, stale_float_weights, summarize_kernels, write_tensorrt_cache
+from .finish import check_clean, fill_nodes, marked_for, slower
+from .formats import holds_subgraph, spec_for
+from .kernels import integer_kernels, summarize_kernels
+from .tensorrt_cache import write_tensorrt_cache
 from .inputs import (  # noqa: F401  (re-exported: fp16, benchmarks and tests read them here)
     MAX_VALIDATION_FEEDS, RANDOM_FEEDS, _feeds, _source_and_original, _take, _Tee, _validation_feeds, _with_weights,
 )
@@ -207,8 +209,8 @@ def quantize(
     log(report.search)
     (report.warnings if search.stopped_by_time else report.notes).append(report.search)
     report.fallback_steps = [{"float": len(s.excluded), "score": s.score, "seconds": round(s.seconds, 2)} for s in result.steps]
-    _fill_nodes(report, baseline, final, plan, result.excluded)
-    _check_clean(final, report)
+    fill_nodes(report, baseline, final, plan, result.excluded)
+    check_clean(final, report)
     if provider == "cpu":
         report.kernels = summarize_kernels(integer_kernels(final))
     if tensorrt_cache is not None and plan.ranges:
@@ -222,52 +224,16 @@ def quantize(
         if keep_float_if_slower:  # a measurement decides the bytes: load can flip it
             report.reproducible = False
         if report.latency["ci_low"] > 1.0:
-            final = _slower(report, baseline, final, keep_float_if_slower)
+            final = slower(report, baseline, final, keep_float_if_slower)
     if not plan.candidates and any(holds_subgraph(n) for n in baseline.graph.node):
         report.warnings.append(
             "the model's computation lies in If/Loop/Scan subgraphs, which are not quantized: the result is the float model"
         )
     if provider == "cpu" and final is not baseline and report.int8_nodes:
-        final = _marked_for(final, spec.cpu_class, report)
+        final = marked_for(final, spec.cpu_class, report)
     report.seconds = round(time.monotonic() - started, 2)
     out = Model.from_proto(final)
     return out, report
-
-
-def _marked_for(model: onnx.ModelProto, cpu: str, report: QuantReport) -> onnx.ModelProto:
-    """``model`` with the CPU class its formats were chosen for in its metadata
-    (runtime/cpuclass.py: bench, compare and run warn when it runs on another class)."""
-    from onnxforge.runtime.cpuclass import METADATA_KEY, has_int8_dot
-
-    report.quantized_for = cpu
-    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    model.metadata_props.add(key=METADATA_KEY, value=cpu)
-    report.notes.append(f"quantized for CPU class {cpu} ({'int8 dot products' if has_int8_dot(cpu) else 'no int8 dot products'}),"
-                        f" recorded as {METADATA_KEY} in the model's metadata")
-    return model
-
-
-def _slower(report: QuantReport, baseline, final, keep_float: bool) -> onnx.ModelProto:
-    """The model to return when int8 is measurably slower than float."""
-    ratio = report.latency["ratio"]
-    if not keep_float:
-        report.warnings.append(
-            f"the INT8 model is {ratio:.2f}x the float latency on this machine (95% interval above 1): "
-            "use the float model (--keep-float-if-slower / keep_float_if_slower=True returns it)"
-        )
-        return final
-    report.kept_float = True
-    report.warnings.append(
-        f"the INT8 model is {ratio:.2f}x the float latency on this machine (95% interval above 1): "
-        "the float model was returned instead (a timing decided it: not reproducible; without --keep-float-if-slower "
-        "/ keep_float_if_slower=True the INT8 one is returned)"
-    )
-    report.float_nodes.update({n: "INT8 model slower than float: float model kept" for n in report.int8_nodes})
-    report.int8_nodes = []
-    report.kernels = {}
-    return baseline
 
 
 def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, search: budget_mod.SearchBudget, learn=None):
@@ -421,28 +387,3 @@ def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, search: budget_m
 
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def _fill_nodes(report: QuantReport, baseline, final, plan: _Plan, excluded: list[str]) -> None:
-    producers = {o: n for n in final.graph.node for o in n.output}
-    final_nodes = {n.name: n for n in final.graph.node}
-    for name, why in plan.fixed_float.items():
-        report.float_nodes[name] = why
-    for name in excluded:
-        report.float_nodes[name] = "returned to float by the accuracy budget (most sensitive)"
-    for name, op in plan.candidates.items():
-        if name in report.float_nodes:
-            continue
-        node = final_nodes.get(name)
-        if node is None or node.op_type != op:
-            report.int8_nodes.append(name)  # replaced by an integer op
-        elif any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input):
-            report.int8_nodes.append(name)
-        else:
-            report.float_nodes[name] = "no range or no quantizable input (left float by the QDQ placer)"
-
-
-def _check_clean(final: onnx.ModelProto, report: QuantReport) -> None:
-    stale = stale_float_weights(final)
-    if stale:
-        report.warnings.append(f"{len(stale)} float initializers duplicate quantized weights: {', '.join(stale[:5])}")
