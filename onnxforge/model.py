@@ -197,6 +197,8 @@ class Model:
                 proto.ClearField(field.name)
         proto.MergeFrom(self.meta)  # meta has no graph: only the model fields are set
         self._restore_overridable_inputs(proto.graph)
+        if proto.ir_version < 4:
+            self._list_initializers_as_inputs(proto.graph)
         restore_value_types(proto.graph, self.value_types)
         _restore_type_attributes(proto.graph)
         # Domains the graph uses but meta does not declare (a pass added a node of a
@@ -248,6 +250,22 @@ class Model:
         ordered = sorted(present.values(), key=lambda v: rank.get(v.name, len(rank)))
         del graph.input[:]
         graph.input.extend(ordered)
+
+    def _list_initializers_as_inputs(self, graph: onnx.GraphProto) -> None:
+        """IR < 4 reads an initializer only when it is also a graph input: a constant a pass
+        added (a folded value) is listed after the user's inputs, as exporters of that IR
+        listed every weight (onnxruntime keeps such inputs as overridable initializers).
+        Types come from the graph's constants (the streaming writer's placeholders have none)."""
+        listed = {i.name for i in graph.input}
+        tensors = self.graph.tensors()
+        for init in graph.initializer:
+            const = tensors.get(init.name)
+            if init.name in listed or not isinstance(const, gs.Constant):
+                continue
+            elem = const.dtype if isinstance(const.dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(
+                np.dtype(const.dtype))
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, elem, list(const.shape)))
+            listed.add(init.name)
 
 
 def _iter_value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:

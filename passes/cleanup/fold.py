@@ -233,7 +233,9 @@ class Evaluator:
         g = onnx.helper.make_graph([OnnxExporter.export_node(node)], "fold", [], outputs, initializers)
         opsets = self.opsets or [onnx.helper.make_opsetid("", graph.opset)]
         model = onnx.helper.make_model(g, opset_imports=opsets)
-        model.ir_version = self.ir_version
+        # IR 4 at least: below it onnx reads an initializer only when it is also a graph
+        # input, so the one-node model would have no typed output (the op is the same).
+        model.ir_version = max(self.ir_version, 4)
         return model
 
     @staticmethod
