@@ -70,6 +70,7 @@ def optimize(
     provider: str = "cpu",
     input_shapes: dict[str, tuple] | None = None,
     verify_shapes: dict[str, tuple] | None = None,
+    pinned_inputs: dict[str, tuple | None] | None = None,
     options: dict[str, dict] | None = None,
     verify: str = "numeric",
     strict: bool = False,
@@ -89,7 +90,7 @@ def optimize(
     check_options(pipeline, options or {})
     ctx = PassContext(
         model=m, provider=provider, input_shapes=dict(input_shapes or {}), options=dict(options or {}), explain=explain,
-        verify_shapes=dict(verify_shapes or {}),
+        verify_shapes=dict(verify_shapes or {}), pinned_inputs=dict(pinned_inputs or {}),
     )
     manager = PassManager(
         pipeline, max_iterations=max_iterations, verify=verify, strict=strict, feeds=feeds,

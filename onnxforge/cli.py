@@ -182,6 +182,9 @@ def _add_optimize(sub) -> None:
     p.add_argument("--passes", help="comma-separated pass names (or module:Class) instead of the level's pipeline")
     p.add_argument("--disable", default="", help="comma-separated pass names to skip")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="pin a dynamic input, e.g. x:1x3x224x224")
+    p.add_argument("--pin-input", action="append", metavar="NAME[=V,...]",
+                   help="make an input a constant: its default initializer, or the values given; branches on "
+                        "it fold (an input's default is otherwise never assumed)")
     p.add_argument("--verify-shape", action="append", metavar="NAME:DIMS",
                    help="input size for verification only (the saved model keeps its dynamic dims)")
     p.add_argument("--verify", default="numeric", choices=["none", "structural", "numeric"])
@@ -215,12 +218,13 @@ def _progress():
 
 def cmd_optimize(args) -> int:
     from .api import optimize
-    from .inputs import load_feeds, parse_shape_specs
+    from .inputs import load_feeds, parse_pin_specs, parse_shape_specs
     from .io import check_output_paths, load_input, save
     from .report import render, write_json
 
     output = Path(args.output)
     shapes = parse_shape_specs(args.input_shape)
+    pins = parse_pin_specs(args.pin_input)
     check_output_paths(output)
     model = load_input(args.input)
     check_output_paths(output, output.with_name(output.name + ".data") if args.external_data else None,
@@ -231,6 +235,7 @@ def cmd_optimize(args) -> int:
         result, report = optimize(
             model, level=args.level, passes=_split(args.passes) or None, disable=_split(args.disable),
             provider=args.provider, input_shapes=shapes, verify_shapes=parse_shape_specs(args.verify_shape),
+            pinned_inputs=pins,
             verify=args.verify, strict=args.strict, feeds=feeds,
             explain=args.explain, max_iterations=args.max_iterations, debug_dir=args.debug_dir, progress=progress,
         )

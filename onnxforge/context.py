@@ -31,6 +31,8 @@ class PassContext:
     model: Model | None = None
     provider: str = "cpu"
     input_shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    # Inputs the user pinned (--pin-input): name -> values, or None for the input's default.
+    pinned_inputs: dict[str, tuple | None] = dataclasses.field(default_factory=dict)
     # Shapes for the verification inputs only (--verify-shape): never written into the model.
     verify_shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)
     options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)

@@ -44,6 +44,23 @@ def parse_shape_specs(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parse_pin_specs(specs: list[str] | None) -> dict[str, tuple[float, ...] | None]:
+    """``["sr", "mode=1", "w=0.5,1,2"]`` -> {"sr": None (its default), "mode": (1,), "w": (0.5, 1, 2)}."""
+    pins: dict[str, tuple[float, ...] | None] = {}
+    for spec in specs or []:
+        name, sep, text = spec.partition("=")
+        if not name:
+            raise OptionError(f"--pin-input {spec!r}: expected NAME or NAME=VALUE[,VALUE...]")
+        if not sep:
+            pins[name] = None
+            continue
+        try:
+            pins[name] = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise OptionError(f"--pin-input {spec!r}: values must be numbers separated by ','") from None
+    return pins
+
+
 def graph_of(model) -> gs.Graph:
     if isinstance(model, gs.Graph):
         return model

@@ -226,8 +226,9 @@ class Model:
         if overridable:
             model.notes.append(
                 f"{len(overridable)} graph input(s) have default initializers ({', '.join(overridable[:3])}"
-                f"{', ...' if len(overridable) > 3 else ''}); passes treat them as constants, so feeding "
-                "other values after optimization may not take effect"
+                f"{', ...' if len(overridable) > 3 else ''}); constant folding keeps what reads them (an If on "
+                "one stays; --pin-input NAME fixes one to its default), other passes treat them as constants, so "
+                "feeding other values after optimization may not take effect"
             )
         return model
 

@@ -36,7 +36,7 @@ from .context import PassContext
 from .errors import OptionError, PassError, VerificationError
 from .io import runtime_only_op
 from .model import Model
-from .model_prep import apply_input_shapes, forget_negative_dims, snapshot
+from .model_prep import apply_input_shapes, apply_pinned_inputs, forget_negative_dims, snapshot
 from .name_map import NAME_MAP_KEY, read_name_map, record_name_map  # noqa: F401  (the first two re-exported)
 from .report import OptimizeReport, PassRecord, model_stats
 from .verify import (
@@ -109,6 +109,9 @@ class PassManager:
         ctx = ctx or PassContext()
         forget_negative_dims(model)
         apply_input_shapes(model, ctx.input_shapes)
+        apply_pinned_inputs(model, ctx.pinned_inputs)
+        if self.feeds is not None and ctx.pinned_inputs:  # a pinned input is no longer fed
+            self.feeds = [{k: v for k, v in f.items() if k not in ctx.pinned_inputs} for f in self.feeds]
         report = OptimizeReport(before=model_stats(model))
         original = snapshot(model)
         verifier = self.verifier = self._verifier(original, ctx)

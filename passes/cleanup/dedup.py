@@ -35,8 +35,10 @@ def digest(tensor: gs.Constant) -> str:
     return h.hexdigest()
 
 
-def constants_by_graph(index: GraphIndex) -> dict[int, list[gs.Constant]]:
-    """Merge candidates of each graph (keyed by id(graph)), in first-read order."""
+def constants_by_graph(index: GraphIndex, defaults: frozenset = frozenset()) -> dict[int, list[gs.Constant]]:
+    """Merge candidates of each graph (keyed by id(graph)), in first-read order. ``defaults``:
+    names of graph inputs' default initializers (graph-surgeon holds them as constants; the
+    user may feed another value, so a constant equal to one today is not the same tensor)."""
     graphs_of: dict[int, set[int]] = {}
     order: list[gs.Constant] = []
     protected: set[int] = set()
@@ -52,7 +54,7 @@ def constants_by_graph(index: GraphIndex) -> dict[int, list[gs.Constant]]:
     grouped: dict[int, list[gs.Constant]] = {}
     for tensor in order:
         owners = graphs_of[id(tensor)]
-        if len(owners) == 1 and id(tensor) not in protected:
+        if len(owners) == 1 and id(tensor) not in protected and tensor.name not in defaults:
             grouped.setdefault(next(iter(owners)), []).append(tensor)
     return grouped
 
@@ -89,7 +91,8 @@ class MergeDuplicateInitializers(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         index = GraphIndex(graph)
         merged = saved = 0
-        for tensors in constants_by_graph(index).values():
+        defaults = frozenset(ctx.model.overridable_inputs) if ctx.model is not None else frozenset()
+        for tensors in constants_by_graph(index, defaults).values():
             m, s = merge_group(tensors)
             merged += m
             saved += s

@@ -17,6 +17,8 @@ If with a constant condition is its taken branch: the rule ``control_flow.Inline
 Preconditions:
   * default-domain op with at least one input, no subgraph attribute, not random
     (Random*, Multinomial, Bernoulli);
+  * no input is the default of a graph input (IR >= 4 initializer listed as an input) unless
+    the user pinned it (``--pin-input``): the user may feed another value;
   * no output is a graph output (an initializer cannot take its place);
   * the constant inputs total at most ``size_limit`` bytes (the pass's option, default
     ``ctx.fold_size_limit``; bigger ones,
@@ -180,6 +182,11 @@ class Evaluator:
         meta = ctx.model.meta if ctx.model is not None else None
         self.ir_version = meta.ir_version if meta is not None and meta.ir_version else 8
         self.opsets = list(meta.opset_import) if meta is not None else []
+        # Graph inputs with a default initializer (IR >= 4: listing one there is a choice, while
+        # IR 3 had every weight listed): the user may feed another value, so a fold never
+        # assumes the default (an If on it stays) unless the user pinned it (--pin-input).
+        model = ctx.model
+        self.defaults = set(model.overridable_inputs) if model is not None and self.ir_version >= 4 else set()
 
     def fold(self, node: gs.Node, graph: gs.Graph, index: GraphIndex) -> str | None:
         """Replace the node's outputs by constants; return None, or why not."""
@@ -188,6 +195,9 @@ class Evaluator:
         if any(index.is_graph_output(t) for t in outputs):
             return "an output is a graph output"
         inputs = [t for t in node.inputs if not t.is_empty()]
+        held = [t.name for t in inputs if t.name in self.defaults]
+        if held:
+            return f"reads the default of input {held[0]}, which may be fed another value (--pin-input {held[0]} fixes it)"
         in_bytes = sum(const_nbytes(t) for t in inputs)
         if in_bytes > limit:
             return f"constant inputs of {in_bytes} bytes exceed fold_size_limit ({limit}); not loaded"
