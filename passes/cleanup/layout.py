@@ -13,23 +13,38 @@ Identities (p a permutation of the rank-r axes, U an elementwise op):
     when a and b have the same rank r (numpy broadcasting aligns trailing axes, and with
     equal ranks it pairs axis i with axis i on both sides, which p relabels alike): one
     Transpose fewer.
+  * A(Transpose(x, p), axes a) = Transpose(A(x, axes p[a]), p) for an op A that works along
+    given axes and keeps the rank: axis a of the transposed tensor is axis p[a] of x. So
+    Concat's axis, Pad's per-axis pads (begin and end) and Reduce*'s axes (keepdims=1) are
+    relabelled through p. Concat needs every input transposed by the same p (one Transpose
+    replaces k); Pad and Reduce* move when the chain after them ends in a Transpose. The
+    pass is bit-exact, so of the float reductions only ReduceMax/ReduceMin move (a sum
+    over another memory layout adds in another order); integer ones all move.
 Preconditions: default-domain nodes in one graph; the transposed tensors have no other
 reader and are no graph outputs (else the Transpose stays and one is added); Clip's min/max
-are scalars (elementwise).
+are scalars (elementwise); the pads and axes are constants, Pad has no ``axes`` input, a
+Reduce* keeps its dims (keepdims=0 drops axes, so the permutation would change).
 """
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, Pass
 from onnxforge.passes.matching import producer_op
 
-from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, infer_types
+from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, infer_types, int_list
 
 UNARY = ("Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Cast", "Clip", "LeakyRelu",
          "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Elu", "Selu", "Celu", "Not", "Floor", "Ceil",
          "Round", "Reciprocal", "Sign", "Sin", "Cos", "Gelu", "Mish")
 BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "And", "Or", "Where")
+REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+AXIS_OPS = ("Concat", "Pad", *REDUCE)
+T = onnx.TensorProto
+INTEGER_TYPES = {T.INT8, T.INT16, T.INT32, T.INT64, T.UINT8, T.UINT16, T.UINT32, T.UINT64}
 
 
 def _perm(node: gs.Node | None) -> list[int] | None:
@@ -83,7 +98,9 @@ class SinkThroughUnary(IndexedRule):
             node = readers[0]
             if node.op == "Transpose":
                 return True
-            if node.op not in UNARY or node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1:
+            # Not through Concat: it moves a Transpose only when all its inputs have one.
+            if node.op not in UNARY + AXIS_OPS or node.op == "Concat" or node.domain not in DEFAULT_DOMAINS \
+                    or len(node.outputs) != 1:
                 return False
         return False
 
@@ -132,11 +149,75 @@ class SinkThroughBinary(IndexedRule):
         _move_after(node, firsts[0], [f.inputs[0] for f in firsts])
 
 
+class SinkThroughAxisOp(IndexedRule):
+    name = "transpose-past-axis-op"
+    anchor_ops = AXIS_OPS
+
+    def match(self, graph, node):
+        if node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1 or not node.inputs:
+            return None
+        data = list(node.inputs) if node.op == "Concat" else [node.inputs[0]]
+        firsts = [_moved_transpose(self, graph, node, t) for t in data]
+        if any(f is None for f in firsts) or len({tuple(_perm(f)) for f in firsts}) != 1:
+            return None
+        if len({id(f) for f in firsts}) != len(firsts):
+            return None
+        if len(firsts) == 1 and not SinkThroughUnary.ends_in_transpose(node):
+            return None  # moving it saves nothing unless it meets another Transpose
+        return Match([node, *firsts])
+
+    def check(self, graph, match, ctx):
+        node, *firsts = match.nodes
+        if any(not _private(self, f.outputs[0]) for f in firsts):
+            return self.refusal("a transposed input has other readers", match)
+        found = self.relabelled(node, _perm(firsts[0]))
+        return self.refusal(found, match) if isinstance(found, str) else None
+
+    def relabelled(self, node: gs.Node, perm: list[int]):
+        """The node's axis settings for the untransposed input: (attrs, {input index: values}) or why not."""
+        r = len(perm)
+        if node.op == "Concat":
+            axis = int(node.attrs.get("axis", 0))
+            return {"axis": perm[axis % r]}, {}
+        if node.op == "Pad":
+            if len(node.inputs) > 3 and not node.inputs[3].is_empty():
+                return "Pad has an axes input"
+            attr = "pads" in node.attrs
+            pads = [int(v) for v in node.attrs["pads"]] if attr else (
+                int_list(node.inputs[1]) if len(node.inputs) > 1 else None)
+            if pads is None or len(pads) != 2 * r:
+                return "the pads are not a constant of 2 x rank values"
+            new = [0] * (2 * r)
+            for a in range(r):
+                new[perm[a]], new[r + perm[a]] = pads[a], pads[r + a]
+            return ({"pads": new}, {}) if attr else ({}, {1: new})
+        if node.op not in ("ReduceMax", "ReduceMin") and self.types.dtype(node.inputs[0]) not in INTEGER_TYPES:
+            return "a floating-point sum in the other layout adds in another order (not bit-exact)"
+        if int(node.attrs.get("keepdims", 1)) != 1:
+            return "keepdims=0 drops the reduced axes (the permutation would change)"
+        from_input = len(node.inputs) > 1 and not node.inputs[1].is_empty()
+        axes = int_list(node.inputs[1]) if from_input else [int(a) for a in node.attrs.get("axes", [])]
+        if axes is None:
+            return "the axes are not a constant"
+        new = sorted(perm[a % r] for a in axes)
+        return ({}, {1: new}) if from_input else ({"axes": new} if axes else {}, {})
+
+    def rewrite(self, graph, match, ctx):
+        node, *firsts = match.nodes
+        attrs, inputs = self.relabelled(node, _perm(firsts[0]))
+        node.attrs.update(attrs)
+        for i, values in inputs.items():
+            node.inputs[i] = gs.Constant(f"{node.name or node.op}_{i}_untransposed", np.array(values, np.int64))
+        sources = [f.inputs[0] for f in firsts]
+        _move_after(node, firsts[0], sources + list(node.inputs[len(sources):]))
+
+
 class SinkTransposes(IndexedRulePass):
     name = "sink-transposes"
-    description = "move Transposes past elementwise ops (so collapse-chains cancels NHWC round trips)"
+    description = ("move Transposes past elementwise ops, Concat, Pad and Reduce* (so collapse-chains cancels NHWC "
+                   "round trips)")
     tolerance = (0.0, 0.0)
-    rules = (SinkThroughBinary, SinkThroughUnary)
+    rules = (SinkThroughBinary, SinkThroughAxisOp, SinkThroughUnary)
 
     def types(self, graph, ctx):
         return infer_types(graph, ctx)

@@ -80,3 +80,96 @@ def test_operands_of_different_rank_are_not_moved():
     for feed in images(1, 2, names=("x",)):
         feed["z"] = np.ones((3, 4, 5), np.float32)
         assert_parity(before, model, feed)
+
+
+# NHWC work between two layout changes, as Keras-style exports write it: the op's axes are NHWC ones.
+AROUND = """
+g (float[N,3,4,5] x) => (float[N,OUT] y) {
+  a = Transpose <perm = [0, 2, 3, 1]> (x)
+  BODY
+  y = Transpose <perm = [0, 3, 1, 2]> (o)
+}"""
+
+
+def test_transpose_round_trip_around_pad_cancels():
+    body = """pads = Constant <value = int64[8] {0, 1, 2, 0, 0, 3, 4, 0}> ()
+  zero = Constant <value = float {0.5}> ()
+  o = Pad(a, pads, zero)"""
+    model, before, result, _ = sunk(AROUND.replace("BODY", body).replace("N,OUT", "N,3,8,11"))
+    assert result == {"transpose-past-axis-op": 1}
+    assert histogram(model) == {"Pad": 1}
+    assert model.graph.nodes[0].inputs[1].values.tolist() == [0, 0, 1, 2, 0, 0, 3, 4]  # NCHW pads
+    for feed in images(1, 3):
+        assert_parity(before, model, feed)
+
+
+def test_transpose_round_trip_around_reduce_cancels():
+    body = """o = ReduceMax <keepdims = 1, axes = [1, 2]> (a)"""
+    model, before, result, _ = sunk(AROUND.replace("BODY", body).replace("N,OUT", "N,3,1,1"))
+    assert result == {"transpose-past-axis-op": 1}
+    assert histogram(model) == {"ReduceMax": 1}
+    assert list(model.graph.nodes[0].attrs["axes"]) == [2, 3]
+    for feed in images(1, 3):
+        assert_parity(before, model, feed)
+
+
+def test_concat_of_equally_transposed_inputs_keeps_one_transpose():
+    model, before, result, _ = sunk("""
+    g (float[N,3,4,5] x, float[N,3,4,5] z) => (float[N,4,5,6] y) {
+      a = Transpose <perm = [0, 2, 3, 1]> (x)
+      b = Transpose <perm = [0, 2, 3, 1]> (z)
+      y = Concat <axis = -1> (a, b)
+    }""")
+    assert result == {"transpose-past-axis-op": 1}
+    assert histogram(model) == {"Concat": 1, "Transpose": 1}
+    for feed in images(1, 2, names=("x", "z")):
+        assert_parity(before, model, feed)
+
+
+def test_reduce_dropping_axes_keeps_its_transpose():
+    model, before, result, reasons = sunk("""
+    g (float[N,3,4,5] x) => (float[N,5,4] y) {
+      a = Transpose <perm = [0, 2, 3, 1]> (x)
+      r = ReduceMax <keepdims = 0, axes = [3]> (a)
+      y = Transpose <perm = [0, 2, 1]> (r)
+    }""")
+    assert "transpose-past-axis-op" not in result
+    assert "keepdims=0 drops the reduced axes (the permutation would change)" in reasons
+    for feed in images(1, 3):
+        assert_parity(before, model, feed)
+
+
+def test_float_mean_keeps_its_transpose():
+    body = """o = ReduceMean <keepdims = 1, axes = [1, 2]> (a)"""
+    model, before, result, reasons = sunk(AROUND.replace("BODY", body).replace("N,OUT", "N,3,1,1"))
+    assert "transpose-past-axis-op" not in result
+    assert "a floating-point sum in the other layout adds in another order (not bit-exact)" in reasons
+
+
+def test_pads_from_data_keep_the_transpose():
+    model, before, result, reasons = sunk("""
+    g (float[N,3,4,5] x, int64[8] pads) => (float[N,A,B,C] y) {
+      a = Transpose <perm = [0, 2, 3, 1]> (x)
+      o = Pad(a, pads)
+      y = Transpose <perm = [0, 3, 1, 2]> (o)
+    }""")
+    assert "transpose-past-axis-op" not in result
+    assert "the pads are not a constant of 2 x rank values" in reasons
+    for feed in images(1, 3):
+        feed["pads"] = np.array([0, 1, 0, 0, 0, 0, 2, 0], np.int64)
+        assert_parity(before, model, feed)
+
+
+def test_integer_sum_over_axes_from_an_input_moves():
+    model, before, result, _ = sunk("""
+    g (int32[N,3,4,5] x) => (int32[N,3,1,5] y) {
+      a = Transpose <perm = [0, 2, 3, 1]> (x)
+      axes = Constant <value = int64[1] {1}> ()
+      o = ReduceSum <keepdims = 1> (a, axes)
+      y = Transpose <perm = [0, 3, 1, 2]> (o)
+    }""")
+    assert result == {"transpose-past-axis-op": 1}
+    assert histogram(model) == {"ReduceSum": 1}
+    assert model.graph.nodes[0].inputs[1].values.tolist() == [2]
+    for n in (1, 3):
+        assert_parity(before, model, {"x": np.arange(n * 60, dtype=np.int32).reshape(n, 3, 4, 5)})
