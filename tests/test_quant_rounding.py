@@ -243,3 +243,28 @@ def test_quantize_with_learned_rounding_reports_its_layers():
     onnx.checker.check_model(out.to_proto())
     with pytest.raises(Exception, match="unknown rounding"):
         quantize(model, calib, rounding="stochastic", log=lambda m: None)
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_few_samples_use_a_factor_of_the_second_moments(centred):
+    rng = np.random.default_rng(7)
+    x = _correlated(rng, (20, 64), 1)
+    w = (rng.standard_normal((1, 6, 64)) * 0.1).astype(np.float32)
+    moments = Moments.zeros(1, 6, 64)
+    for part in (x[:12], x[12:]):
+        moments.add(part[:, None, :], np.einsum("pk,ok->po", part, w[0])[:, None, :])
+    h, p, c = moments.normalized(centred)
+    factor = moments.factor(centred)
+    np.testing.assert_allclose(np.matmul(factor.transpose(0, 2, 1), factor), h, rtol=1e-4, atol=1e-5)
+    scale = np.abs(w).max(axis=2, keepdims=True) / 64
+    zero = np.zeros_like(scale)
+    by_h = learn_codes(w, scale, zero, -64, 64, h, p, c, iterations=100)
+    by_factor = learn_codes(w, scale, zero, -64, 64, h, p, c, iterations=100, factor=factor)
+    loss = lambda q: layer_loss(scale * q, h, p, c)  # noqa: E731
+    near = loss(nearest_codes(w, scale, zero, -64, 64))
+    # the same problem; the paths part where float rounding tips a weight (underdetermined: n < K)
+    assert np.mean(by_h == by_factor) > 0.95
+    assert loss(by_factor) < 0.9 * near and loss(by_h) < 0.9 * near
+    more = Moments.zeros(1, 6, 64)
+    more.add(np.repeat(x, 4, axis=0)[:, None, :], np.zeros((80, 1, 6)))
+    assert more.factor(centred) is None  # more samples than inputs: H itself is the cheaper form

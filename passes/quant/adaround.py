@@ -25,7 +25,9 @@ Only second moments of the samples are needed (``Moments``): with H = Xq^T Xq / 
 Bias refit (distillation of the float layer at the layer): given E, the bias minimising the error is
 b' = b + mean(Yf) - E mean(xq); with it the error is the centred one, so a layer with a bias is optimised
 on the centred moments (H - mu_q mu_q^T, P - mu_y mu_q^T) and refit afterwards. A grouped convolution is
-G independent problems: H [G, K, K], W [G, O/G, K].
+G independent problems: H [G, K, K], W [G, O/G, K]. With fewer samples than inputs (n < K / 2: late,
+low-resolution layers) H = F^T F with F = Xq / sqrt(n) [G, n, K] is used as the product E F^T F, which
+costs n/K of E H per iteration.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class Moments:
     y: np.ndarray
     yy: np.ndarray
     n: int = 0
+    rows: list | None = dataclasses.field(default_factory=list)  # the xq samples while n <= K
 
     @classmethod
     def zeros(cls, groups: int, per_group: int, k: int) -> "Moments":
@@ -69,6 +72,17 @@ class Moments:
         self.y += yg.sum(axis=1, dtype=np.float64)
         self.yy += np.square(yg, dtype=np.float64).sum(axis=1)
         self.n += xq.shape[0]
+        if self.rows is not None:
+            self.rows = self.rows + [xg] if self.n <= self.xx.shape[1] else None
+
+    def factor(self, centred: bool) -> np.ndarray | None:
+        """F [G, n, K] with F^T F = H (``normalized``'s), while the samples are kept (n <= K)."""
+        if not self.rows:
+            return None
+        x = np.concatenate(self.rows, axis=1).astype(np.float64)
+        if centred:
+            x = x - x.mean(axis=1, keepdims=True)
+        return (x / np.sqrt(max(self.n, 1))).astype(np.float32)
 
     def normalized(self, centred: bool) -> tuple[np.ndarray, np.ndarray, float]:
         """(H, P, c): the loss of E is tr(E H E^T) - 2 tr(E P^T) + c per sample, summed over outputs."""
@@ -103,9 +117,10 @@ def _sigmoid(v: np.ndarray) -> np.ndarray:
 def learn_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int,
                 h: np.ndarray, p: np.ndarray, c: float, *, iterations: int = ITERATIONS,
                 learning_rate: float = LEARNING_RATE, regularization: float = REGULARIZATION,
-                warmup: float = WARMUP, beta: tuple[float, float] = BETA) -> np.ndarray:
+                warmup: float = WARMUP, beta: tuple[float, float] = BETA, factor: np.ndarray | None = None) -> np.ndarray:
     """Learned codes [G, Og, K] (int32) for w [G, Og, K] with scale, zero [G, Og, 1] and the layer's
-    moments (H, P, c from ``Moments.normalized``); see the module docstring."""
+    moments (H, P, c from ``Moments.normalized``; ``factor`` F with F^T F = H, when cheaper); see the
+    module docstring."""
     w = np.asarray(w, np.float32)
     scale = np.asarray(scale, np.float32)
     ratio = w / scale
@@ -113,6 +128,7 @@ def learn_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, q
     rest = np.clip(ratio - np.floor(ratio), 1e-4, 1 - 1e-4)
     v = -np.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0).astype(np.float32)  # h(v) == rest
     hf, pf = h.astype(np.float32), p.astype(np.float32)
+    ft = None if factor is None else np.ascontiguousarray(factor.transpose(0, 2, 1))
     nearest = nearest_codes(w, scale, zero, qmin, qmax)
     norm = max(layer_loss(scale * (nearest - zero), h, p, c), 1e-12 * max(c, 1e-30), 1e-30)
     count = v.size
@@ -126,7 +142,8 @@ def learn_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, q
         q = base + soft
         inside = (q >= qmin) & (q <= qmax)
         e = scale * (np.clip(q, qmin, qmax) - zero)
-        grad_e = (2.0 / norm) * (np.matmul(e, hf) - pf)
+        eh = np.matmul(e, hf) if ft is None else np.matmul(np.matmul(e, ft), factor)
+        grad_e = (2.0 / norm) * (eh - pf)
         grad_h = grad_e * scale * inside
         if t > start:
             b = beta[0] + (beta[1] - beta[0]) * (t - start) / max(iterations - start, 1)

@@ -39,7 +39,7 @@ from .equalize import graph_maps
 INPUTS = ("quantized", "float")
 SAMPLES = 4096
 STAGES = 8
-FEEDS = 8
+FEEDS = 16
 ROUNDED_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -324,7 +324,8 @@ def _fit(site: Site, moments: Moments, iterations: int, result: RoundingResult, 
     hu, pu, cu = moments.normalized(False)
     _hc, _pc, variance = moments.normalized(True)
     nearest = site.grouped(site.stored)
-    codes = learn_codes(site.weight, site.scale, site.zero, *site.bounds, h, p, c, iterations=iterations)
+    factor = moments.factor(centred) if 2 * moments.n < site.weight.shape[2] else None
+    codes = learn_codes(site.weight, site.scale, site.zero, *site.bounds, h, p, c, iterations=iterations, factor=factor)
     weights = lambda q: site.scale * (q - site.zero)  # noqa: E731
     near_loss, learned_loss = layer_loss(weights(nearest), h, p, c), layer_loss(weights(codes), h, p, c)
     kept = learned_loss < near_loss
