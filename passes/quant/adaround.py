@@ -36,7 +36,7 @@ import dataclasses
 import numpy as np
 
 ZETA, GAMMA = 1.1, -0.1
-ITERATIONS = 400
+ITERATIONS = 300
 LEARNING_RATE = 0.05
 REGULARIZATION = 3.0  # on the nearest-normalised loss; 0.01..30 measured on correlated inputs: 1..30 best
 WARMUP = 0.2
@@ -99,7 +99,7 @@ class Moments:
 def layer_loss(e: np.ndarray, h: np.ndarray, p: np.ndarray, c: float) -> float:
     """Mean squared output error per sample, summed over outputs, of the weights ``e`` [G, Og, K]."""
     e = e.astype(np.float64)
-    return float(np.einsum("gok,gkl,gol->", e, h, e) - 2.0 * np.einsum("gok,gok->", e, p) + c)
+    return float(np.sum(np.matmul(e, h) * e) - 2.0 * np.sum(e * p) + c)
 
 
 def nearest_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
@@ -153,6 +153,6 @@ def learn_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, q
         grad = grad_h * ((raw > 0) & (raw < 1)) * sig * (1.0 - sig) * (ZETA - GAMMA)
         m = b1 * m + (1 - b1) * grad
         s2 = b2 * s2 + (1 - b2) * grad * grad
-        step = learning_rate * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        step = float(learning_rate * np.sqrt(1 - b2 ** t) / (1 - b1 ** t))  # a float: keeps V float32
         v = v - step * m / (np.sqrt(s2) + eps)
     return np.clip(base + (rectified_sigmoid(v) >= 0.5), qmin, qmax).astype(np.int32)
