@@ -268,3 +268,14 @@ def test_few_samples_use_a_factor_of_the_second_moments(centred):
     more = Moments.zeros(1, 6, 64)
     more.add(np.repeat(x, 4, axis=0)[:, None, :], np.zeros((80, 1, 6)))
     assert more.factor(centred) is None  # more samples than inputs: H itself is the cheaper form
+
+
+def test_learned_rounding_says_so_where_weights_are_quantized_dynamically():
+    from test_quant import _transformer_block, _transformer_feeds
+
+    from onnxforge.passes.quant.quantize import quantize
+
+    _out, report = quantize(_transformer_block(), _transformer_feeds(), provider="cpu", max_drop=0.5,
+                            measure_latency=False, rounding="learned", log=lambda m: None)
+    assert report.format["dynamic_matmul"] and report.rounding is None
+    assert any("nearest rounding kept" in n for n in report.notes)

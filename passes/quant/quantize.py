@@ -183,6 +183,9 @@ def quantize(
                                              reduce_range=spec.reduce_range, log=log)
         first, first_score = _tune_static(plan, evaluate, report, log, search, learn)
     else:
+        if rounding == "learned":
+            report.notes.append("learned rounding applies to static QDQ weights; this model's are quantized "
+                                "dynamically or reused: nearest rounding kept")
         search.take(force=True)
         first = plan.build([])
         first_score = evaluate(first)
