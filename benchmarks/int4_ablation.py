@@ -33,12 +33,13 @@ KINDS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gateup": ("ga
          "down": ("down_proj",)}
 
 
-def dequantized(int4: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(MatMul node name -> W [K, N] the INT4 codes stand for, name -> centred codes [N, kb, block])."""
+def dequantized(int4: onnx.ModelProto, wanted: set[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(MatMul node name -> W [K, N] the INT4 codes stand for, name -> centred codes [N, kb, block]), for the
+    ``wanted`` MatMul names only (memory)."""
     inits = {i.name: i for i in int4.graph.initializer}
     out, centred = {}, {}
     for node in int4.graph.node:
-        if node.op_type != "MatMulNBits":
+        if node.op_type != "MatMulNBits" or node.name.removesuffix("_Q4") not in wanted:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if len(node.input) > 3 and node.input[3]:
@@ -107,29 +108,32 @@ def selected(group: str, matmuls: list[str], head: str) -> tuple[set[str], bool]
 def main() -> None:
     int4 = onnx.load(sys.argv[1])
     groups = sys.argv[2:] or DEFAULT
-    approx, centred = dequantized(int4)
+    names = sorted(n.name.removesuffix("_Q4") for n in int4.graph.node if n.op_type == "MatMulNBits")
+    head = next(n.name.removesuffix("_Q4") for n in int4.graph.node if n.op_type == "MatMulNBits"
+                and n.output[0] == "logits")
+    wanted = {head}.union(*(selected(g, names, head)[0] for g in groups))
+    approx, centred = dequantized(int4, wanted)
     del int4
     model = onnx.load(str(MODEL))
     inits = {i.name: i for i in model.graph.initializer}
     weight_of = {n.name: n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    head = next(n.name for n in model.graph.node if n.op_type == "MatMul" and n.output[0] == "logits")
     table = next(n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
                  and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].dims[0] > 10000)
     original = {name: numpy_helper.to_array(inits[w]) for name, w in weight_of.items() if name in approx}
     original_table = numpy_helper.to_array(inits[table])
     files = sorted(glob.glob(str(VAL / "*.npz")))
     for group in groups:
-        names, embed = selected(group, sorted(approx), head)
+        chosen, embed = selected(group, names, head)
         for name in original:
             inits[weight_of[name]].CopyFrom(numpy_helper.from_array(
-                (approx[name] if name in names else original[name]).astype(np.float32), weight_of[name]))
+                (approx[name] if name in chosen else original[name]).astype(np.float32), weight_of[name]))
         rows = original_table
         if embed == "embedrefit":
             rows = refit_rows(centred[head], original_table)
         elif embed:
             rows = approx[head].T.copy()
         inits[table].CopyFrom(numpy_helper.from_array(rows.astype(np.float32), table))
-        print(json.dumps({"group": group, "matmuls": len(names), "embed": embed,
+        print(json.dumps({"group": group, "matmuls": len(chosen), "embed": embed,
                           "perplexity": round(ppl(model, files), 3)}), flush=True)
 
 

@@ -97,6 +97,7 @@ def quantize_auto(model_path: str, model: Model, calib: str, *, val: str | None 
 
     from .formats import dynamic_matmul, spec_for
     from .int4 import judge, quantize_int4
+    from .ortsession import return_freed_memory, with_external_data_loaded
 
     log = log or (lambda _msg: None)
     data = val or calib
@@ -105,9 +106,10 @@ def quantize_auto(model_path: str, model: Model, calib: str, *, val: str | None 
     with tempfile.TemporaryDirectory(prefix="onnxforge-bits-auto-") as tmp:
         paths = {"fp32": str(model_path)}
         log("bits auto: INT8 dynamic")
-        proto = model.to_proto()
+        proto = with_external_data_loaded(model.to_proto(), Path(model_path).resolve().parent)
         int8 = Model.from_proto(dynamic_matmul(proto, spec_for("cpu", proto, "dynamic")))
         del proto
+        return_freed_memory()
         paths["int8-dynamic"] = _write(save, int8, Path(tmp) / "int8.onnx")
         del int8
         log("bits auto: INT4")
