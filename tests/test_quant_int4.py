@@ -4,6 +4,8 @@ the dequantized weights) and each refusal reason, GPTQ / AWQ beating round-to-ne
 and the end-to-end entry on a tiny language model with calibration files."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,7 +17,7 @@ from onnxforge.model import Model
 from onnxforge.io import load
 from onnxforge.passes.quant import nbits
 from onnxforge.passes.quant.awq import awq_scale
-from onnxforge.passes.quant.gptq import gptq, output_error, refit_scales
+from onnxforge.passes.quant.gptq import refit_rows, gptq, output_error, refit_scales
 from onnxforge.passes.quant.hessians import collect_hessians
 from onnxforge.passes.quant.int4 import quantize_int4
 from onnxforge.passes.quant.int4_rules import PASS_NAME, Int4Weights, PlannedWeight
@@ -196,6 +198,51 @@ def test_tied_embedding_shares_the_lm_head_codes(tmp_path):
     mnb = next(n for n in out.graph.node if n.op_type == "MatMulNBits")
     assert gbq.input[0] == mnb.input[1]  # one packed tensor
     assert "E" not in _inits(out) and "ET" not in _inits(out)
+
+
+def test_tied_embedding_reads_scales_of_its_own_when_the_plan_gives_them(tmp_path):
+    proto = _lm()
+    proto.graph.output.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", H]))  # the gathered rows
+    inits = _inits(proto)
+    entry = _entry(inits["E"], embedding="E")
+    own = (entry.scales * (0.5 + RNG.random(entry.scales.shape))).astype(np.float32)
+    plan = {"weights": {"ET": dataclasses.replace(entry, embedding_scales=own)}, "float": {}}
+    out, ctx = _rewrite(_load(proto, tmp_path), plan)
+    assert ctx.stats["tied-embedding-to-gather-block-quantized"] == 1
+    ids = np.array([[3, 0, 7]], np.int64)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    x = ort.InferenceSession(out.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(["x"], {"input_ids": ids})[0]
+    table = nbits.dequantize(entry.codes, own, entry.zeros, entry.block, entry.k)
+    np.testing.assert_allclose(x[0], table[ids[0]], rtol=1e-6, atol=1e-6)
+    gbq = next(n for n in out.graph.node if n.op_type == "GatherBlockQuantized")
+    assert gbq.input[0] == next(n for n in out.graph.node if n.op_type == "MatMulNBits").input[1]  # codes once
+
+
+def test_refit_rows_brings_gptq_codes_back_to_the_table():
+    wt, h = _correlated(k=96)
+    codes, scales, zeros = gptq(wt, h, 32, True)
+    refit = refit_rows(wt, codes, scales, zeros, 32)
+    before = np.square(nbits.dequantize(codes, scales, zeros, 32, 96) - wt).sum()
+    after = np.square(nbits.dequantize(codes, refit, zeros, 32, 96) - wt).sum()
+    assert after < before  # least squares per block: never worse, strictly better unless already optimal
+
+
+def test_quantize_int4_gptq_gives_the_tied_table_its_own_scales(tmp_path):
+    source = _lm()
+    table = numpy_helper.to_array(source.graph.initializer[0])
+    result, _report = quantize_int4(_load(source, tmp_path), _calib(tmp_path / "calib"), method="gptq", block_size=32)
+    proto = result.to_proto()
+    inits = _inits(proto)
+    gbq = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
+    mnb = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1] == gbq.input[0])
+    kb = nbits.k_blocks(H, 32)
+    assert gbq.input[2] in inits and inits[gbq.input[2]].shape == (V, kb, 1)
+    codes = nbits.unpack(inits[mnb.input[1]])
+    zeros = np.full((V, kb), 8, np.int32)
+    own = nbits.dequantize(codes, inits[gbq.input[2]][..., 0], zeros, 32, H)
+    head = nbits.dequantize(codes, inits[mnb.input[2]].reshape(V, -1), zeros, 32, H)
+    assert np.square(own - table).sum() <= np.square(head - table).sum()
 
 
 def test_tied_embedding_refusals(tmp_path):

@@ -145,3 +145,16 @@ def refit_scales(wt: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: n
     if ok.any():
         refit[ok] = np.linalg.solve(a[ok], rhs[ok][..., None])[..., 0]
     return refit.astype(np.float32)
+
+
+def refit_rows(wt: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int) -> np.ndarray:
+    """Per block, the scale minimizing ||w - s (q - z)||^2 for the codes as they are (plain least squares on
+    the values: H = I); a block whose codes are all at the zero point keeps its scale. [N, kb] float32."""
+    n, k = wt.shape
+    kb = scales.shape[1]
+    rows = padded(wt.astype(np.float64), block).reshape(n, kb, block)
+    centred = codes.reshape(n, kb, block).astype(np.float64) - zeros[..., None]
+    centred[:, -1, k - (kb - 1) * block:] = 0  # padding stands for 0 whatever the scale
+    energy = (centred * centred).sum(-1)
+    fit = (centred * rows).sum(-1) / np.where(energy > 0, energy, 1)
+    return np.where(energy > 0, fit, scales).astype(np.float32)

@@ -11,7 +11,9 @@
     (E = Wt of a quantized MatMul) -> GatherBlockQuantized reading the same packed B tensor, so the
     embedding is stored once: B [V, kb, blob] gathered on axis 0, quantized on axis 2, its scales
     [V, kb] unsqueezed to [V, kb, 1]; the output [..., kb, block] is reshaped to [..., kb * block] and
-    sliced to the hidden size when the last block is padded.
+    sliced to the hidden size when the last block is padded. When the plan gives the table scales of its own
+    (``PlannedWeight.embedding_scales``: the codes a calibrated method chose for the head's output error
+    can sit far from the table's rows), they are a constant [V, kb, 1]; the codes are still stored once.
 
 Exactness: these rewrites change numbers by design (INT4 rounding); the pass's tolerance says so and
 ``int4.py`` judges the result on perplexity / logit cosine instead of elementwise equality.
@@ -38,7 +40,8 @@ PASS_NAME = "int4-weights"
 @dataclasses.dataclass(frozen=True)
 class PlannedWeight:
     """A weight a method solved: codes [N, Kpad], scales / zeros [N, kb]; ``input_scale`` [K] when AWQ
-    scaled its input channels; ``embedding``: the Gather table (name) equal to its Wt, if tied."""
+    scaled its input channels; ``embedding``: the Gather table (name) equal to its Wt, if tied;
+    ``embedding_scales`` [N, kb]: the Gather side's own block scales for the same codes (None: the LM head's)."""
 
     codes: np.ndarray
     scales: np.ndarray
@@ -50,6 +53,7 @@ class PlannedWeight:
     method: str
     input_scale: np.ndarray | None = None
     embedding: str | None = None
+    embedding_scales: np.ndarray | None = None
 
 
 def weight_key(constant: gs.Constant, transposed: bool) -> str:
@@ -203,10 +207,13 @@ class TiedEmbeddingToGatherBlockQuantized(Rule):
         entry, ids = plan["entry"], node.inputs[1]
         base = node.name or node.outputs[0].name
         kb = k_blocks(entry.k, entry.block)
-        scales3 = gs.Variable(f"{base}_scales3", dtype=np.float32, shape=[entry.n, kb, 1])
-        graph.nodes.append(gs.Node("Unsqueeze", name=f"{base}_unsqueeze_scales",
-                                   inputs=[plan["scales"], gs.Constant(f"{base}_axis2", np.array([2], np.int64))],
-                                   outputs=[scales3]))
+        if entry.embedding_scales is not None:  # the table's own scales on the shared codes (V * kb floats)
+            scales3 = gs.Constant(f"{base}_scales3", entry.embedding_scales.reshape(entry.n, kb, 1).astype(np.float32))
+        else:
+            scales3 = gs.Variable(f"{base}_scales3", dtype=np.float32, shape=[entry.n, kb, 1])
+            graph.nodes.append(gs.Node("Unsqueeze", name=f"{base}_unsqueeze_scales",
+                                       inputs=[plan["scales"], gs.Constant(f"{base}_axis2", np.array([2], np.int64))],
+                                       outputs=[scales3]))
         blocks = gs.Variable(f"{base}_blocks", dtype=np.float32)
         graph.nodes.append(gs.Node("GatherBlockQuantized", name=f"{base}_Q4", domain=MS_DOMAIN,
                                    attrs={"bits": BITS, "block_size": entry.block, "gather_axis": 0, "quantize_axis": 2},
