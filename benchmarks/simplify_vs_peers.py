@@ -1,7 +1,7 @@
 """Graph size after ``onnxforge optimize -O3`` against onnxsim and onnxslim, with outputs checked.
 
     .venv/bin/python benchmarks/simplify_vs_peers.py --peer-python ~/.cache/onnxforge/peers-venv/bin/python \
-        [--set shared,corpus,backend] [--only NAME ...] [--out benchmarks/results/simplify_vs_peers]
+        [--set shared,corpus,backend,dir:FOLDER] [--only NAME ...] [--out benchmarks/results/simplify_vs_peers]
     .venv/bin/python benchmarks/simplify_vs_peers.py --latency benchmarks/results/simplify_vs_peers.json \
         --peer-python PY [--rounds 15] [--out benchmarks/results/simplify_vs_peers_latency]
 
@@ -75,6 +75,9 @@ def models(sets: list[str], only: list[str]) -> list[dict]:
         elif which == "corpus":
             found += [{"name": p.stem, "set": "corpus", "path": str(p)} for p in sorted(CORPUS.glob("*.onnx"))
                       if "llama" not in p.stem or p.stem in only]
+        elif which.startswith("dir:"):  # models made elsewhere (benchmarks/nhwc_models.py)
+            folder = Path(which[4:]).expanduser()
+            found += [{"name": p.stem, "set": "dir", "path": str(p)} for p in sorted(folder.glob("*.onnx"))]
         elif which == "backend":
             root = Path(onnx.__file__).parent / "backend" / "test" / "data"
             for kind in BACKEND_KINDS:
