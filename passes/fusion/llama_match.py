@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import const_value, producer, scalar
+from ._match import const_value, either_order, producer, scalar
 from .attention import is_scalar_constant
 from .shape_entries import INT64_MAX, Dim, shape_entries
 
@@ -69,8 +69,7 @@ def _split_mul(node: gs.Node | None, x: gs.Tensor | None = None):
     """Mul(a, b) -> (main, factor) with main == x when x is given, else the non-Unsqueeze operand."""
     if node is None or node.op != "Mul":
         return None
-    a, b = node.inputs
-    for main, factor in ((a, b), (b, a)):
+    for main, factor in either_order(node):
         if (x is not None and main is x) or (x is None and producer(main, "Concat")):
             return main, factor
     return None
@@ -80,7 +79,7 @@ def match_rotary(tensor: gs.Tensor) -> Rotary | None:
     add = producer(tensor, "Add")
     if add is None:
         return None
-    for direct_t, rotated_t in (add.inputs, add.inputs[::-1]):
+    for direct_t, rotated_t in either_order(add):
         rot_mul = producer(rotated_t, "Mul")
         rot = _split_mul(rot_mul)
         if rot is None:
