@@ -8,7 +8,7 @@ without a graph, and is put back on export unchanged.
 Weights stored as external data stay on disk: their values are ``ExternalValues``
 that read bytes from the (already validated) data file only when a pass asks.
 
-One module (~410 lines) on purpose: ``Model`` and the private helpers of its round trip
+One module (over 400 lines) on purpose: ``Model`` and the private helpers of its round trip
 through ModelProto (``to_proto`` / ``from_proto``: value types, type attributes, string
 tensors, opsets) change together; the graph walkers at the end are a few lines each.
 """

@@ -169,6 +169,12 @@ class ShapeRunsMatch:
 
 
 @dataclasses.dataclass(frozen=True)
+class TargetEntriesMatch:
+    pieces: tuple[Piece, ...]  # what each input of the Reshape target's Concat holds
+    tensors: tuple[gs.Tensor, ...]  # those inputs
+
+
+@dataclasses.dataclass(frozen=True)
 class StaticDimsMatch:
     value: np.ndarray  # the int64 dims the node reads, all static
 
@@ -233,23 +239,23 @@ class ReshapeInfersOneDim(IndexedRule):
         pieces = concat_pieces(concat, self.types)
         if all(p.values is not None for p in pieces):
             return None  # all constant: fold-constants' job
-        return Match([node], {"pieces": pieces, "tensors": list(concat.inputs)})
+        return Match([node], TargetEntriesMatch(tuple(pieces), tuple(concat.inputs)))
 
     def check(self, graph, match, ctx):
-        varying = [(p, t) for p, t in zip(match.info["pieces"], match.info["tensors"]) if p.values is None]
+        varying = [(p, t) for p, t in zip(match.info.pieces, match.info.tensors) if p.values is None]
         if len(varying) > 1:
             return self.refusal("more than one entry of the target shape is not a constant", match)
         shape = self.types.static_shape(varying[0][1])
         if shape not in ((1,),):
             return self.refusal("the entry that is not a constant is not one dim", match)
-        if any(v <= 0 for p in match.info["pieces"] if p.values is not None for v in p.values):
+        if any(v <= 0 for p in match.info.pieces if p.values is not None for v in p.values):
             return self.refusal("a constant entry of the target is 0 or negative (a -1 would not be unique)", match)
         return None
 
     def rewrite(self, graph, match, ctx):
         node = match.nodes[0]
         target = []
-        for piece in match.info["pieces"]:
+        for piece in match.info.pieces:
             target += list(piece.values) if piece.values is not None else [-1]
         node.inputs[1] = gs.Constant(f"{node.name or 'reshape'}_target", np.array(target, dtype=np.int64))
 
