@@ -29,11 +29,11 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.passes.base import Match, Rule, RulePass
+from onnxforge.passes.fusion._match import MS_DOMAIN
 from onnxforge.passes.matching import DEFAULT_DOMAINS, producer
 
 from .nbits import BITS, k_blocks, pack, pack_zero_points, quantize_rtn
 
-MS_DOMAIN = "com.microsoft"
 PASS_NAME = "int4-weights"
 
 
