@@ -173,3 +173,20 @@ def test_integer_sum_over_axes_from_an_input_moves():
     assert model.graph.nodes[0].inputs[1].values.tolist() == [2]
     for n in (1, 3):
         assert_parity(before, model, {"x": np.arange(n * 60, dtype=np.int32).reshape(n, 3, 4, 5)})
+
+
+def test_pad_with_pads_attribute_moves():
+    model = model_from_text('<ir_version: 5, opset_import: ["" : 10]>' + """
+    g (float[N,3,4,5] x) => (float[N,3,6,5] y) {
+      a = Transpose <perm = [0, 2, 3, 1]> (x)
+      o = Pad <pads = [0, 1, 0, 0, 0, 1, 0, 0], mode = "edge"> (a)
+      y = Transpose <perm = [0, 3, 1, 2]> (o)
+    }""")
+    before = model.to_proto()
+    result, _ = run_pass("sink-transposes", model)
+    run_pass("collapse-chains", model)
+    assert result.stats == {"transpose-past-axis-op": 1}
+    assert histogram(model) == {"Pad": 1}
+    assert list(model.graph.nodes[0].attrs["pads"]) == [0, 0, 1, 0, 0, 0, 1, 0]
+    for feed in images(1, 3):
+        assert_parity(before, model, feed)
