@@ -4,6 +4,7 @@
         [--set shared,corpus,backend,dir:FOLDER] [--only NAME ...] [--out benchmarks/results/simplify_vs_peers]
     .venv/bin/python benchmarks/simplify_vs_peers.py --latency benchmarks/results/simplify_vs_peers.json \
         --peer-python PY [--rounds 15] [--out benchmarks/results/simplify_vs_peers_latency]
+    .venv/bin/python benchmarks/simplify_vs_peers.py --merge A.json B.json ... --out OUT   (later rows win)
 
 Models: every ``../shared/models/*.onnx``, the corpus in ``~/.cache/onnxforge/corpus`` (the 2 GB
 llama is left out unless named with --only) and onnx's backend model folders ``simple``,
@@ -475,6 +476,31 @@ def latency_main(args, command: str) -> None:
     print("\n".join(lines))
 
 
+def merge_main(args, command: str) -> None:
+    """Rows of several result files in one table; a later file's row replaces an earlier
+    one of the same model (a long run split over several bounded runs)."""
+    rows: dict[str, dict] = {}
+    commands, peers = [], {}
+    for path in args.merge:
+        data = json.loads(Path(path).read_text())
+        commands.append(data["command"])
+        peers = data.get("peers") or peers
+        for row in data["rows"]:
+            row.setdefault("source", data["command"])
+            rows[row["model"]] = row
+    order = {m["name"]: i for i, m in enumerate(models(["shared", "backend", "corpus"], []))}
+    merged = sorted(rows.values(), key=lambda r: (order.get(r["model"], len(order)), r["model"]))
+    text = markdown(merged, command).replace(f"Command: `{command}`", "Merged by `" + command + "` from (later replaces "
+                                            "earlier, per model):\n" + "\n".join(f"- run {i + 1}: `{c}`" for i, c in enumerate(commands)))
+    text += "\nRows per run:\n" + "\n".join(
+        f"- run {i + 1}: " + ", ".join(r["model"] for r in merged if r["source"] == c) for i, c in enumerate(commands)) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "merged": commands, "peers": peers,
+                                                         "rows": merged}, indent=1, default=str))
+    print(text)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer-python", default=str(Path.home() / ".cache/onnxforge/peers-venv/bin/python"))
@@ -482,12 +508,13 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="*", default=[], help="model names (backend ones as kind/folder)")
     parser.add_argument("--latency", help="results JSON: time the models where a peer had fewer nodes")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--merge", nargs="+", help="result JSONs to combine into one table (later ones win)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     command = "python benchmarks/simplify_vs_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     stem = "simplify_vs_peers_latency" if args.latency else "simplify_vs_peers"
     args.out = args.out or ROOT / "benchmarks" / "results" / stem
-    (latency_main if args.latency else sizes_main)(args, command.strip())
+    (merge_main if args.merge else latency_main if args.latency else sizes_main)(args, command.strip())
 
 
 if __name__ == "__main__":
