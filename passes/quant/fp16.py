@@ -13,7 +13,9 @@ fp16 holds |x| <= 65504 with 11 significant bits. A node stays float32 when
     its float16 types (found by building the session; such nodes would not run
     at all), or it holds subgraphs (If/Loop/Scan: the bodies stay as written, and
     the outer tensors they read are cast back to float32 for them).
-Casts go wherever a float32 node meets a float16 tensor and back. Graph inputs
+The graph change is the registered pass convert-to-fp16 (fp16_rules.py: its rules, and
+their refusals with these reasons); this module decides what stays float32, builds and
+checks the result. Casts go wherever a float32 node meets a float16 tensor and back. Graph inputs
 and outputs keep their types unless asked (``keep_io_types=False``). Shape and
 scale inputs that must be float32 by the ONNX spec (Resize roi/scales) stay so.
 The result is checked against the float model with the accuracy budget; when
@@ -28,28 +30,22 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from onnxforge.model import Model, copy_fields
+from onnxforge.context import PassContext
+from onnxforge.model import Model
 
 from . import budget as budget_mod
 from .calibrate import collect_histograms, float_activation_names
 from .formats import holds_subgraph
+from .fp16_rules import FP16_MAX, PASS_NAME, initializer_fp16_problem, schema_fp16_problem
 from .ortsession import infer_shapes, return_freed_memory, session as ort_session
 from .prepare import float_baseline
-from .schemas import float_only_formal, op_schema
-from .scope import outer_reads, rename_outer_reads
 
-FP16_MAX = 65504.0
-FP16_MIN_NORMAL = 6.104e-5
-# fp16 rounding alone gives ~2e-4 relative (L2) error on typical weights
-FP16_MAX_RELATIVE_ERROR = 1e-3
-# (op type, input index) that the ONNX spec keeps float32 whatever T is.
-FLOAT32_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
 MAX_KERNEL_RETRIES = 32
 
 
@@ -92,7 +88,8 @@ def nodes_without_fp16_types(model: onnx.ModelProto) -> dict[str, str]:
     """Nodes that stay float32 by type: those holding subgraphs (their bodies are not
     converted), and those whose schema (ONNX's, or onnxruntime's for its contrib ops)
     allows float but not float16 for an input or output they use (Range,
-    DynamicQuantizeLSTM, ...: onnxruntime rejects the graph, it is not a missing kernel)."""
+    DynamicQuantizeLSTM, ...: onnxruntime rejects the graph, it is not a missing kernel).
+    The same verdicts as node-to-fp16's check, computed once for the report."""
     opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
     kept: dict[str, str] = {}
     for node in model.graph.node:
@@ -100,15 +97,9 @@ def nodes_without_fp16_types(model: onnx.ModelProto) -> dict[str, str]:
             kept[node.name] = f"{node.op_type} holds a subgraph: its body is not converted"
             continue
         domain = "" if node.domain == "ai.onnx" else node.domain
-        found = op_schema(node.op_type, domain, opsets.get(domain, 1))
-        if found is None:  # unknown to both: left to the kernel check
-            continue
-        schema, source = found
-        float32_inputs = [i for op, i in FLOAT32_INPUTS if op == node.op_type]
-        formal = float_only_formal(schema, node, float32_inputs)
-        if formal is not None:
-            op = f"{domain}.{node.op_type}" if domain else node.op_type
-            kept[node.name] = f"{source} {op}-{schema.since_version} takes no float16 ({formal})"
+        why = schema_fp16_problem(node.op_type, domain, opsets.get(domain, 1), node.input, node.output)
+        if why:
+            kept[node.name] = why
     return kept
 
 
@@ -125,27 +116,6 @@ def overflowing_initializer_nodes(model: onnx.ModelProto) -> dict[str, str]:
                     blocked[node.name] = f"initializer {name}: {verdicts[name]}"
                     break
     return blocked
-
-
-def initializer_fp16_problem(values: np.ndarray) -> str | None:
-    """Why fp16 cannot hold ``values``, or None. A few elements of a weight below
-    fp16's smallest subnormal flush to zero harmlessly (a 40M-element weight
-    always has some); what matters is a finite value past 65504, a tensor that
-    lies wholly below fp16's normal range (an epsilon like 1e-6 or 1e-12 would
-    lose its digits or become 0), or a relative rounding error well above
-    fp16's own (~3e-4)."""
-    finite = np.abs(values[np.isfinite(values)]).astype(np.float64)
-    if not finite.size or not finite.max():
-        return None
-    if finite.max() > FP16_MAX:
-        return f"overflows fp16 (max |x| {finite.max():.3g})"
-    if finite.max() < FP16_MIN_NORMAL:
-        return f"underflows fp16 (max |x| {finite.max():.3g} below {FP16_MIN_NORMAL:.3g})"
-    rounded = finite.astype(np.float16).astype(np.float64)
-    error = float(np.linalg.norm(finite - rounded) / np.linalg.norm(finite))
-    if error > FP16_MAX_RELATIVE_ERROR:
-        return f"loses precision in fp16 (relative error {error:.2g})"
-    return None
 
 
 def overflowing_activation_nodes(model: onnx.ModelProto, ranges: dict[str, float]) -> dict[str, str]:
@@ -166,63 +136,23 @@ def activation_absmax(model: onnx.ModelProto, feeds) -> dict[str, float]:
 # ------------------------------------------------------------------ conversion
 
 
-def to_fp16(model: onnx.ModelProto, blocked: set[str], keep_io_types: bool = True) -> onnx.ModelProto:
-    """``model`` with every float32 tensor of a node outside ``blocked`` in float16."""
-    out = onnx.ModelProto()
-    copy_fields(model, out, {"graph"})
-    # the weights are added at the end, each float32 one only if still read as such:
-    # a whole copy first would hold every weight twice (and protobuf frees dropped
-    # parts of a message only with the message)
-    copy_fields(model.graph, out.graph, {"initializer"})
-    graph = out.graph
-    floats = _float_tensors(model)
-    blocked.update(node.name for node in graph.node if holds_subgraph(node))
-    precision: dict[str, str] = {}  # float tensor -> "16" | "32"
-    inits = {t.name: t for t in model.graph.initializer}
-    for inp in graph.input:
-        if inp.name in floats and inp.name not in inits:
-            precision[inp.name] = "32" if keep_io_types else "16"
-            if not keep_io_types:
-                inp.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
-    for node in graph.node:
-        for name in node.output:
-            if name in floats:
-                precision[name] = "32" if node.name in blocked else "16"
-    new_nodes: list[onnx.NodeProto] = []
-    casts: dict[tuple[str, str], str] = {}
-    half_inits: dict[str, str] = {}
-    for node in graph.node:
-        want = "32" if node.name in blocked else "16"
-        for i, name in enumerate(node.input):
-            if not name or name not in floats:
-                continue
-            target = "32" if (node.op_type, i) in FLOAT32_INPUTS else want
-            if name in inits:
-                if target == "16":
-                    node.input[i] = half_inits.setdefault(name, name + "_fp16")
-                continue
-            if precision.get(name, "32") != target:
-                node.input[i] = _cast(name, target, casts, new_nodes)
-        if want == "16":
-            _retype_attributes(node)
-        else:
-            _outer_reads_in_float32(node, floats, inits, precision, casts, new_nodes)
-        new_nodes.append(node)
-    _fix_outputs(graph, precision, keep_io_types, new_nodes, casts)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    del graph.value_info[:]
-    _add_used_initializers(graph, model.graph.initializer, half_inits)
+def to_fp16(model: onnx.ModelProto, blocked: Mapping[str, str] | set[str], keep_io_types: bool = True,
+            ctx: PassContext | None = None) -> onnx.ModelProto:
+    """``model`` with every float32 tensor of a node outside ``blocked`` (name -> why it stays
+    float32) in float16, by the registered pass convert-to-fp16 (its refusals, with their
+    reasons, land in ``ctx``). ``model`` itself is not changed."""
+    from onnxforge.passes.registry import resolve
+
+    keep = dict(blocked) if isinstance(blocked, Mapping) else {n: "kept float32 by the caller" for n in blocked}
+    converted = Model.from_proto(model)
+    ctx = ctx or PassContext()
+    ctx.model = converted
+    ctx.options[PASS_NAME] = {"keep": keep, "float_tensors": sorted(_float_tensors(model)),
+                              "io": not keep_io_types, "check_initializers": False}
+    resolve(PASS_NAME).run(converted.graph, ctx)
+    out = converted.to_proto()
+    del out.graph.value_info[:]
     return out
-
-
-def _outer_reads_in_float32(node, floats, inits, precision, casts: dict, new_nodes: list) -> None:
-    """A float32 node's bodies (If/Loop/Scan, left as written) read float32: the
-    outer tensors they read that became float16 are read through casts back."""
-    mapping = {name: _cast(name, "32", casts, new_nodes) for name in outer_reads(node)
-               if name in floats and name not in inits and precision.get(name, "32") == "16"}
-    if mapping:
-        rename_outer_reads(node, mapping)
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
@@ -231,80 +161,7 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     except Exception:  # noqa: BLE001 - fall back to the types the model declares
         inferred = model
     infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
-    names = {v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    names.update(t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
-    return names
-
-
-def _cast(name: str, target: str, casts: dict, new_nodes: list) -> str:
-    key = (name, target)
-    if key not in casts:
-        out = f"{name}_to_fp{target}"
-        to = onnx.TensorProto.FLOAT16 if target == "16" else onnx.TensorProto.FLOAT
-        new_nodes.append(helper.make_node("Cast", [name], [out], name=f"{name}_cast_fp{target}", to=to))
-        casts[key] = out
-    return casts[key]
-
-
-def _retype_attributes(node: onnx.NodeProto) -> None:
-    for attr in node.attribute:
-        if node.op_type == "Cast" and attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
-            attr.i = onnx.TensorProto.FLOAT16
-        if attr.HasField("t") and attr.t.data_type == onnx.TensorProto.FLOAT:
-            attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
-
-
-def _add_used_initializers(graph: onnx.GraphProto, source: Sequence[onnx.TensorProto], half_inits: dict[str, str]) -> None:
-    """The initializers ``graph`` reads: float32 ones copied from ``source``, the
-    float16 ones (``half_inits``: float32 name -> float16 name) converted from them."""
-    used = _read_names(graph)
-    for tensor in source:
-        if tensor.name in used:
-            graph.initializer.add().CopyFrom(tensor)
-        half = half_inits.get(tensor.name)
-        if half in used:
-            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), half))
-
-
-def _fix_outputs(graph, precision, keep_io_types: bool, new_nodes: list, casts: dict) -> None:
-    """Graph outputs keep float32 (keep_io_types) or become float16."""
-    for output in graph.output:
-        p = precision.get(output.name)
-        if p is None:
-            continue
-        if keep_io_types and p == "16":
-            _rename_producer(new_nodes, output.name, output.name + "_fp16_out")
-            new_nodes.append(helper.make_node("Cast", [output.name + "_fp16_out"], [output.name],
-                                              name=output.name + "_cast_out", to=onnx.TensorProto.FLOAT))
-        elif not keep_io_types and p == "32":
-            _rename_producer(new_nodes, output.name, output.name + "_fp32_out")
-            new_nodes.append(helper.make_node("Cast", [output.name + "_fp32_out"], [output.name],
-                                              name=output.name + "_cast_out", to=onnx.TensorProto.FLOAT16))
-            output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
-        elif not keep_io_types:
-            output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
-
-
-def _rename_producer(nodes, old: str, new: str) -> None:
-    for node in nodes:
-        for i, name in enumerate(node.output):
-            if name == old:
-                node.output[i] = new
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-
-
-def _read_names(graph: onnx.GraphProto) -> set[str]:
-    """Names read by ``graph``'s nodes (subgraphs at any depth included), its outputs,
-    and its inputs (an initializer that is also an input is the input's default)."""
-    used = {o.name for o in graph.output} | {i.name for i in graph.input}
-    for node in graph.node:
-        used.update(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                used |= _read_names(sub)
-    return used
+    return {v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
 
 
 def _rejected_node(error: Exception) -> tuple[str, str] | None:
@@ -321,13 +178,13 @@ def _rejected_node(error: Exception) -> tuple[str, str] | None:
     return None
 
 
-def _runnable(model_fn: Callable[[set[str]], onnx.ModelProto], blocked: dict[str, str]) -> onnx.ModelProto:
+def _runnable(model_fn: Callable[[dict[str, str]], onnx.ModelProto], blocked: dict[str, str]) -> onnx.ModelProto:
     """Build, and keep float32 the nodes the CPU provider has no fp16 kernel for or
     refuses float16 inputs of."""
     import onnxruntime as ort
 
     for _ in range(MAX_KERNEL_RETRIES):
-        candidate = model_fn(set(blocked))
+        candidate = model_fn(dict(blocked))
         try:
             options = ort.SessionOptions()
             options.log_severity_level = 3
@@ -342,7 +199,7 @@ def _runnable(model_fn: Callable[[set[str]], onnx.ModelProto], blocked: dict[str
             if rejected is None or rejected[0] in blocked:
                 raise
             blocked[rejected[0]] = rejected[1]
-    return model_fn(set(blocked))
+    return model_fn(dict(blocked))
 
 
 # ------------------------------------------------------------------ entry
@@ -404,7 +261,7 @@ def _check_budget(baseline, converted, feeds, metric, max_drop, blocked, absmax,
 
     def build(excluded: list[str]) -> onnx.ModelProto:
         extra = {**blocked, **{n: "returned to float32 by the accuracy budget" for n in excluded}}
-        return to_fp16(baseline, set(extra), keep_io_types)
+        return to_fp16(baseline, extra, keep_io_types)
 
     result = budget_mod.fallback_search(build, evaluate, ranked, 1.0 - max_drop, initial=(converted, score))
     for name in result.excluded:
