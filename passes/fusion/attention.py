@@ -179,8 +179,11 @@ class AttentionRule(BlockRule):
         heads = q.num_heads()
         q3, k3, v3 = match.info.q3, match.info.k3, v.x3
         prefix = core.softmax.name or core.output.name
-        mask = expanded_mask(graph, core.bias, q3, k3, prefix) if core.bias is not None else None
         projections = [projection_bias(t) for t in (q3, k3, v3)]
+        # The mask's sizes read the bias-free products where there are some: MatMul(x, W) + b has
+        # the shape of MatMul(x, W), and a Shape of the sum would keep the Add alive for its shape only.
+        sized = [p[0] if p is not None else t for p, t in zip(projections[:2], (q3, k3))]
+        mask = expanded_mask(graph, core.bias, *sized, prefix) if core.bias is not None else None
         packed_bias = None
         if None not in projections and any(b is not None for _, b in projections):
             # MHA adds the Q/K/V projection biases itself: three Adds fewer per layer.

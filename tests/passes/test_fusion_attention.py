@@ -159,3 +159,16 @@ def test_projection_biases_move_into_mha():
     assert list(bias.dims) == [24]
     assert histogram(fused)["Add"] == 0
     assert_parity(original, fused, ag.feeds(8, 2, 5, mask=None))
+
+
+def test_mask_sizes_read_the_bias_free_projection():
+    """The mask's Shape nodes read MatMul(x, Wq), which has the shape of MatMul(x, Wq) + bq:
+    the bias Add, now inside MHA, does not stay alive only to give its shape."""
+    original = ag.bert()
+    fused, _, _ = fuse(original, "fuse-attention")
+    made_by = {o: n.op_type for n in fused.graph.node for o in n.output}
+    shapes = [n for n in fused.graph.node if n.op_type == "Shape"]
+    assert len(shapes) == 2 and all(made_by[n.input[0]] == "MatMul" for n in shapes)
+    assert histogram(fused)["Add"] == 0 and histogram(original)["Add"] == 3
+    onnx.checker.check_model(fused)
+    assert_parity(original, fused, ag.feeds(8, 2, 5))
