@@ -151,7 +151,7 @@ def fleet(work: Path, out: str, cache: str, jobs: int) -> dict:
 def alone(work: Path, name: str) -> dict:
     """The model by itself: the same recipe with {model} filled in, no cache at all (nothing from the fleet's)."""
     text = (work / "recipe.toml").read_text().replace("{model}", name)
-    recipe = work / "alone" / f"{name}.toml"
+    recipe = work / f"alone_{name}.toml"  # beside recipe.toml: its data paths are relative to its folder
     recipe.write_text(text)
     out = work / "alone" / f"{name}.onnx"
     command = ONNXFORGE + ["run", str(recipe), str(work / "models" / f"{name}.onnx"), "-o", str(out), "--no-cache", "--quiet"]
@@ -184,8 +184,9 @@ def summary_md(result: dict) -> str:
     for stage in STAGES:
         if stage in result["stages"]:
             st = result["stages"][stage]
-            cmd = st.get("command") or "each good model alone, 2 at a time: onnxforge run alone/NAME.toml models/NAME.onnx -o alone/NAME.onnx --no-cache --quiet"
-            lines.append(f"| {stage} | `{cmd}` | {st['wall_s']} | {st.get('exit_code', '')} | "
+            cmd = st.get("command") or "each good model alone, 2 at a time: onnxforge run alone_NAME.toml models/NAME.onnx -o alone/NAME.onnx --no-cache --quiet"
+            code = "" if stage == "alone" else ("stopped" if st.get("exit_code") is None else st["exit_code"])
+            lines.append(f"| {stage} | `{cmd}` | {st['wall_s']} | {code} | "
                          f"{st['load']['mean_1min']} / {st['load']['max_1min']} |")
     if "jobs1" in w and "jobs2" in w and result["stages"]["jobs1"].get("finished", True):
         lines += ["", f"`--jobs 2` / `--jobs 1` wall time: {w['jobs2']} / {w['jobs1']} s = {w['jobs2'] / w['jobs1']:.2f} "
@@ -195,10 +196,13 @@ def summary_md(result: dict) -> str:
         lines += ["", f"`--jobs 1` was stopped at the stage limit after {w['jobs1']} s with {done} of "
                       f"{len(result['models'])} models done (`--jobs 2`: all in {w['jobs2']} s)."]
     c = result["checks"]
+    jobs1 = f"{c['jobs1_same']} of {c['good']} identical between --jobs 1 and --jobs 2; " if "jobs1" in result["stages"] else ""
     lines += ["", f"Checks: {c['alone_same']} of {c['good']} good models byte-identical alone and in the fleet; "
-                  f"{c['jobs1_same']} of {c['good']} identical between --jobs 1 and --jobs 2; rerun: "
+                  f"{jobs1}rerun: "
                   f"{c['rerun_from_cache']} of {c['good']} restored from the run cache (fleet summary from_run_cache), "
                   f"{c['rerun_same']} byte-identical; fleet exit codes {result['exit_codes']}.",
+              *([f"The corrupt model alone: exit {c['corrupt_alone']['exit_code']}, `{c['corrupt_alone']['error']}`."]
+                if c.get("corrupt_alone") else []),
               "Compared: the output model files (SHA-256 of NAME.onnx), never the reports (latency figures are timings).", "",
               "| model | status | nodes | size (MB) | accuracy | latency ratio [95%] (measured on) | fleet time (s) | "
               "alone sha256 | alone = fleet | jobs1 = jobs2 | rerun cache | rerun bytes | error |",
@@ -317,6 +321,7 @@ def collect(stages: dict, names: list[str]) -> dict:
         "jobs1_same": sum(1 for m in good if m.get("jobs1_same_bytes_as_jobs2")),
         "rerun_from_cache": (rerun["report"]["summary"]["from_run_cache"] if rerun else None),
         "rerun_same": sum(1 for m in good if m.get("rerun_same_bytes")),
+        "corrupt_alone": {k: alone_runs["corrupt_model"][k] for k in ("exit_code", "error")} if "corrupt_model" in alone_runs else None,
     }
     return result
 
