@@ -14,9 +14,12 @@ onnxruntime session of the original:
 
 Dims the user pinned (``--input-shape``, ``--verify-shape``) never vary. Candidates
 over ``MAX_ELEMENTS`` are skipped, so the search is bounded by a count of runs and a
-size: the same model always gets the same inputs. One safety net uses the clock: a run
-longer than ``RUN_LIMIT_S`` (a model that blows up on made-up inputs) is stopped and ends
-the search, reported as such; it only cuts the search short.
+size: the same model always gets the same inputs. One safety net uses a clock: a run
+that uses more than ``RUN_LIMIT_S`` seconds of this process's CPU time (a model that
+blows up on made-up inputs) is stopped and ends the search, reported as such; it only
+cuts the search short. CPU time, not wall time, so a busy machine (where a run's wall
+time stretches with the load) does not change which inputs a model gets; a wall-clock
+cap of ``RUN_LIMIT_WALL_S`` keeps a run bounded anyway.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from .errors import first_line
 from .inputs import default_dim, graph_of, index_bounds, seeded_values
 
 MAX_TRIES = 24
-RUN_LIMIT_S = 30.0
+RUN_LIMIT_S = 30.0  # CPU seconds of this process (onnxruntime's threads included)
+RUN_LIMIT_WALL_S = 900.0  # the outer bound, whatever the load
 MAX_ELEMENTS = 1 << 26  # 64 M elements over all inputs of one candidate
 # Larger sizes first (audio front-ends need >= 400 samples), then smaller ones from large
 # to small: the largest size a model accepts verifies the most (OCR recognizers of height
@@ -227,7 +231,7 @@ def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int =
                 outputs = _bounded_run(session, {n: feed[n] for n in names})
             except _TooLong:
                 return FoundInputs(None, None, "", tries, f"a run on {label} inputs took over {RUN_LIMIT_S:.0f} s "
-                                   "and was stopped")
+                                   f"of CPU time (or {RUN_LIMIT_WALL_S:.0f} s in all) and was stopped")
             except Exception as exc:
                 last_error = first_line(exc, limit=200)
                 continue
@@ -239,23 +243,36 @@ class _TooLong(Exception):
     pass
 
 
+def watch(stop, done, cpu_limit: float, wall_limit: float, cpu_clock=None, wall_clock=None, poll: float = 0.05) -> bool:
+    """Calls ``stop()`` once ``cpu_clock`` has advanced ``cpu_limit`` or ``wall_clock``
+    ``wall_limit`` before the event ``done`` is set; True when it stopped."""
+    import time
+
+    cpu_clock, wall_clock = cpu_clock or time.process_time, wall_clock or time.monotonic
+    cpu0, wall0 = cpu_clock(), wall_clock()
+    while not done.wait(poll):
+        if cpu_clock() - cpu0 > cpu_limit or wall_clock() - wall0 > wall_limit:
+            stop()
+            return True
+    return False
+
+
 def _bounded_run(session, feed: dict):
-    """``session.run`` that onnxruntime terminates after ``RUN_LIMIT_S``."""
+    """``session.run`` that onnxruntime terminates after ``RUN_LIMIT_S`` CPU seconds (see the module docstring)."""
     import threading
 
     import onnxruntime as ort
 
     options = ort.RunOptions()
     options.log_severity_level = 4
-    fired = threading.Event()
+    fired, done = threading.Event(), threading.Event()
 
     def stop() -> None:
         fired.set()
         options.terminate = True
 
-    timer = threading.Timer(RUN_LIMIT_S, stop)
-    timer.daemon = True
-    timer.start()
+    watcher = threading.Thread(target=watch, args=(stop, done, RUN_LIMIT_S, RUN_LIMIT_WALL_S), daemon=True)
+    watcher.start()
     try:
         return session.run(None, feed, options)
     except Exception:
@@ -263,7 +280,8 @@ def _bounded_run(session, feed: dict):
             raise _TooLong() from None
         raise
     finally:
-        timer.cancel()
+        done.set()
+        watcher.join()
 
 
 def runnable_feeds(model, pinned: Mapping[str, tuple] | None = None, samples: int = 1, seed: int = 0) -> list[dict]:
