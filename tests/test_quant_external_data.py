@@ -155,7 +155,7 @@ def test_dynamic_matmul_is_onnxruntimes_result_without_its_model_copies(monkeypa
     spec = formats.spec_for("cpu", model, mode="dynamic")
     theirs = onnx_quantizer.ONNXQuantizer(
         copy.deepcopy(model), spec.per_channel, spec.reduce_range, QuantizationMode.IntegerOps, False,
-        formats._qtype("s8"), formats._qtype("u8"), None, None, [], ["MatMul", "Gemm"],
+        formats._qtype(spec.weight_type), formats._qtype(spec.activation_type), None, None, [], ["MatMul", "Gemm"],
         {"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
     )
     theirs.quantize_model()
