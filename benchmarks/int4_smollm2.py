@@ -47,8 +47,7 @@ def build(config: str, out: Path) -> list[str]:
            "--report", str(out.with_suffix(".json"))]
     if head_fp32:
         cmd += ["--lm-head", "float"]
-    if "-ao" in config:
-        cmd += ["--act-order"]
+    cmd += ["--act-order" if "-ao" in config else "--no-act-order"]
     return cmd
 
 

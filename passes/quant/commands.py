@@ -68,7 +68,9 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     int4.add_argument("--asymmetric", action="store_true", help="uint4 zero points per block (default symmetric)")
     int4.add_argument("--lm-head", default="int4", choices=("int4", "float"),
                       help="the MatMul making a graph output (and a tied embedding): INT4 (default) or kept float")
-    int4.add_argument("--act-order", action="store_true", help="GPTQ visits input channels by decreasing energy")
+    int4.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                      help="GPTQ visits input channels by decreasing energy, grids fixed beforehand (default on: "
+                           "SmolLM2 val perplexity 45.9 against 47.6 without)")
     int4.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4),
                       help="MatMulNBits accuracy_level (4: int8 activations inside the kernel)")
     int4.add_argument("--max-ppl-increase", type=float, default=0.10,

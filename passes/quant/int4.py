@@ -114,7 +114,7 @@ class Int4Report:
 
 
 def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", block_size: int = 128,
-                  symmetric: bool = True, lm_head: bool = True, act_order: bool = False,
+                  symmetric: bool = True, lm_head: bool = True, act_order: bool = True,
                   accuracy_level: int = 0, val: str | None = None, max_ppl_increase: float = MAX_PPL_INCREASE,
                   max_drop: float = 0.05, calib_limit: int | None = None, check: bool = True,
                   budget_metric: str = "auto",
