@@ -279,3 +279,15 @@ def test_learned_rounding_says_so_where_weights_are_quantized_dynamically():
                             measure_latency=False, rounding="learned", log=lambda m: None)
     assert report.format["dynamic_matmul"] and report.rounding is None
     assert any("nearest rounding kept" in n for n in report.notes)
+
+
+def test_weights_kept_at_8_bits_under_reduce_range_keep_their_range():
+    """Depthwise weights may stay 8-bit where the rest are 7-bit: their learned codes use 8 bits too."""
+    model = _conv(group=8, bias=False)
+    calib = _feeds((1, 8, 12, 12), 2, 1, 1)
+    ranges, _, _ = calibrate(model, calib, "minmax")
+    full = formats.static_qdq(model, ranges, formats.spec_for("cpu", model, vnni=True))
+    (site,), skipped = find_sites(model, full, True)
+    assert not skipped and site.bounds == (-127, 127)
+    (site,), _ = find_sites(model, _qdq(model, calib)[0], True)
+    assert site.bounds == (-64, 64)

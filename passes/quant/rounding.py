@@ -6,7 +6,8 @@ whose float twin (same node name and op in the float model the QDQ one was built
 weight, and whose stored codes are that weight's rounding on the stored grid (within one step of
 W / s + z everywhere). Any other weighted node is listed in ``skipped`` with the reason. The code range
 is the one onnxruntime's quantizer used (symmetric weights; 7 bits with ``reduce_range``, which keeps
-u8 x s8 products from saturating on CPUs without VNNI), so the learned codes fit the same kernels.
+u8 x s8 products from saturating on CPUs without VNNI, unless the stored codes use 8: a weight the format
+kept at full range), so the learned codes fit the same kernels.
 
 Inputs of a layer (``inputs``):
   * "quantized" (default): x_q read from the QDQ model carrying the learned codes and refit biases of
@@ -183,8 +184,12 @@ def _site(node, dq, producers, readers, inits, twin, float_inits, reduce_range) 
     per = lambda v: np.broadcast_to(np.asarray(v, np.float32).reshape(-1), (outputs,)).reshape(shape[0], shape[1], 1).copy()  # noqa: E731
     scale_g, zero_g = per(scale), per(zero.astype(np.float32))
     weight = wo.reshape(shape)
-    bounds = code_bounds(stored.dtype, reduce_range)
     codes = (stored.T if transposed else stored).astype(np.int32).reshape(shape)
+    # a weight quantized at full range despite reduce_range (8-bit depthwise weights: that
+    # kernel does not saturate) has codes past the 7-bit range: it keeps its 8 bits
+    bounds = code_bounds(stored.dtype, True)
+    if not reduce_range or codes.min() < bounds[0] or codes.max() > bounds[1]:
+        bounds = code_bounds(stored.dtype, False)
     if codes.min() < bounds[0] or codes.max() > bounds[1] or np.abs(codes - (weight / scale_g + zero_g)).max() > 1.0 + 1e-3:
         return "the stored codes are not a rounding of the float weight on the stored grid"
     site = Site(node.name, node.op_type, twin.input[0], node.input[0], dq.input[0], stored, weight, scale_g, zero_g,
