@@ -132,8 +132,9 @@ class NodeToFp16(Rule):
         self._halves: dict[str, gs.Tensor] = {}  # float32 tensor -> its float16 copy, this run only
 
     def match(self, graph, node):
-        if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT and node.inputs and _is_fp16(node.inputs[0]):
-            return None  # a cast back this pass inserted
+        if node.op == "Cast" and (node.attrs.get("to") == onnx.TensorProto.FLOAT16 or (
+                node.attrs.get("to") == onnx.TensorProto.FLOAT and node.inputs and _is_fp16(node.inputs[0]))):
+            return None  # a cast this pass inserted (a second run finds nothing left to do), or one to fp16 already
         slots = FloatSlots(tuple(i for i, t in enumerate(node.inputs) if _float32(t) and (node.op, i) not in FLOAT32_INPUTS),
                            tuple(j for j, t in enumerate(node.outputs) if _float32(t)))
         return Match([node], slots) if slots.inputs or slots.outputs else None

@@ -59,6 +59,18 @@ def test_node_to_fp16_fires_with_casts_only_at_the_float32_boundary():
     np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=2e-2, atol=2e-3)
 
 
+def test_a_second_run_changes_nothing():
+    """In a pipeline iterating to a fixpoint the pass runs again on its own output."""
+    from onnxforge.model import Model
+    from onnxforge.passes.registry import resolve
+
+    model = Model.from_proto(_dense())
+    options = {PASS_NAME: {"float_tensors": ["m", "r"], "keep": {"relu": "kept float32 by the caller"}}}
+    first, again = (resolve(PASS_NAME).run(model.graph, PassContext(model=model, options=options)) for _ in range(2))
+    assert first.stats == {"node-to-fp16": 2} and not again.changed
+    assert [n.op for n in model.graph.nodes].count("Cast") == 4  # x in, around relu, y out
+
+
 def test_io_rules_make_graph_inputs_and_outputs_float16():
     model, ctx = _dense(), PassContext()
     out = to_fp16(model, {"relu": "kept float32 by the caller"}, keep_io_types=False, ctx=ctx)
