@@ -17,8 +17,8 @@ MatMul [+ Add] of one input with constant float32 2-D weights of one width and c
 bias vectors over that width; MHA's own bias, when given, a constant vector of 3 x width;
 no key padding mask (Attention's mask_index reads masks differently) and no KV cache
 (past inputs, or present / QK outputs that are read); the projections are read by this
-MHA only, or only for their shape (a Shape reading one, or reading one plus a constant vector
-that only Shapes read: fuse-attention's mask sizes read Shape(q + bq), Shape(k + bk)) when the
+MHA only, or only for their shape (a Shape reading one, as fuse-attention's mask sizes read
+Shape(x Wq), Shape(x Wk), or reading one plus a constant vector that only Shapes read) when the
 weights are square: the projection then has its input's shape, and those Shapes read x instead.
 """
 from __future__ import annotations
