@@ -5,6 +5,11 @@ deadlock the child), and live for many tasks (an import of onnxforge per task wo
 seconds). A task that hangs or kills its worker costs that task only: the worker is
 replaced and the task reported as ``timeout`` or ``crash`` through ``on_failure``.
 
+The time limit counts the worker's CPU time where /proc gives it, so a busy machine
+(CI runners, several jobs on two cores) does not turn slow tasks into timeouts; a
+task that waits without computing (a deadlock) is still stopped at WALL_FACTOR times
+the limit of wall time.
+
 ``run(tasks, fn, ...)``: ``fn`` must be importable by the worker (a module-level function
 of a module on the tests' path); it is called as ``fn(task)`` and returns the result.
 """
@@ -18,6 +23,17 @@ import time
 from typing import Callable
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+WALL_FACTOR = 5
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (its threads included), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _serve(conn, module: str, name: str) -> None:
@@ -27,6 +43,7 @@ def _serve(conn, module: str, name: str) -> None:
     fn = getattr(importlib.import_module(module), name)
     import onnxforge.cli  # noqa: F401  (imported once per worker)
 
+    conn.send(("ready", None))  # the import's CPU time is not the first task's
     while True:
         task = conn.recv()
         if task is None:
@@ -47,10 +64,31 @@ class _Worker:
         child.close()
         self.task = None
         self.started = 0.0
+        self.cpu_started: float | None = None
+        self.ready = False
 
     def give(self, task) -> None:
+        if not self.ready:
+            try:  # a worker that died importing shows up as a crash of its first task
+                if self.conn.poll(300):
+                    self.conn.recv()
+            except (EOFError, OSError):
+                pass
+            self.ready = True
         self.task, self.started = task, time.monotonic()
-        self.conn.send(task)
+        self.cpu_started = _cpu_seconds(self.proc.pid)
+        try:
+            self.conn.send(task)
+        except OSError:
+            pass
+
+    def over(self, timeout: float) -> bool:
+        """Past the limit: CPU time where known (and a wall cap), else wall time."""
+        wall = time.monotonic() - self.started
+        cpu = _cpu_seconds(self.proc.pid) if self.cpu_started is not None else None
+        if cpu is None:
+            return wall > timeout
+        return cpu - self.cpu_started > timeout or wall > WALL_FACTOR * timeout
 
     def stop(self, kill: bool = False) -> None:
         if not kill:
@@ -93,8 +131,8 @@ def run(tasks: list, fn: Callable, *, jobs: int = 2, timeout: float = 60.0,
                         status, value = "crash", f"worker died (exit {w.proc.exitcode})"
                 elif not w.proc.is_alive():
                     status, value = "crash", f"worker died (exit {w.proc.exitcode})"
-                elif time.monotonic() - w.started > timeout:
-                    status, value = "timeout", f"no answer after {timeout:.0f} s"
+                elif w.over(timeout):
+                    status, value = "timeout", f"no answer after {timeout:.0f} s of CPU time"
                 if status is None:
                     continue
                 result = value if status == "ok" else on_failure(w.task, status, value)
