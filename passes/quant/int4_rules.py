@@ -90,6 +90,31 @@ def packed_names(key: str) -> tuple[str, str, str]:
     return f"{base}_Q4", f"{base}_Q4_scales", f"{base}_Q4_zero_points"
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightMatch:
+    """A MatMul's constant weight, whether it is read through a Transpose, and its key in the plan."""
+
+    constant: gs.Constant
+    transposed: bool
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TableMatch:
+    """The name of the Gather's constant table."""
+
+    table: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TiedPlan:
+    """What the tied-embedding check found: the LM head's planned weight and its packed codes and scales."""
+
+    entry: PlannedWeight
+    packed: gs.Constant
+    scales: gs.Constant
+
+
 class MatMulToNBits(Rule):
     name = "matmul-to-nbits"
     anchor_ops = ("MatMul",)
@@ -99,10 +124,10 @@ class MatMulToNBits(Rule):
         if found is None:
             return None
         constant, transposed = found
-        return Match([node], {"constant": constant, "transposed": transposed, "key": weight_key(constant, transposed)})
+        return Match([node], WeightMatch(constant, transposed, weight_key(constant, transposed)))
 
     def check(self, graph, match, ctx):
-        constant = match.info["constant"]
+        constant = match.info.constant
         if np.dtype(constant.dtype) != np.float32:
             return self.refusal(f"weight {constant.name} is {np.dtype(constant.dtype)}, not float32", match)
         a = match.nodes[0].inputs[0]
@@ -110,12 +135,12 @@ class MatMulToNBits(Rule):
             return self.refusal("input A has rank 1 (MatMulNBits multiplies [..., M, K])", match)
         plan = ctx.option(PASS_NAME, "plan")
         if plan is not None:
-            if match.info["key"] in plan.get("float", {}):
-                return self.refusal(f"kept float: {plan['float'][match.info['key']]}", match)
-            if match.info["key"] not in plan.get("weights", {}):
+            if match.info.key in plan.get("float", {}):
+                return self.refusal(f"kept float: {plan['float'][match.info.key]}", match)
+            if match.info.key not in plan.get("weights", {}):
                 return self.refusal("the quantization plan has no codes for this weight", match)
-            entry = plan["weights"][match.info["key"]]
-            k, n = constant.shape[::-1] if match.info["transposed"] else constant.shape
+            entry = plan["weights"][match.info.key]
+            k, n = constant.shape[::-1] if match.info.transposed else constant.shape
             if (entry.k, entry.n) != (k, n):
                 return self.refusal("the plan's codes were solved for another weight shape", match)
         return None
@@ -123,7 +148,7 @@ class MatMulToNBits(Rule):
     def rewrite(self, graph, match, ctx):
         node = match.nodes[0]
         entry = self._entry(match, ctx)
-        b_name, s_name, z_name = packed_names(match.info["key"])
+        b_name, s_name, z_name = packed_names(match.info.key)
         inputs = [self._input(graph, node.inputs[0], entry, node),
                   gs.Constant(b_name, pack(entry.codes, entry.block)),
                   gs.Constant(s_name, np.ascontiguousarray(entry.scales, np.float32))]
@@ -145,10 +170,10 @@ class MatMulToNBits(Rule):
     def _entry(match: Match, ctx) -> PlannedWeight:
         plan = ctx.option(PASS_NAME, "plan")
         if plan is not None:
-            return plan["weights"][match.info["key"]]
+            return plan["weights"][match.info.key]
         block = ctx.option(PASS_NAME, "block_size", 128)
         symmetric = ctx.option(PASS_NAME, "symmetric", True)
-        wt = weight_rows(match.info["constant"], match.info["transposed"])
+        wt = weight_rows(match.info.constant, match.info.transposed)
         codes, scales, zeros = quantize_rtn(wt, block, symmetric)
         return PlannedWeight(codes, scales, zeros, wt.shape[1], wt.shape[0], block, symmetric, "rtn")
 
@@ -178,12 +203,12 @@ class TiedEmbeddingToGatherBlockQuantized(Rule):
             return None
         if len(node.inputs[0].shape) != 2:
             return None
-        return Match([node], {"table": node.inputs[0].name})
+        return Match([node], TableMatch(node.inputs[0].name))
 
     def check(self, graph, match, ctx):
         node = match.nodes[0]
         plan = ctx.option(PASS_NAME, "plan") or {}
-        keys = [k for k, e in plan.get("weights", {}).items() if e.embedding == match.info["table"]]
+        keys = [k for k, e in plan.get("weights", {}).items() if e.embedding == match.info.table]
         if not keys:
             return self.refusal("the table is not the weight of a quantized (tied) LM head", match)
         entry = plan["weights"][keys[0]]
@@ -199,12 +224,12 @@ class TiedEmbeddingToGatherBlockQuantized(Rule):
         b_name, s_name, _ = packed_names(keys[0])
         if not isinstance(tensors.get(b_name), gs.Constant) or not isinstance(tensors.get(s_name), gs.Constant):
             return self.refusal(f"the LM head {keys[0]} it is tied to was not rewritten to MatMulNBits", match)
-        return {"entry": entry, "packed": tensors[b_name], "scales": tensors[s_name]}
+        return TiedPlan(entry, tensors[b_name], tensors[s_name])
 
     def rewrite(self, graph, match, ctx):
         node = match.nodes[0]
         plan = match.plan
-        entry, ids = plan["entry"], node.inputs[1]
+        entry, ids = plan.entry, node.inputs[1]
         base = node.name or node.outputs[0].name
         kb = k_blocks(entry.k, entry.block)
         if entry.embedding_scales is not None:  # the table's own scales on the shared codes (V * kb floats)
@@ -212,12 +237,12 @@ class TiedEmbeddingToGatherBlockQuantized(Rule):
         else:
             scales3 = gs.Variable(f"{base}_scales3", dtype=np.float32, shape=[entry.n, kb, 1])
             graph.nodes.append(gs.Node("Unsqueeze", name=f"{base}_unsqueeze_scales",
-                                       inputs=[plan["scales"], gs.Constant(f"{base}_axis2", np.array([2], np.int64))],
+                                       inputs=[plan.scales, gs.Constant(f"{base}_axis2", np.array([2], np.int64))],
                                        outputs=[scales3]))
         blocks = gs.Variable(f"{base}_blocks", dtype=np.float32)
         graph.nodes.append(gs.Node("GatherBlockQuantized", name=f"{base}_Q4", domain=MS_DOMAIN,
                                    attrs={"bits": BITS, "block_size": entry.block, "gather_axis": 0, "quantize_axis": 2},
-                                   inputs=[plan["packed"], ids, scales3], outputs=[blocks]))
+                                   inputs=[plan.packed, ids, scales3], outputs=[blocks]))
         rank = len(ids.shape)
         flat = gs.Variable(f"{base}_rows", dtype=np.float32) if kb * entry.block != entry.k else node.outputs[0]
         graph.nodes.append(gs.Node("Reshape", name=f"{base}_merge_blocks",
