@@ -3,7 +3,7 @@
 Calibration: the feed files are cut into contiguous shards, one per worker;
 each worker builds the streaming histograms of the same tensors over its
 shard (calibrate.collect_histograms) and the shards' histograms are merged
-exactly (calibrate.merge_histograms). The dyadic grids make the merge exact
+exactly (histogram.merge_histograms). The dyadic grids make the merge exact
 and associative, so the ranges are bit for bit those of one process reading
 every feed, for any number of workers.
 
@@ -29,10 +29,8 @@ import onnx
 from onnxforge.errors import DataError, OptionError
 from onnxforge.workers import Workers
 
-from .calibrate import (
-    DEFAULT_BINS, DEFAULT_MEMORY_BUDGET, METHODS, StreamingHistogram, collect_histograms, compute_range,
-    float_activation_names, merge_histograms,
-)
+from .calibrate import DEFAULT_MEMORY_BUDGET, collect_histograms, float_activation_names
+from .histogram import DEFAULT_BINS, METHODS, StreamingHistogram, compute_range, merge_histograms
 
 
 def split(items: Sequence, parts: int) -> list[list]:
