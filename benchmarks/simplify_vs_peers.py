@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -39,13 +38,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from peer_workers import FORGE_WORKER, PEER_WORKER, Worker
+from simplify_vs_peers_table import RTOL, markdown, verdict
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CORPUS = Path.home() / ".cache" / "onnxforge" / "corpus"
 BACKEND_KINDS = ("simple", "pytorch-converted", "pytorch-operator")
-RTOL = 1e-4
 PEERS = ("onnxsim", "onnxslim")
-TIMEOUT_S = 1800
 
 # Sizes of dynamic dims, feed A then feed B, by dim name (or "input:axis" for unnamed dims).
 # Linked dims (total = past + new tokens) and model-specific sizes are spelled out here.
@@ -115,80 +115,6 @@ def symbolic_dims(path: str) -> dict[str, list]:
         if tt.HasField("shape"):
             out[info.name] = [i for i, d in enumerate(tt.shape.dim) if not (d.HasField("dim_value") and d.dim_value > 0)]
     return out
-
-
-# ------------------------------------------------------------------ producing the variants
-
-PEER_WORKER = r"""
-import json, sys, traceback, onnx
-peer = sys.argv[1]
-if peer == "onnxsim":
-    import onnxsim
-else:
-    import onnxslim
-for line in sys.stdin:
-    src, dst = json.loads(line)
-    try:
-        model = onnx.load(src)
-        if peer == "onnxsim":
-            model, ok = onnxsim.simplify(model)
-            if not ok:
-                raise RuntimeError("onnxsim check failed")
-        else:
-            model = onnxslim.slim(model)
-        onnx.save(model, dst, save_as_external_data=model.ByteSize() > 1.9e9)
-        print(json.dumps(""), flush=True)
-    except BaseException as exc:
-        print(json.dumps((type(exc).__name__ + ": " + str(exc)).splitlines()[0][:200]), flush=True)
-"""
-
-FORGE_WORKER = r"""
-import contextlib, io, json, sys
-from onnxforge.cli import main
-for line in sys.stdin:
-    src, dst = json.loads(line)
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            rc = main(["optimize", src, "-o", dst, "-O3"])
-    except SystemExit as exc:
-        rc = exc.code
-    except BaseException as exc:
-        rc, err = 99, io.StringIO(f"{type(exc).__name__}: {exc}")
-    lines = [l for l in err.getvalue().strip().splitlines() if l.strip()]
-    print(json.dumps("" if rc in (0, None) else (lines[-1] if lines else f"exit {rc}")[:200]), flush=True)
-"""
-
-
-class Worker:
-    """One long-lived optimizer process fed (src, dst) pairs on stdin, one JSON reply line each.
-    A crash or a timeout restarts it and counts as that model's failure."""
-
-    def __init__(self, command: list[str]):
-        self.command = command
-        self.proc = None
-
-    def optimize(self, src: str, dst: str, timeout: float = TIMEOUT_S) -> str:
-        import select
-
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.DEVNULL, text=True, bufsize=1)
-        self.proc.stdin.write(json.dumps([src, dst]) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.close()
-            return "timed out" if not ready else "worker crashed"
-        reply = json.loads(line)
-        return reply if reply or os.path.exists(dst) else "no output written"
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
 
 
 # ------------------------------------------------------------------ feeds and equality
@@ -321,62 +247,6 @@ def bench_model(spec: dict, workers: dict[str, Worker], tmp: Path) -> dict:
 
 
 # ------------------------------------------------------------------ publishing
-
-
-def verdict(row: dict) -> str:
-    if any(note.startswith("original does not run") for note in row["notes"]):
-        return "skipped (onnxruntime does not run the original)"
-    forge = row["nodes"].get("onnxforge")
-    if forge is None:
-        return "onnxforge failed"
-    if row["rel"].get("onnxforge", 0) > RTOL:
-        return "onnxforge NOT EQUAL"
-    if not row["dynamic_kept"].get("onnxforge", True):
-        return "onnxforge pinned a dim"
-    if row["best_peer"] is None:
-        return "ok (no peer result)"
-    return "ok" if forge <= row["best_peer"] else f"larger (+{forge - row['best_peer']})"
-
-
-def _rel(row, label) -> str:
-    if label not in row["nodes"]:
-        return "failed"
-    if label not in row["rel"]:
-        return "—"
-    value = row["rel"][label]
-    return "inf" if value == float("inf") else f"{value:.1e}"
-
-
-def markdown(rows: list[dict], command: str) -> str:
-    import onnxruntime
-
-    ok = sum(verdict(r).startswith("ok") for r in rows)
-    skipped = sum(verdict(r).startswith("skipped") for r in rows)
-    lines = ["# Graph size: onnxforge -O3 vs onnxsim and onnxslim", "", f"Command: `{command}`", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; onnx {onnx.__version__}, onnxruntime "
-             f"{onnxruntime.__version__} (project venv). Peers' versions: see the JSON. Nodes include subgraphs.",
-             "rel = max |variant - original| / max |original| over outputs and feeds (onnxruntime CPU, optimizations",
-             "off); feeds = how many input sizes were run (two per dynamic dim where the model has dynamic dims;",
-             "backend folders use their own test inputs). dyn = every symbolic dim of the original is still symbolic.",
-             "", f"onnxforge <= min(peers) and equal on {ok} of {len(rows) - skipped} models ({skipped} skipped: onnxruntime "
-             "does not run the original).", "",
-             "| model | nodes orig | onnxforge | onnxsim | onnxslim | rel forge/sim/slim | feeds | dyn forge | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        n = r["nodes"]
-        lines.append(f"| {r['model']} | {n.get('original')} | {n.get('onnxforge', '—')} | {n.get('onnxsim', '—')} | "
-                     f"{n.get('onnxslim', '—')} | {_rel(r, 'onnxforge')}/{_rel(r, 'onnxsim')}/{_rel(r, 'onnxslim')} | "
-                     f"{r['feeds']} | {'yes' if r['dynamic_kept'].get('onnxforge', True) else 'NO'} | {verdict(r)} |")
-    larger = [r for r in rows if "op_diff" in r]
-    if larger:
-        lines += ["", "Where onnxforge is larger: op count onnxforge minus the smaller peer's, per op type.", ""]
-        for r in larger:
-            diff = ", ".join(f"{op} {d:+d}" for op, d in r["op_diff"].items())
-            lines.append(f"- {r['model']} (vs {r['larger_than']}): {diff}")
-    notes = [f"- {r['model']}: {note}" for r in rows for note in r["notes"]]
-    if notes:
-        lines += ["", "Notes:", *notes]
-    return "\n".join(lines) + "\n"
 
 
 def peer_versions(peer_python: str) -> dict:
