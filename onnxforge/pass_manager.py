@@ -3,8 +3,11 @@ rolls back the pass responsible when verification fails.
 
 What a run is judged against (``verify.Verifier``) is fixed before any pass runs:
 inputs the original runs on (``verify_feeds``) and its outputs, whether onnx's
-checker can judge (not when the original itself fails it), and which outputs are
-random. Every pass that changed the graph is recorded as a step. When the final
+checker can judge (not when the original itself fails it), which outputs are
+random, and the original's outputs at onnxruntime's default optimization level.
+The result is judged with onnxruntime's optimizations off and then, once, at the
+default level; a failure only there is bisected (below) with every step judged at
+both levels. Every pass that changed the graph is recorded as a step. When the final
 model fails verification, the steps are replayed from a snapshot of the input and
 bisected to the first step whose result fails (the empty prefix failing is nobody's
 fault: the run stops); with ``debug_dir`` the models before and after it are saved.
@@ -101,6 +104,7 @@ class PassManager:
         self.feeds = list(feeds) if feeds is not None else None
         self.debug_dir = Path(debug_dir) if debug_dir else None
         self.progress = progress or (lambda _msg: None)
+        self._bisect_at_default = False
 
     # ------------------------------------------------------------------ run
 
@@ -115,12 +119,20 @@ class PassManager:
         report = OptimizeReport(before=model_stats(model))
         original = snapshot(model)
         verifier = self.verifier = self._verifier(original, ctx)
+        verifier.judge_at_default(original)
+        # Bisections judge at the default level too once a result failed only there.
+        self._bisect_at_default = False
         disabled: set[int] = set()
         current = model
         while True:
             try:
                 steps, iterations = self._run_pipeline(current, ctx, disabled, report)
                 verification = self._check(current, steps)
+                if verification.ok and not self._bisect_at_default:
+                    # One more session, for the result only: what users run is the default level.
+                    at_default = verifier.check_default(current, self._tolerance(steps))
+                    if not at_default.ok:
+                        verification, self._bisect_at_default = at_default, True
             except PassFailure as failure:
                 name = self.passes[failure.pass_index].name
                 if self.strict:
@@ -157,7 +169,8 @@ class PassManager:
             report.rolled_back.append({"pass": name, "reason": f"{verification.detail} ({where})"})
             current, ctx = self._restart(original, ctx, report)
         report.iterations = iterations
-        report.verification = verification.as_dict() if self.verify != "none" else None
+        report.verification = ({**verification.as_dict(), "at_default_level": verifier.at_default}
+                               if self.verify != "none" else None)
         report.verifier = verifier
         report.after = model_stats(current)
         report.warnings = list(dict.fromkeys(verifier.notes + current.notes + ctx.warnings))
@@ -302,7 +315,11 @@ class PassManager:
         return tol
 
     def _check(self, model: Model, steps: Sequence[Step]) -> Verification:
-        return self.verifier.check(model, self._tolerance(steps))
+        tolerance = self._tolerance(steps)
+        result = self.verifier.check(model, tolerance)
+        if result.ok and self._bisect_at_default:
+            result = self.verifier.check_default(model, tolerance)
+        return result
 
     def _replay(self, original: Model, ctx: PassContext, steps: Sequence[Step], k: int,
                 last_budget: int | None = None) -> Model:

@@ -75,7 +75,8 @@ class OptimizeReport:
         tol = self.verification.get("tolerance") or {}
         result = self.verifier.check_file(Path(path), (tol.get("rtol", 0.0), tol.get("atol", 0.0)))
         result.tolerance = (tol.get("rtol", 0.0), tol.get("atol", 0.0))
-        self.verification = {**result.as_dict(), "file": "written file, reloaded from disk"}
+        self.verification = {**result.as_dict(), "file": "written file, reloaded from disk",
+                             "at_default_level": self.verification.get("at_default_level", False)}
         if not result.ok:
             raise VerificationError(
                 f"the written model fails {result.mode} verification, so it was not written: {result.detail}",
@@ -187,6 +188,8 @@ def render(report: OptimizeReport, file=None, explain: bool = False) -> None:
             line += f" (max rel error {worst_rel:.2e}, min cosine {worst_cos:.6f}, {len(outs)} output(s))"
         if v.get("detail"):
             line += f": {v['detail']}"
+        elif v["ok"] and v.get("at_default_level"):
+            line += "; the result also at onnxruntime's default optimization level"
         console.print(escape(line))
     for rb in report.rolled_back:
         console.print(f"[yellow]warning:[/] {escape(rolled_back_line(rb))}")

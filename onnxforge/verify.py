@@ -4,6 +4,13 @@
 ``numeric``: both models run on onnxruntime's CPU provider with graph
 optimizations disabled (so onnxruntime's own rewrites cannot hide or cause a
 difference) on the same feeds; every output is compared against a tolerance.
+
+``at the default level``: users run at onnxruntime's default graph optimization
+level (ORT_ENABLE_ALL), whose rewrites can fail on a graph that loads with them
+off (onnxruntime inlines an If whose condition became a constant, then its shape
+inference rejects what the branch held). So the result is also loaded, run and
+compared at that level, against the original's outputs at that level: one more
+session per model judged, and only where the original itself runs there.
 """
 from __future__ import annotations
 
@@ -84,8 +91,10 @@ def session_for(model: Model | onnx.ModelProto | Path, *, optimize: bool = False
     yield ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
 
 
-def run_outputs(model: Model | onnx.ModelProto | Path, feeds: Sequence[dict]) -> list[list[np.ndarray]]:
-    with session_for(model) as sess:
+def run_outputs(model: Model | onnx.ModelProto | Path, feeds: Sequence[dict], *,
+                optimize: bool = False) -> list[list[np.ndarray]]:
+    """Outputs per feed; ``optimize``: at onnxruntime's default optimization level."""
+    with session_for(model, optimize=optimize) as sess:
         names = [i.name for i in sess.get_inputs()]
         return [sess.run(None, {n: f[n] for n in names if n in f}) for f in feeds]
 
@@ -201,12 +210,13 @@ def reference_outputs(model: Model, feeds: Sequence[dict]) -> list[list[np.ndarr
 
 def numeric_check(
     candidate: Model | Path, feeds: Sequence[dict], reference: list[list[np.ndarray]], output_names: list[str],
-    tolerance: tuple[float, float], unstable: frozenset = frozenset(),
+    tolerance: tuple[float, float], unstable: frozenset = frozenset(), *, optimize: bool = False,
 ) -> Verification:
-    """``unstable`` outputs (random in the original itself) must only keep their type and shape."""
+    """``unstable`` outputs (random in the original itself) must only keep their type and shape.
+    ``optimize``: the candidate runs at onnxruntime's default optimization level."""
     rtol, atol = tolerance
     try:
-        outputs = run_outputs(candidate, feeds)
+        outputs = run_outputs(candidate, feeds, optimize=optimize)
     except Exception as exc:
         return Verification("numeric", False, f"onnxruntime cannot run the optimized model: {first_line(exc, limit=300)}",
                             tolerance=tolerance)
@@ -240,7 +250,10 @@ class Verifier:
     the original itself fails onnx's checker (then the checker cannot judge a result
     and onnxruntime does). ``unstable``: outputs that differ between two runs of the
     original (random ops), compared by type and shape only. ``notes``: how the feeds
-    were found, or why numeric verification fell back to structural."""
+    were found, or why numeric verification fell back to structural.
+    ``at_default``: whether a result is judged at onnxruntime's default optimization
+    level too (the original loads there), ``default_reference`` the original's outputs
+    there (numeric mode)."""
 
     mode: str
     feeds: list[dict] | None = None
@@ -249,6 +262,44 @@ class Verifier:
     original_fails_checker: str | None = None
     unstable: frozenset = frozenset()
     notes: list[str] = dataclasses.field(default_factory=list)
+    at_default: bool = False
+    default_reference: list[list] | None = None
+
+    def judge_at_default(self, original: Model) -> None:
+        """Decide, from the original, whether results are judged at the default level too:
+        one session of the original at that level (and its outputs on the feeds)."""
+        if self.mode == "none":
+            return
+        try:
+            if self.mode == "numeric":
+                self.default_reference = run_outputs(original, self.feeds, optimize=True)
+            else:
+                with session_for(original, optimize=True):
+                    pass
+        except Exception as exc:
+            self.notes.append(f"the original does not run at onnxruntime's default optimization level "
+                              f"({first_line(exc, limit=200)}); results are judged with its optimizations off only")
+            return
+        self.at_default = True
+
+    def check_default(self, model: Model | Path, tolerance: tuple[float, float]) -> Verification:
+        """The candidate at onnxruntime's default optimization level: loads (structural),
+        and gives the original's outputs at that level (numeric)."""
+        if not self.at_default:
+            return Verification(self.mode, True)
+        where = "at onnxruntime's default optimization level"
+        if self.mode != "numeric":
+            try:
+                with session_for(model, optimize=True):
+                    pass
+            except Exception as exc:
+                return Verification(self.mode, False, f"onnxruntime cannot load it {where}: {first_line(exc, limit=300)}")
+            return Verification(self.mode, True)
+        result = numeric_check(model, self.feeds, self.default_reference, self.output_names, tolerance,
+                               self.unstable, optimize=True)
+        if not result.ok:
+            result.detail = f"{where}: {result.detail}"
+        return result
 
     def check(self, model: Model, tolerance: tuple[float, float]) -> Verification:
         """Judge an in-memory candidate."""
@@ -292,7 +343,10 @@ class Verifier:
 def written_equals(model: Model, tolerance: tuple[float, float] = (1e-5, 1e-6)):
     """A ``check`` for ``io.save``: the file written, reloaded from disk, gives what the
     in-memory ``model`` (the one a command judged) gives, on inputs it runs on. Outputs
-    of random ops are compared by type and shape only."""
+    of random ops are compared by type and shape only. The file must also load and run
+    at onnxruntime's default optimization level (one more session), giving outputs of
+    the same types and shapes, finite where those are: its fusions (QDQ into integer
+    kernels) change values by design, so the command's own measure judges them."""
 
     def check(path: Path) -> None:
         from .verify_feeds import find_inputs
@@ -308,11 +362,30 @@ def written_equals(model: Model, tolerance: tuple[float, float] = (1e-5, 1e-6)):
         else:
             result = numeric_check(path, found.feeds, found.reference, names, tolerance,
                                    frozenset(random_outputs(model)))
+            if result.ok:
+                result = runs_at_default_level(path, found.feeds, found.reference, names)
         if not result.ok:
             raise VerificationError(f"the written model is not the one verified, so it was not written: {result.detail}",
                                     hint="report this model")
 
     return check
+
+
+def runs_at_default_level(path: Path, feeds: Sequence[dict], reference: list[list], names: list[str]) -> Verification:
+    """The file at onnxruntime's default optimization level: it runs, and each output has
+    the reference's type and shape and is finite wherever the reference is."""
+    where = "at onnxruntime's default optimization level"
+    try:
+        outputs = run_outputs(path, feeds, optimize=True)
+    except Exception as exc:
+        return Verification("numeric", False, f"onnxruntime cannot run it {where}: {first_line(exc, limit=300)}")
+    for refs, outs in zip(reference, outputs):
+        for name, r, o in zip(names, refs, outs):
+            if not _same_kind(name, r, o).ok:
+                return Verification("numeric", False, f"{where}: output {name} changes type or shape")
+            if isinstance(r, np.ndarray) and r.dtype.kind in "fc" and np.any(np.isfinite(r) & ~np.isfinite(o)):
+                return Verification("numeric", False, f"{where}: output {name} has NaN or Inf where it had none")
+    return Verification("numeric", True)
 
 
 def assert_ok(verification: Verification) -> None:

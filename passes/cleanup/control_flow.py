@@ -12,8 +12,9 @@ Preconditions:
   * the condition is a constant with one element (a condition computed from tensor values or
     from a graph input depends on data: refused, with the tensor named);
   * an If output that is a graph output is replaced by the branch's tensor (which takes the
-    model output's name), so that tensor must be made by a node of the branch (a branch
-    returning an outer value or returning one tensor twice is refused);
+    model output's name and, when the branch left it untyped, the If output's type), so that
+    tensor must be made by a node of the branch (a branch returning an outer value or
+    returning one tensor twice is refused);
   * names: a tensor the branch makes whose name is defined elsewhere in the model (the other
     branch may reuse it; the enclosing scope or another If's branch may too) is renamed to a
     fresh name before the move. The branch reads outer-scope values by reference (the same
@@ -91,6 +92,12 @@ class InlineConstantIf(IndexedRule):
                         root.outputs[i] = result
                 out.name = f"{name}__inlined"
                 result.name = name
+                # A branch output may be untyped (legal in a subgraph); a model output must
+                # keep the type the If declared for it.
+                if result.dtype is None:
+                    result.dtype = out.dtype
+                if result.shape is None:
+                    result.shape = out.shape
             replace_uses(out, result, self.index)
         remove_node(node, graph)
 

@@ -14,6 +14,10 @@ the Shape -> Gather -> Unsqueeze -> Concat -> Reshape chains fold away.
 If with a constant condition is its taken branch: the rule ``control_flow.InlineConstantIf``
 (its preconditions are there), run in every sweep so conditions that fold late are caught.
 
+Each fold is a rule (``folded_shape``, ``folded_node``, ``inlined_if``) applied through
+``RulePass._apply``, so when a result fails verification the pass manager finds and denies
+the one fold to blame instead of disabling the pass.
+
 Preconditions:
   * default-domain op with at least one input, no subgraph attribute, not random
     (Random*, Multinomial, Bernoulli);
@@ -41,12 +45,13 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.context import PassContext, Refusal
 from onnxforge.model import ExternalValues
-from onnxforge.passes.base import Pass, PassResult, RulePass
+from onnxforge.passes.base import Match, Pass, PassResult, RulePass
 
 from .common import (
     DEFAULT_DOMAINS,
     NONDETERMINISTIC_OPS,
     GraphIndex,
+    IndexedRule,
     TypeTable,
     const_nbytes,
     finish,
@@ -93,19 +98,19 @@ class FoldConstants(Pass):
                 break
         return PassResult.from_counts(counts)
 
-    @staticmethod
-    def sweep(graph: gs.Graph, evaluator: "Evaluator", ctx: PassContext) -> dict[str, int]:
+    def sweep(self, graph: gs.Graph, evaluator: "Evaluator", ctx: PassContext) -> dict[str, int]:
+        """One sweep of the three rules over every graph (through ``RulePass._apply``, so the
+        pass manager can deny or budget each fold when it bisects a failure)."""
         counts = {"folded_shape": 0, "folded_node": 0, "inlined_if": 0}
         types = infer_types(graph, ctx)
         index = GraphIndex(graph)
         for g in index.graphs:
-            counts["folded_shape"] += fold_static_shapes(g, types, index, ctx)
+            counts["folded_shape"] += RulePass._apply(FoldStaticShape(index, types), g, ctx, self.name)
         for g in list(index.graphs):
             if any(g is live for live in index.graphs):
                 g.toposort(recurse_subgraphs=False)
-                counts["folded_node"] += fold_graph(g, index, evaluator, ctx)
-                rule = InlineConstantIf(index, types)
-                counts["inlined_if"] += RulePass._apply(rule, g, ctx)
+                counts["folded_node"] += RulePass._apply(FoldNode(index, types, evaluator), g, ctx, self.name)
+                counts["inlined_if"] += RulePass._apply(InlineConstantIf(index, types), g, ctx, self.name)
         return counts
 
 
@@ -130,38 +135,29 @@ def shape_value(node: gs.Node, types: TypeTable) -> np.ndarray | None:
     return np.array(dims, dtype=np.int64)
 
 
-def fold_static_shapes(graph: gs.Graph, types: TypeTable, index: GraphIndex, ctx: PassContext) -> int:
-    folded = 0
-    for node in list(graph.nodes):
-        if node.op not in ("Shape", "Size") or node.domain not in DEFAULT_DOMAINS or len(node.inputs) != 1:
-            continue
-        value = shape_value(node, types)
-        if value is None:
-            continue
+class FoldStaticShape(IndexedRule):
+    """Shape/Size whose dims are static: the constant it returns (``folded_shape``)."""
+
+    name = "folded_shape"
+    anchor_ops = ("Shape", "Size")
+
+    def match(self, graph, node):
+        if node.domain not in DEFAULT_DOMAINS or len(node.inputs) != 1:
+            return None
+        value = shape_value(node, self.types)  # None while a dim it reads is dynamic
+        return None if value is None else Match([node], value)
+
+    def check(self, graph, match, ctx):
+        node = match.nodes[0]
+        if self.index.is_graph_output(node.outputs[0]):
+            return Refusal(self.name, "its output is a graph output", (node.name,))
+        return None
+
+    def rewrite(self, graph, match, ctx):
+        node = match.nodes[0]
         out = node.outputs[0]
-        if index.is_graph_output(out):
-            ctx.refuse(Refusal("folded_shape", "its output is a graph output", (node.name,)))
-            continue
         remove_node(node, graph)
-        replace_uses(out, gs.Constant(out.name, value), index)
-        folded += 1
-    return folded
-
-
-# ------------------------------------------------------------------ general folding
-
-
-def fold_graph(graph: gs.Graph, index: GraphIndex, evaluator: "Evaluator", ctx: PassContext) -> int:
-    folded = 0
-    for node in list(graph.nodes):
-        if not foldable(node):
-            continue
-        reason = evaluator.fold(node, graph, index)
-        if reason is None:
-            folded += 1
-        else:
-            ctx.refuse(Refusal("folded_node", reason, (node.name or node.op,)))
-    return folded
+        replace_uses(out, gs.Constant(out.name, match.info), self.index)
 
 
 def foldable(node: gs.Node) -> bool:
@@ -172,6 +168,34 @@ def foldable(node: gs.Node) -> bool:
     if not inputs or has_subgraph(node):
         return False
     return all(isinstance(t, gs.Constant) for t in inputs)
+
+
+class FoldNode(IndexedRule):
+    """A deterministic node whose inputs are all constants: its outputs, computed by
+    onnxruntime (``folded_node``)."""
+
+    name = "folded_node"
+
+    def __init__(self, index: GraphIndex, types: TypeTable, evaluator: "Evaluator"):
+        super().__init__(index, types)
+        self.evaluator = evaluator
+
+    def match(self, graph, node):
+        return Match([node]) if foldable(node) else None
+
+    def check(self, graph, match, ctx):
+        node = match.nodes[0]
+        found = self.evaluator.evaluate_node(node, graph, self.index)
+        if isinstance(found, str):
+            return Refusal(self.name, found, (node.name or node.op,))
+        return found
+
+    def rewrite(self, graph, match, ctx):
+        node = match.nodes[0]
+        outputs = [t for t in node.outputs if not t.is_empty()]
+        remove_node(node, graph)
+        for tensor, array in zip(outputs, match.plan):
+            replace_uses(tensor, gs.Constant(tensor.name, array), self.index)
 
 
 class Evaluator:
@@ -188,8 +212,8 @@ class Evaluator:
         model = ctx.model
         self.defaults = set(model.overridable_inputs) if model is not None and self.ir_version >= 4 else set()
 
-    def fold(self, node: gs.Node, graph: gs.Graph, index: GraphIndex) -> str | None:
-        """Replace the node's outputs by constants; return None, or why not."""
+    def evaluate_node(self, node: gs.Node, graph: gs.Graph, index: GraphIndex) -> list[np.ndarray] | str:
+        """The node's output values (changing nothing), or why it is not folded."""
         limit = self.ctx.option("fold-constants", "size_limit", self.ctx.fold_size_limit)
         outputs = [t for t in node.outputs if not t.is_empty()]
         if any(index.is_graph_output(t) for t in outputs):
@@ -226,10 +250,7 @@ class Evaluator:
             return f"output of {total} bytes exceeds {allowed} bytes (max(inputs, 64 KiB), fold_size_limit)"
         if any(not shared_placement_ok(t, graph, index, a.nbytes) for t, a in zip(outputs, arrays)):
             return "read by other (sub)graphs and too large to copy into each"
-        remove_node(node, graph)
-        for tensor, array in zip(outputs, arrays):
-            replace_uses(tensor, gs.Constant(tensor.name, array), index)
-        return None
+        return arrays
 
     def one_node_model(self, node: gs.Node, graph: gs.Graph) -> onnx.ModelProto:
         initializers = []

@@ -90,3 +90,31 @@ def test_if_whose_graph_outputs_would_take_one_branch_tensor_twice_is_refused():
     assert "inlined_if" not in result.stats
     assert "an If output is a graph output and the branch returns a value it does not make once" in refusal_reasons(ctx)
     assert histogram(model)["If"] == 1  # kept as it was (onnxruntime itself returns None for the repeated output)
+
+
+def test_if_feeding_a_model_output_from_an_untyped_branch_output_keeps_the_declared_type():
+    """onnx's expanded functions (AffineGrid) leave branch outputs untyped, which a subgraph
+    may; the model output that takes the branch tensor's place must keep its type."""
+    import onnx
+
+    from cleanup_support import session
+    from onnxforge.model import Model
+
+    proto = onnx.parser.parse_model(OPSET + """
+    g (float[2] x) => (float[2] y) {
+      c = Constant <value = bool {1}> ()
+      y = If(c) <then_branch = g1 () => (float[2] t) { t = Relu(x) }, else_branch = g2 () => (float[2] e) { e = Neg(x) }>
+    }""")
+    for branch in proto.graph.node[1].attribute:
+        branch.g.output[0].ClearField("type")
+    onnx.checker.check_model(proto, full_check=True)
+    model = Model.from_proto(proto)
+    run_pass("constant-to-initializer", model)
+    before = model.to_proto()
+    result, _ = run_pass("fold-constants", model)
+    assert result.stats == {"inlined_if": 1}
+    out = model.to_proto().graph.output[0]
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_value for d in out.type.tensor_type.shape.dim] == [2]
+    assert_parity(before, model, {"x": np.array([1.0, -2.0], np.float32)})
+    assert session(before).run(None, {"x": np.array([1.0, -2.0], np.float32)})[0].tolist() == [1.0, 0.0]

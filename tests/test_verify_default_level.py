@@ -1,0 +1,96 @@
+"""Results are judged at onnxruntime's default optimization level too (what users run).
+
+The model is the construct onnx's expanded AffineGrid holds: Range reads a one-element
+1-D tensor (the spec wants scalars) from an If whose condition is Size(input) == 2. With
+the condition unknown, shape inference cannot see the Range input's shape, and the model
+loads at every level. Folding Size (a static shape) makes the condition a constant;
+onnxforge's own inlining of that If is refused by onnx's checker, and onnxruntime, at its
+default level, inlines the If itself and rejects the Range when the session is built."""
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from onnxforge import Model, optimize
+from onnxforge import verify
+
+RANGE_IF = """<ir_version: 8, opset_import: ["" : 17]>
+g (int64[2] size) => (int64[M] y) {
+  two = Constant <value = int64 {2}> ()
+  five = Constant <value = int64[1] {5}> ()
+  n = Size(size)
+  c = Equal(n, two)
+  w = If(c) <then_branch = g1 () => (w_then) { w_then = Identity(five) },
+             else_branch = g2 () => (w_else) { w_else = Constant <value = int64 {3}> () }>
+  zero = Constant <value = int64 {0}> ()
+  one = Constant <value = int64 {1}> ()
+  y = Range(zero, w, one)
+}"""
+FEED = {"size": np.array([2, 7], np.int64)}
+
+
+def _session(proto: onnx.ModelProto, level):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 4
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _model() -> Model:
+    proto = onnx.parser.parse_model(RANGE_IF)
+    onnx.checker.check_model(proto, full_check=True)
+    return Model.from_proto(proto)
+
+
+def test_a_fold_that_onnxruntimes_default_level_rejects_is_rolled_back():
+    original = _model().to_proto()
+    out, report = optimize(_model(), level=3)
+    proto = out.to_proto()
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        got = _session(proto, level).run(None, FEED)[0]
+        assert got.tolist() == _session(original, level).run(None, FEED)[0].tolist() == [0, 1, 2, 3, 4]
+    blamed = [(rb.get("rule"), tuple(rb.get("nodes", ()))) for rb in report.rolled_back
+              if "default optimization level" in rb["reason"]]
+    assert blamed == [("folded_shape", ("Size:n",))]
+    assert report.verification["ok"] and report.verification["at_default_level"]
+
+
+def test_an_original_that_fails_at_the_default_level_is_judged_with_optimizations_off():
+    """What the unfixed optimizer wrote: loads with optimizations off only. Not a pass's
+    fault: the run goes on, judged at ORT_DISABLE_ALL, and says so."""
+    model = _model()
+    for node in model.graph.nodes:
+        if node.op == "Size":  # the constant that Size folds to
+            node.op, node.inputs = "Identity", [gs.Constant("n4", np.array(2, np.int64))]
+    model.graph.cleanup()
+    proto = model.to_proto()
+    _session(proto, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    try:
+        _session(proto, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        raise AssertionError("the model should not load at the default level")
+    except Exception as exc:
+        assert "Range" in str(exc)
+    out, report = optimize(Model.from_proto(proto), level=3)
+    assert any("does not run at onnxruntime's default optimization level" in w for w in report.warnings)
+    assert report.verification["ok"] and not report.verification["at_default_level"]
+    got = _session(out.to_proto(), ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, FEED)[0]
+    assert got.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_the_default_level_costs_one_session_per_model_when_nothing_fails(monkeypatch):
+    """The original once and the result once at the default level, no more."""
+    at_default = []
+    real = verify.session_for
+
+    def counting(model, *, optimize=False, threads=0):
+        if optimize:
+            at_default.append(type(model).__name__)
+        return real(model, optimize=optimize, threads=threads)
+
+    monkeypatch.setattr(verify, "session_for", counting)
+    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 4] y) { a = Identity(x) b = Relu(a) y = Abs(b) }""")
+    _out, report = optimize(Model.from_proto(proto), level=3)
+    assert report.verification["ok"] and report.verification["at_default_level"]
+    assert len(at_default) == 2
