@@ -5,7 +5,9 @@ under OUT_DIR, its check skipped (the models are judged by shared/corpus/llm_eva
 benchmarks/int4_smollm2.py, which evaluates existing models by the same config names).
 
 usage: python benchmarks/int4_smollm2_methods.py OUT_DIR CACHE.npz CONFIG [CONFIG ...]
-  CONFIG: METHOD[-headfp32][-ao], METHOD in rtn, gptq, awq, awq+gptq
+  CONFIG: METHOD[-headfp32][-noao][-cdN], METHOD in rtn, gptq, awq, awq+gptq; -noao: GPTQ without act-order,
+  -cdN: N coordinate-descent passes after GPTQ (default 0 here, the figures before it existed),
+  -seqN: sequential calibration in N stages (the cache is not used: each stage runs the data again)
 """
 from __future__ import annotations
 
@@ -48,8 +50,13 @@ def main() -> None:
         if out.exists():
             continue
         start = time.monotonic()
+        flags = config.split("-")[1:]
+        refine = next((int(f[2:]) for f in flags if f.startswith("cd")), 0)
+        stages = next((int(f[3:]) for f in flags if f.startswith("seq")), 1)
         model, report = quantize_int4(load(MODEL), str(CALIB), method=config.split("-")[0],
-                                      lm_head="-headfp32" not in config, act_order="-ao" in config, check=False)
+                                      lm_head="headfp32" not in flags, act_order="noao" not in flags,
+                                      refine=refine, stages=stages, check=False,
+                                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
         save(model, out)
         (out.with_suffix(".json")).write_text(json.dumps(report.as_dict(), indent=1))
         errors = report.layer_error

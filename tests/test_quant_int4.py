@@ -17,7 +17,7 @@ from onnxforge.model import Model
 from onnxforge.io import load
 from onnxforge.passes.quant import nbits
 from onnxforge.passes.quant.awq import awq_scale
-from onnxforge.passes.quant.gptq import refit_rows, gptq, output_error, refit_scales
+from onnxforge.passes.quant.gptq import refine_codes, refit_rows, gptq, output_error, refit_scales
 from onnxforge.passes.quant.hessians import collect_hessians
 from onnxforge.passes.quant.int4 import quantize_int4
 from onnxforge.passes.quant.int4_rules import PASS_NAME, Int4Weights, PlannedWeight
@@ -347,6 +347,25 @@ def test_refit_scales_lowers_the_output_error_for_fixed_codes():
     assert after < 0.95 * before
 
 
+def test_refine_codes_lowers_gptqs_error_on_a_correlated_input_layer():
+    """Coordinate descent revisits every channel with all the others fixed: below GPTQ + scale refit."""
+    wt, h = _correlated()
+    codes, scales, zeros = gptq(wt, h, 32, True, act_order=True)
+    scales = refit_scales(wt, codes, scales, zeros, h, 32)
+    before = output_error(wt, nbits.dequantize(codes, scales, zeros, 32, 128), h)
+    refined = refine_codes(wt, codes, scales, zeros, h, 32, passes=2)
+    assert refined.max() <= 15 and not np.array_equal(refined, codes)
+    assert output_error(wt, nbits.dequantize(refined, scales, zeros, 32, 128), h) < 0.9 * before
+
+
+def test_refine_codes_keeps_a_local_optimum():
+    """Codes that are already the exact weights (error 0) stay as they are."""
+    wt, h = _correlated(k=64)
+    codes, scales, zeros = nbits.quantize_rtn(wt, 32, True)
+    exact = nbits.dequantize(codes, scales, zeros, 32, 64)
+    assert np.array_equal(refine_codes(exact, codes, scales, zeros, h, 32), codes)
+
+
 def test_gptq_asymmetric_codes_stay_in_range_and_beat_rtn():
     wt, h = _correlated(k=80)
     codes, scales, zeros = gptq(wt, h, 32, False)
@@ -409,6 +428,38 @@ def test_quantize_int4_reports_and_keeps_the_embedding_once(tmp_path, method):
         assert set(report.layer_error) == {"W1", "W2", "ET"}
     if method.startswith("awq"):
         assert "ET" not in {k for k in report.awq}  # never scales the tied LM head's input
+
+
+def _chain(k=64):
+    """x -> MatMul(W0) -> MatMul(W1) -> MatMul(W2) -> y: each layer's INT4 error reaches the next one's input."""
+    ws = [numpy_helper.from_array((RNG.standard_normal((k, k)) / 8).astype(np.float32), f"W{i}") for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h0"]), helper.make_node("MatMul", ["h0", "W1"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], ws)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_sequential_stages_lower_the_end_error_on_a_chain(tmp_path):
+    """Each stage calibrated on the already quantized earlier layers and aimed at the float outputs: the later
+    layers take up the earlier ones' error, so the chain's output error drops well below one-shot GPTQ's."""
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    basis = RNG.standard_normal((12, 64))
+    xs = [(RNG.standard_normal((1, 64, 12)) @ basis + 0.05 * RNG.standard_normal((1, 64, 64))).astype(np.float32)
+          for _ in range(8)]
+    for i, x in enumerate(xs):
+        np.savez(folder / f"{i:02d}.npz", x=x)
+    proto = _chain()
+    ref = np.concatenate([_run(proto, {"x": x}) for x in xs])
+    errors = {}
+    for stages in (1, 3):
+        result, report = quantize_int4(_load(proto, tmp_path, f"m{stages}.onnx"), str(folder), method="gptq",
+                                       block_size=32, stages=stages, refine=0, check=False)
+        assert report.stages == stages and report.quantized == 3
+        out = np.concatenate([_run(result.to_proto(), {"x": x}) for x in xs])
+        errors[stages] = np.square(out - ref).sum() / np.square(ref).sum()
+    assert errors[3] < 0.7 * errors[1]
 
 
 def test_quantize_int4_lm_head_float_keeps_the_table_float(tmp_path):

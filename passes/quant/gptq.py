@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .nbits import (
-    BITS, block_importance, dequantize_codes, k_blocks, padded, quantize_codes, rtn_params, search_params,
+    BITS, block_importance, dequantize, dequantize_codes, k_blocks, padded, quantize_codes, rtn_params, search_params,
 )
 
 DAMP = 0.01
@@ -158,3 +158,46 @@ def refit_rows(wt: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.
     energy = (centred * centred).sum(-1)
     fit = (centred * rows).sum(-1) / np.where(energy > 0, energy, 1)
     return np.where(energy > 0, fit, scales).astype(np.float32)
+
+
+def refine_codes(wt: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, hessian: np.ndarray,
+                 block: int, *, passes: int = 2, bits: int = BITS, lazy: int = LAZY) -> np.ndarray:
+    """Cyclic coordinate descent on the codes, grids fixed: returns new codes [N, Kpad] whose output error
+    tr(D H D^T) (D = W^ - W) is never above the given codes'.
+
+    With R = W^ - W and G = R H, moving entry (n, j) by d changes the error by 2 d G_nj + d^2 H_jj, so the
+    best code for it, the others fixed, is the grid point nearest to W^_nj - G_nj / H_jj; every row moves
+    at once (rows are independent). G is kept current lazily: inside a run of ``lazy`` channels by rank-1
+    updates restricted to the run, for the rest by one product per run. GPTQ fixes each channel once,
+    against the channels after it; this revisits every channel with all the others in place."""
+    n, k = wt.shape
+    h = np.asarray(hessian, np.float32)
+    codes = codes.copy()
+    approx = dequantize(codes, scales, zeros, block, k)
+    g = (approx - wt.astype(np.float32)) @ h
+    diag = np.diag(h)
+    top = 2 ** bits - 1
+    for _ in range(passes):
+        for i1 in range(0, k, lazy):
+            i2 = min(i1 + lazy, k)
+            moved = np.zeros((n, i2 - i1), np.float32)
+            for j in range(i1, i2):
+                if diag[j] <= 0:
+                    continue
+                b = j // block
+                s, z = scales[:, b], zeros[:, b]
+                want = approx[:, j] - g[:, j] / diag[j]
+                q = np.clip(np.round(want / s) + z, 0, top)
+                new = ((q - z) * s).astype(np.float32)
+                d = new - approx[:, j]
+                if not d.any():
+                    continue
+                codes[:, j] = q.astype(np.uint8)
+                approx[:, j] = new
+                moved[:, j - i1] = d
+                g[:, i1:i2] += np.outer(d, h[j, i1:i2])
+            if i1 > 0:
+                g[:, :i1] += moved @ h[i1:i2, :i1]
+            if i2 < k:
+                g[:, i2:] += moved @ h[i1:i2, i2:]
+    return codes

@@ -8,6 +8,13 @@ Memory stays bounded: the tensors are exposed as outputs of an onnxruntime sessi
 the groups sized by ``calibrate._groups_under_budget`` (bytes of one feed's activations), the feeds
 re-read per group (from the folder, one file at a time), so only one group's activations of one feed
 and the [K, K] accumulators are held at once, whatever the model or data size.
+
+Sequential calibration (``collect_moments``): the quantizable weights become graph inputs
+(``weights_as_inputs``), so one session runs the float model and the partly quantized one; the graph is cut
+to what the stage's tensors need (``prefix``: later layers and the LM head are not run). Per stage it
+returns H = Xq^T Xq / n of the quantized model's inputs and the cross moment C = Xq^T Xf / n with the
+float model's inputs at the same tokens: with both, a layer can be solved for what the float model
+computed, ||Xq W^ - Xf W||^2, rather than for its own drifted inputs.
 """
 from __future__ import annotations
 
@@ -61,3 +68,83 @@ def _rows(value: np.ndarray, mask) -> np.ndarray:
     if mask is not None and value.ndim == 3 and value.shape[:2] == np.shape(mask):
         return value[np.asarray(mask).astype(bool)]
     return value.reshape(-1, value.shape[-1])
+
+
+def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """(a copy of ``model`` whose initializers ``names`` are graph inputs instead, {name: value}): one session
+    then runs the float model and any quantized version of it, the weights given with each feed."""
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept, values = [], {}
+    for init in out.graph.initializer:
+        if init.name in names:
+            values[init.name] = numpy_helper.to_array(init)
+            out.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            kept.append(init)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out, values
+
+
+def collect_moments(model: onnx.ModelProto, feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+                    names: list[str], float_weights: Mapping[str, np.ndarray],
+                    quantized_weights: Mapping[str, np.ndarray] | None) -> tuple[dict, dict, int]:
+    """For the quantized model (``weights_as_inputs`` ``model`` fed ``quantized_weights``), H = Xq^T Xq / n of
+    each tensor in ``names`` and the cross moment C = Xq^T Xf / n with the float model's Xf at the same
+    tokens: ({name: H}, {name: C}, tokens). ``quantized_weights`` None: nothing quantized yet, C = H."""
+    session = session_with_outputs(prefix(model, names), names)
+    wanted = {i.name for i in session.get_inputs()}
+    float_weights = {k: v for k, v in float_weights.items() if k in wanted}
+    hs: dict[str, np.ndarray] = {}
+    cs: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for feed in feeds():
+        data = {k: v for k, v in feed.items() if k in wanted}
+        missing = wanted - set(data) - set(float_weights)
+        if missing:
+            raise DataError(f"a calibration feed lacks input(s) {', '.join(sorted(missing))}")
+        mask = feed.get("attention_mask")
+        xf = session.run(names, {**data, **float_weights})
+        quantized = {k: v for k, v in (quantized_weights or {}).items() if k in wanted}
+        xq = xf if not quantized else session.run(names, {**data, **float_weights, **quantized})
+        for name, f, q in zip(names, xf, xq):
+            f = _rows(np.asarray(f), mask).astype(np.float32)
+            q = _rows(np.asarray(q), mask).astype(np.float32)
+            h = hs.setdefault(name, np.zeros((q.shape[1], q.shape[1])))
+            h += q.T @ q
+            c = cs.setdefault(name, np.zeros((q.shape[1], q.shape[1])))
+            c += q.T @ f
+            counts[name] = counts.get(name, 0) + q.shape[0]
+        del xf, xq
+    del session
+    tokens = min(counts.values()) if counts else 0
+    return ({n: h / max(counts[n], 1) for n, h in hs.items()}, {n: c / max(counts[n], 1) for n, c in cs.items()},
+            tokens)
+
+
+def prefix(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """``model`` cut to the nodes ``names`` depend on (the later layers and the LM head are not run), with
+    ``names`` as its outputs; the model itself where a node holds a subgraph (its outer-scope reads unknown)."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+           for a in n.attribute):
+        return model
+    needed = set(names)
+    kept = []
+    for node in reversed(model.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)  # the weights are inputs here (``weights_as_inputs``): a small copy
+    del out.graph.node[:]
+    out.graph.node.extend(reversed(kept))
+    inputs = [i for i in out.graph.input if i.name in needed]
+    inits = [i for i in out.graph.initializer if i.name in needed]
+    del out.graph.input[:], out.graph.initializer[:], out.graph.output[:]
+    out.graph.input.extend(inputs)
+    out.graph.initializer.extend(inits)
+    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    return out

@@ -6,13 +6,17 @@ Order of work:
   2. what stays float, with why: the LM head when asked (``lm_head=False``), weights with fewer than
      16 inputs (a single padded block would be mostly zeros);
   3. calibration (GPTQ / AWQ): H = X^T X / n of each distinct MatMul input over the calibration feeds,
-     streamed a group of tensors at a time (``hessians.py``);
+     streamed a group of tensors at a time (``hessians.py``); with ``stages`` > 1, sequentially: the
+     inputs cut into stages in graph order, each stage's H (and cross moment C = Xq^T Xf / n) taken on the
+     model whose earlier stages are already quantized, each weight then solved for the float model's
+     output: ||Xq W^ - Xf W||^2 = ||Xq (W^ - W*)||^2 + const, W* = W + H^-1 (C - H) W (damped H);
   4. per input tensor, the weights reading it solved together (their rows stacked: they share H and,
      for AWQ, one input scale): ``rtn`` round to nearest (onnxruntime's MatMulNBitsQuantizer grid);
      ``gptq`` GPTQ with per-block clip search weighted by diag(H) (``gptq.py``); ``awq`` the
      activation-aware scale search then clip-searched rounding (``awq.py``); ``awq+gptq`` both;
      every calibrated method ends by refitting the block scales to the codes it chose (least squares
-     on the output error, ``gptq.refit_scales``);
+     on the output error, ``gptq.refit_scales``); the GPTQ methods then alternate ``refine`` times a
+     coordinate-descent pass over the codes (``gptq.refine_codes``) with that refit;
      AWQ is not applied to a tied LM head (its scaled weight would no longer be the embedding table);
      a tied embedding reads the head's codes with block scales of its own, refit to the table's rows
      (least squares, ``gptq.refit_rows``): the codes GPTQ chose for the head's output error move the
@@ -43,7 +47,7 @@ from onnxforge.errors import DataError, OptionError
 from onnxforge.model import Model, weight_bytes
 
 from .awq import awq_scale
-from .gptq import gptq, output_error, refit_rows, refit_scales
+from .gptq import DAMP, gptq, output_error, refine_codes, refit_rows, refit_scales
 from .int4_rules import PASS_NAME, Int4Weights, PlannedWeight, matmul_weight, weight_key, weight_rows
 from .nbits import BLOCK_SIZES, dequantize, k_blocks, quantize_rtn, quantize_searched
 
@@ -52,6 +56,7 @@ CALIBRATED = ("gptq", "awq", "awq+gptq")
 MIN_INPUTS = 16
 MAX_PPL_INCREASE = 0.10
 MAX_VALIDATION_FEEDS = 16
+REFINE_PASSES = 3
 
 
 @dataclasses.dataclass
@@ -73,6 +78,8 @@ class Int4Report:
     max_ppl_increase: float = MAX_PPL_INCREASE
     max_drop: float = 0.05
     accuracy_level: int = 0
+    refine_passes: int = 0
+    stages: int = 1  # sequential calibration stages (1: every input from the float model)
     budget_metric: str = ""  # what the budget judged: perplexity (increase) or cosine
     budget_met: bool | None = None
     score: float | None = None
@@ -115,6 +122,7 @@ class Int4Report:
 
 def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", block_size: int = 128,
                   symmetric: bool = True, lm_head: bool = True, act_order: bool = True,
+                  refine: int = REFINE_PASSES, stages: int = 1,
                   accuracy_level: int = 0, val: str | None = None, max_ppl_increase: float = MAX_PPL_INCREASE,
                   max_drop: float = 0.05, calib_limit: int | None = None, check: bool = True,
                   budget_metric: str = "auto",
@@ -131,7 +139,7 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
         raise DataError(f"method {method} needs calibration data (--calib FOLDER)", hint="or use --weight-method rtn")
     report = Int4Report(method, block_size, symmetric, "int4" if lm_head else "float", calib or "none",
                         validation=val or calib or "", max_ppl_increase=max_ppl_increase, max_drop=max_drop,
-                        accuracy_level=accuracy_level)
+                        accuracy_level=accuracy_level, refine_passes=refine if method in ("gptq", "awq+gptq") else 0)
     reference = model.to_proto() if check and calib not in (None, "random") else None
     sites = _sites(model.graph)
     heads = _lm_heads(model.graph, sites)
@@ -154,16 +162,22 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
 
         inputs = sorted({node.inputs[0].name for _c, _t, node in todo.values()})
         feeds = (lambda: _limited(iter_feed_files(calib), calib_limit))
-        hessians, report.calibration_tokens = collect_hessians(reference if reference is not None else model.to_proto(),
-                                                               feeds, inputs, log=log)
+        if stages <= 1:
+            hessians, report.calibration_tokens = collect_hessians(
+                reference if reference is not None else model.to_proto(), feeds, inputs, log=log)
     plan = {"weights": {}, "float": dict(report.kept_float)}
     groups: dict[str, list[str]] = {}
     for key, (_c, _t, node) in todo.items():
         groups.setdefault(node.inputs[0].name, []).append(key)
-    for index, (tensor, keys) in enumerate(sorted(groups.items())):
-        log(f"int4: {method} {index + 1}/{len(groups)}: {', '.join(keys)}")
-        _solve(plan, report, keys, sites, tables, hessians.get(tensor), tensor, method, block_size, symmetric,
-               act_order, heads)
+    solve = (lambda tensor, h, cross=None: _solve(plan, report, groups[tensor], sites, tables, h, tensor, method,
+                                                 block_size, symmetric, act_order, heads, refine, cross))
+    if method in CALIBRATED and stages > 1:
+        _sequential(plan, report, groups, sites, reference if reference is not None else model.to_proto(), feeds,
+                    stages, solve, log)
+    else:
+        for index, (tensor, keys) in enumerate(sorted(groups.items())):
+            log(f"int4: {method} {index + 1}/{len(groups)}: {', '.join(keys)}")
+            solve(tensor, hessians.get(tensor))
     ctx = PassContext(model=model, options={PASS_NAME: {"plan": plan, "accuracy_level": accuracy_level}})
     stats = Int4Weights().run(model.graph, ctx)
     report.quantized = stats.stats.get("matmul-to-nbits", 0)
@@ -212,10 +226,48 @@ def _tied_tables(graph: gs.Graph, sites) -> dict[str, str]:
     return tied
 
 
-def _solve(plan, report, keys, sites, tables, hessian, tensor, method, block, symmetric, act_order, heads):
+def _sequential(plan, report, groups, sites, proto, feeds, stages, solve, log) -> None:
+    """Stages of MatMul inputs in graph order; each stage calibrated on the model whose earlier stages are
+    already quantized (their dequantized weights fed to one session in place of the float ones), and solved
+    for the float model's outputs (``_solve``'s ``cross``) rather than for its own."""
+    from .hessians import collect_moments, weights_as_inputs
+
+    position = {}
+    for index, node in enumerate(proto.graph.node):
+        for name in node.input:
+            position.setdefault(name, index)
+    order = sorted(groups, key=lambda t: position.get(t, len(position)))
+    names = {sites[k][0].name for keys in groups.values() for k in keys}
+    model, float_weights = weights_as_inputs(proto, names)
+    del proto
+    quantized: dict[str, np.ndarray] = {}
+    for index, chunk in enumerate(np.array_split(np.array(order, object), min(stages, len(order)))):
+        chunk = [str(t) for t in chunk]
+        log(f"int4: stage {index + 1}/{min(stages, len(order))}: calibrating {len(chunk)} inputs on the model "
+            f"quantized so far")
+        hs, cs, tokens = collect_moments(model, feeds, chunk, float_weights, quantized or None)
+        report.calibration_tokens = tokens
+        for tensor in chunk:
+            solve(tensor, hs.pop(tensor), cs.pop(tensor))
+            for key in groups[tensor]:
+                entry = plan["weights"][key]
+                constant, transposed, _node = sites[key]
+                approx = dequantize(entry.codes, entry.scales, entry.zeros, entry.block, entry.k)
+                if entry.input_scale is not None:
+                    approx = approx / entry.input_scale[None, :]
+                quantized[constant.name] = np.ascontiguousarray(approx if transposed else approx.T, np.float32)
+    report.stages = min(stages, len(order))
+
+
+def _solve(plan, report, keys, sites, tables, hessian, tensor, method, block, symmetric, act_order, heads, refine,
+           cross=None):
     rows = [weight_rows(sites[k][0], sites[k][1]).astype(np.float32) for k in keys]
     k = rows[0].shape[1]
     stacked = np.concatenate(rows, 0) if len(rows) > 1 else rows[0]
+    if cross is not None:
+        # min ||Xq W^ - Xf W||: GPTQ on Xq's Hessian aims at W* = W + H^-1 (C - H) W, C = Xq^T Xf / n
+        damped = hessian + DAMP * np.diag(hessian).mean() * np.eye(k)
+        stacked = (stacked + np.linalg.solve(damped, (cross - hessian) @ stacked.T).T).astype(np.float32)
     scale = None
     if method.startswith("awq") and not any(key in tables for key in keys):
         scale, alpha, _before, _after = awq_scale(rows, hessian, block, symmetric)
@@ -234,6 +286,10 @@ def _solve(plan, report, keys, sites, tables, hessian, tensor, method, block, sy
         codes, scales, zeros = quantize_searched(target, block, symmetric, np.diag(h))
     if h is not None and method != "rtn":
         scales = refit_scales(target, codes, scales, zeros, h, block)
+    if h is not None and method in ("gptq", "awq+gptq"):
+        for _ in range(refine):  # codes for the grids, then grids for the codes: the error never grows
+            codes = refine_codes(target, codes, scales, zeros, h, block, passes=1)
+            scales = refit_scales(target, codes, scales, zeros, h, block)
     start = 0
     for key, w in zip(keys, rows):
         n = w.shape[0]
