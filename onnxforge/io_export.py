@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterable, Iterator
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
@@ -14,6 +15,7 @@ from .errors import ModelSaveError
 from .external_data import EXTERNAL
 from .model import ExternalValues, Model, constants, tensor_header
 from .model_checks import _varint_size
+from .shared_weights import value_type
 
 ALIGNMENT = 4096
 _MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
@@ -29,9 +31,12 @@ class _InitializerEntry:
     def __init__(self, const: gs.Constant):
         self.const = const
         values = const._values
-        if isinstance(values, ExternalValues):
-            self.header = tensor_header(values.tensor, const.name).SerializeToString()
-            n = values.length
+        self.array = _raw_array(const)
+        if isinstance(values, ExternalValues) or self.array is not None:
+            header = tensor_header(values.tensor, const.name) if self.array is None else onnx.TensorProto(
+                name=const.name, data_type=value_type(const), dims=[int(d) for d in const.shape])
+            self.header = header.SerializeToString()
+            n = values.length if self.array is None else self.array.nbytes
             self.size = len(self.header) + 1 + _varint_size(n) + n
         else:
             self.header = None
@@ -56,11 +61,26 @@ class _InitializerEntry:
         if self.header is None:
             out.write(self._tensor().SerializeToString())
             return
-        values = self.const._values
         out.write(self.header)
+        if self.array is not None:  # the array's own bytes, not a copy of them
+            out.write(_field_key(_TENSOR_RAW_DATA) + _varint(self.array.nbytes))
+            out.write(memoryview(self.array).cast("B"))
+            return
+        values = self.const._values
         out.write(_field_key(_TENSOR_RAW_DATA) + _varint(values.length))
         for block in values.read_bytes():
             out.write(block)
+
+
+def _raw_array(const: gs.Constant):
+    """A constant's array as little-endian contiguous raw bytes (what raw_data holds),
+    when it is one of a plain type exported as itself, else None."""
+
+    values = const._values
+    if isinstance(values, LazyValues) or not isinstance(values, np.ndarray) or value_type(const) is None:
+        return None
+    little = values.dtype.newbyteorder("<")
+    return np.ascontiguousarray(values.astype(little, copy=False)).reshape(-1)
 
 
 def _field_key(number: int) -> bytes:

@@ -10,31 +10,22 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import OptionError
-from .model import ExternalValues, Model, constants, iter_graphs
+from .model import Model, iter_graphs
 
 
 def snapshot(model: Model) -> Model:
-    """An independent copy: serialized and re-imported, so no pass can mutate the
-    original's arrays in place. External weights stay on disk and are re-attached."""
-    external = {}
-    for const in constants(model.graph):
-        values = const._values
-        if isinstance(values, ExternalValues):
-            external[_external_key(values.tensor)] = values
-    copy = Model.from_proto(model.to_proto(), model.source)
+    """An independent copy: exported and re-imported. Large weights are not copied but
+    shared (``shared_weights.stage_shared``): external ones stay on disk, arrays are
+    read-only, so no pass can mutate either model's values in place."""
+    from .shared_weights import reattach, stage_shared
+
+    with stage_shared(model) as shared:
+        proto = model.to_proto()
+    copy = Model.from_proto(proto, model.source)
+    del proto
+    reattach(copy, shared)
     copy.notes = list(model.notes)
-    for const in constants(copy.graph):
-        tensor = getattr(const._values, "tensor", None)
-        if tensor is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
-            src = external.get(_external_key(tensor))
-            if src is not None:
-                const._values = ExternalValues(tensor, src.path, src.offset, src.length)
     return copy
-
-
-def _external_key(tensor: onnx.TensorProto) -> tuple[str, str]:
-    info = {e.key: e.value for e in tensor.external_data}
-    return info.get("location", ""), info.get("offset", "0")
 
 
 def forget_negative_dims(model: Model) -> None:

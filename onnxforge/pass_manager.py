@@ -42,6 +42,7 @@ from .model import Model
 from .model_prep import apply_input_shapes, apply_pinned_inputs, forget_negative_dims, snapshot
 from .name_map import NAME_MAP_KEY, read_name_map, record_name_map  # noqa: F401  (the first two re-exported)
 from .report import OptimizeReport, PassRecord, model_stats
+from .shared_weights import share_weights
 from .verify import (
     MODES,
     Verification,
@@ -117,6 +118,7 @@ class PassManager:
         if self.feeds is not None and ctx.pinned_inputs:  # a pinned input is no longer fed
             self.feeds = [{k: v for k, v in f.items() if k not in ctx.pinned_inputs} for f in self.feeds]
         report = OptimizeReport(before=model_stats(model))
+        share_weights(model)  # one read-only copy of each weight, shared by snapshots and sessions
         original = snapshot(model)
         verifier = self.verifier = self._verifier(original, ctx)
         verifier.judge_at_default(original)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -25,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import DataError, VerificationError, first_line
-from .model import Model, external_values, iter_graphs
+from .model import Model, iter_graphs
 
 MODES = ("none", "structural", "numeric")
 
@@ -65,8 +64,8 @@ class Verification:
 
 @contextlib.contextmanager
 def session_for(model: Model | onnx.ModelProto | Path, *, optimize: bool = False, threads: int = 0) -> Iterator:
-    """An onnxruntime CPU session for an in-memory model or a model file. Models whose
-    weights live in external data (or exceed 2 GB) are written to a temporary folder first."""
+    """An onnxruntime CPU session for an in-memory model or a model file; an in-memory
+    ``Model`` shares its weights with the session (``shared_weights.model_session``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -79,16 +78,13 @@ def session_for(model: Model | onnx.ModelProto | Path, *, optimize: bool = False
     if isinstance(model, (str, Path)):
         yield ort.InferenceSession(str(model), options, providers=providers)
         return
-    if isinstance(model, Model) and any(True for _ in external_values(model.graph)):
-        from .io import save
+    if isinstance(model, Model):  # its weights shared with the session, not copied
+        from .shared_weights import model_session
 
-        with tempfile.TemporaryDirectory(prefix="onnxforge-verify-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            save(model, path, external_data=True)
-            yield ort.InferenceSession(str(path), options, providers=providers)
+        with model_session(model, options, providers) as session:
+            yield session
         return
-    proto = model.to_proto() if isinstance(model, Model) else model
-    yield ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    yield ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
 def run_outputs(model: Model | onnx.ModelProto | Path, feeds: Sequence[dict], *,
@@ -180,16 +176,10 @@ def merge_diffs(per_feed: Iterable[list[OutputDiff]]) -> list[OutputDiff]:
 
 
 def structural_check(model: Model) -> Verification:
-    try:
-        with tempfile.TemporaryDirectory(prefix="onnxforge-check-") as tmp:
-            if any(True for _ in external_values(model.graph)):
-                from .io import save
+    from .shared_weights import lifted_proto
 
-                path = Path(tmp) / "model.onnx"
-                save(model, path, external_data=True)
-                onnx.checker.check_model(str(path), full_check=True)
-            else:
-                onnx.checker.check_model(model.to_proto(), full_check=True)
+    try:  # large weights as typed inputs: same shapes and types, nothing copied
+        onnx.checker.check_model(lifted_proto(model)[0], full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         return Verification("structural", False, first_line(exc, limit=300))
     except Exception as exc:  # the checker raises bare errors for some custom-domain ops

@@ -173,8 +173,9 @@ MAX_INTERMEDIATE = 1 << 29  # elements all node outputs of one run may hold (2 G
 def _weightless(model) -> onnx.ModelProto:
     from .io import checker_view
     from .model import Model
+    from .shared_weights import lifted_proto
 
-    return checker_view(model.to_proto() if isinstance(model, Model) else model)
+    return lifted_proto(model)[0] if isinstance(model, Model) else checker_view(model)
 
 
 def intermediate_elements(light: onnx.ModelProto, shapes: Mapping[str, tuple]) -> int | None:

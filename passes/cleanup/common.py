@@ -271,8 +271,11 @@ def export_for_inference(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:
     dropped, so shapes derive from the inputs alone (exporters often leave stale
     example shapes), and large main-graph weights turned into typed graph inputs, so
     inference neither copies nor reads them (their values never matter to shapes)."""
+    from onnxforge.shared_weights import liftable, staged_headers
+
     graph.toposort(recurse_subgraphs=True)
-    proto = gs.export_onnx(graph, do_type_check=False)
+    with staged_headers(liftable(graph)):  # their headers only: no weight is copied
+        proto = gs.export_onnx(graph, do_type_check=False)
     if ctx.model is not None and ctx.model.graph is graph:
         del proto.opset_import[:]
         proto.opset_import.extend(ctx.model.meta.opset_import)
@@ -282,7 +285,7 @@ def export_for_inference(graph: gs.Graph, ctx: PassContext) -> onnx.ModelProto:
     return proto
 
 
-INFERENCE_VALUE_BYTES = 4096
+INFERENCE_VALUE_BYTES = 4096  # = shared_weights.LIFT_BYTES: what is staged as a header is lifted here
 
 
 def _weights_to_inputs(graph: onnx.GraphProto) -> None:
@@ -293,7 +296,7 @@ def _weights_to_inputs(graph: onnx.GraphProto) -> None:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
         except (KeyError, TypeError, ValueError):
             itemsize = 8
-        if count * itemsize > INFERENCE_VALUE_BYTES or init.data_location == onnx.TensorProto.EXTERNAL:
+        if count * itemsize >= INFERENCE_VALUE_BYTES or init.data_location == onnx.TensorProto.EXTERNAL:
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             keep.append(init)

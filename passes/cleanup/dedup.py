@@ -31,7 +31,8 @@ def digest(tensor: gs.Constant) -> str:
         for block in values.read_bytes():
             h.update(block)
     else:
-        h.update(np.ascontiguousarray(tensor.values).tobytes())
+        array = np.ascontiguousarray(tensor.values)
+        h.update(array.tobytes() if array.dtype.kind == "O" else array)  # a numeric array's own bytes
     return h.hexdigest()
 
 
