@@ -160,49 +160,21 @@ def static_qdq(
     model: onnx.ModelProto,
     ranges: Mapping[str, tuple[float, float]],
     spec: FormatSpec,
-    exclude: list[str] = (),
+    exclude: list[str] | Mapping[str, str] = (),
     op_types: tuple[str, ...] | None = None,
 ) -> onnx.ModelProto:
-    """QDQ model with ``ranges`` as activation ranges (onnxruntime's QDQ placer)."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    """QDQ model with ``ranges`` as activation ranges: onnxruntime's QDQ placer, run as the
+    registered pass onnxruntime-qdq (ort_qdq.py); ``exclude``: names kept float (name ->
+    why, or a list). CPU u8 formats then get the integer activations and NHWC movement."""
+    from .registered import apply_passes
 
-    data = {
-        name: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
-        for name, (lo, hi) in ranges.items()
-    }
-    # the types of contrib-op outputs (see ortsession.infer_shapes): onnxruntime's own
-    # inference keeps them, and without them it skips those tensors and fails on the
-    # biases they feed
-    extra = {}
-    overrides = weight_overrides(model, spec)
-    if overrides:
-        extra["TensorQuantOverrides"] = overrides
-    quantizer = QDQQuantizer(
-        _with_inferred_types(_copy(model)),
-        spec.per_channel,
-        spec.reduce_range,
-        _qtype(spec.weight_type),
-        _qtype(spec.activation_type),
-        TensorsData(CalibrationMethod.MinMax, data),
-        None,
-        list(exclude),
-        list(op_types if op_types is not None else spec.op_types),
-        {
-            "ActivationSymmetric": spec.symmetric_activations,
-            "WeightSymmetric": True,
-            "AddQDQPairToWeight": False,  # weights stored as int8, no float copy
-            # Tensors feeding contrib ops (fused graphs) have no inferred type; they are float.
-            "DefaultTensorType": onnx.TensorProto.FLOAT,
-            **extra,
-        },
-    )
-    quantizer.quantize_model()
-    out = quantizer.model.model
+    kept = dict(exclude) if isinstance(exclude, Mapping) else dict.fromkeys(exclude, "the quantization plan keeps it float")
+    options = {"onnxruntime-qdq": {"ranges": dict(ranges), "spec": spec, "op_types": op_types, "exclude": kept}}
+    out, _ = apply_passes(model, ("onnxruntime-qdq",), max_iterations=1, options=options)
     if spec.provider == "cpu" and not spec.symmetric_activations:
         out, _ = integer_activations(out)  # HardSwish/HardSigmoid as QLinearAdd/QLinearMul
         out = _movement_in_nhwc(out)
-    return _toposorted(_without_unused_initializers(out))
+    return out
 
 
 def depthwise_weights(model: onnx.ModelProto) -> dict[str, str]:
@@ -238,7 +210,6 @@ def _movement_in_nhwc(model: onnx.ModelProto) -> onnx.ModelProto:
         candidate, count = rewrite(_copy(model))
         if not count:
             continue
-        candidate = _toposorted(_without_unused_initializers(candidate))
         try:
             if baseline_transposes is None:
                 baseline_transposes = ort_transposes(model)
@@ -337,37 +308,15 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _without_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop initializers nothing reads: the float originals of quantized weights."""
+    """Drop initializers nothing reads: the float originals of quantized weights. For the
+    dynamic quantizer's output on the ModelProto itself, not through a pass's cleanup: a
+    graphsurgeon round trip would hold the weights of a 2 GB model twice."""
     used = {name for node in _all_nodes(model.graph) for name in node.input}
     used.update(o.name for o in model.graph.output)
     keep = [t for t in model.graph.initializer if t.name in used]
     if len(keep) != len(model.graph.initializer):
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
-    return model
-
-
-def _toposorted(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The quantizer appends Q/DQ nodes after their readers; the checker wants order."""
-    graph = model.graph
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        rest = [n for n in pending if not all(i in ready for i in n.input)]
-        done = [n for n in pending if all(i in ready for i in n.input)]
-        if not done:  # a cycle or names from nowhere: keep what is left as it was
-            ordered.extend(rest)
-            break
-        for node in done:
-            ordered.append(node)
-            ready.update(node.output)
-        pending = rest
-    if [id(n) for n in ordered] != [id(n) for n in graph.node]:
-        nodes = [onnx.NodeProto() for _ in ordered]
-        for copy, node in zip(nodes, ordered):
-            copy.CopyFrom(node)
-        del graph.node[:]
-        graph.node.extend(nodes)
     return model
 
 
