@@ -17,13 +17,19 @@ Identities (p a permutation of the rank-r axes, U an elementwise op):
     given axes and keeps the rank: axis a of the transposed tensor is axis p[a] of x. So
     Concat's axis, Pad's per-axis pads (begin and end) and Reduce*'s axes (keepdims=1) are
     relabelled through p. Concat needs every input transposed by the same p (one Transpose
-    replaces k); Pad and Reduce* move when the chain after them ends in a Transpose. The
+    replaces k); Pad and Reduce* move when the chain after them ends in a Transpose.
+  * Resize(Transpose(x, p), scales s) = Transpose(Resize(x, s'), p) with s'[p[a]] = s[a]
+    (sizes and roi's begin/end alike; with an ``axes`` attribute the listed axes relabel
+    instead) when each output index depends on one axis's scale and coordinate transform
+    alone: mode ``nearest``, any coordinate transform. Linear and cubic interpolate axis
+    after axis, so the other layout sums in another order: refused. The
     pass is bit-exact, so of the float reductions only ReduceMax/ReduceMin move (a sum
     over another memory layout adds in another order); integer ones all move.
 Preconditions: default-domain nodes in one graph; the transposed tensors have no other
 reader and are no graph outputs (else the Transpose stays and one is added); Clip's min/max
 are scalars (elementwise); the pads and axes are constants, Pad has no ``axes`` input, a
-Reduce* keeps its dims (keepdims=0 drops axes, so the permutation would change).
+Reduce* keeps its dims (keepdims=0 drops axes, so the permutation would change); Resize's
+roi, scales and sizes are constants.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import onnx_graphsurgeon as gs
 from onnxforge.passes.base import Match, Pass
 from onnxforge.passes.matching import producer_op
 
-from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, infer_types, int_list
+from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, infer_types, int_list, small_value
 
 UNARY = ("Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Cast", "Clip", "LeakyRelu",
          "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Elu", "Selu", "Celu", "Not", "Floor", "Ceil",
@@ -42,7 +48,9 @@ UNARY = ("Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "
 BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Less", "Greater", "And", "Or", "Where")
 REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
           "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
-AXIS_OPS = ("Concat", "Pad", *REDUCE)
+AXIS_OPS = ("Concat", "Pad", "Resize", *REDUCE)
+# Resize modes whose output element depends on each axis alone, in one step (bit-exact in any layout).
+PER_AXIS_MODES = ("nearest",)
 T = onnx.TensorProto
 INTEGER_TYPES = {T.INT8, T.INT16, T.INT32, T.INT64, T.UINT8, T.UINT16, T.UINT32, T.UINT64}
 
@@ -191,6 +199,8 @@ class SinkThroughAxisOp(IndexedRule):
             for a in range(r):
                 new[perm[a]], new[r + perm[a]] = pads[a], pads[r + a]
             return ({"pads": new}, {}) if attr else ({}, {1: new})
+        if node.op == "Resize":
+            return self.resize_relabelled(node, perm)
         if node.op not in ("ReduceMax", "ReduceMin") and self.types.dtype(node.inputs[0]) not in INTEGER_TYPES:
             return "a floating-point sum in the other layout adds in another order (not bit-exact)"
         if int(node.attrs.get("keepdims", 1)) != 1:
@@ -202,20 +212,61 @@ class SinkThroughAxisOp(IndexedRule):
         new = sorted(perm[a % r] for a in axes)
         return ({}, {1: new}) if from_input else ({"axes": new} if axes else {}, {})
 
+    def resize_relabelled(self, node: gs.Node, perm: list[int]):
+        """Resize's roi, scales or sizes (and ``axes``) for the untransposed input, or why not.
+        Only ``nearest``: each output index then comes from that axis's scale and
+        coordinate transform alone; linear and cubic interpolate axis after axis, so the
+        other layout adds the same terms in another order (not bit-exact)."""
+        r = len(perm)
+        mode = node.attrs.get("mode", "nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode not in PER_AXIS_MODES:
+            return f"mode {mode!r} interpolates axis after axis (not bit-exact in the other layout)"
+        axes = [int(a) % r for a in node.attrs["axes"]] if "axes" in node.attrs else list(range(r))
+        attrs = {"axes": [perm[a] for a in axes]} if "axes" in node.attrs else {}
+        n = len(axes)
+        opset = self.index.graph_of(node).opset
+        # Resize-10 reads (X, scales); from 11 on (X, roi, scales, sizes).
+        slots = {1: ("scales", n)} if opset is not None and opset < 11 else {
+            1: ("roi", 2 * n), 2: ("scales", n), 3: ("sizes", n)}
+        inputs = {}
+        for i, (what, count) in slots.items():
+            if i >= len(node.inputs) or node.inputs[i].is_empty():
+                continue
+            values = small_value(node.inputs[i], 1 << 16)
+            if values is None:
+                return f"its {what} input is not a constant"
+            values = values.reshape(-1).tolist()
+            if what != "roi" and not values:
+                continue  # an empty scales next to sizes
+            if len(values) != count:
+                return f"its {what} input does not hold {count} values"
+            if attrs:  # given per listed axis: the list relabels, the values stay in order
+                continue
+            new = [None] * count
+            for a in range(n):
+                new[perm[a]] = values[a]
+                if what == "roi":
+                    new[n + perm[a]] = values[n + a]
+            inputs[i] = new
+        return attrs, inputs
+
     def rewrite(self, graph, match, ctx):
         node, *firsts = match.nodes
         attrs, inputs = self.relabelled(node, _perm(firsts[0]))
         node.attrs.update(attrs)
         for i, values in inputs.items():
-            node.inputs[i] = gs.Constant(f"{node.name or node.op}_{i}_untransposed", np.array(values, np.int64))
+            old = node.inputs[i]
+            dtype = old.values.dtype if isinstance(old, gs.Constant) else np.int64
+            node.inputs[i] = gs.Constant(f"{node.name or node.op}_{i}_untransposed", np.array(values, dtype))
         sources = [f.inputs[0] for f in firsts]
         _move_after(node, firsts[0], sources + list(node.inputs[len(sources):]))
 
 
 class SinkTransposes(IndexedRulePass):
     name = "sink-transposes"
-    description = ("move Transposes past elementwise ops, Concat, Pad and Reduce* (so collapse-chains cancels NHWC "
-                   "round trips)")
+    description = ("move Transposes past elementwise ops, Concat, Pad, Reduce* and nearest Resize (so "
+                   "collapse-chains cancels NHWC round trips)")
     tolerance = (0.0, 0.0)
     rules = (SinkThroughBinary, SinkThroughAxisOp, SinkThroughUnary)
 
