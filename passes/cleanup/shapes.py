@@ -43,113 +43,15 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, Pass
 from onnxforge.passes.matching import producer_op
+from onnxforge.passes.shape_vectors import Piece, clamp_index, concat_pieces, rank_of, shape_node, slice_piece
 
-from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, infer_types, int_list, remove_node, replace_uses, small_value
+from .common import DEFAULT_DOMAINS, IndexedRule, IndexedRulePass, infer_types, remove_node, replace_uses, small_value
 from .recurrent import DropZeroInitialState
 
-INT_MAX = (1 << 63) - 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Piece:
-    """One Concat input of a shape: constant values, or dims [start, start+count) of ``source``'s shape."""
-
-    values: tuple[int, ...] | None = None
-    source: gs.Tensor | None = None
-    start: int = 0
-    count: int = 0
-    nodes: tuple[gs.Node, ...] = ()
-    why: str = ""  # set when the piece is neither (what it depends on)
-
-    @property
-    def length(self) -> int:
-        return len(self.values) if self.values is not None else self.count
-
-
-def _rank(tensor: gs.Tensor, types) -> int | None:
-    shape = types.shape(tensor)
-    return None if shape is None else len(shape)
-
-
-def _clamp(index: int, rank: int) -> int:
-    return min(max(index + rank if index < 0 else index, 0), rank)
-
-
-def _shape_node(tensor: gs.Tensor, types) -> tuple[gs.Node, int, int] | str:
-    """The Shape node making ``tensor`` with its [start, end) over the source, or why not."""
-    node = producer_op(tensor, "Shape")
-    if node is None:
-        return "computed from tensor values (depends on data)"
-    start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
-    rank = _rank(node.inputs[0], types)
-    if rank is None and (start < 0 or end is None or int(end) < 0):
-        return "the rank of the shape's source is unknown"
-    if rank is None:
-        return start, int(end), node
-    return _clamp(start, rank), _clamp(int(rank if end is None else end), rank), node
-
-
-def shape_piece(tensor: gs.Tensor, types) -> Piece:
-    """What a Concat input of a shape holds (structure only; constants by value)."""
-    values = int_list(tensor) if isinstance(tensor, gs.Constant) else None
-    if values is not None:
-        return Piece(values=tuple(values))
-    direct = producer_op(tensor, "Shape")
-    if direct is not None:
-        found = _shape_node(tensor, types)
-        if isinstance(found, str):
-            return Piece(why=found)
-        start, end, node = found
-        return Piece(source=node.inputs[0], start=start, count=max(end - start, 0), nodes=(node,))
-    unsq = producer_op(tensor, "Unsqueeze")
-    gather = producer_op(unsq.inputs[0], "Gather") if unsq is not None else producer_op(tensor, "Gather")
-    if gather is not None:
-        return _gather_piece(gather, unsq, types)
-    sliced = producer_op(tensor, "Slice")
-    if sliced is not None:
-        return _slice_piece(sliced, types)
-    return Piece(why="computed from tensor values (depends on data)")
-
-
-def _gather_piece(gather: gs.Node, unsq: gs.Node | None, types) -> Piece:
-    index = int_list(gather.inputs[1])
-    index_shape = gather.inputs[1].shape if isinstance(gather.inputs[1], gs.Constant) else None
-    if index is None or len(index) != 1 or int(gather.attrs.get("axis", 0)) != 0:
-        return Piece(why="an index into the shape is not a constant")
-    if unsq is not None:
-        axes = int_list(unsq.inputs[1]) if len(unsq.inputs) > 1 else [int(a) for a in unsq.attrs.get("axes", [])]
-        if axes not in ([0], [-1]) or len(index_shape) != 0:
-            return Piece(why="the gathered dim is not made a 1-element vector")
-    elif len(index_shape) != 1:
-        return Piece(why="the gathered dim is a scalar")
-    found = _shape_node(gather.inputs[0], types)
-    if isinstance(found, str):
-        return Piece(why=found)
-    start, end, node = found
-    k = index[0] + (end - start) if index[0] < 0 else index[0]
-    if not 0 <= k < end - start:
-        return Piece(why="the gathered index is out of range")
-    nodes = (node, gather) + ((unsq,) if unsq is not None else ())
-    return Piece(source=node.inputs[0], start=start + k, count=1, nodes=nodes)
-
-
-def _slice_piece(node: gs.Node, types) -> Piece:
-    starts, ends = int_list(node.inputs[1]), int_list(node.inputs[2])
-    axes = int_list(node.inputs[3]) if len(node.inputs) > 3 and not node.inputs[3].is_empty() else [0]
-    steps = int_list(node.inputs[4]) if len(node.inputs) > 4 and not node.inputs[4].is_empty() else [1]
-    if None in (starts, ends, axes, steps) or len(starts) != 1 or axes not in ([0], [-1]) or steps != [1]:
-        return Piece(why="the slice of the shape is not a constant unit-step range")
-    found = _shape_node(node.inputs[0], types)
-    if isinstance(found, str):
-        return Piece(why=found)
-    start, end, shape_node = found
-    n = end - start
-    lo, hi = _clamp(starts[0], n), _clamp(min(ends[0], INT_MAX), n)
-    return Piece(source=shape_node.inputs[0], start=start + lo, count=max(hi - lo, 0), nodes=(shape_node, node))
-
-
-def concat_pieces(concat: gs.Node, types) -> list[Piece]:
-    return [shape_piece(t, types) for t in concat.inputs]
+def _ints(tensor: gs.Tensor) -> np.ndarray | None:
+    """A small integer initializer's values (Constant nodes are constant-to-initializer's)."""
+    value = small_value(tensor, 1 << 16)
+    return value if value is not None and value.dtype.kind in "iu" else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +91,7 @@ class ReshapeCopiesOwnDims(IndexedRule):
         concat = producer_op(node.inputs[1], "Concat")
         if concat is None or self.index.graph_of(concat) is not graph:
             return None
-        pieces = concat_pieces(concat, self.types)
+        pieces = concat_pieces(concat, self.types, _ints)
         if not any(p.source is not None or p.why for p in pieces):
             return None  # all constant: fold-constants' job
         return Match([node], PiecesMatch(tuple(pieces)))
@@ -236,7 +138,7 @@ class ReshapeInfersOneDim(IndexedRule):
         concat = _target_concat(node)
         if concat is None or self.index.graph_of(concat) is not graph:
             return None
-        pieces = concat_pieces(concat, self.types)
+        pieces = concat_pieces(concat, self.types, _ints)
         if all(p.values is not None for p in pieces):
             return None  # all constant: fold-constants' job
         return Match([node], TargetEntriesMatch(tuple(pieces), tuple(concat.inputs)))
@@ -264,8 +166,8 @@ def _same_axis(outer: gs.Node, inner: gs.Node, types) -> bool:
     a, b = int(outer.attrs.get("axis", 0)), int(inner.attrs.get("axis", 0))
     if a == b:
         return True
-    rank = _rank(outer.outputs[0], types)
-    return rank is not None and _clamp(a, rank) == _clamp(b, rank)
+    rank = rank_of(outer.outputs[0], types)
+    return rank is not None and clamp_index(a, rank) == clamp_index(b, rank)
 
 
 class FlattenNestedConcat(IndexedRule):
@@ -305,7 +207,7 @@ class MergeShapePieces(IndexedRule):
             return None
         if not node.outputs[0].outputs and not self.index.is_graph_output(node.outputs[0]):
             return None  # dead (another rule took its reader): cleanup drops it
-        pieces = concat_pieces(node, self.types)
+        pieces = concat_pieces(node, self.types, _ints)
         runs, i = [], 0
         while i < len(pieces):
             j = i
@@ -346,11 +248,11 @@ class StaticDimsOfShape(IndexedRule):
     anchor_ops = ("Gather", "Slice")
 
     def match(self, graph, node):
-        shape_node = producer_op(node.inputs[0], "Shape")
-        if shape_node is None or node.domain not in DEFAULT_DOMAINS:
+        source_shape = producer_op(node.inputs[0], "Shape")
+        if source_shape is None or node.domain not in DEFAULT_DOMAINS:
             return None
-        dims = self.types.shape(shape_node.inputs[0])
-        found = _shape_node(node.inputs[0], self.types)
+        dims = self.types.shape(source_shape.inputs[0])
+        found = shape_node(node.inputs[0], self.types)
         if dims is None or isinstance(found, str):
             return None
         start, end, _ = found
@@ -363,7 +265,7 @@ class StaticDimsOfShape(IndexedRule):
                 return None
             value = np.array(read, dtype=object)[index.astype(np.int64)]
         else:
-            piece = _slice_piece(node, self.types)
+            piece = slice_piece(node, self.types, _ints)
             if piece.source is None:
                 return None
             value = np.array(dims[piece.start:piece.start + piece.count], dtype=object)

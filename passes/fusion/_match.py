@@ -64,6 +64,12 @@ def is_const(tensor: gs.Tensor | None) -> bool:
     return False
 
 
+def const_ints(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The values of an integer constant (as ``const_value`` finds it), else None."""
+    value = const_value(tensor)
+    return value if value is not None and value.dtype.kind in "iu" else None
+
+
 def scalar(tensor: gs.Tensor | None) -> float | None:
     value = const_value(tensor)
     if value is None or value.size != 1 or value.dtype.kind not in "fiu":

@@ -20,8 +20,9 @@ from typing import Any
 
 import onnx_graphsurgeon as gs
 
-from ._match import const_value, is_const, producer, scalar
-from .shape_entries import Dim, shape_entries
+from onnxforge.passes.shape_vectors import Piece, shape_entries
+
+from ._match import const_ints, const_value, is_const, producer, scalar
 
 
 
@@ -74,7 +75,7 @@ class HeadSplit:
         for position, entry in enumerate(self.entries[:2]):
             if entry == -1 or (entry == 0 and not allow_zero):
                 continue
-            if not (isinstance(entry, Dim) and entry.index == position):
+            if not (isinstance(entry, Piece) and entry.is_dim(None, position)):
                 return False
         return free <= 1
 
@@ -86,7 +87,7 @@ def head_split(tensor: gs.Tensor, perm: tuple[int, ...]) -> HeadSplit | None:
     reshape = producer(transpose.inputs[0], "Reshape")
     if reshape is None:
         return None
-    return HeadSplit(reshape.inputs[0], reshape, transpose, shape_entries(reshape.inputs[1], 3))
+    return HeadSplit(reshape.inputs[0], reshape, transpose, shape_entries(reshape.inputs[1], const_ints, 3))
 
 
 def last_dim(tensor: gs.Tensor) -> int | None:
@@ -115,7 +116,7 @@ def last_dim(tensor: gs.Tensor) -> int | None:
         if sizes is not None and axis in (-1, 2):
             return int(sizes.reshape(-1)[node.outputs.index(tensor)])
     if node.op == "Reshape":
-        entries = shape_entries(node.inputs[1], 3)
+        entries = shape_entries(node.inputs[1], const_ints, 3)
         if entries and isinstance(entries[-1], int) and entries[-1] > 0:
             return entries[-1]
     return None
@@ -189,10 +190,10 @@ def key_transpose(tensor: gs.Tensor) -> KeyTranspose | None:
     if inner is None:
         return None
     k4 = inner.inputs[0]
-    inner_entries = shape_entries(inner.inputs[1])
-    outer_entries = shape_entries(outer.inputs[1])
-    want_inner = [-1, Dim(k4, 2), Dim(k4, 3)]
-    want_outer = [Dim(k4, 0), Dim(k4, 1), Dim(k4, 3), Dim(k4, 2)]
+    inner_entries = shape_entries(inner.inputs[1], const_ints)
+    outer_entries = shape_entries(outer.inputs[1], const_ints)
+    want_inner = [-1, Piece.dim(k4, 2), Piece.dim(k4, 3)]
+    want_outer = [Piece.dim(k4, 0), Piece.dim(k4, 1), Piece.dim(k4, 3), Piece.dim(k4, 2)]
     if not (_same_entries(inner_entries, want_inner) and _same_entries(outer_entries, want_outer)):
         return None
     return KeyTranspose(k4, [outer, middle, inner], "reshape", None)
@@ -202,8 +203,8 @@ def _same_entries(got: list[Any] | None, want: list[Any]) -> bool:
     if got is None or len(got) != len(want):
         return False
     for g, w in zip(got, want):
-        if isinstance(w, Dim):
-            if not (isinstance(g, Dim) and g.source is w.source and g.index == w.index):
+        if isinstance(w, Piece):
+            if not (isinstance(g, Piece) and g.is_dim(w.source, w.start)):
                 return False
         elif g != w:
             return False
@@ -309,7 +310,7 @@ def _reaches_matmul(tensor: gs.Tensor) -> bool:
 
 
 def merge_entries(core: Core) -> list[Any] | None:
-    return shape_entries(core.merge_reshape.inputs[1], 4)
+    return shape_entries(core.merge_reshape.inputs[1], const_ints, 4)
 
 
 def merges_heads(core: Core, num_heads: int, head_size: int) -> bool:
@@ -325,6 +326,6 @@ def merges_heads(core: Core, num_heads: int, head_size: int) -> bool:
             continue
         if entry == 0 and not allow_zero:
             continue
-        if not (isinstance(entry, Dim) and entry.index == position):
+        if not (isinstance(entry, Piece) and entry.is_dim(None, position)):
             return False
     return True

@@ -11,9 +11,10 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._match import const_value, either_order, producer, scalar
+from onnxforge.passes.shape_vectors import INT64_MAX, Piece, shape_entries
+
+from ._match import const_ints, const_value, either_order, producer, scalar
 from .attention import is_scalar_constant
-from .shape_entries import INT64_MAX, Dim, shape_entries
 
 
 # ------------------------------------------------------------------ small evaluator
@@ -180,7 +181,7 @@ def _expand_entries(tensor: gs.Tensor) -> list | None:
     reshape = producer(tensor, "Reshape")
     if reshape is not None and (v := const_value(reshape.inputs[1])) is not None and v.reshape(-1).tolist() == [-1]:
         tensor = reshape.inputs[0]
-    return shape_entries(tensor, 4)
+    return shape_entries(tensor, const_ints, 4)
 
 
 def repeat_is_exact(repeat: Repeat, n_rep: int) -> bool:
@@ -189,13 +190,13 @@ def repeat_is_exact(repeat: Repeat, n_rep: int) -> bool:
     if entries is None or len(entries) != 5 or entries[2] != n_rep:
         return False
     for entry, axis in zip(entries[:2] + entries[3:], (0, 1, 2, 3)):
-        if entry != 1 and not (isinstance(entry, Dim) and entry.source is repeat.x4 and entry.index == axis):
+        if entry != 1 and not (isinstance(entry, Piece) and entry.is_dim(repeat.x4, axis)):
             return False
-    merged = shape_entries(repeat.reshape.inputs[1], 4)
+    merged = shape_entries(repeat.reshape.inputs[1], const_ints, 4)
     if merged is None or len(merged) != 4:
         return False
     for entry, axis in ((merged[0], 0), (merged[2], 2), (merged[3], 3)):
-        if not (isinstance(entry, Dim) and entry.source is repeat.x4 and entry.index == axis):
+        if not (isinstance(entry, Piece) and entry.is_dim(repeat.x4, axis)):
             return False
     return True
 
