@@ -1,7 +1,7 @@
 """Learned rounding (quantize --rounding learned) against nearest rounding at the same float layers.
 
     OPENBLAS_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/learned_rounding.py MODEL.onnx \
-        --calib DIR --val DIR [--float-layers 0,3] [--variants float,quantized] [--stages 8] [--feeds 16] [--out R.json]
+        --calib DIR --val DIR [--float-layers 0,3] [--variants float,quantized] [--feeds 16] [--out R.json]
 
 Builds quantize's plan as `onnxforge quantize --provider cpu --method minmax` does (float baseline, CLE,
 calibration on every feed of --calib, the format of this CPU: 7-bit s8 weights without VNNI), without
@@ -12,8 +12,8 @@ bias_correct step: the model quantize scores) and scored on every validation fee
 vs the float model, quantize's metric):
   * nearest: onnxruntime's rounding (what quantize writes by default);
   * learned-<inputs>: codes and bias refits from rounding.learn_rounding on the nearest model (every layer
-    int8), with the layers' inputs from the float model or from the model quantized so far (sequential,
-    ``--stages``), on the first ``--feeds`` calibration feeds; reused for every k.
+    int8), with the layers' inputs from the float model or from the model quantized so far (sequential:
+    each layer after every layer upstream of it), on the first ``--feeds`` calibration feeds; reused for every k.
 ``cosine`` is the model before the bias correction step, ``cosine_bias_corrected`` after it.
 """
 from __future__ import annotations
@@ -53,7 +53,6 @@ def main() -> int:
     ap.add_argument("--val", required=True)
     ap.add_argument("--float-layers", default="0", help="comma-separated counts of layers kept float")
     ap.add_argument("--variants", default="float,quantized", help="learned rounding's input sources")
-    ap.add_argument("--stages", type=int, default=8)
     ap.add_argument("--feeds", type=int, default=FEEDS, help="calibration feeds learned rounding reads")
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--out")
@@ -83,7 +82,7 @@ def main() -> int:
         kwargs = {} if args.iterations is None else {"iterations": args.iterations}
         label = f"learned-{inputs}"
         roundings[label] = learn_rounding(float_model, nearest_model, plan.kept_feeds[:args.feeds],
-                                          reduce_range=spec.reduce_range, inputs=inputs, stages=args.stages, log=log, **kwargs)
+                                          reduce_range=spec.reduce_range, inputs=inputs, log=log, **kwargs)
         seconds[label] = round(time.monotonic() - t, 1)
         log(f"{roundings[label].describe()} ({seconds[label]} s)")
     rows = []
@@ -102,7 +101,7 @@ def main() -> int:
         "model": args.model, "isa": "VNNI" if cpu_has_vnni() else "AVX2 (no VNNI)",
         "machine": platform.processor() or platform.machine(), "format": spec.as_dict(), "method": "minmax",
         "calibration_feeds": report.calibration_feeds, "val_feeds": len(val), "rounding_feeds": len(plan.kept_feeds[:args.feeds]),
-        "stages": args.stages, "ranked_float": ranked[:max(counts)], "learning_seconds": seconds,
+        "ranked_float": ranked[:max(counts)], "learning_seconds": seconds,
         "seconds": round(time.monotonic() - started, 1), "rows": rows,
         "layers": {label: r.as_dict() for label, r in roundings.items() if r is not None},
     }

@@ -291,3 +291,81 @@ def test_weights_kept_at_8_bits_under_reduce_range_keep_their_range():
     assert not skipped and site.bounds == (-127, 127)
     (site,), _ = find_sites(model, _qdq(model, calib)[0], True)
     assert site.bounds == (-64, 64)
+
+
+def _conv_chain(layers=24, channels=8, seed=11):
+    """Conv + Relu, ``layers`` deep (3 layers per group where layers were cut into 8 groups)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        w = rng.standard_normal((channels, channels, 3, 3)) * (1.0 / np.sqrt(9 * channels))
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array((rng.standard_normal(channels) * 0.2 + 0.1).astype(np.float32), f"b{i}")]
+        last = i == layers - 1
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], ["y" if last else f"c{i}"], name=f"conv{i}",
+                                      pads=[1, 1, 1, 1]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
+            prev = f"r{i}"
+    return _model(nodes, inits, [1, channels, 8, 8], [1, channels, 8, 8])
+
+
+@pytest.fixture(scope="module")
+def learned_chain():
+    """(float model, calibration feeds, nearest QDQ model, learned rounding, the model written with it)."""
+    model = _conv_chain()
+    calib = _feeds((1, 8, 8, 8), 4, 1, 1)
+    ranges, _, _ = calibrate(model, calib, "percentile", percentile=90.0)  # clipped: mean shifts to refit
+    spec = formats.spec_for("cpu", model, **SPEC)
+    qdq = formats.static_qdq(model, ranges, spec)
+    result = learn_rounding(model, qdq, calib, reduce_range=True, inputs="quantized", iterations=50)
+    written = with_codes(formats.static_qdq(_with_deltas(model, result.bias_deltas, set()), ranges, spec), result.codes)
+    return model, calib, qdq, result, written
+
+
+def test_each_layer_is_fit_on_the_inputs_the_written_model_gives_it(learned_chain):
+    """Sequential learned rounding: the error each layer's fit predicts (learned codes + refit bias on
+    its quantized inputs, every position sampled) is the error of that layer in the written model. With
+    inputs read once for several dependent layers, a layer's fit also corrected what its predecessor's
+    refit removed: its error in the written model was up to 2.2 times the predicted one here."""
+    from onnxforge.passes.quant.calibrate import session_with_outputs
+
+    model, calib, _qdq, result, written = learned_chain
+    names = [f"conv{i}" for i in range(24)]
+    outs = [[{n.name: n.output[0] for n in m.graph.node}[name] for name in names] for m in (model, written)]
+    got_f, got_q = session_with_outputs(model, outs[0]), session_with_outputs(written, outs[1])
+    errors, variances = np.zeros(24), np.zeros(24)
+    for feed in calib:
+        for i, (yf, yq) in enumerate(zip(got_f.run(outs[0], feed), got_q.run(outs[1], feed))):
+            errors[i] += np.square(yq - yf).sum(axis=1).mean()
+            variances[i] += yf.var(axis=(0, 2, 3)).sum()
+    measured = errors / variances
+    predicted = np.array([f.learned for f in result.layers])
+    assert [f.node for f in result.layers] == names
+    np.testing.assert_allclose(measured, predicted, rtol=0.05, atol=1e-4)
+
+
+def test_sequential_learned_rounding_beats_nearest_on_a_deep_chain(learned_chain):
+    """With inputs read once for 3 dependent layers the written model was worse than nearest rounding
+    (0.00459 vs 0.00436 mean squared error; sequential: 0.00285)."""
+    model, calib, qdq, _result, written = learned_chain
+    held_out = _feeds((1, 8, 8, 8), 4, 2, 1)
+    assert _error(model, written, calib) < 0.9 * _error(model, qdq, calib)
+    assert _error(model, written, held_out) < _error(model, qdq, held_out)
+
+
+def test_layers_share_a_group_only_when_neither_feeds_the_other():
+    from onnxforge.passes.quant.rounding import sequential_groups, upstream_of
+
+    rng = np.random.default_rng(2)
+    w = lambda name: numpy_helper.from_array((rng.standard_normal((8, 8, 1, 1)) * 0.3).astype(np.float32), name)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="a"), helper.make_node("Conv", ["x", "wb"], ["b"], name="b"),
+             helper.make_node("Add", ["a", "b"], ["s"], name="add"), helper.make_node("Conv", ["s", "wc"], ["y"], name="c")]
+    model = _model(nodes, [w("wa"), w("wb"), w("wc")], [1, 8, 4, 4], [1, 8, 4, 4])
+    calib = _feeds((1, 8, 4, 4), 2, 1, 1)
+    qdq, _ = _qdq(model, calib)
+    sites, _ = find_sites(model, qdq, True)
+    assert [[s.node for s in g] for g in sequential_groups(qdq, sites)] == [["a", "b"], ["c"]]
+    cut = upstream_of(qdq, [sites[2].qdq_input])
+    assert "c" not in {n.name for n in cut.graph.node} and {"a", "b", "add"} <= {n.name for n in cut.graph.node}
+    assert {t.name for t in cut.graph.initializer}.isdisjoint({sites[2].codes_name})
