@@ -121,6 +121,8 @@ def _quantize(run: _Run, step: Step) -> dict:
 
     if p["bits"] == 4:
         return _quantize_int4(run, step)
+    if p["bits"] == "auto":
+        return _quantize_auto(run, step)
 
     def compute():
         from .passes.quant.quantize import quantize
@@ -129,7 +131,7 @@ def _quantize(run: _Run, step: Step) -> dict:
             run.model, p["calibration"], provider=run.recipe.provider, method=p["method"], max_drop=p["max_drop"],
             metric=p["metric"], val=p["validation"], budget_seconds=p["budget_seconds"],
             max_evaluations=p["max_evaluations"], mode=p["mode"], rounding=p["rounding"],
-            measure_latency=p["measure_latency"], log=run.progress,
+            measure_latency=p["measure_latency"], max_input_error=p["max_input_error"], log=run.progress,
         )
         return model, {"quantization": _json_safe(rep.as_dict())}
 
@@ -146,8 +148,9 @@ def _quantize_int4(run: _Run, step: Step) -> dict:
 
         model, rep = quantize_int4(
             run.model, p["calibration"], method=p["weight_method"], block_size=p["block_size"],
-            symmetric=p["symmetric"], lm_head=p["lm_head"], val=p["validation"], max_ppl_increase=p["max_ppl_increase"],
-            max_drop=p["max_drop"], log=run.progress,
+            symmetric=p["symmetric"], lm_head=p["lm_head"], act_order=p["act_order"], accuracy_level=p["accuracy_level"],
+            val=p["validation"], max_ppl_increase=p["max_ppl_increase"], max_drop=p["max_drop"],
+            budget_metric=p["budget_metric"], log=run.progress,
         )
         return model, {"int4": _json_safe(rep.as_dict())}
 
@@ -161,6 +164,32 @@ def _quantize_int4(run: _Run, step: Step) -> dict:
             details["failure"] = (f"accuracy budget not met: perplexity +{100 * q['score']:.1f}% > "
                                   f"+{100 * q['max_ppl_increase']:.0f}%" if ppl else
                                   f"accuracy budget not met: cosine {q['score']:.5f} < {1 - q['max_drop']:.5f}")
+    return details
+
+
+def _quantize_auto(run: _Run, step: Step) -> dict:
+    """bits = "auto": fp32, INT8 dynamic and INT4 (this step's INT4 keys) judged on the validation feeds and
+    timed interleaved on the current model (passes/quant/auto_bits.py); the kept one goes on."""
+    p = step.params
+
+    def compute():
+        from .passes.quant.auto_bits import quantize_auto
+
+        model, rep = quantize_auto(
+            str(run.current_file()), run.model, p["calibration"], val=p["validation"],
+            int4_options=dict(method=p["weight_method"], block_size=p["block_size"], symmetric=p["symmetric"],
+                              lm_head=p["lm_head"], act_order=p["act_order"]),
+            max_ppl_increase=p["max_ppl_increase"], max_drop=p["max_drop"], rounds=p["auto_rounds"],
+            margin=p["auto_margin"], perplexity=p["budget_metric"] != "cosine", seed=run.settings["seed"],
+            max_input_error=p["max_input_error"], log=run.progress,
+        )
+        return model, {"bits_auto": _json_safe(rep.as_dict())}
+
+    details = run.cached(step, compute)
+    auto = details["bits_auto"]
+    if auto["decided_by_timing"]:
+        run.warn(f"{step.name}: bits auto kept {auto['chosen']} because of a timing ({auto['reason']}): "
+                 "a rerun on another machine may choose otherwise")
     return details
 
 

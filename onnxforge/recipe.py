@@ -226,6 +226,12 @@ class _Checker:
             raise self.error(path, f"{value!r} is above the maximum {field.maximum:g}")
         return value
 
+    def choice(self, value: Any, field: Field, path: Path_) -> Any:
+        """One of ``field.choices``, which may mix integers and strings (quantize ``bits``: 8, 4 or "auto")."""
+        if isinstance(value, bool) or value not in field.choices:
+            raise self.error(path, f"{_describe(value)} is not one of {', '.join(map(repr, field.choices))}")
+        return value
+
     def str_list(self, value: Any, field: Field, path: Path_) -> list[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(path, f"expected an array of strings, got {_describe(value)}")
@@ -269,6 +275,7 @@ class _Checker:
 
 _VALUE_CHECKS: Mapping[str, Callable] = MappingProxyType({
     "int": _Checker.scalar, "float": _Checker.scalar, "bool": _Checker.scalar, "str": _Checker.scalar,
+    "choice": _Checker.choice,
     "str_list": _Checker.str_list, "shapes": _Checker.shapes, "tables": _Checker.tables,
     "path": _Checker.path, "data": _Checker.data, "steps": _Checker.steps,
 })

@@ -106,8 +106,12 @@ STEPS = MappingProxyType({
         "measure_latency": Field("bool", "measure INT8 against float latency (CPU)", True),
         "rounding": Field("str", "static formats: weight rounding, nearest or learned per layer (AdaRound-style, "
                           "biases refit)", "nearest", choices=("nearest", "learned")),
-        "bits": Field("int", "8: INT8 (the keys above); 4: INT4 weight-only MatMulNBits (the keys below)", 8,
-                      choices=(8, 4)),
+        "max_input_error": Field("float", "dynamic INT8: keep float each MatMul/Gemm whose input loses more than this "
+                                 "(median per-token relative L2) to per-tensor u8 quantization on the calibration feeds (outlier "
+                                 "channels; 1: none kept for it)", 0.06, minimum=1e-9),
+        "bits": Field("choice", "8: INT8 (the keys above); 4: INT4 weight-only MatMulNBits (the keys below); \"auto\": "
+                      "fp32, INT8 dynamic and INT4 judged and timed, the fastest within the budget kept", 8,
+                      choices=(8, 4, "auto")),
         "weight_method": Field("str", "INT4 weights: rtn, gptq (calibrated), awq, awq+gptq", "gptq",
                                choices=("rtn", "gptq", "awq", "awq+gptq")),
         "block_size": Field("int", "INT4 block along K", 128, choices=(16, 32, 64, 128, 256)),
@@ -115,6 +119,14 @@ STEPS = MappingProxyType({
         "lm_head": Field("bool", "INT4 also for the MatMul making a graph output (and a tied embedding)", True),
         "max_ppl_increase": Field("float", "INT4 budget: relative perplexity increase (models with logits)", 0.10,
                                   minimum=0),
+        "act_order": Field("bool", "INT4 GPTQ: visit input channels by decreasing energy", True),
+        "accuracy_level": Field("int", "INT4: MatMulNBits accuracy_level (4: int8 activations in the kernel)", 0,
+                                choices=(0, 1, 2, 3, 4)),
+        "budget_metric": Field("str", "INT4 and auto: perplexity where the model has logits and input_ids (auto), "
+                               "or always the output cosine", "auto", choices=("auto", "cosine")),
+        "auto_rounds": Field("int", "bits auto: interleaved timing rounds", 8, minimum=2),
+        "auto_margin": Field("float", "bits auto: a larger candidate replaces a smaller one only when its whole 95% "
+                             "interval is faster by more than this", 0.10, minimum=0, maximum=0.99),
         "cache": CACHE_FIELD,
     }), cacheable=True, feature="onnxforge.passes.quant.quantize:quantize"),
     "fp16": StepSpec("fp16", "float16 conversion, keeping in float32 what overflows or has no fp16 kernel", MappingProxyType({

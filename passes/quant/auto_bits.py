@@ -3,7 +3,11 @@
 Candidates, smallest first (the order of preference): INT4 (``quantize_int4``, MatMulNBits with
 accuracy_level 0: fp32 activations), the same codes with accuracy_level 4 (activations quantized to
 int8 per block inside the kernel: faster on CPUs, slightly less accurate), INT8 dynamic (MatMul/Gemm
-with s8 weights, u8 activations quantized at run time: ``formats.dynamic_matmul``) and the fp32 input.
+weights per column in the CPU class's format, ``formats.spec_for``: u8 without int8 dot products, s8
+with them; u8 activations quantized per call: ``formats.dynamic_matmul``) with the MatMul/Gemm whose
+input has outlier channels kept float (``outliers.py``: more than ``max_input_error`` relative error
+from per-tensor u8 quantization on the first calibration feeds; the report lists them with reasons),
+and the fp32 input.
 
 Accuracy: each quantized candidate against fp32 on the validation feeds (``int4.judge``): perplexity
 increase at most ``max_ppl_increase`` for a model with ``logits`` and ``input_ids``, else the mean
@@ -37,6 +41,8 @@ import numpy as np
 from onnxforge.errors import DataError
 from onnxforge.model import ExternalValues, Model, constants
 
+from .outliers import FEEDS as OUTLIER_FEEDS, MAX_ERROR as MAX_INPUT_ERROR, outlier_nodes
+
 MARGIN = 0.10
 ROUNDS = 8
 PROMPT = 32  # tokens of the first validation feed the generation starts from
@@ -66,6 +72,7 @@ class AutoReport:
     threads: int
     rounds: int
     int4: dict = dataclasses.field(default_factory=dict)
+    int8: dict = dataclasses.field(default_factory=dict)  # kept_float: node -> reason (outlier inputs)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,13 +93,18 @@ class AutoReport:
                                                f"of {self.chosen}")
             lines.append(f"  {c.name}: {c.file_bytes / 2**20:.1f} MiB, {acc}, budget "
                          f"{'met' if c.budget_met else 'MISSED'}; {speed}{ratio}")
+        kept = self.int8.get("kept_float", {})
+        if kept:
+            lines.append(f"  int8-dynamic keeps {len(kept)} MatMul/Gemm float (input outliers): {', '.join(sorted(kept))}")
         return "\n".join(lines)
 
 
 def quantize_auto(model_path: str, model: Model, calib: str, *, val: str | None = None, int4_options: dict | None = None,
                   max_ppl_increase: float = 0.10, max_drop: float = 0.05, threads: int = 2, rounds: int = ROUNDS,
-                  margin: float = MARGIN, seed: int = 0, perplexity: bool = True, log: Callable[[str], None] | None = None) -> tuple[Model, AutoReport]:
-    """Build, judge and time the candidates (module docstring); return the kept one as a Model."""
+                  margin: float = MARGIN, seed: int = 0, perplexity: bool = True, log: Callable[[str], None] | None = None,
+                  max_input_error: float | None = MAX_INPUT_ERROR) -> tuple[Model, AutoReport]:
+    """Build, judge and time the candidates (module docstring); return the kept one as a Model.
+    ``max_input_error``: the INT8 candidate's bound for outlier inputs (None: every MatMul/Gemm quantized)."""
     from onnxforge.io import load, save
 
     from .formats import dynamic_matmul, spec_for
@@ -107,7 +119,12 @@ def quantize_auto(model_path: str, model: Model, calib: str, *, val: str | None 
         paths = {"fp32": str(model_path)}
         log("bits auto: INT8 dynamic")
         proto = with_external_data_loaded(model.to_proto(), Path(model_path).resolve().parent)
-        int8 = Model.from_proto(dynamic_matmul(proto, spec_for("cpu", proto, "dynamic")))
+        outliers = {}
+        if max_input_error is not None:
+            outliers = outlier_nodes(proto, _first_feeds(calib if calib not in (None, "random") else data, OUTLIER_FEEDS),
+                                     max_input_error)
+            log(f"bits auto: INT8 keeps {len(outliers)} MatMul/Gemm float (input outliers)")
+        int8 = Model.from_proto(dynamic_matmul(proto, spec_for("cpu", proto, "dynamic"), sorted(outliers)))
         del proto
         return_freed_memory()
         paths["int8-dynamic"] = _write(save, int8, Path(tmp) / "int8.onnx")
@@ -130,13 +147,25 @@ def quantize_auto(model_path: str, model: Model, calib: str, *, val: str | None 
         timing, times = _time(cands, order, data, threads, rounds, seed)
         chosen, reason, by_timing = _choose([cands[n] for n in order], times, margin)
         report = AutoReport([cands[n] for n in order], chosen, reason, timing, by_timing, margin, threads, rounds,
-                            int4=_int4_summary(int4_report))
+                            int4=_int4_summary(int4_report),
+                            int8={"max_input_error": max_input_error, "kept_float": outliers})
         result = load(paths[chosen])
         if chosen != "fp32":  # its file goes with the temporary folder: values read now
             for const in constants(result.graph):
                 if isinstance(const._values, ExternalValues):
                     const.values = const._values.load()
         return result, report
+
+
+def _first_feeds(data: str, count: int) -> list[dict]:
+    from onnxforge.inputs import iter_feed_files
+
+    feeds = []
+    for feed in iter_feed_files(data):
+        feeds.append(feed)
+        if len(feeds) == count:
+            break
+    return feeds
 
 
 def _write(save, model: Model, path: Path) -> str:
@@ -193,11 +222,7 @@ def _time(cands: dict, order: list[str], data: str, threads: int, rounds: int, s
         for name, m in zip(order, result.models):
             cands[name].prefill_ms, cands[name].decode_ms = m.ttft_ms, m.decode_ms
         return "decode step", {name: m.step_ms for name, m in zip(order, result.models)}
-    feeds = []
-    for feed in iter_feed_files(data):
-        feeds.append(feed)
-        if len(feeds) == 4:
-            break
+    feeds = _first_feeds(data, 4)
     result = compare_latency([cands[n].path for n in order], feeds, threads=threads, rounds=rounds, seed=seed)
     for name, m in zip(order, result.models):
         cands[name].prefill_ms = m.stats["p50"]

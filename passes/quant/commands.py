@@ -28,6 +28,11 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mode", default="auto", choices=("auto", "static", "dynamic"),
                    help="static QDQ, dynamic MatMul (CPU transformers), or auto (default)")
     p.add_argument("--max-drop", type=float, default=0.01, help="allowed drop of the metric vs float (default 0.01)")
+    p.add_argument("--max-input-error", type=float, default=0.06, metavar="E",
+                   help="dynamic INT8 (and --bits auto's INT8 candidate): keep float each MatMul/Gemm whose input "
+                        "loses more than E (median per-token relative L2) to per-tensor u8 quantization on the first calibration "
+                        "feeds, i.e. has outlier channels (default 0.06; 1 keeps none float for it); the report "
+                        "lists them with the reason")
     p.add_argument("--metric", default="cosine", choices=("cosine", "sqnr", "top1"))
     p.add_argument("--val", help="validation feeds (default: the calibration feeds)")
     p.add_argument("--max-evaluations", type=int, default=None, metavar="N",
@@ -168,7 +173,7 @@ def run_quantize(args) -> int:
             metric=args.metric, val=args.val, budget_seconds=args.budget_seconds, mode=args.mode,
             measure_latency=not args.no_latency, tensorrt_cache=args.trt_cache, max_evaluations=args.max_evaluations,
             equalize=args.equalize, rounding=args.rounding, keep_float_if_slower=args.keep_float_if_slower and not args.keep_int8_if_slower,
-            log=_progress_log(), workers=workers if workers.count > 1 else None,
+            log=_progress_log(), workers=workers if workers.count > 1 else None, max_input_error=args.max_input_error,
         )
     _write_outputs(args, result, report)
     stopped = report.search if report.budget_timed_out else None
@@ -206,7 +211,7 @@ def run_auto(args) -> int:
         int4_options=dict(method=args.weight_method, block_size=args.block_size, symmetric=not args.asymmetric,
                           lm_head=args.lm_head == "int4", act_order=args.act_order, refine=args.refine_passes, stages=args.stages, calib_limit=args.calib_limit),
         rounds=args.auto_rounds, margin=args.auto_margin, perplexity=args.budget_metric != "cosine",
-        log=_progress_log(),
+        log=_progress_log(), max_input_error=args.max_input_error,
     )
     _write_outputs(args, result, report, verify=False)
     return 0

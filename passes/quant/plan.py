@@ -17,6 +17,7 @@ from .equalize import equalize as equalize_model
 from .formats import CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, dynamic_matmul, provider_exclusions, static_qdq
 from .inputs import MAX_VALIDATION_FEEDS, _take, _Tee
 from .layout import convtranspose_as_conv_shuffle
+from .outliers import FEEDS as OUTLIER_FEEDS, outlier_nodes
 from .prepare import constant_nodes_to_initializers
 from .registered import apply_passes
 from .report import QuantReport
@@ -44,7 +45,9 @@ class _Plan:
 
 
 def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log, equalize: str = "none",
-          sharded=None) -> _Plan:
+          sharded=None, max_input_error: float | None = None) -> _Plan:
+    """``max_input_error``: dynamic formats keep float the MatMul/Gemm whose input loses more than this to
+    per-tensor u8 quantization on the calibration feeds (outliers.py; None: none kept float for it)."""
     tee = _Tee(calib_feeds, MAX_VALIDATION_FEEDS)
     if detection.weight_only:
         return _plan_reuse(original, detection, tee, report, log, saturating=not cpu_has_vnni())
@@ -53,6 +56,14 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
         kept = _take(tee, MAX_VALIDATION_FEEDS)
         report.calibration_feeds = 0
         report.notes.append("transformer on CPU: MatMul/Gemm weights quantized dynamically (no activation ranges needed)")
+        if max_input_error is not None and kept:
+            outliers = outlier_nodes(baseline, kept[:OUTLIER_FEEDS], max_input_error)
+            report.calibration_feeds = len(kept[:OUTLIER_FEEDS])
+            report.notes.append(f"{len(outliers)} MatMul/Gemm kept float: their input loses more than "
+                                f"{100 * max_input_error:g}% to per-tensor dynamic quantization (outlier channels) "
+                                f"on {report.calibration_feeds} calibration feeds")
+            log(report.notes[-1])
+            fixed = {**fixed, **outliers}
         candidates = _weighted(baseline, ("MatMul", "Gemm"))
         build = lambda excluded: dynamic_matmul(baseline, spec, list(fixed) + list(excluded))  # noqa: E731
         return _Plan(build, {k: v for k, v in candidates.items() if k not in fixed}, fixed, {}, kept)

@@ -11,7 +11,8 @@ Order of work:
      streaming calibration (calibrate.py) of the equalized model; method
      "auto" derives minmax and percentile ranges from the same histograms;
      u8 ranges of tensors only HardSwish reads start just below -3 (exact);
-  4. provider placement (formats.py; on CPU HardSwish/HardSigmoid and
+  4. provider placement (formats.py; dynamic MatMul formats keep float the
+     MatMul/Gemm whose input has outlier channels, outliers.py; on CPU HardSwish/HardSigmoid and
      constant shifts become integer ops, integer_act.py, and nearest Resize,
      pixel shuffles and squeeze-excitation scales move integers in
      onnxruntime's NHWC layout, layout.py); per range option the
@@ -62,6 +63,7 @@ from .detect import detect
 from .finish import check_clean, fill_nodes, marked_for, slower
 from .formats import holds_subgraph, spec_for
 from .kernels import integer_kernels, summarize_kernels
+from .outliers import MAX_ERROR as MAX_INPUT_ERROR
 from .tensorrt_cache import write_tensorrt_cache
 from .inputs import (  # noqa: F401  (re-exported: fp16, benchmarks and tests read them here)
     MAX_VALIDATION_FEEDS, RANDOM_FEEDS, _feeds, _source_and_original, _take, _Tee, _validation_feeds, _with_weights,
@@ -108,6 +110,7 @@ def quantize(
     max_evaluations: int | None = None,
     workers: "Workers | None" = None,
     rounding: str = "nearest",
+    max_input_error: float | None = MAX_INPUT_ERROR,
 ) -> tuple[Model, QuantReport]:
     """Quantize ``model`` to INT8 for ``provider``; see the module docstring.
 
@@ -117,7 +120,9 @@ def quantize(
     ``workers`` (onnxforge.workers): calibration feed files split across them
     and the sensitivity measurements scored on them (shards.py); the result is
     the same as in one process. ``rounding``: "nearest" or "learned" (static
-    formats: AdaRound-style codes and bias refits per layer, rounding.py)."""
+    formats: AdaRound-style codes and bias refits per layer, rounding.py). ``max_input_error``: dynamic
+    formats keep float each MatMul/Gemm whose input loses more than this (median per-token relative L2) to per-tensor u8
+    quantization on the calibration feeds, i.e. has outlier channels (outliers.py; None: no such check)."""
     started = time.monotonic()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if method not in METHODS + ("auto",):
@@ -128,6 +133,8 @@ def quantize(
         raise OptionError(f"unknown rounding {rounding!r}", hint=f"choose one of {', '.join(ROUNDINGS)}")
     if not 0 <= max_drop < 1:
         raise OptionError(f"--max-drop {max_drop}: must be in [0, 1)")
+    if max_input_error is not None and not max_input_error > 0:
+        raise OptionError(f"--max-input-error {max_input_error}: must be > 0")
     if max_evaluations is not None and max_evaluations < 1:
         raise OptionError(f"--max-evaluations {max_evaluations}: must be at least 1")
     if budget_seconds is not None and not budget_seconds >= 0:
@@ -164,7 +171,8 @@ def quantize(
     sharded = _sharding(calib, workers, equalize)
     here = f"this process on {platform.node()}"
     report.where = {"calibration": f"split across {workers.where}" if sharded else here, "accuracy": here}
-    plan = _plan(original, baseline, spec, detection, calib_feeds, method, report, log, equalize, sharded)
+    plan = _plan(original, baseline, spec, detection, calib_feeds, method, report, log, equalize, sharded,
+                 max_input_error)
     val_feeds, report.validation = _validation_feeds(val, plan.kept_feeds, original, calib_desc)
     if not val_feeds:
         raise DataError("no validation feeds", hint="pass --val DIR or calibration data with at least one feed")

@@ -71,6 +71,9 @@ class QuantReport:
                 f"latency {lat['variant_ms']:.3f} ms vs float {lat['base_ms']:.3f} ms: "
                 f"{lat['ratio']:.3f}x [{lat['ci_low']:.3f}, {lat['ci_high']:.3f}]"
             )
+        outliers = sorted(n for n, why in self.float_nodes.items() if why.startswith("input outliers"))
+        if outliers:
+            lines.append(f"kept float for input outliers ({len(outliers)}; reasons in the JSON report): {', '.join(outliers)}")
         lines += [f"warning: {w}" for w in self.warnings]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
