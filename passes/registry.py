@@ -20,6 +20,7 @@ PASS_MODULES = (
     "onnxforge.passes.quant.int4_rules",  # quantize --bits 4 runs it; listed and explained like every rule
     "onnxforge.passes.quant.fp16_rules",  # convert-fp16 runs it
     "onnxforge.passes.quant.equalize_rules",  # quantize's cross-layer equalization / smoothing runs it
+    "onnxforge.passes.quant.bias_rules",  # quantize's bias correction runs it
     "onnxforge.passes.quant.ort_qdq",  # quantize's static QDQ placement (onnxruntime's, wrapped) runs it
 )
 

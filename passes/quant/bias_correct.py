@@ -62,17 +62,16 @@ def correct_biases(
 
 
 def apply_deltas(model: onnx.ModelProto, deltas: Mapping[str, np.ndarray]) -> int:
-    """Add ``deltas`` to the named float bias initializers of ``model`` (in place)."""
-    changed = 0
-    for tensor in model.graph.initializer:
-        delta = deltas.get(tensor.name)
-        if delta is None:
-            continue
-        value = numpy_helper.to_array(tensor).astype(np.float32)
-        if value.shape != delta.shape:
-            continue
-        tensor.CopyFrom(numpy_helper.from_array((value + delta).astype(np.float32), tensor.name))
-        changed += 1
+    """Add ``deltas`` to the named float bias initializers of ``model`` (in place) through the
+    registered pass bias-correction (bias_rules.py); the number of biases changed."""
+    from .bias_rules import PASS_NAME
+    from .registered import apply_passes
+
+    if not deltas:
+        return 0
+    out, changed = apply_passes(model, (PASS_NAME,), max_iterations=1, options={PASS_NAME: {"deltas": dict(deltas)}})
+    if changed:
+        model.CopyFrom(out)
     return changed
 
 
