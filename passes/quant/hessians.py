@@ -26,6 +26,7 @@ import onnx
 from onnxforge.errors import DataError
 
 from .calibrate import _groups_under_budget, session_with_outputs
+from .upstream import outer_names, upstream_of
 
 MEMORY_BUDGET = 256 << 20
 
@@ -127,24 +128,11 @@ def collect_moments(model: onnx.ModelProto, feeds: Callable[[], Iterable[Mapping
 
 def prefix(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """``model`` cut to the nodes ``names`` depend on (the later layers and the LM head are not run), with
-    ``names`` as its outputs; the model itself where a node holds a subgraph (its outer-scope reads unknown)."""
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
-           for a in n.attribute):
-        return model
-    needed = set(names)
-    kept = []
-    for node in reversed(model.graph.node):
-        if needed.intersection(node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)  # the weights are inputs here (``weights_as_inputs``): a small copy
-    del out.graph.node[:]
-    out.graph.node.extend(reversed(kept))
-    inputs = [i for i in out.graph.input if i.name in needed]
-    inits = [i for i in out.graph.initializer if i.name in needed]
-    del out.graph.input[:], out.graph.initializer[:], out.graph.output[:]
+    ``names`` as its outputs and only the graph inputs those nodes read (the weights are inputs here:
+    ``weights_as_inputs``)."""
+    out = upstream_of(model, names)
+    read = {name for n in out.graph.node for name in list(n.input) + outer_names(n)} | set(names)
+    inputs = [i for i in out.graph.input if i.name in read]
+    del out.graph.input[:]
     out.graph.input.extend(inputs)
-    out.graph.initializer.extend(inits)
-    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     return out

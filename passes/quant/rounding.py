@@ -42,6 +42,7 @@ from .adaround import ITERATIONS, Moments, layer_loss, learn_codes
 from .bias_correct import _session
 from .calibrate import session_with_outputs
 from .equalize import graph_maps
+from .upstream import outer_names, upstream_of
 
 INPUTS = ("quantized", "float")
 SAMPLES = 4096
@@ -341,7 +342,7 @@ def sequential_groups(model: onnx.ModelProto, sites: Sequence[Site]) -> list[lis
     above: dict[str, int] = {}  # tensor -> bit mask of the sites upstream of it (the producer included)
     for node in model.graph.node:
         mask = 0
-        for name in list(node.input) + _outer_names(node):
+        for name in list(node.input) + outer_names(node):
             mask |= above.get(name, 0)
         if node.name in index:
             mask |= 1 << index[node.name]
@@ -356,41 +357,6 @@ def sequential_groups(model: onnx.ModelProto, sites: Sequence[Site]) -> list[lis
         groups[-1].append(s)
         members |= 1 << i
     return groups
-
-
-def upstream_of(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """``model`` cut to the nodes ``names`` depend on (onnxruntime runs every node of a session
-    whatever is fetched), with ``names`` as its outputs and only the initializers those nodes read."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    needed, stack = set(), list(names)
-    while stack:
-        node = producers.get(stack.pop())
-        if node is None or id(node) in needed:
-            continue
-        needed.add(id(node))
-        stack.extend(list(node.input) + _outer_names(node))
-    kept = [n for n in model.graph.node if id(n) in needed]
-    read = {name for n in kept for name in list(n.input) + _outer_names(n)}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:], out.graph.output[:]
-    out.graph.node.extend(kept)
-    out.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    inits = [t for t in out.graph.initializer if t.name in read]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits)
-    return out
-
-
-def _outer_names(node: onnx.NodeProto) -> list[str]:
-    """Names a node's subgraphs read (a superset of the outer-scope ones)."""
-    names = []
-    for attr in node.attribute:
-        for graph in list(attr.g.node and [attr.g] or []) + list(attr.graphs):
-            for inner in graph.node:
-                names.extend(inner.input)
-                names.extend(_outer_names(inner))
-    return names
 
 
 def _fed(session, feed, extra: Mapping[str, np.ndarray] | None = None) -> dict:

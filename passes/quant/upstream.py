@@ -1,0 +1,43 @@
+"""A model cut to what some of its tensors depend on: onnxruntime runs every node of a
+session whatever is fetched, so measuring a few tensors runs only the nodes above them
+(learned rounding's per-group sessions, GPTQ/AWQ's sequential moments)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import onnx
+
+
+def upstream_of(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``model`` cut to the nodes ``names`` depend on (onnxruntime runs every node of a session
+    whatever is fetched), with ``names`` as its outputs and only the initializers those nodes read."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    needed, stack = set(), list(names)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(list(node.input) + outer_names(node))
+    kept = [n for n in model.graph.node if id(n) in needed]
+    read = {name for n in kept for name in list(n.input) + outer_names(n)}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:], out.graph.output[:]
+    out.graph.node.extend(kept)
+    out.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    inits = [t for t in out.graph.initializer if t.name in read]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    return out
+
+
+def outer_names(node: onnx.NodeProto) -> list[str]:
+    """Names a node's subgraphs read (a superset of the outer-scope ones)."""
+    names = []
+    for attr in node.attribute:
+        for graph in list(attr.g.node and [attr.g] or []) + list(attr.graphs):
+            for inner in graph.node:
+                names.extend(inner.input)
+                names.extend(outer_names(inner))
+    return names
