@@ -30,7 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from .calibrate import session_with_outputs
-from .equalize import graph_maps
+from .proto_graph import graph_maps
 
 
 def correct_biases(

@@ -19,18 +19,6 @@ from .equalize_rules import ALPHA, PASS_NAME, EqualizeInputChannels, Site
 from .ortsession import session as ort_session
 
 
-def graph_maps(model: onnx.ModelProto):
-    """(producer by tensor, readers by tensor, initializers by name, graph output names) of the main graph."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    inits = {t.name: t for t in model.graph.initializer}
-    outputs = {o.name for o in model.graph.output}
-    return producers, readers, inits, outputs
-
-
 def find_sites(model: onnx.ModelProto) -> list[Site]:
     """Every Conv/MatMul of the main graph whose input chain absorbs a per-channel 1/s
     exactly (the rule's matches; its nodes are graphsurgeon nodes of a copy)."""

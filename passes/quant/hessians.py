@@ -26,7 +26,7 @@ import onnx
 from onnxforge.errors import DataError
 
 from .calibrate import _groups_under_budget, session_with_outputs
-from .upstream import outer_names, upstream_of
+from .proto_graph import outer_names, upstream_of
 
 MEMORY_BUDGET = 256 << 20
 

@@ -41,8 +41,7 @@ from onnx import numpy_helper
 from .adaround import ITERATIONS, Moments, layer_loss, learn_codes
 from .bias_correct import _session
 from .calibrate import session_with_outputs
-from .equalize import graph_maps
-from .upstream import outer_names, upstream_of
+from .proto_graph import graph_maps, outer_names, upstream_of
 
 INPUTS = ("quantized", "float")
 SAMPLES = 4096

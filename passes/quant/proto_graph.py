@@ -1,11 +1,25 @@
-"""A model cut to what some of its tensors depend on: onnxruntime runs every node of a
-session whatever is fetched, so measuring a few tensors runs only the nodes above them
-(learned rounding's per-group sessions, GPTQ/AWQ's sequential moments)."""
+"""The main graph of a ModelProto as the quantizer's measurements read it: who makes and
+who reads each tensor (``graph_maps``), and the model cut to what some of its tensors
+depend on (``upstream_of``: onnxruntime runs every node of a session whatever is fetched,
+so measuring a few tensors runs only the nodes above them: learned rounding's per-group
+sessions, GPTQ/AWQ's sequential moments)."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import onnx
+
+
+def graph_maps(model: onnx.ModelProto):
+    """(producer by tensor, readers by tensor, initializers by name, graph output names) of the main graph."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    inits = {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    return producers, readers, inits, outputs
 
 
 def upstream_of(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
