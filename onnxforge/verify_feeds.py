@@ -288,7 +288,9 @@ def _bounded_run(session, feed: dict):
 def runnable_feeds(model, pinned: Mapping[str, tuple] | None = None, samples: int = 1, seed: int = 0) -> list[dict]:
     """``samples`` seeded feed dicts of the first kind the model runs on (the inputs every
     command makes up when the user gives none). A model that runs on none of them is
-    bad input: one line, with how to give inputs."""
+    bad input: one line, with how to give inputs. Only the float inputs of the further
+    samples are drawn anew: integer and bool inputs (sizes, indices, flags, which decide
+    shapes and branches) keep the values the model was seen to run on."""
     from .errors import DataError
     from .verify import session_for
 
@@ -308,5 +310,7 @@ def runnable_feeds(model, pinned: Mapping[str, tuple] | None = None, samples: in
     shapes, values = found.plan
     graph = graph_of(model)
     for k in range(1, samples):
-        feeds.append(make_feed(specs, shapes, values, index_bounds(graph), reshape_target_inputs(graph), seed + k))
+        feed = make_feed(specs, shapes, values, index_bounds(graph), reshape_target_inputs(graph), seed + k)
+        feeds.append({name: value if np.asarray(value).dtype.kind in "fc" else feeds[0].get(name, value)
+                      for name, value in feed.items()})
     return feeds

@@ -94,3 +94,32 @@ def test_the_default_level_costs_one_session_per_model_when_nothing_fails(monkey
     _out, report = optimize(Model.from_proto(proto), level=3)
     assert report.verification["ok"] and report.verification["at_default_level"]
     assert len(at_default) == 2
+
+
+def test_quantization_baseline_reruns_the_passes_verified_when_onnxruntime_rejects_them():
+    """quantize and convert-fp16 start from onnxforge's -O2 output, unverified for speed,
+    then onnxruntime's basic level: a fold it rejects is rolled back on a verified rerun."""
+    from onnxforge.passes.quant.prepare import float_baseline
+
+    baseline = float_baseline(_model())
+    got = _session(baseline, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, FEED)[0]
+    assert got.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_made_up_samples_keep_the_integer_inputs_the_model_ran_on():
+    """Random calibration feeds: floats drawn per sample, sizes and indices as found to run
+    (onnx's AffineGrid reads its output size from an int64 input: other values fail)."""
+    from onnxforge.verify_feeds import runnable_feeds
+
+    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3] x, int64[2] size) => (float[M] y, int64[K] r) {
+      y = Flatten <axis = 0> (x)
+      zero = Constant <value = int64 {0}> ()
+      one = Constant <value = int64 {1}> ()
+      k = ReduceMax <keepdims = 0> (size)
+      r = Range(zero, k, one)
+    }""")
+    feeds = runnable_feeds(Model.from_proto(proto), samples=4)
+    assert len(feeds) == 4
+    assert all(f["size"].tolist() == feeds[0]["size"].tolist() for f in feeds)
+    assert len({f["x"].tobytes() for f in feeds}) == 4

@@ -42,7 +42,8 @@ from onnxforge.model import Model
 from . import budget as budget_mod
 from .calibrate import collect_histograms, float_activation_names
 from .formats import holds_subgraph
-from .fp16_rules import FP16_MAX, PASS_NAME, initializer_fp16_problem, schema_fp16_problem
+from .fp16_rules import (CONTAINER_OPS, CONTAINER_REASON, FP16_MAX, PASS_NAME, initializer_fp16_problem,
+                         schema_fp16_problem)
 from .ortsession import infer_shapes, return_freed_memory, session as ort_session
 from .prepare import float_baseline
 
@@ -95,6 +96,9 @@ def nodes_without_fp16_types(model: onnx.ModelProto) -> dict[str, str]:
     for node in model.graph.node:
         if holds_subgraph(node):
             kept[node.name] = f"{node.op_type} holds a subgraph: its body is not converted"
+            continue
+        if node.op_type in CONTAINER_OPS and node.domain in ("", "ai.onnx"):
+            kept[node.name] = CONTAINER_REASON
             continue
         domain = "" if node.domain == "ai.onnx" else node.domain
         why = schema_fp16_problem(node.op_type, domain, opsets.get(domain, 1), node.input, node.output)
@@ -205,6 +209,22 @@ def _runnable(model_fn: Callable[[dict[str, str]], onnx.ModelProto], blocked: di
 # ------------------------------------------------------------------ entry
 
 
+def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every main-graph node named (``Op_i``, unique): what stays float32 is keyed by node
+    name, and onnxruntime names the node it rejects by its name, empty for an unnamed one."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if node.name:
+            continue
+        name, k = f"{node.op_type}_{i}", 0
+        while name in taken:
+            k += 1
+            name = f"{node.op_type}_{i}_{k}"
+        node.name = name
+        taken.add(name)
+    return model
+
+
 def convert_fp16(
     model: Model | onnx.ModelProto | str,
     *,
@@ -220,7 +240,7 @@ def convert_fp16(
     started = time.monotonic()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     source, original = _source_and_original(model)  # only the original's inputs are read (feeds)
-    baseline = float_baseline(source if source is not None else original)
+    baseline = name_unnamed_nodes(float_baseline(source if source is not None else original))
     report = Fp16Report(keep_io_types, "none", metric if isinstance(metric, str) else "user", max_drop)
     blocked = {**nodes_without_fp16_types(baseline), **overflowing_initializer_nodes(baseline)}
     feeds: list[dict] = []

@@ -12,7 +12,7 @@ converted before its readers. Float32 nodes need no change (the names they read 
 hold float32), nor do the If/Loop/Scan bodies reading outer tensors.
 
 Its check refuses, with the reason, a node that holds subgraphs (bodies stay as written),
-one whose schema (ONNX's, or onnxruntime's for contrib ops such as DynamicQuantizeLSTM)
+a sequence or optional op (the element type must agree along the sequence), one whose schema (ONNX's, or onnxruntime's for contrib ops such as DynamicQuantizeLSTM)
 takes float but not float16 for an input or output it uses, one reading an initializer
 fp16 cannot hold (finite |x| > 65504, wholly below fp16's normal range, relative
 rounding error above 1e-3; option ``check_initializers``), and any node the caller keeps
@@ -85,6 +85,16 @@ def schema_fp16_problem(op_type: str, domain: str, version: int, inputs, outputs
     return f"{source} {op}-{schema.since_version} takes no float16 ({formal})"
 
 
+# Ops that hold tensors in a sequence or optional: the element type is fixed where the
+# sequence is made (SequenceEmpty's dtype, its first tensor) and must agree at every node
+# reading or extending it, which a one-node conversion cannot see.
+CONTAINER_OPS = frozenset({
+    "SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceAt", "SequenceErase", "SequenceLength",
+    "SequenceMap", "SplitToSequence", "ConcatFromSequence", "Optional", "OptionalGetElement", "OptionalHasElement",
+})
+CONTAINER_REASON = "sequence/optional ops stay float32 (the element type must agree along the sequence)"
+
+
 def holds_graphs(node: gs.Node) -> bool:
     return any(isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(v[0], gs.Graph))
                for v in node.attrs.values())
@@ -146,6 +156,8 @@ class NodeToFp16(Rule):
             return self.refusal(kept, match)
         if holds_graphs(node):
             return self.refusal(f"{node.op} holds a subgraph: its body is not converted", match)
+        if node.op in CONTAINER_OPS and (node.domain or "") in ("", "ai.onnx"):
+            return self.refusal(CONTAINER_REASON, match)
         version = (ctx.model.opset(node.domain or "") if ctx.model is not None else None) or 1
         why = schema_fp16_problem(node.op, node.domain or "", version, [t.name for t in node.inputs],
                                   [t.name for t in node.outputs])

@@ -42,20 +42,48 @@ MIN_QDQ_OPSET = 13
 
 
 def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, affine_into_next: bool = True) -> onnx.ModelProto:
-    """The cleaned, opset>=13, BN-folded float model as a ModelProto."""
+    """The cleaned, opset>=13, BN-folded float model as a ModelProto.
+
+    onnxforge's -O2 passes run unverified (verifying a large model costs its size again);
+    when onnxruntime's basic level then rejects their output (a fold that lets it inline an
+    If whose branch it cannot type), they rerun verified, which rolls back the rewrite to
+    blame; an original onnxruntime rejects there itself is bad input."""
     # -O2 folds affines into the next conv too (fuse-affine-into-conv): off with them
-    proto = _onnxforge_pipeline(model, skip=() if affine_into_next else ("fuse-affine-into-conv",))
+    skip = () if affine_into_next else ("fuse-affine-into-conv",)
+    proto = _onnxforge_pipeline(model, skip=skip)
+    try:
+        return _prepared(model, proto, ort_basic, affine_into_next)
+    except OnnxRuntimeRejects as exc:
+        log.warning("onnxruntime rejects the -O2 output at its basic level (%s); rerunning -O2 verified", exc)
+    proto = _onnxforge_pipeline(model, skip=skip, verify="structural")
+    try:
+        return _prepared(model, proto, ort_basic, affine_into_next)
+    except OnnxRuntimeRejects as exc:
+        from onnxforge.errors import DataError
+
+        raise DataError(f"onnxruntime cannot load the model at its basic optimization level: {exc}",
+                        hint="quantization starts from onnxruntime's basic-level graph; check the model with "
+                             "`onnxforge inspect`") from None
+
+
+class OnnxRuntimeRejects(Exception):
+    """onnxruntime failed to build a session of the float baseline (its first line)."""
+
+
+def _prepared(model: Model | onnx.ModelProto, proto: onnx.ModelProto, ort_basic: bool,
+              affine_into_next: bool) -> onnx.ModelProto:
+    """``float_baseline`` after onnxforge's passes: onnxruntime's basic level, QDQ prep."""
     base_dir = model.source.parent if isinstance(model, Model) and model.source is not None else None
     if ort_basic and base_dir is not None and _external_only_in_initializers(proto) and default_opset(proto) >= MIN_QDQ_OPSET:
         # onnxruntime reads the weights from their files and folds constants and lifts
         # Constant nodes itself: they are loaded once, from its output (2.2 GB Llama:
         # 6 GB less at the peak than loading them, folding with graphsurgeon, and copying)
-        proto = ort_offline(proto, level="basic", base_dir=base_dir)
+        proto = _checked_offline(proto, base_dir=base_dir)
     else:
         proto = lower_constants(with_external_data_loaded(proto, base_dir))
         proto = raise_opset(proto, MIN_QDQ_OPSET)
         if ort_basic:
-            proto = ort_offline(proto, level="basic")
+            proto = _checked_offline(proto)
     proto, _ = apply_passes(proto, QUANT_PREP_PASSES)
     proto, _ = fuse_hardswish(proto)
     if affine_into_next:
@@ -63,7 +91,22 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, af
     return proto
 
 
-def _onnxforge_pipeline(model: Model | onnx.ModelProto, skip: tuple[str, ...] = ()) -> onnx.ModelProto:
+def _checked_offline(proto: onnx.ModelProto, base_dir: Path | None = None) -> onnx.ModelProto:
+    """``ort_offline`` at the basic level; onnxruntime's refusal as ``OnnxRuntimeRejects``."""
+    from onnxforge.errors import first_line
+
+    try:
+        return ort_offline(proto, level="basic", base_dir=base_dir)
+    except MemoryError:
+        raise
+    except Exception as exc:  # onnxruntime's Fail / InvalidGraph / ... at session creation
+        if type(exc).__module__.startswith("onnxruntime"):
+            raise OnnxRuntimeRejects(first_line(exc, limit=300)) from exc
+        raise
+
+
+def _onnxforge_pipeline(model: Model | onnx.ModelProto, skip: tuple[str, ...] = (),
+                        verify: str = "none") -> onnx.ModelProto:
     """Run onnxforge's -O2 passes (less ``skip``) to a fixpoint when they exist."""
     from onnxforge.passes.registry import level_pipeline, resolve
 
@@ -75,7 +118,7 @@ def _onnxforge_pipeline(model: Model | onnx.ModelProto, skip: tuple[str, ...] = 
         from onnxforge.pass_manager import PassManager
 
         working = Model.from_proto(proto) if isinstance(model, onnx.ModelProto) else model.copy()
-        optimized, _report = PassManager([resolve(n) for n in names], verify="none").run(working)
+        optimized, _report = PassManager([resolve(n) for n in names], verify=verify).run(working)
         return optimized.to_proto()
     except Exception as exc:  # noqa: BLE001 - the baseline still works without onnxforge's passes
         log.warning("onnxforge -O2 pipeline failed before quantization (%s); continuing without it", exc)
@@ -126,6 +169,13 @@ def _external_only_in_initializers(proto: onnx.ModelProto) -> bool:
 def raise_opset(proto: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
     if default_opset(proto, missing=minimum) >= minimum:
         return proto
+    if proto.ir_version < 4:
+        # IR 3 reads an initializer only when it is also a graph input; the passes before
+        # this leave weights as initializers only, which the converter would not see.
+        lifted = onnx.ModelProto()
+        lifted.CopyFrom(proto)
+        lifted.ir_version = 4
+        proto = lifted
     converted = onnx.version_converter.convert_version(proto, minimum)
     if converted.ir_version < 7:
         converted.ir_version = 7

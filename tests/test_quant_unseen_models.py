@@ -1,0 +1,73 @@
+"""`onnxforge quantize --calib random` and `onnxforge convert-fp16 --calib random` on the kinds
+of model onnx's backend tests hold (tests/backend_sweep.py found each): exit 0 and OUT runs,
+with optimizations off and at onnxruntime's default level, with the original's output types
+and shapes."""
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper
+
+from onnxforge.cli import main
+
+
+def _run(path, feed, level):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 4
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def _command(tmp_path, model, argv, feed):
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    assert main([argv[0], str(src), "-o", str(out), *argv[1:]]) == 0
+    want = _run(src, feed, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        got = _run(out, feed, level)
+        assert [(g.shape, g.dtype) for g in got] == [(w.shape, w.dtype) for w in want]
+    return want, got
+
+
+def _ir3_conv() -> onnx.ModelProto:
+    """PyTorch's old exporter: IR 3, opset 6, every weight also listed as a graph input."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", T.FLOAT, [4, 3, 3, 3], rng.standard_normal((4, 3, 3, 3)).astype(np.float32).ravel())
+    b = helper.make_tensor("b", T.FLOAT, [4], rng.standard_normal(4).astype(np.float32))
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3])], "g",
+        [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8]),
+         helper.make_tensor_value_info("w", T.FLOAT, [4, 3, 3, 3]), helper.make_tensor_value_info("b", T.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 6, 6])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 6)])
+    m.ir_version = 3
+    return m
+
+
+@pytest.mark.parametrize("argv", [["quantize", "--calib", "random", "--no-latency"], ["convert-fp16", "--calib", "random"]])
+def test_ir3_model_with_weights_listed_as_inputs(tmp_path, argv):
+    """The opset was raised with the weights no longer listed as inputs while IR 3 says an
+    initializer counts only as an input: onnx's converter failed ("Input 1 is undefined")."""
+    feed = {"x": np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    want, got = _command(tmp_path, _ir3_conv(), argv, feed)
+    cos = float(np.dot(want[0].ravel(), got[0].ravel()) / np.linalg.norm(want[0]) / np.linalg.norm(got[0]))
+    assert cos > 0.99
+
+
+def test_fp16_keeps_sequence_ops_float32(tmp_path, capsys):
+    """SequenceInsert of a float16 tensor into a float32 sequence does not load; the
+    unnamed nodes could not be named in the retry either."""
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,3] x, float[1,3] y) => (float[M,3] out) {
+      e = SequenceEmpty ()
+      s1 = SequenceInsert (e, x)
+      s2 = SequenceInsert (s1, y)
+      c = ConcatFromSequence <axis = 0> (s2)
+      out = Relu (c)
+    }""")
+    feed = {"x": np.ones((2, 3), np.float32), "y": -np.ones((1, 3), np.float32)}
+    want, got = _command(tmp_path, model, ["convert-fp16", "--calib", "random"], feed)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-3)
+    assert "sequence/optional ops stay float32" in capsys.readouterr().out
