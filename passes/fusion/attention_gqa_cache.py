@@ -23,10 +23,22 @@ layout, so generation loops that feed presents back as past are unchanged.
 
 Why not GQA's own rotary (do_rotary=1): the kernel rotates by position past + s of each row, while
 a left-padded row's positions are cumsum(mask) - 1; a separate RotaryEmbedding fed the model's own
-cos/sin is exact for any position_ids. Limit (onnxruntime 1.31): GroupQueryAttention refuses at run
-time a chunk of S > 1 new tokens on a non-empty past when B > 1 ("batch_size must be 1 when
-sequence_length > 1 and past context is given"); prefill (empty past), decode (S = 1) and chunks at
-B = 1 run.
+cos/sin is exact for any position_ids.
+
+A chunk of S > 1 new tokens on a non-empty past at B > 1 (left-padded batched chunked prefill, or
+speculative decoding) is refused by the kernel at run time (onnxruntime 1.31: "batch_size must be 1
+when sequence_length > 1 and past context is given"). The rewrite therefore moves the past into the
+new tokens whenever S > 1: with M = P * (S > 1),
+
+  past'  = past[:, :, :P - M]                       (all of it in decode, nothing in a chunk)
+  k'     = Concat(past[:, :, P - M:] as [B, M, Nkv*D], k3'),  v' likewise
+  q'     = Concat(zeros [B, M, N*D], q3'),  bias' = Pad(Expand(M_mask), M rows of 0 before)
+  y      = GroupQueryAttention(q', k', v', past', ...)[:, M:]
+
+so a chunk runs as a prompt over all T = P + S positions (the M blank queries attend with a zero bias
+and are dropped), and present = Concat(past, new) as before; decode (S = 1, M = 0) and prefill (P = 0)
+run as they did. The past's rows are already rotated (the cache holds rotated keys), so moving them
+is exact.
 
 Preconditions (checked): those of ``attention_gqa.py`` (repeat_kv's shapes from inferred shapes where
 the exporter computes them from other tensors' dims, as dynamo does); the cache Concats join along the sequence
@@ -190,15 +202,42 @@ class GqaRotaryCacheAttention(BlockRule):
                       for label, table in (("cos", k_rot.cos), ("sin", k_rot.sin))}
         key = b.rotary(k.x3, positions, caches["cos"], caches["sin"], "k")
         past_key, past_value = k_cat.inputs[0], v_cat.inputs[0]
-        total = b.op("Add", [b.dim(past_key, 2), seq], "total_len")
+        past_len = b.dim(past_key, 2)
+        total = b.op("Add", [past_len, seq], "total_len")
         seqlens = b.seqlens(batch, total)
         total32 = b.op("Cast", [b.op("Squeeze", [total, b.const("axis0", [0])], "total_scalar")],
                        "total_i32", to=6, dtype=np.int32)
+        # a chunk (S > 1) moves the whole past into the new tokens (module docstring: M = P * (S > 1))
+        chunk = b.op("Cast", [b.op("Greater", [seq, b.const("one_len", [1])], "is_chunk", dtype=np.bool_)],
+                     "is_chunk_i64", to=7)
+        moved = b.op("Mul", [past_len, chunk], "moved_len")
+        kept = b.op("Sub", [past_len, moved], "kept_len")
+        seq_axis, zero = b.const("seq_axis", [2]), b.const("zero_start", [0])
+        dtype = q.x3.dtype or np.float32
+        caches, moved_kv = [], []
+        for label, past, width, new in (("key", past_key, k.num_heads() * head_size, key),
+                                        ("value", past_value, v.num_heads() * head_size, v.x3)):
+            caches.append(b.op("Slice", [past, zero, kept, seq_axis], f"{label}_past_kept", dtype=dtype))
+            part = b.op("Slice", [past, kept, past_len, seq_axis], f"{label}_past_moved", dtype=dtype)
+            rows = b.op("Reshape", [b.op("Transpose", [part], f"{label}_moved_bsnh", dtype=dtype, perm=[0, 2, 1, 3]),
+                                    b.const(f"{label}_moved_shape", [0, 0, width])], f"{label}_moved_rows", dtype=dtype)
+            moved_kv.append(b.op("Concat", [rows, new], f"{label}_with_moved", dtype=dtype, axis=1))
+        blank_shape = b.op("Concat", [batch, moved, b.const("q_width", [q.num_heads() * head_size])], "blank_shape", axis=0)
+        blank = b.op("Expand", [gs.Constant(f"{prefix}/zero_query", np.zeros((1, 1, 1), dtype)), blank_shape],
+                     "blank_queries", dtype=dtype)
+        query = b.op("Concat", [blank, query], "query_with_blank", dtype=dtype, axis=1)
         target = b.op("Concat", [b.const("bias_ones", [1, 1]), seq, total], "bias_shape", axis=0)
-        bias = b.op("Expand", [core.bias, target], "attention_bias", dtype=core.bias.dtype or np.float32)
+        bias_dtype = core.bias.dtype or np.float32
+        bias = b.op("Expand", [core.bias, target], "attention_bias_rows", dtype=bias_dtype)
+        pads = b.op("Concat", [b.const("pads_head", [0, 0]), moved, b.const("pads_tail", [0, 0, 0, 0, 0])], "bias_pads",
+                    axis=0)
+        bias = b.op("Pad", [bias, pads], "attention_bias", dtype=bias_dtype)
         empty = gs.Variable.empty
-        inputs = [query, key, v.x3, past_key, past_value, seqlens, total32, empty(), empty(), empty(), bias]
-        outputs = [core.output, k_cat.outputs[0], v_cat.outputs[0]]
+        inputs = [query, moved_kv[0], moved_kv[1], caches[0], caches[1], seqlens, total32, empty(), empty(), empty(),
+                  bias]
+        attended = gs.Variable(f"{prefix}/attended_with_blank", dtype=dtype)
+        outputs = [attended, k_cat.outputs[0], v_cat.outputs[0]]
+        y = core.output
         for node in (core.merge_reshape, k_cat, v_cat):
             node.outputs.clear()
         graph.nodes.append(gs.Node(
@@ -206,6 +245,9 @@ class GqaRotaryCacheAttention(BlockRule):
             attrs={"num_heads": int(q.num_heads()), "kv_num_heads": int(k.num_heads()),
                    "scale": float(scale_value(core.factors)), "causal": 0},
             inputs=inputs, outputs=outputs))
+        graph.nodes.append(gs.Node("Slice", f"{prefix}/drop_blank_queries_Slice",
+                                   inputs=[attended, moved, b.const("end_max", [np.iinfo(np.int64).max]),
+                                           b.const("row_axis", [1])], outputs=[y]))
         if ctx.model is not None:
             ctx.model.ensure_domain(MS_DOMAIN, 1)
 
