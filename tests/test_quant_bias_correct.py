@@ -165,3 +165,41 @@ def test_fallback_reruns_bias_correction_for_each_configuration(monkeypatch):
     assert [len(s.excluded) for s in result.steps] == list(range(1, len(result.steps) + 1))
     assert result.score >= start.score and not result.met
     assert plan.bias_deltas is not None
+
+
+def _branched() -> onnx.ModelProto:
+    """x -> conv_a, conv_b (parallel) -> Add -> HardSwish -> conv_c -> y."""
+    inits, nodes = [], []
+    for name in ("a", "b", "c"):
+        inits += [numpy_helper.from_array((RNG.standard_normal((8, 8, 3, 3)) * 0.25).astype(np.float32), f"w{name}"),
+                  numpy_helper.from_array((RNG.standard_normal(8) * 0.5).astype(np.float32), f"b{name}")]
+    nodes += [helper.make_node("Conv", ["x", "wa", "ba"], ["ca"], name="conv_a", pads=[1, 1, 1, 1]),
+              helper.make_node("Conv", ["x", "wb", "bb"], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
+              helper.make_node("Add", ["ca", "cb"], ["s"], name="add"),
+              helper.make_node("HardSwish", ["s"], ["h"], name="hswish"),
+              helper.make_node("Conv", ["h", "wc", "bc"], ["y"], name="conv_c", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "branched", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 10, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
+
+
+def test_grouped_runs_on_the_cut_model_give_the_one_layer_at_a_time_corrections():
+    """Parallel convs measured in one run, each run on the model cut above what it measures: the same
+    deltas as measuring one conv at a time on the whole model (the definition)."""
+    for model in (_branched(), _chain()):
+        calib = _feeds(4, 1)
+        ranges, _, _ = calibrate(model, calib, "percentile", percentile=99.0)
+        qdq = _qdq(model, ranges)
+        sites = _sites(model, qdq)
+        want = _channel_means(_session(model, [s.output for s in sites], {}), [s.output for s in sites], calib, {})
+        biases = {s.int_name: s.int_value.copy() for s in sites}
+        whole = _session(qdq, [s.output for s in sites], biases)
+        expected = {}
+        for site, target in zip(sites, want):
+            got = _channel_means(whole, [site.output], calib, biases)[0]
+            biases[site.int_name] = (biases[site.int_name] + np.round((target - got) / site.scale)).astype(np.int32)
+            expected[site.float_name] = ((biases[site.int_name].astype(np.float64) - site.int_value) * site.scale).astype(np.float32)
+        deltas = correct_biases(model, qdq, calib)
+        assert set(deltas) == set(expected)
+        for name, delta in expected.items():
+            np.testing.assert_array_equal(deltas[name], delta)

@@ -355,7 +355,7 @@ def test_sequential_learned_rounding_beats_nearest_on_a_deep_chain(learned_chain
 
 
 def test_layers_share_a_group_only_when_neither_feeds_the_other():
-    from onnxforge.passes.quant.rounding import sequential_groups, upstream_of
+    from onnxforge.passes.quant.proto_graph import independent_groups, upstream_of
 
     rng = np.random.default_rng(2)
     w = lambda name: numpy_helper.from_array((rng.standard_normal((8, 8, 1, 1)) * 0.3).astype(np.float32), name)  # noqa: E731
@@ -365,7 +365,7 @@ def test_layers_share_a_group_only_when_neither_feeds_the_other():
     calib = _feeds((1, 8, 4, 4), 2, 1, 1)
     qdq, _ = _qdq(model, calib)
     sites, _ = find_sites(model, qdq, True)
-    assert [[s.node for s in g] for g in sequential_groups(qdq, sites)] == [["a", "b"], ["c"]]
+    assert independent_groups(qdq, [(s.output, s.qdq_input) for s in sites]) == [[0, 1], [2]]
     cut = upstream_of(qdq, [sites[2].qdq_input])
     assert "c" not in {n.name for n in cut.graph.node} and {"a", "b", "add"} <= {n.name for n in cut.graph.node}
     assert {t.name for t in cut.graph.initializer}.isdisjoint({sites[2].codes_name})

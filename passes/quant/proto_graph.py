@@ -2,7 +2,10 @@
 who reads each tensor (``graph_maps``), and the model cut to what some of its tensors
 depend on (``upstream_of``: onnxruntime runs every node of a session whatever is fetched,
 so measuring a few tensors runs only the nodes above them: learned rounding's per-group
-sessions, GPTQ/AWQ's sequential moments)."""
+sessions, bias correction's per-conv runs, GPTQ/AWQ's sequential moments), and layers cut
+into groups that can be measured in one run (``independent_groups``: a step that corrects
+a layer measures it after every upstream correction; two layers neither of which feeds the
+other can share a run)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -20,6 +23,33 @@ def graph_maps(model: onnx.ModelProto):
     inits = {t.name: t for t in model.graph.initializer}
     outputs = {o.name for o in model.graph.output}
     return producers, readers, inits, outputs
+
+
+def independent_groups(model: onnx.ModelProto, items: Sequence[tuple[str, str]]) -> list[list[int]]:
+    """``items`` (the tensor an item's layer writes, the tensor measured for it), in graph order, cut
+    into consecutive groups of indices in which no item's measured tensor depends on the layer of
+    another item of the same group."""
+    writes: dict[str, int] = {}
+    for i, (written, _measured) in enumerate(items):
+        writes[written] = writes.get(written, 0) | 1 << i
+    above: dict[str, int] = {}  # tensor -> bit mask of the items whose layer is upstream of it
+    for node in model.graph.node:
+        mask = 0
+        for name in list(node.input) + outer_names(node):
+            mask |= above.get(name, 0)
+        for name in node.output:
+            mask |= writes.get(name, 0)
+        for name in node.output:
+            above[name] = mask
+    groups: list[list[int]] = []
+    members = 0
+    for i, (_written, measured) in enumerate(items):
+        if not groups or above.get(measured, 0) & members:
+            groups.append([])
+            members = 0
+        groups[-1].append(i)
+        members |= 1 << i
+    return groups
 
 
 def upstream_of(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

@@ -41,7 +41,7 @@ from onnx import numpy_helper
 from .adaround import ITERATIONS, Moments, layer_loss, learn_codes
 from .bias_correct import _session
 from .calibrate import session_with_outputs
-from .proto_graph import graph_maps, outer_names, upstream_of
+from .proto_graph import graph_maps, independent_groups, upstream_of
 
 INPUTS = ("quantized", "float")
 SAMPLES = 4096
@@ -53,6 +53,7 @@ ROUNDED_OPS = ("Conv", "Gemm", "MatMul")
 class Site:
     node: str
     op: str
+    output: str  # the node's output in the QDQ model
     float_input: str
     qdq_input: str
     codes_name: str
@@ -197,7 +198,7 @@ def _site(node, dq, producers, readers, inits, twin, float_inits, reduce_range) 
         bounds = code_bounds(stored.dtype, False)
     if codes.min() < bounds[0] or codes.max() > bounds[1] or np.abs(codes - (weight / scale_g + zero_g)).max() > 1.0 + 1e-3:
         return "the stored codes are not a rounding of the float weight on the stored grid"
-    site = Site(node.name, node.op_type, twin.input[0], node.input[0], dq.input[0], stored, weight, scale_g, zero_g,
+    site = Site(node.name, node.op_type, node.output[0], twin.input[0], node.input[0], dq.input[0], stored, weight, scale_g, zero_g,
                 bounds, transposed, conv)
     _bias(site, node, twin, producers, inits, float_inits, outputs)
     return site
@@ -311,7 +312,8 @@ def learn_rounding(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto,
             else:
                 targets[s.node].append((where, yf))
         del xf
-    groups = [sites] if inputs == "float" else sequential_groups(qdq_model, sites)
+    groups = [sites] if inputs == "float" else [
+        [sites[i] for i in group] for group in independent_groups(qdq_model, [(s.output, s.qdq_input) for s in sites])]
     done = 0
     for group in groups:
         if inputs == "quantized":
@@ -332,30 +334,6 @@ def learn_rounding(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto,
         if log and (len(groups) < 16 or done == len(sites) or len(group) > 1 or done % max(1, len(sites) // 8) == 0):
             log(f"  learned rounding: {done}/{len(sites)} layers")
     return result
-
-
-def sequential_groups(model: onnx.ModelProto, sites: Sequence[Site]) -> list[list[Site]]:
-    """``sites`` (graph order) cut into consecutive groups none of which holds a site and one of its
-    ancestors: a group's inputs can be read in one run after the earlier groups are fit."""
-    index = {s.node: i for i, s in enumerate(sites)}
-    above: dict[str, int] = {}  # tensor -> bit mask of the sites upstream of it (the producer included)
-    for node in model.graph.node:
-        mask = 0
-        for name in list(node.input) + outer_names(node):
-            mask |= above.get(name, 0)
-        if node.name in index:
-            mask |= 1 << index[node.name]
-        for name in node.output:
-            above[name] = mask
-    groups: list[list[Site]] = []
-    members = 0
-    for i, s in enumerate(sites):
-        if not groups or above.get(s.qdq_input, 0) & members:
-            groups.append([])
-            members = 0
-        groups[-1].append(s)
-        members |= 1 << i
-    return groups
 
 
 def _fed(session, feed, extra: Mapping[str, np.ndarray] | None = None) -> dict:
