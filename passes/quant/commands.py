@@ -77,9 +77,10 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     int4.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                       help="GPTQ visits input channels by decreasing energy, grids fixed beforehand (default on: "
                            "SmolLM2 val perplexity 45.9 against 47.6 without)")
-    int4.add_argument("--refine-passes", type=int, default=3,
+    int4.add_argument("--refine-passes", type=int, default=0,
                       help="after GPTQ, passes of coordinate descent on the codes, each followed by a refit of "
-                           "the block scales (default 3; 0: plain GPTQ)")
+                           "the block scales (default 0: on SmolLM2 3 passes lowered the layer errors 9%% on the "
+                           "calibration text but not the val perplexity, 45.8 -> 46.0)")
     int4.add_argument("--stages", type=int, default=1,
                       help="GPTQ/AWQ calibration in N stages of MatMul inputs in graph order, each on the model "
                            "whose earlier stages are already quantized and solved for the float model's outputs "

@@ -15,8 +15,8 @@ Order of work:
      ``gptq`` GPTQ with per-block clip search weighted by diag(H) (``gptq.py``); ``awq`` the
      activation-aware scale search then clip-searched rounding (``awq.py``); ``awq+gptq`` both;
      every calibrated method ends by refitting the block scales to the codes it chose (least squares
-     on the output error, ``gptq.refit_scales``); the GPTQ methods then alternate ``refine`` times a
-     coordinate-descent pass over the codes (``gptq.refine_codes``) with that refit;
+     on the output error, ``gptq.refit_scales``); the GPTQ methods then alternate ``refine`` times (default
+     0) a coordinate-descent pass over the codes (``gptq.refine_codes``) with that refit;
      AWQ is not applied to a tied LM head (its scaled weight would no longer be the embedding table);
      a tied embedding reads the head's codes with block scales of its own, refit to the table's rows
      (least squares, ``gptq.refit_rows``): the codes GPTQ chose for the head's output error move the
@@ -56,7 +56,7 @@ CALIBRATED = ("gptq", "awq", "awq+gptq")
 MIN_INPUTS = 16
 MAX_PPL_INCREASE = 0.10
 MAX_VALIDATION_FEEDS = 16
-REFINE_PASSES = 3
+REFINE_PASSES = 0  # SmolLM2: 3 passes cut the mean layer error 9% but val perplexity went 45.82 -> 46.00
 
 
 @dataclasses.dataclass
