@@ -18,7 +18,7 @@ from onnxforge.io import load
 from onnxforge.passes.quant import nbits
 from onnxforge.passes.quant.awq import awq_scale
 from onnxforge.passes.quant.gptq import refine_codes, refit_rows, gptq, output_error, refit_scales
-from onnxforge.passes.quant.hessians import collect_hessians
+from onnxforge.passes.quant.hessians import collect_hessians, collect_moments, prefix, weights_as_inputs
 from onnxforge.passes.quant.int4 import quantize_int4
 from onnxforge.passes.quant.int4_rules import PASS_NAME, Int4Weights, PlannedWeight
 
@@ -438,6 +438,23 @@ def _chain(k=64):
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], ws)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_collect_moments_pairs_the_quantized_and_float_inputs():
+    """H = Xq^T Xq / n on the model fed the changed weights, C = Xq^T Xf / n against the float one; the graph is
+    cut to what the asked tensor needs (the later MatMuls are not run)."""
+    model, weights = weights_as_inputs(_chain(), {"W0", "W1", "W2"})
+    assert not model.graph.initializer and set(weights) == {"W0", "W1", "W2"}
+    cut = prefix(model, ["h1"])
+    assert [n.output[0] for n in cut.graph.node] == ["h0", "h1"] and "W2" not in {i.name for i in cut.graph.input}
+    xs = [RNG.standard_normal((1, 5, 64)).astype(np.float32) for _ in range(2)]
+    changed = {"W0": weights["W0"] * 0.9}
+    hs, cs, tokens = collect_moments(model, lambda: ({"x": x} for x in xs), ["h1"], weights, changed)
+    xf = np.concatenate([x[0] @ weights["W0"] @ weights["W1"] for x in xs])
+    xq = np.concatenate([x[0] @ changed["W0"] @ weights["W1"] for x in xs])
+    assert tokens == 10
+    np.testing.assert_allclose(hs["h1"], xq.T @ xq / 10, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cs["h1"], xq.T @ xf / 10, rtol=1e-4, atol=1e-6)
 
 
 def test_sequential_stages_lower_the_end_error_on_a_chain(tmp_path):
