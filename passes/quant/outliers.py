@@ -13,7 +13,7 @@ from names: on each calibration feed (one call) the input x is quantized as the 
 
 and a node whose largest error over the feeds exceeds ``max_error`` is kept float, its reason naming the error
 and the outlier ratio (max over channels of max |x| / the median channel's) beside it. The default bound was set
-on SmolLM2-135M (benchmarks/results/int4_auto_smollm2_135m_kv.md): its 30 down projections measure 0.061-0.9,
+on SmolLM2-135M (benchmarks/results/int8_outliers_smollm2_135m_kv.md): its 30 down projections measure 0.061-1.0,
 the q/k/v, o and gate/up inputs 0.01-0.056 but for three (last layers' gate/up 0.070 and 0.100, one o_proj 0.070).
 """
 from __future__ import annotations
