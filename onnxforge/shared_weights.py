@@ -15,6 +15,8 @@ so a 650 MB model peaked near 10x its weights. Here:
   arrays as those inputs on every run: onnxruntime's CPU provider reads a contiguous
   numpy input in place. An op that insists on a constant weight (session or run
   fails) gets the embedded model as before, so a verdict never depends on this.
+  With graph optimizations on, onnxruntime folds and fuses around initializers, so
+  such a session reads the model from a temporary file with external data instead.
 * ``share_weights``: the model's large inline weights become read-only numpy arrays
   (loaded once from the parsed file, which can then be freed), and ``stage_shared``
   lets a snapshot reattach the very same value objects instead of copies: read-only,
@@ -169,6 +171,12 @@ def model_session(model: Model, options, providers: list[str]) -> Iterator:
     """A session of an in-memory model sharing its weights (see ``SharedWeightSession``)."""
     import onnxruntime as ort
 
+    if options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
+        # onnxruntime folds, fuses and prepacks around initializers: weights fed as inputs
+        # would be another graph to it. A file with external data holds no second copy.
+        with _embedded_session(model, options, providers, external=True) as session:
+            yield session
+        return
     with contextlib.ExitStack() as stack:
         def embedded():
             return stack.enter_context(_embedded_session(model, options, providers))
@@ -187,9 +195,9 @@ def model_session(model: Model, options, providers: list[str]) -> Iterator:
 
 
 @contextlib.contextmanager
-def _embedded_session(model: Model, options, providers: list[str]) -> Iterator:
+def _embedded_session(model: Model, options, providers: list[str], external: bool = False) -> Iterator:
     """The whole model handed to onnxruntime (its weights copied): through a temporary
-    folder when weights live in external data or exceed protobuf's limit."""
+    folder, weights in external data, when ``external`` or when they live in external data."""
     import tempfile
     from pathlib import Path
 
@@ -198,7 +206,7 @@ def _embedded_session(model: Model, options, providers: list[str]) -> Iterator:
     from .io import save
     from .model import external_values
 
-    if any(True for _ in external_values(model.graph)):
+    if external or any(True for _ in external_values(model.graph)):
         with tempfile.TemporaryDirectory(prefix="onnxforge-verify-") as tmp:
             path = Path(tmp) / "model.onnx"
             save(model, path, external_data=True)

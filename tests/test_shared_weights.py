@@ -54,7 +54,9 @@ def test_lifted_proto_holds_no_weight_and_runs_equal(mlp_file):
     assert {i.name for i in proto.graph.input} == {"x", "w0", "w1", "w2", "b0", "b1", "b2"}
     onnx.checker.check_model(proto, full_check=True)
     feeds = [{"x": np.random.default_rng(1).standard_normal((2, HIDDEN), dtype=np.float32)}]
-    with model_session(model, ort.SessionOptions(), ["CPUExecutionProvider"]) as session:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as verification runs
+    with model_session(model, options, ["CPUExecutionProvider"]) as session:
         assert isinstance(session, SharedWeightSession)
         assert [i.name for i in session.get_inputs()] == ["x"]
     embedded = ort.InferenceSession(str(mlp_file), providers=["CPUExecutionProvider"])
@@ -174,3 +176,25 @@ def test_optimize_and_save_peak_memory_is_bounded_by_the_weights(tmp_path):
     added = _kib("VmHWM") - before
     assert report.verification["ok"]
     assert added < 3 * weights, f"peak added {added / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
+
+
+def test_an_optimized_session_sees_weights_as_initializers(tmp_path):
+    """At onnxruntime's default level a Conv + BatchNormalization folds into one Conv only
+    when the weights are initializers: the in-memory model's session gives the file's
+    numbers bit for bit (weights fed as inputs would not fold and round differently)."""
+    rng = np.random.default_rng(3)
+    c = 32
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((c, c, 3, 3), dtype=np.float32), "w")]
+    inits += [onnx.numpy_helper.from_array(rng.standard_normal(c, dtype=np.float32) + k, n)
+              for k, n in ((0, "scale"), (0, "bias"), (0, "mean"), (4, "var"))]
+    graph = oh.make_graph([oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                           oh.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"])],
+                          "convbn", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, c, 16, 16])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, c, 16, 16])], inits)
+    path = tmp_path / "convbn.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), str(path))
+    feeds = [{"x": rng.standard_normal((1, c, 16, 16), dtype=np.float32)}]
+    model = load(path)
+    share_weights(model)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    assert run_outputs(model, feeds, optimize=True)[0][0].tobytes() == expected.tobytes()
