@@ -13,8 +13,13 @@ onnxruntime session of the original:
    values, then with zeros for integers.
 
 Dims the user pinned (``--input-shape``, ``--verify-shape``) never vary. Candidates
-over ``MAX_ELEMENTS`` are skipped, so the search is bounded by a count of runs and a
-size: the same model always gets the same inputs. One safety net uses a clock: a run
+over ``MAX_ELEMENTS`` are skipped, and so are those whose node outputs would hold more
+than ``intermediate_budget()`` elements by an estimate from onnx shape inference (see
+``intermediate_elements``: dims inference leaves unknown, as a decoder's attention over
+a guessed cache length, count as quadratic in the made-up size), so a decoder is not run
+at a cache length whose attention would not fit in memory. So the search is bounded by
+a count of runs and a size, and the same model always gets the same inputs (the budget
+depends on physical memory, not on the load). One safety net uses a clock: a run
 that uses more than ``RUN_LIMIT_S`` seconds of this process's CPU time (a model that
 blows up on made-up inputs) is stopped and ends the search, reported as such; it only
 cuts the search short. CPU time, not wall time, so a busy machine (where a run's wall
@@ -170,6 +175,28 @@ class FoundInputs:
 MAX_INTERMEDIATE = 1 << 29  # elements all node outputs of one run may hold (2 GiB of float32)
 
 
+def intermediate_budget() -> int:
+    """Elements one made-up run may hold: ``MAX_INTERMEDIATE``, less on a machine with
+    under 16 GiB of memory (an eighth of it, in float32). Physical memory, not free
+    memory: the inputs a model gets must not depend on the load."""
+    import os
+
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return MAX_INTERMEDIATE
+    return max(1 << 20, min(MAX_INTERMEDIATE, physical // 8 // 4))
+
+
+def made_up_dims(specs: list[InputSpec], pinned: Mapping[str, tuple], shapes: Mapping[str, tuple]) -> tuple[int, int]:
+    """The largest dim of ``shapes`` that was made up (dynamic in the model, not pinned),
+    and the largest made-up first dim of an input of rank 2 or more (a batch)."""
+    dims = [(i, len(s.shape), int(shapes[s.name][i])) for s in specs if s.name not in pinned and s.name in shapes
+            for i, d in enumerate(s.shape) if not (isinstance(d, int) and d >= 0) and i < len(shapes[s.name])]
+    return (max((v for _, _, v in dims), default=1),
+            max((v for i, rank, v in dims if i == 0 and rank > 1), default=1))
+
+
 def _weightless(model) -> onnx.ModelProto:
     from .io import checker_view
     from .model import Model
@@ -178,9 +205,19 @@ def _weightless(model) -> onnx.ModelProto:
     return lifted_proto(model)[0] if isinstance(model, Model) else checker_view(model)
 
 
-def intermediate_elements(light: onnx.ModelProto, shapes: Mapping[str, tuple]) -> int | None:
+def intermediate_elements(light: onnx.ModelProto, shapes: Mapping[str, tuple], made_up: int = 1,
+                          batch: int = 1) -> int | None:
     """Elements all node outputs would hold for these input shapes, by onnx shape
-    inference on a weightless copy; None when inference cannot tell."""
+    inference on a weightless copy; None when inference cannot run.
+
+    Inference leaves some dims unknown (a Range or Slice whose bounds come from input
+    shapes: an attention mask [S, P+S] built from Shape ops), and those are the tensors
+    that grow fastest with made-up sizes. So an unknown dim counts as ``2 * made_up`` (the
+    largest made-up dim: a past and a new sequence concatenated), for at most two dims
+    of a tensor (quadratic growth; the rest count 1), except the first dim of a tensor
+    of rank 2 or more, which counts as ``batch`` (the largest made-up first dim); an
+    output inference says nothing of counts as its largest input. An estimate, meant to
+    be on the high side."""
     probe = onnx.ModelProto()
     probe.CopyFrom(light)
     del probe.graph.value_info[:]
@@ -194,14 +231,30 @@ def intermediate_elements(light: onnx.ModelProto, shapes: Mapping[str, tuple]) -
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
     except Exception:
         return None
-    total = 0
+    unknown = 2 * max(int(made_up), 1)
+    sizes: dict[str, float] = {name: float(np.prod(shape, dtype=np.float64)) for name, shape in shapes.items()}
     for info in list(inferred.graph.value_info) + list(inferred.graph.output):
-        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
-            continue
-        dims = info.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            total += int(np.prod([d.dim_value for d in dims], dtype=np.float64))
-    return total
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            sizes[info.name] = _elements(info.type.tensor_type.shape.dim, unknown, max(int(batch), 1))
+    total = 0.0
+    for node in inferred.graph.node:
+        for out in node.output:
+            if out and out not in sizes:
+                sizes[out] = max((sizes.get(i, 0.0) for i in node.input if i), default=0.0)
+            total += sizes.get(out, 0.0)
+    return int(total)
+
+
+def _elements(dims, unknown: int, batch: int) -> float:
+    count, free = 1.0, 2
+    for i, d in enumerate(dims):
+        if d.HasField("dim_value"):
+            count *= d.dim_value
+        elif i == 0 and len(dims) > 1:
+            count *= batch
+        elif free:
+            count, free = count * unknown, free - 1
+    return count
 
 
 def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int = 0) -> FoundInputs:
@@ -213,7 +266,7 @@ def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int =
         bounds = index_bounds(graph)
         targets = reshape_target_inputs(graph)
         names = [s.name for s in specs]
-        tries, last_error, light, sizes = 0, "", None, {}
+        tries, last_error, light, sizes, budget = 0, "", None, {}, intermediate_budget()
         for label, shapes, values in candidate_plans(specs, pinned):
             if tries >= MAX_TRIES:
                 break
@@ -223,9 +276,10 @@ def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int =
             key = tuple(sorted(shapes.items()))
             if key not in sizes:  # a run that would blow up is not tried (the clock cannot stop one kernel)
                 light = light if light is not None else _weightless(model)
-                sizes[key] = intermediate_elements(light, shapes)
-            if sizes[key] is not None and sizes[key] > MAX_INTERMEDIATE:
-                last_error = f"{label} inputs would make {sizes[key]:.3g} intermediate elements"
+                sizes[key] = intermediate_elements(light, shapes, *made_up_dims(specs, pinned, shapes))
+            if sizes[key] is not None and sizes[key] > budget:
+                last_error = (f"{label} inputs would make about {sizes[key]:.3g} intermediate elements, over the "
+                              f"{budget:.3g} allowed; give sizes with --input-shape")
                 continue
             tries += 1
             try:
