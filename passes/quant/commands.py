@@ -83,8 +83,12 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
                            "calibration text but not the val perplexity, 45.8 -> 46.0)")
     int4.add_argument("--stages", type=int, default=1,
                       help="GPTQ/AWQ calibration in N stages of MatMul inputs in graph order, each on the model "
-                           "whose earlier stages are already quantized and solved for the float model's outputs "
-                           "(default 1: every input from the float model; N costs 2N passes over the data)")
+                           "whose earlier stages are already quantized (default 1: every input from the float "
+                           "model; N costs up to 2N passes over the data; SmolLM2 layers 0-4 in 5 stages: "
+                           "val perplexity 36.00 against 36.51 in one shot, fp32 35.88)")
+    int4.add_argument("--stage-target", default="quantized", choices=("quantized", "float"),
+                      help="with --stages: solve each weight for its own outputs on the quantized inputs "
+                           "(default) or for the float model's outputs (over-fits on SmolLM2: 37.97)")
     int4.add_argument("--accuracy-level", type=int, default=0, choices=(0, 1, 2, 3, 4),
                       help="MatMulNBits accuracy_level (4: int8 activations inside the kernel)")
     int4.add_argument("--max-ppl-increase", type=float, default=0.10,
@@ -187,7 +191,7 @@ def run_int4(args) -> int:
     model = _prepare(args)
     result, report = quantize_int4(
         model, args.calib, method=args.weight_method, block_size=args.block_size, symmetric=not args.asymmetric,
-        lm_head=args.lm_head == "int4", act_order=args.act_order, refine=args.refine_passes, stages=args.stages, accuracy_level=args.accuracy_level, val=args.val,
+        lm_head=args.lm_head == "int4", act_order=args.act_order, refine=args.refine_passes, stages=args.stages, stage_target=args.stage_target, accuracy_level=args.accuracy_level, val=args.val,
         max_ppl_increase=args.max_ppl_increase, max_drop=args.max_drop, calib_limit=args.calib_limit,
         budget_metric=args.budget_metric, log=_progress_log(),
     )
@@ -210,7 +214,7 @@ def run_auto(args) -> int:
     result, report = quantize_auto(
         args.model, model, args.calib, val=args.val, max_ppl_increase=args.max_ppl_increase, max_drop=args.max_drop,
         int4_options=dict(method=args.weight_method, block_size=args.block_size, symmetric=not args.asymmetric,
-                          lm_head=args.lm_head == "int4", act_order=args.act_order, refine=args.refine_passes, stages=args.stages, calib_limit=args.calib_limit),
+                          lm_head=args.lm_head == "int4", act_order=args.act_order, refine=args.refine_passes, stages=args.stages, stage_target=args.stage_target, calib_limit=args.calib_limit),
         rounds=args.auto_rounds, margin=args.auto_margin, perplexity=args.budget_metric != "cosine",
         log=_progress_log(), max_input_error=args.max_input_error,
     )

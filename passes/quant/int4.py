@@ -8,8 +8,9 @@ Order of work:
   3. calibration (GPTQ / AWQ): H = X^T X / n of each distinct MatMul input over the calibration feeds,
      streamed a group of tensors at a time (``hessians.py``); with ``stages`` > 1, sequentially: the
      inputs cut into stages in graph order, each stage's H (and cross moment C = Xq^T Xf / n) taken on the
-     model whose earlier stages are already quantized, each weight then solved for the float model's
-     output: ||Xq W^ - Xf W||^2 = ||Xq (W^ - W*)||^2 + const, W* = W + H^-1 (C - H) W (damped H);
+     model whose earlier stages are already quantized, each weight then solved on those inputs for its own
+     output (``stage_target`` "quantized", GPTQ's sequential mode) or for the float model's ("float"):
+     ||Xq W^ - Xf W||^2 = ||Xq (W^ - W*)||^2 + const, W* = W + H^-1 (C - H) W (damped H);
   4. per input tensor, the weights reading it solved together (their rows stacked: they share H and,
      for AWQ, one input scale): ``rtn`` round to nearest (onnxruntime's MatMulNBitsQuantizer grid);
      ``gptq`` GPTQ with per-block clip search weighted by diag(H) (``gptq.py``); ``awq`` the
@@ -122,7 +123,7 @@ class Int4Report:
 
 def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", block_size: int = 128,
                   symmetric: bool = True, lm_head: bool = True, act_order: bool = True,
-                  refine: int = REFINE_PASSES, stages: int = 1,
+                  refine: int = REFINE_PASSES, stages: int = 1, stage_target: str = "quantized",
                   accuracy_level: int = 0, val: str | None = None, max_ppl_increase: float = MAX_PPL_INCREASE,
                   max_drop: float = 0.05, calib_limit: int | None = None, check: bool = True,
                   budget_metric: str = "auto",
@@ -172,8 +173,10 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
     solve = (lambda tensor, h, cross=None: _solve(plan, report, groups[tensor], sites, tables, h, tensor, method,
                                                  block_size, symmetric, act_order, heads, refine, cross))
     if method in CALIBRATED and stages > 1:
+        if stage_target not in ("quantized", "float"):
+            raise OptionError(f"unknown stage target {stage_target!r}", hint="choose quantized or float")
         _sequential(plan, report, groups, sites, reference if reference is not None else model.to_proto(), feeds,
-                    stages, solve, log)
+                    stages, solve, log, stage_target == "float")
     else:
         for index, (tensor, keys) in enumerate(sorted(groups.items())):
             log(f"int4: {method} {index + 1}/{len(groups)}: {', '.join(keys)}")
@@ -226,10 +229,11 @@ def _tied_tables(graph: gs.Graph, sites) -> dict[str, str]:
     return tied
 
 
-def _sequential(plan, report, groups, sites, proto, feeds, stages, solve, log) -> None:
+def _sequential(plan, report, groups, sites, proto, feeds, stages, solve, log, aim_float: bool) -> None:
     """Stages of MatMul inputs in graph order; each stage calibrated on the model whose earlier stages are
-    already quantized (their dequantized weights fed to one session in place of the float ones), and solved
-    for the float model's outputs (``_solve``'s ``cross``) rather than for its own."""
+    already quantized (their dequantized weights fed to one session in place of the float ones). Each weight
+    is solved on those inputs for its own outputs (GPTQ's sequential mode) or, ``aim_float``, for the float
+    model's outputs (``_solve``'s ``cross``; on SmolLM2 layers 0-4 that over-fits: 37.97 against 36.00)."""
     from .hessians import collect_moments, weights_as_inputs
 
     position = {}
@@ -248,7 +252,8 @@ def _sequential(plan, report, groups, sites, proto, feeds, stages, solve, log) -
         hs, cs, tokens = collect_moments(model, feeds, chunk, float_weights, quantized or None)
         report.calibration_tokens = tokens
         for tensor in chunk:
-            solve(tensor, hs.pop(tensor), cs.pop(tensor))
+            cross = cs.pop(tensor)
+            solve(tensor, hs.pop(tensor), cross if aim_float else None)
             for key in groups[tensor]:
                 entry = plan["weights"][key]
                 constant, transposed, _node = sites[key]
