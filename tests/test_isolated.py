@@ -20,11 +20,10 @@ def _failed(task, status, detail):
 
 
 def test_cpu_limit_wall_cap_and_replaced_worker():
-    started = time.monotonic()
     results = isolated.run(["spin", "sleep", "ok"], _task, jobs=2, timeout=1.0, on_failure=_failed)
+    # the sleeping task is stopped by the wall cap (had it run its 60 s it would return
+    # "sleep"); no timed assertion: worker start-up on a loaded machine takes any time
     assert sorted(map(str, results)) == sorted(map(str, [("spin", "timeout"), ("sleep", "timeout"), "ok"]))
-    # the sleeping task is stopped by the wall cap, long before its 60 s
-    assert time.monotonic() - started < 40
 
 
 def test_cpu_seconds_reads_a_live_process_and_not_a_missing_one():
