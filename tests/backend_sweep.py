@@ -235,8 +235,10 @@ def _worst_cosine(expected_sets, got_sets) -> float:
             e, g = _ort_value(e), g
             if not isinstance(e, np.ndarray) or not isinstance(g, np.ndarray) or e.dtype.kind not in "fc":
                 continue
+            # scaled to at most 1 so the products of huge finite values do not overflow
             a = np.nan_to_num(e.astype(np.float64).ravel())
             b = np.nan_to_num(g.astype(np.float64).ravel())
+            a, b = a / (np.abs(a).max(initial=0.0) or 1.0), b / (np.abs(b).max(initial=0.0) or 1.0)
             na, nb = np.linalg.norm(a), np.linalg.norm(b)
             cos = 1.0 if na == 0 and nb == 0 else (0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb)))
             worst = min(worst, cos)

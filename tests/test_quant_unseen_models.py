@@ -71,3 +71,35 @@ def test_fp16_keeps_sequence_ops_float32(tmp_path, capsys):
     want, got = _command(tmp_path, model, ["convert-fp16", "--calib", "random"], feed)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-3)
     assert "sequence/optional ops stay float32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["quantize", "--calib", "random", "--no-latency"], ["convert-fp16", "--calib", "random"]])
+def test_a_sequence_output_counts_by_its_tensors_in_the_accuracy_metric(tmp_path, argv):
+    """The metric flattened outputs as arrays: a sequence output (a list of tensors of
+    different shapes) crashed it."""
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[5,4] x, float[4,4] w) => (seq(float[?,4]) out) {
+      w_t = Transpose (w)
+      y = MatMul (x, w_t)
+      split = Constant <value = int64[2] {2, 3}> ()
+      out = SplitToSequence <axis = 0> (y, split)
+    }""")
+    rng = np.random.default_rng(2)
+    feed = {"x": rng.standard_normal((5, 4)).astype(np.float32), "w": rng.standard_normal((4, 4)).astype(np.float32)}
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    assert main([argv[0], str(src), "-o", str(out), *argv[1:]]) == 0
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        got = _run(out, feed, level)[0]
+        assert [t.shape for t in got] == [(2, 4), (3, 4)]
+
+
+def test_fp16_keeps_a_function_op_float32_when_onnxruntime_rejects_its_body(tmp_path, capsys):
+    """MeanVarianceNormalization has no float16 kernel on the CPU provider: onnxruntime runs
+    its function body, whose float constants meet the float16 input in an unnamed Add."""
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 13]>
+    g (float[1,2,3,3] x) => (float[1,2,3,3] y) { y = MeanVarianceNormalization (x) }""")
+    feed = {"x": np.random.default_rng(3).standard_normal((1, 2, 3, 3)).astype(np.float32)}
+    want, got = _command(tmp_path, model, ["convert-fp16", "--calib", "random"], feed)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert "MeanVarianceNormalization is a function op" in capsys.readouterr().out

@@ -61,9 +61,22 @@ def run_outputs(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]
     return outputs
 
 
-def _float_parts(outputs: list[np.ndarray]) -> np.ndarray:
-    parts = [np.asarray(o, dtype=np.float64).ravel() for o in outputs if np.issubdtype(np.asarray(o).dtype, np.floating)]
+def _float_parts(outputs: list) -> np.ndarray:
+    """The float tensors among ``outputs``, flattened and concatenated; a sequence output
+    (a list), a map (a dict) or an optional counts by the tensors it holds."""
+    parts = [np.asarray(t, dtype=np.float64).ravel() for t in _tensors(outputs)
+             if np.issubdtype(np.asarray(t).dtype, np.floating)]
     return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _tensors(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _tensors(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return [value]
 
 
 def cosine(reference: Outputs, candidate: Outputs) -> float:

@@ -182,11 +182,17 @@ def _rejected_node(error: Exception) -> tuple[str, str] | None:
     return None
 
 
-def _runnable(model_fn: Callable[[dict[str, str]], onnx.ModelProto], blocked: dict[str, str]) -> onnx.ModelProto:
+def _runnable(model_fn: Callable[[dict[str, str]], onnx.ModelProto], blocked: dict[str, str],
+              unnamed: dict[str, str] | None = None) -> onnx.ModelProto:
     """Build, and keep float32 the nodes the CPU provider has no fp16 kernel for or
-    refuses float16 inputs of."""
+    refuses float16 inputs of. ``unnamed``: nodes kept float32, once, when onnxruntime
+    rejects the graph naming no node of it (a function op it expands: the body's nodes
+    are unnamed); a graph still rejected after that is reported in one line."""
     import onnxruntime as ort
 
+    from onnxforge.errors import VerificationError, first_line
+
+    unnamed = dict(unnamed or {})
     for _ in range(MAX_KERNEL_RETRIES):
         candidate = model_fn(dict(blocked))
         try:
@@ -199,11 +205,34 @@ def _runnable(model_fn: Callable[[dict[str, str]], onnx.ModelProto], blocked: di
             return_freed_memory()
             return candidate
         except Exception as exc:  # noqa: BLE001 - only the no-kernel case is handled
-            rejected = _rejected_node(exc)
-            if rejected is None or rejected[0] in blocked:
+            if not type(exc).__module__.startswith("onnxruntime"):
                 raise
+            rejected = _rejected_node(exc)
+            if (rejected is None or rejected[0] in blocked) and unnamed:
+                blocked.update(unnamed)
+                unnamed = {}
+                continue
+            if rejected is None or rejected[0] in blocked:
+                raise VerificationError(f"onnxruntime rejects the float16 model: {first_line(exc, limit=300)}",
+                                        hint="report this model") from None
             blocked[rejected[0]] = rejected[1]
     return model_fn(dict(blocked))
+
+
+def function_op_nodes(model: onnx.ModelProto) -> dict[str, str]:
+    """Nodes of ops ONNX defines by a function body (MeanVarianceNormalization, ...):
+    where onnxruntime has no float16 kernel it runs the body, whose constants stay float."""
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+    found = {}
+    for node in model.graph.node:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), domain)
+        except Exception:  # noqa: BLE001 - an op onnx does not know (contrib ops)
+            continue
+        if schema.has_function or schema.has_context_dependent_function:
+            found[node.name] = f"{node.op_type} is a function op: onnxruntime rejected its float16 body"
+    return found
 
 
 # ------------------------------------------------------------------ entry
@@ -255,7 +284,7 @@ def convert_fp16(
     else:
         absmax = {}
         report.warnings.append("no calibration data: only initializers were checked for fp16 overflow")
-    converted = _runnable(lambda b: to_fp16(baseline, b, keep_io_types), blocked)
+    converted = _runnable(lambda b: to_fp16(baseline, b, keep_io_types), blocked, function_op_nodes(baseline))
     val_feeds = _take(_feeds(val, original, "validation")[0], 16) if val is not None else feeds[:16]
     if val_feeds:
         converted = _check_budget(baseline, converted, val_feeds, metric, max_drop, blocked, absmax, keep_io_types, report)
@@ -263,6 +292,13 @@ def convert_fp16(
     report.fp16_nodes = sum(1 for n in baseline.graph.node if n.name not in blocked)
     report.seconds = round(time.monotonic() - started, 2)
     return Model.from_proto(converted), report
+
+
+def _as_float32(value):
+    """A float16 output as float32 (in a sequence too), for the metric against the baseline."""
+    if isinstance(value, (list, tuple)):
+        return [_as_float32(v) for v in value]
+    return np.asarray(value, np.float32) if isinstance(value, np.ndarray) and value.dtype == np.float16 else value
 
 
 def _check_budget(baseline, converted, feeds, metric, max_drop, blocked, absmax, keep_io_types, report) -> onnx.ModelProto:
@@ -273,7 +309,7 @@ def _check_budget(baseline, converted, feeds, metric, max_drop, blocked, absmax,
     def evaluate(m: onnx.ModelProto) -> float:
         cast = [{k: (v.astype(np.float16) if inputs16 and v.dtype == np.float32 else v) for k, v in f.items()} for f in feeds]
         outs = budget_mod.run_outputs(m, cast)
-        return metric_fn(reference, [[np.asarray(o, np.float32) if o.dtype == np.float16 else o for o in out] for out in outs])
+        return metric_fn(reference, [[_as_float32(o) for o in out] for out in outs])
 
     score = evaluate(converted)
     ranked = sorted((n.name for n in baseline.graph.node if n.name not in blocked),
