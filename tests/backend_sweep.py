@@ -6,11 +6,12 @@ builds (``onnx.backend.test.case.node.collect_testcases()``) and the model folde
 A case counts when onnxruntime runs the original on the case's own inputs and matches the
 expected outputs; then one command runs (``--command``, default ``O3``: ``optimize M -o OUT
 -O3``; ``O1``/``O2``; ``int8``: ``quantize --calib random``; ``fp16``: ``convert-fp16 --calib
-random``), with no other option, in a spawned worker with a time limit.
+random``; ``run``: ``run RECIPE`` with a one-step recipe, optimize at level 3), with no other
+option, in a spawned worker with a time limit.
 
 A command keeps the promise when it exits 0 and OUT, loaded from disk, runs at onnxruntime's
 optimizations off (ORT_DISABLE_ALL) and at its default level (ORT_ENABLE_ALL, what users
-run) with every output equal: for ``O*`` to the expected outputs with optimizations off and
+run) with every output equal: for ``O*`` and ``run`` to the expected outputs with optimizations off and
 to the original's at the default level (max relative error <= 1e-4, NaN equal to NaN,
 integers, bools and strings exact); for ``int8``/``fp16`` with the same types and shapes at
 both levels (values change by design: a float output's cosine to the expected one below
@@ -51,14 +52,17 @@ COMMANDS = {
     "O3": ["optimize", "-O3"],
     "int8": ["quantize", "--calib", "random", "--no-latency"],
     "fp16": ["convert-fp16", "--calib", "random"],
+    "run": ["run", "--no-cache", "--quiet"],  # the recipe RUN_RECIPE, written beside the model
 }
+LOSSY = ("int8", "fp16")
+RUN_RECIPE = 'version = 1\nname = "sweep"\nprovider = "cpu"\n\n[[steps]]\nstep = "optimize"\nlevel = 3\n'
 # A lossy command (int8, fp16) may refuse in one line or drift on made-up calibration
 # data; optimize must give an equal model for every model onnxruntime runs.
 LOSSY_PASSING = ("ok", "refused", "drift")
 
 
 def keeps_promise(result: "Result") -> bool:
-    return result.status == "ok" or (not result.command.startswith("O") and result.status in LOSSY_PASSING)
+    return result.status == "ok" or (result.command in LOSSY and result.status in LOSSY_PASSING)
 
 
 @dataclasses.dataclass
@@ -258,8 +262,7 @@ def judge_output(command: str, src, out, model: onnx.ModelProto, sets) -> tuple[
             default = None
         else:
             return "default-level", default
-    exact = command.startswith("O")
-    if exact:
+    if command not in LOSSY:
         if not _all_same(expected, off):
             return "mismatch", "outputs differ from the expected ones (optimizations off)"
         if default is not None and not isinstance(original_default, str) and not _all_same(original_default, default):
@@ -291,10 +294,15 @@ def run_case(case: Case, workdir: str) -> Result:
     from onnxforge.cli import main
 
     verb, *options = COMMANDS[case.command]
+    argv = [verb, str(src), "-o", str(out), *options]
+    if verb == "run":
+        recipe = Path(workdir) / "recipe.toml"
+        recipe.write_text(RUN_RECIPE)
+        argv = [verb, str(recipe), str(src), "-o", str(out), *options]
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            rc = main([verb, str(src), "-o", str(out), *options])
+            rc = main(argv)
         except SystemExit as exc:
             rc = exc.code if isinstance(exc.code, int) else 1
     seconds = time.perf_counter() - t0

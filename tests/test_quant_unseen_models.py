@@ -103,3 +103,74 @@ def test_fp16_keeps_a_function_op_float32_when_onnxruntime_rejects_its_body(tmp_
     want, got = _command(tmp_path, model, ["convert-fp16", "--calib", "random"], feed)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
     assert "MeanVarianceNormalization is a function op" in capsys.readouterr().out
+
+
+def test_fp16_names_the_node_onnxruntime_rejects_for_mixed_types():
+    """onnx's expanded AffineGrid: an Add converted to float16 read an If output whose type
+    nothing recorded, so no cast was placed and onnxruntime rejected the graph naming the
+    Add; the retry keeps it float32 (before, the message was not understood: exit 1)."""
+    from onnxforge.passes.quant.fp16 import _rejected_node
+
+    error = RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Type Error: Type parameter (T) of Optype (Add) bound to "
+                         "different types (tensor(float) and tensor(float16) in node (Add_19).")
+    assert _rejected_node(error) == ("Add_19", "Add reads a float32 tensor of no known type")
+
+
+def test_qdq_placement_keeps_float_the_nodes_of_a_tensor_calibration_did_not_range():
+    """onnxruntime's quantizer stops ("Quantization parameters are not specified for param")
+    at a tensor with no range; the nodes reading and writing it stay float instead."""
+    from onnxforge.passes.quant.formats import spec_for
+    from onnxforge.passes.quant.ort_qdq import place_qdq
+
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,4] x) => (float[2,4] y) {
+      w = Constant <value = float[4,4] {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}> ()
+      h = MatMul (x, w)
+      y = MatMul (h, w)
+    }""")
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+    from onnxforge.passes.quant.prepare import constant_nodes_to_initializers
+
+    model = constant_nodes_to_initializers(model)
+    ranges = {"x": (-1.0, 1.0), "y": (-1.0, 1.0)}  # h never ranged
+    out = place_qdq(model, ranges, spec_for("cpu", model, "static"), [], ("MatMul",))
+    matmuls = [n for n in out.graph.node if n.op_type == "MatMul"]
+    assert [n.name for n in matmuls] == ["n1", "n2"]  # both touch h: both stay float
+    assert not any(i.endswith("DequantizeLinear_Output") for n in matmuls for i in n.input)
+    onnx.checker.check_model(out)
+
+
+def test_qdq_pairs_before_a_subgraph_read_are_dropped_so_onnxruntime_does_not_abort(tmp_path):
+    """onnxruntime 1.31 aborts the process (a vector index assertion) building any optimized
+    session of Q -> DQ -> Transpose -> Reshape -> a tensor an If branch reads (onnx's expanded
+    AffineGrid, quantized): the pair is dropped. The session is built in a child process."""
+    import subprocess
+    import sys
+
+    from onnxforge.passes.quant.ort_qdq import unpair_before_subgraph_reads
+
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,3] x, bool c) => (float[3,2] y) {
+      m = Relu (x)
+      s = Constant <value = float {0.01}> ()
+      z = Constant <value = uint8 {128}> ()
+      q = QuantizeLinear (m, s, z)
+      d = DequantizeLinear (q, s, z)
+      t = Transpose (d)
+      shape = Constant <value = int64[2] {3, 2}> ()
+      r = Reshape (t, shape)
+      y = If (c) <then_branch = g1 () => (float[3,2] a) { a = Relu (r) },
+                  else_branch = g2 () => (float[3,2] b) { b = Neg (r) }>
+    }""")
+    assert unpair_before_subgraph_reads(model) == 2
+    assert [n.op_type for n in model.graph.node].count("DequantizeLinear") == 0
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    loads = subprocess.run([sys.executable, "-c", "import onnxruntime as ort, sys\n"
+                            "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])", str(path)],
+                           capture_output=True, timeout=120)
+    assert loads.returncode == 0, loads.stderr[-300:]
+    feed = {"x": np.array([[1, -2, 3], [-4, 5, -6]], np.float32), "c": np.array(True)}
+    np.testing.assert_array_equal(_run(path, feed, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)[0],
+                                  np.maximum(np.maximum(feed["x"], 0).T.reshape(3, 2), 0))

@@ -174,6 +174,9 @@ def static_qdq(
     if spec.provider == "cpu" and not spec.symmetric_activations:
         out, _ = integer_activations(out)  # HardSwish/HardSigmoid as QLinearAdd/QLinearMul
         out = _movement_in_nhwc(out)
+    from .ort_qdq import unpair_before_subgraph_reads
+
+    unpair_before_subgraph_reads(out)  # pairs the steps above placed, which onnxruntime would abort on
     return out
 
 

@@ -179,6 +179,11 @@ def _rejected_node(error: Exception) -> tuple[str, str] | None:
                       r"\((\w+)\) in node \(([^)]*)\) is invalid", str(error))
     if match:
         return match.group(3), f"onnxruntime {match.group(2)} takes no float16 ({match.group(1)})"
+    # a float16 node reading a tensor of no known type (an untyped If output), which stays float
+    match = re.search(r"Type parameter \(\w+\) of Optype \((\w+)\) bound to different types .* in node \(([^)]+)\)",
+                      str(error))
+    if match:
+        return match.group(2), f"{match.group(1)} reads a float32 tensor of no known type"
     return None
 
 
@@ -238,20 +243,6 @@ def function_op_nodes(model: onnx.ModelProto) -> dict[str, str]:
 # ------------------------------------------------------------------ entry
 
 
-def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every main-graph node named (``Op_i``, unique): what stays float32 is keyed by node
-    name, and onnxruntime names the node it rejects by its name, empty for an unnamed one."""
-    taken = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):
-        if node.name:
-            continue
-        name, k = f"{node.op_type}_{i}", 0
-        while name in taken:
-            k += 1
-            name = f"{node.op_type}_{i}_{k}"
-        node.name = name
-        taken.add(name)
-    return model
 
 
 def convert_fp16(
@@ -269,7 +260,7 @@ def convert_fp16(
     started = time.monotonic()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     source, original = _source_and_original(model)  # only the original's inputs are read (feeds)
-    baseline = name_unnamed_nodes(float_baseline(source if source is not None else original))
+    baseline = float_baseline(source if source is not None else original)
     report = Fp16Report(keep_io_types, "none", metric if isinstance(metric, str) else "user", max_drop)
     blocked = {**nodes_without_fp16_types(baseline), **overflowing_initializer_nodes(baseline)}
     feeds: list[dict] = []

@@ -27,6 +27,8 @@ the model's accuracy (its budget), not elementwise.
 """
 from __future__ import annotations
 
+import re
+
 from types import MappingProxyType
 from typing import Mapping
 
@@ -111,7 +113,111 @@ class OrtStaticQdq(Pass):
 
 def place_qdq(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], spec, exclude: list[str],
               op_types: tuple[str, ...] | None) -> onnx.ModelProto:
-    """onnxruntime's QDQQuantizer on ``model`` (a copy) with ``ranges`` as activation ranges."""
+    """onnxruntime's QDQQuantizer on ``model`` (a copy) with ``ranges`` as activation ranges.
+    A tensor the quantizer wants a range for that calibration did not see (made in an If
+    branch, or a constant it did not record) keeps the nodes reading and writing it float:
+    they join ``exclude`` and the quantizer reruns, at most MAX_UNRANGED_RETRIES times.
+    Pairs onnxruntime cannot load before a subgraph read are then dropped
+    (``unpair_before_subgraph_reads``)."""
+    exclude = list(exclude)
+    for _ in range(MAX_UNRANGED_RETRIES):
+        try:
+            placed = _place_qdq(model, ranges, spec, exclude, op_types)
+            unpair_before_subgraph_reads(placed)
+            return placed
+        except ValueError as exc:
+            found = re.search(r"Quantization parameters are not specified for param (\S+?)\.? In static mode", str(exc))
+            if not found:
+                raise
+            touching = [n.name for n in model.graph.node if n.name and n.name not in exclude
+                        and (found.group(1) in n.input or found.group(1) in n.output)]
+            if not touching:
+                raise
+            exclude += touching
+    placed = _place_qdq(model, ranges, spec, exclude, op_types)
+    unpair_before_subgraph_reads(placed)
+    return placed
+
+
+MAX_UNRANGED_RETRIES = 16
+
+
+def subgraph_reads(model: onnx.ModelProto) -> set[str]:
+    """Names read inside If/Loop/Scan bodies of main-graph nodes (at any depth)."""
+    names: set[str] = set()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            names.update(node.input)
+            for attr in node.attribute:
+                for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    visit(body)
+
+    for node in model.graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                visit(body)
+    return names
+
+
+# Ops onnxruntime moves Q/DQ across (its QDQ propagation) at session creation.
+PROPAGATED_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Expand",
+                            "Tile", "MaxPool", "Resize", "Split", "Concat", "DepthToSpace", "SpaceToDepth", "Identity"})
+
+
+def _reaches_subgraph(name: str, readers: dict, inner: set[str], depth: int = 0) -> bool:
+    """Whether a subgraph reads the output of a reader of ``name`` reached through
+    PROPAGATED_OPS only (a bounded walk)."""
+    if depth > 16:
+        return False
+    for r in readers.get(name, []):
+        if any(out in inner for out in r.output):
+            return True
+        if r.op_type in PROPAGATED_OPS and any(_reaches_subgraph(out, readers, inner, depth + 1) for out in r.output):
+            return True
+    return False
+
+
+def unpair_before_subgraph_reads(model: onnx.ModelProto) -> int:
+    """Drop each activation Q -> DQ pair from which a subgraph read is reached through
+    ops onnxruntime moves Q/DQ across: onnxruntime 1.31 aborts the process (an index
+    assertion) building any optimized session of DQ -> Transpose -> Reshape -> a tensor an
+    If branch reads (onnx's expanded AffineGrid). Those readers read the float tensor the
+    pair quantized instead; returns how many nodes were dropped."""
+    graph = model.graph
+    inner = subgraph_reads(model)
+    if not inner:
+        return 0
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    dropped: set[int] = set()
+    for dq in graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue  # a weight's DQ: no float copy to read instead
+        if not _reaches_subgraph(dq.output[0], readers, inner):
+            continue
+        for r in readers.get(dq.output[0], []):
+            for i, name in enumerate(r.input):
+                if name == dq.output[0]:
+                    r.input[i] = q.input[0]
+        dropped.add(id(dq))
+        if all(id(r) in dropped or r.op_type == "DequantizeLinear" and id(r) == id(dq) for r in readers.get(q.output[0], [])):
+            dropped.add(id(q))
+    if dropped:
+        kept = [n for n in graph.node if id(n) not in dropped]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return sum(1 for _ in dropped)
+
+
+def _place_qdq(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], spec, exclude: list[str],
+               op_types: tuple[str, ...] | None) -> onnx.ModelProto:
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 

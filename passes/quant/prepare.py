@@ -88,7 +88,24 @@ def _prepared(model: Model | onnx.ModelProto, proto: onnx.ModelProto, ort_basic:
     proto, _ = fuse_hardswish(proto)
     if affine_into_next:
         proto, _ = fold_affine(proto)
-    return proto
+    return name_unnamed_nodes(proto)
+
+
+def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every main-graph node named (``Op_i``, unique): what stays float (int8's exclusions,
+    fp16's float32 nodes) is keyed by node name, and onnxruntime names a node it rejects by
+    its name, empty for an unnamed one."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if node.name:
+            continue
+        name, k = f"{node.op_type}_{i}", 0
+        while name in taken:
+            k += 1
+            name = f"{node.op_type}_{i}_{k}"
+        node.name = name
+        taken.add(name)
+    return model
 
 
 def _checked_offline(proto: onnx.ModelProto, base_dir: Path | None = None) -> onnx.ModelProto:
