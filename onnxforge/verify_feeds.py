@@ -8,7 +8,9 @@ onnxruntime session of the original:
 
 1. the seeded sizes with other values for integer inputs: zeros (always a valid
    index), then ones with -1 last where the input is a Reshape target;
-2. a ladder of sizes for the dynamic dims (every dim but the first, then all of them),
+2. for a decoder (a dim named ``past*``), an empty cache: those dims 0, so a mask of
+   the total length (past + new) is as long as the new sequence;
+3. a ladder of sizes for the dynamic dims (every dim but the first, then all of them),
    larger than the defaults first, then smaller from large to small, with the seeded
    values, then with zeros for integers.
 
@@ -90,6 +92,10 @@ def candidate_plans(specs: list[InputSpec], pinned: Mapping[str, tuple]) -> list
     plans = [("seeded", default, "seeded"), ("zeros for integers", default, "zeros"),
              ("ones for integers", default, "ones")]
     dynamic = any(d is None or isinstance(d, str) for s in specs if s.name not in pinned for d in s.shape)
+    if any(_is_past(d) for s in specs if s.name not in pinned for d in s.shape):
+        # a decoder's first step: an empty cache, so the mask's total length is the sequence's
+        plans.append(("an empty past", {s.name: _shape(s, pinned, None, True, empty_past=True) for s in specs},
+                      "seeded"))
     if dynamic:
         for size in SIZE_LADDER:
             plans.append((f"dynamic dims {size}", {s.name: _shape(s, pinned, size, True) for s in specs}, "seeded"))
@@ -106,13 +112,20 @@ def candidate_plans(specs: list[InputSpec], pinned: Mapping[str, tuple]) -> list
     return unique
 
 
-def _shape(spec: InputSpec, pinned: Mapping[str, tuple], size: int | None, keep_first: bool) -> tuple[int, ...]:
+def _is_past(dim) -> bool:
+    return isinstance(dim, str) and "past" in dim.lower()
+
+
+def _shape(spec: InputSpec, pinned: Mapping[str, tuple], size: int | None, keep_first: bool,
+           empty_past: bool = False) -> tuple[int, ...]:
     if spec.name in pinned:
         return tuple(pinned[spec.name])
     dims = []
     for i, d in enumerate(spec.shape):
         if isinstance(d, int) and d >= 0:
             dims.append(d)
+        elif empty_past and _is_past(d):
+            dims.append(0)
         elif size is None or (keep_first and i == 0 and len(spec.shape) > 1):
             dims.append(default_dim(i, d, spec.shape))
         else:

@@ -72,3 +72,16 @@ def test_unknown_dims_count_as_the_made_up_length_squared():
     small, large = (vf.intermediate_elements(light, shapes(n), n, 1) for n in (64, 4096))
     assert large / small >= (4096 / 64) ** 2 * 0.9
     assert large > HEADS * 4096 * 8192  # at least one layer's scores
+
+
+def test_a_decoder_runs_on_an_empty_past_before_any_size_is_guessed(monkeypatch):
+    """Mask [B, P+S] and cache [B, H, P, D]: equal made-up sizes mismatch; P = 0 fits at the seeded sizes."""
+    proto = dg.decoder(layers=1, heads=HEADS, kv_heads=2, head_size=8, vocab=64)
+    model = Model.from_proto(proto)
+    found = vf.find_inputs(model, lambda: session_for(model), {})
+    assert found.label == "an empty past" and found.tries <= 4
+    feed = found.feeds[0]
+    assert feed["past_key_values.0.key"].shape[2] == 0
+    assert feed["attention_mask"].shape == feed["input_ids"].shape
+    logits = found.reference[0][0]
+    assert logits.shape == (*feed["input_ids"].shape, 64) and np.isfinite(logits).all()
