@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -330,19 +330,21 @@ class Verifier:
         return numeric_check(model, self.feeds, self.reference, self.output_names, tolerance, self.unstable)
 
 
-def written_equals(model: Model, tolerance: tuple[float, float] = (1e-5, 1e-6)):
+def written_equals(model: Model, tolerance: tuple[float, float] = (1e-5, 1e-6),
+                   pinned: Mapping[str, tuple] | None = None):
     """A ``check`` for ``io.save``: the file written, reloaded from disk, gives what the
     in-memory ``model`` (the one a command judged) gives, on inputs it runs on. Outputs
     of random ops are compared by type and shape only. The file must also load and run
     at onnxruntime's default optimization level (one more session), giving outputs of
     the same types and shapes, finite where those are: its fusions (QDQ into integer
-    kernels) change values by design, so the command's own measure judges them."""
+    kernels) change values by design, so the command's own measure judges them.
+    ``pinned``: input shapes the user gave, kept as they are (the other dims are made up)."""
 
     def check(path: Path) -> None:
         from .verify_feeds import find_inputs
 
         try:
-            found = find_inputs(model, lambda: session_for(model), {})
+            found = find_inputs(model, lambda: session_for(model), dict(pinned or {}))
         except Exception as exc:
             raise VerificationError(f"onnxruntime cannot load the model to write: {first_line(exc, limit=300)}",
                                     hint="report this model") from None

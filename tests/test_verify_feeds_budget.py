@@ -85,3 +85,16 @@ def test_a_decoder_runs_on_an_empty_past_before_any_size_is_guessed(monkeypatch)
     assert feed["attention_mask"].shape == feed["input_ids"].shape
     logits = found.reference[0][0]
     assert logits.shape == (*feed["input_ids"].shape, 64) and np.isfinite(logits).all()
+
+
+def test_the_check_of_a_written_model_keeps_the_pinned_shapes(monkeypatch, tmp_path):
+    from onnxforge.verify import written_equals
+
+    proto = dg.decoder(layers=1, heads=HEADS, kv_heads=2, head_size=8, vocab=64)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    runs = _recorded_runs(monkeypatch, runs_at=8)
+    pinned = {"input_ids": (1, 8), "position_ids": (1, 8), "attention_mask": (1, 9),
+              "past_key_values.0.key": (1, 2, 1, 8), "past_key_values.0.value": (1, 2, 1, 8)}
+    written_equals(Model.from_proto(proto), pinned=pinned)(path)
+    assert runs == [dict(pinned)]
