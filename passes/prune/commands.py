@@ -62,7 +62,7 @@ def run_prune(args: argparse.Namespace) -> int:
         target_params=args.target_params, round_to=args.round_to, max_ratio=args.max_ratio,
         sensitivity=False if args.no_sensitivity else None, calib_limit=args.calib_limit,
         eval_data=args.eval, input_shapes=shapes)
-    save(result, args.output, check=written_equals(result))
+    save(result, args.output, check=written_equals(result, pinned=shapes))
     if args.report:
         write_text(args.report, json.dumps(report.to_dict(), indent=2, default=str))
     print(summary(report))
