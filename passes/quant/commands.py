@@ -47,8 +47,8 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rounding", default="nearest", choices=("nearest", "learned"),
                    help="static formats: weights rounded to nearest (default), or learned per layer against the "
                         "float layer's output on calibration data (AdaRound-style, biases refit, each layer on the inputs the "
-                        "quantized model gives it; slower; PP-OCRv4 rec at 0 float nodes: cosine 0.988 vs 0.970 with "
-                        "nearest: benchmarks/results/learned_rounding.md)")
+                        "quantized model gives it; slower; PP-OCRv4 det/rec at 0 float nodes: cosine 0.985/0.988 vs "
+                        "0.981/0.970 with nearest: benchmarks/results/learned_rounding.md)")
     p.add_argument("--keep-float-if-slower", action="store_true",
                    help="return the float model when the INT8 one measures slower (a timing then decides the "
                         "bytes: not reproducible)")
