@@ -60,5 +60,10 @@ def refusal_reasons(text: str, pass_name: str, provider: str = "cpu") -> list[st
     return [r.reason for r in ctx.refusals]
 
 
+def reasons_by_node(ctx, rule: str) -> dict[str, str]:
+    """Each node one rule refused, with the reason it gave (what `--explain` shows)."""
+    return {name: r.reason for r in ctx.refusals if r.rule == rule for name in r.nodes}
+
+
 def rand(*shape, seed=0, scale=1.0):
     return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)

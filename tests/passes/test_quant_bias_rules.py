@@ -11,7 +11,7 @@ from onnxforge.model import Model
 from onnxforge.passes.quant.bias_rules import PASS_NAME
 from onnxforge.passes.registry import resolve
 
-from fusion_support import session
+from fusion_support import reasons_by_node, session
 
 RNG = np.random.default_rng(13)
 RULE = "add-bias-correction"
@@ -38,10 +38,6 @@ def _run_pass(proto: onnx.ModelProto, deltas: dict):
     return model.to_proto(), result, ctx
 
 
-def _reasons(ctx: PassContext) -> dict[str, str]:
-    return {name: r.reason for r in ctx.refusals if r.rule == RULE for name in r.nodes}
-
-
 def test_fires_and_shifts_each_output_channel_by_its_correction():
     model = _model()
     delta = np.array([0.5, -1.0, 0.25, 2.0], np.float32)
@@ -60,20 +56,20 @@ def test_fires_and_shifts_each_output_channel_by_its_correction():
 def test_refuses_a_layer_without_a_correction():
     _, result, ctx = _run_pass(_model(), {"b2": np.zeros(4, np.float32)})
     assert result.stats == {RULE: 1}
-    assert _reasons(ctx) == {"conv1": "no correction for its bias b1"}
+    assert reasons_by_node(ctx, RULE) == {"conv1": "no correction for its bias b1"}
 
 
 def test_refuses_a_correction_of_another_shape():
     _, result, ctx = _run_pass(_model(), {"b1": np.zeros(3, np.float32)})
     assert not result.changed
-    assert _reasons(ctx)["conv1"] == "the correction has shape (3,), bias b1 (4,)"
+    assert reasons_by_node(ctx, RULE)["conv1"] == "the correction has shape (3,), bias b1 (4,)"
 
 
 def test_refuses_a_shared_bias_the_second_time():
     model, delta = _model(shared=True), np.ones(4, np.float32)
     out, result, ctx = _run_pass(model, {"b1": delta})
     assert result.stats == {RULE: 1}
-    assert _reasons(ctx) == {"conv2": "bias b1 is shared with a layer corrected already"}
+    assert reasons_by_node(ctx, RULE) == {"conv2": "bias b1 is shared with a layer corrected already"}
     before = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b1"))
     after = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "b1"))
     np.testing.assert_allclose(after, before + delta, rtol=1e-6)  # added once

@@ -11,6 +11,8 @@ from onnxforge.context import PassContext
 from onnxforge.passes.quant.fp16 import to_fp16
 from onnxforge.passes.quant.fp16_rules import PASS_NAME
 
+from fusion_support import reasons_by_node
+
 DENSE = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[2, 8] x) => (float[2, 8] y) <float[8, 8] w = {@W@}, float[8] b = {@B@}> {
@@ -41,10 +43,6 @@ def _fired(ctx: PassContext) -> dict[str, int]:
     for _pass, rule, _nodes in ctx.rewrites:
         counts[rule] = counts.get(rule, 0) + 1
     return counts
-
-
-def _refusals(ctx: PassContext) -> dict[str, str]:
-    return {name: r.reason for r in ctx.refusals if r.rule == "node-to-fp16" for name in r.nodes}
 
 
 def test_node_to_fp16_fires_with_casts_only_at_the_float32_boundary():
@@ -87,7 +85,7 @@ def test_refuses_a_node_the_caller_keeps_with_its_reason():
     ctx = PassContext()
     why = "activation overflows fp16: m reached 7e+04"
     out = to_fp16(_dense(), {"relu": why}, ctx=ctx)
-    assert _refusals(ctx) == {"relu": why} and _fired(ctx) == {"node-to-fp16": 2}
+    assert reasons_by_node(ctx, "node-to-fp16") == {"relu": why} and _fired(ctx) == {"node-to-fp16": 2}
     relu = next(n for n in out.graph.node if n.op_type == "Relu")
     assert all(name.endswith("_to_fp32") or name == "m" for name in relu.input)  # reads float32
 
@@ -99,7 +97,7 @@ def test_refuses_a_node_reading_an_initializer_fp16_cannot_hold():
     model = Model.from_proto(_dense(b_value=1e6))
     ctx = PassContext(model=model, options={PASS_NAME: {"float_tensors": ["m", "r"]}})  # the parser gives no value_info
     resolve(PASS_NAME).run(model.graph, ctx)
-    assert _refusals(ctx) == {"add": "initializer b: overflows fp16 (max |x| 1e+06)"}
+    assert reasons_by_node(ctx, "node-to-fp16") == {"add": "initializer b: overflows fp16 (max |x| 1e+06)"}
     assert _fired(ctx) == {"node-to-fp16": 2}
 
 
@@ -113,7 +111,7 @@ def test_refuses_ops_whose_schema_takes_no_float16():
     }""")
     model.graph.node[0].name = "grid"
     to_fp16(model, {}, ctx=ctx)
-    assert _refusals(ctx) == {"grid": "ONNX Range-11 takes no float16 (start)"}
+    assert reasons_by_node(ctx, "node-to-fp16") == {"grid": "ONNX Range-11 takes no float16 (start)"}
 
 
 def test_refuses_float_only_contrib_ops():
@@ -135,7 +133,8 @@ def test_refuses_nodes_holding_subgraphs():
     ctx = PassContext()
     out = to_fp16(model, {}, ctx=ctx)
     onnx.checker.check_model(out)
-    assert _refusals(ctx) == {"if": "If holds a subgraph: its body is not converted"} and _fired(ctx) == {"node-to-fp16": 1}
+    assert reasons_by_node(ctx, "node-to-fp16") == {"if": "If holds a subgraph: its body is not converted"}
+    assert _fired(ctx) == {"node-to-fp16": 1}
     sess = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"c": np.array(True), "x": np.array([-1.5, 2.0], np.float32)})[0]
     np.testing.assert_array_equal(y, [1.5, 0.0])

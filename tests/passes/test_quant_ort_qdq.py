@@ -13,7 +13,7 @@ from onnxforge.passes.quant.formats import spec_for
 from onnxforge.passes.quant.ort_qdq import PASS_NAME
 from onnxforge.passes.registry import resolve
 
-from fusion_support import session
+from fusion_support import reasons_by_node, session
 
 RNG = np.random.default_rng(11)
 RULE = "onnxruntime-qdq-placement"
@@ -51,10 +51,6 @@ def _run_pass(proto: onnx.ModelProto, exclude: dict | None = None, denied=()):
     return model.to_proto(), result, ctx
 
 
-def _refusals(ctx: PassContext) -> dict[str, str]:
-    return {name: r.reason for r in ctx.refusals if r.rule == RULE for name in r.nodes}
-
-
 def test_fires_on_every_quantizable_node_and_the_result_runs_close_to_float():
     model = _model()
     out, result, ctx = _run_pass(model)
@@ -75,7 +71,7 @@ def test_fires_on_every_quantizable_node_and_the_result_runs_close_to_float():
 def test_refuses_an_op_type_the_format_does_not_quantize():
     out, result, ctx = _run_pass(_model([helper.make_node("Softmax", ["c2"], ["y"], name="softmax", axis=1)]))
     assert result.stats == {RULE: 3}
-    assert _refusals(ctx) == {"softmax": "Softmax is not among the op types this format quantizes"}
+    assert reasons_by_node(ctx, RULE) == {"softmax": "Softmax is not among the op types this format quantizes"}
     softmax = next(n for n in out.graph.node if n.op_type == "Softmax")
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] == softmax.output[0] for n in out.graph.node)
 
@@ -83,7 +79,7 @@ def test_refuses_an_op_type_the_format_does_not_quantize():
 def test_refuses_a_node_the_caller_keeps_float_and_onnxruntime_leaves_it_float():
     out, result, ctx = _run_pass(_model(), exclude={"conv2": "scored better in float"})
     assert result.stats == {RULE: 2}
-    assert _refusals(ctx) == {"conv2": "kept float: scored better in float"}
+    assert reasons_by_node(ctx, RULE) == {"conv2": "kept float: scored better in float"}
     conv2 = next(n for n in out.graph.node if n.name == "conv2")
     assert conv2.input[1] == "w2"  # its float weight, read directly
 
@@ -91,7 +87,7 @@ def test_refuses_a_node_the_caller_keeps_float_and_onnxruntime_leaves_it_float()
 def test_refuses_a_node_rolled_back_by_the_pass_manager():
     _, result, ctx = _run_pass(_model(), denied={(RULE, ("relu",))})
     assert result.stats == {RULE: 2}
-    assert _refusals(ctx) == {"relu": "rolled back: this rewrite broke verification"}
+    assert reasons_by_node(ctx, RULE) == {"relu": "rolled back: this rewrite broke verification"}
 
 
 def test_refuses_nodes_inside_a_subgraph():
@@ -102,7 +98,7 @@ def test_refuses_nodes_inside_a_subgraph():
     nodes = [helper.make_node("If", ["flag"], ["y"], name="if", then_branch=branch, else_branch=other)]
     _, result, ctx = _run_pass(_model(nodes, {"flag": np.array(True)}))
     assert result.stats == {RULE: 3}
-    refusals = _refusals(ctx)
+    refusals = reasons_by_node(ctx, RULE)
     assert refusals["inner_relu"] == "inside a subgraph: onnxruntime's QDQ quantizer places Q/DQ in the main graph only"
     assert refusals["if"] == "If is not among the op types this format quantizes"
     assert refusals["neg"] == "Neg is not among the op types this format quantizes"
