@@ -156,17 +156,25 @@ def _ort_value(value):
     return value
 
 
-def _same(expected, got) -> bool:
+def _walk(expected, got, leaf) -> bool:
+    """Same structure (maps, sequences, None) with ``leaf(e, g)`` true on each pair of tensors."""
     expected = _ort_value(expected)
     if isinstance(expected, dict):
-        return isinstance(got, dict) and expected.keys() == got.keys() and all(_same(expected[k], got[k]) for k in expected)
+        return isinstance(got, dict) and expected.keys() == got.keys() and all(
+            _walk(expected[k], got[k], leaf) for k in expected)
     if isinstance(expected, (list, tuple)):
-        return isinstance(got, (list, tuple)) and len(expected) == len(got) and all(_same(e, g) for e, g in zip(expected, got))
-    if expected is None:
-        return got is None
-    if got is None:
-        return False
-    e, g = np.asarray(expected), np.asarray(got)
+        return isinstance(got, (list, tuple)) and len(expected) == len(got) and all(
+            _walk(e, g, leaf) for e, g in zip(expected, got))
+    if expected is None or got is None:
+        return expected is None and got is None
+    return leaf(np.asarray(expected), np.asarray(got))
+
+
+def _same(expected, got) -> bool:
+    return _walk(expected, got, _same_tensor)
+
+
+def _same_tensor(e: np.ndarray, g: np.ndarray) -> bool:
     if e.shape != g.shape:
         return False
     if e.dtype.kind in "fc" or g.dtype.kind in "fc":
@@ -220,15 +228,7 @@ def _ort_run(path_or_bytes, model: onnx.ModelProto, sets) -> str | None:
 
 def _same_kind(expected, got) -> bool:
     """Same structure, and for tensors the same shape and dtype (values may differ)."""
-    expected = _ort_value(expected)
-    if isinstance(expected, dict):
-        return isinstance(got, dict) and expected.keys() == got.keys() and all(_same_kind(expected[k], got[k]) for k in expected)
-    if isinstance(expected, (list, tuple)):
-        return isinstance(got, (list, tuple)) and len(expected) == len(got) and all(_same_kind(e, g) for e, g in zip(expected, got))
-    if expected is None or got is None:
-        return expected is None and got is None
-    e, g = np.asarray(expected), np.asarray(got)
-    return e.shape == g.shape and e.dtype == g.dtype
+    return _walk(expected, got, lambda e, g: e.shape == g.shape and e.dtype == g.dtype)
 
 
 def _worst_cosine(expected_sets, got_sets) -> float:
