@@ -79,11 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 def _quiet_onnxruntime() -> None:
     """onnxruntime's C++ logger writes coloured lines to stderr; failures reach the
     user as one ``error:`` line instead."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return
-    onnxruntime.set_default_logger_severity(4)
+    from onnxforge.runtime.capture import quiet_onnxruntime
+
+    quiet_onnxruntime(4)
 
 
 # Arguments naming files a command reads: no output of the run may replace them.

@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from onnxforge.runtime.capture import captured_output, first_reason
+from onnxforge.runtime.capture import first_reason, provider_log
 from onnxforge.runtime.cpuclass import cpu_class, has_int8_dot
 
 PROBED = (("cpu", "CPUExecutionProvider"), ("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider"))
@@ -60,7 +60,7 @@ def probe_provider(name: str, ort_name: str) -> ProviderStatus:
         return ProviderStatus(name, ort_name, False, False, f"this onnxruntime build ({_ort_package()}) lacks it")
     so = ort.SessionOptions()
     so.log_severity_level = 1  # library load failures are logged as errors/warnings
-    with captured_output() as log:
+    with provider_log() as log:
         try:
             providers = list(dict.fromkeys([ort_name, "CPUExecutionProvider"]))
             sess = ort.InferenceSession(probe_model(), so, providers=providers)

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxforge.errors import DataError, ProviderError
-from onnxforge.runtime.capture import Captured, captured_output, first_reason
+from onnxforge.runtime.capture import Captured, first_reason, provider_log
 from onnxforge.runtime.options import build_session_options
 from onnxforge.runtime.profile import Profile, resolve_profile
 from onnxforge.runtime.providers import profile_module
@@ -57,7 +57,7 @@ def session(model, profile="auto", *, strict: bool = True, provider: str = "cpu"
     providers = ort_providers(prof)
     primary = providers[0][0]
     # Only GPU providers fall back with nothing but a log line to say why.
-    capture = captured_output() if primary != "CPUExecutionProvider" else contextlib.nullcontext(Captured())
+    capture = provider_log() if primary != "CPUExecutionProvider" else contextlib.nullcontext(Captured())
     with capture as log:
         try:
             sess = ort.InferenceSession(src, sess_options=so, providers=providers)

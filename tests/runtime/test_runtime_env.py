@@ -2,6 +2,8 @@
 import io
 import json
 
+import pytest
+
 from rich.console import Console
 
 from onnxforge.runtime import env
@@ -76,3 +78,30 @@ def test_captured_output_catches_fd_level_writes():
         os.write(2, b"from C code\n")
         print("from python")
     assert "from C code" in cap.text
+
+
+def test_first_reason_skips_a_sessions_info_lines():
+    log = ("2026 [I:onnxruntime:, inference_session.cc:2767 operator()] Initializing session.\n"
+           "2026 [I:onnxruntime:, inference_session.cc:3296 operator()] Session successfully initialized.\n")
+    assert first_reason(log) == ""
+
+
+def test_a_missing_gpu_provider_says_why_after_the_cli_quieted_onnxruntime(monkeypatch):
+    """The CLI sets onnxruntime's default logger to fatal-only; the probe must still
+    see the library-load error, not a session's info line, and restore the level."""
+    import onnxruntime as ort
+
+    from onnxforge.runtime.capture import SEVERITY_VARIABLE, captured_output, quiet_onnxruntime
+
+    monkeypatch.setenv(SEVERITY_VARIABLE, "2")
+    quiet_onnxruntime(4)
+    try:
+        status = env.probe_provider("cuda", "CUDAExecutionProvider")
+        if not status.listed or status.works:
+            pytest.skip("needs an onnxruntime build that lists CUDA without a usable GPU")
+        assert status.reason and "[I:" not in status.reason and "Session" not in status.reason
+        with captured_output() as after:  # quiet again: a failing provider logs nothing now
+            ort.InferenceSession(env.probe_model(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        assert "Failed to" not in after.text
+    finally:
+        quiet_onnxruntime(2)
