@@ -6,7 +6,7 @@ Identity: a deterministic op is a function of its inputs and attributes.
 Preconditions:
   * not a random op (Random*, Multinomial, Bernoulli) and no subgraph attribute;
   * inputs are the same tensors, or constants of at most ``SMALL_CONSTANT_BYTES``
-    with the same type, shape and bytes (-0.0 and NaN payloads compare by bits);
+    with the same type, shape (a scalar is not a 1-element vector) and bytes (-0.0 and NaN payloads compare by bits);
   * both nodes live in the same graph (no value moves between scopes);
   * none of the dropped node's outputs is a graph output.
 """
@@ -32,7 +32,9 @@ class Unkeyable(Exception):
 def constant_key(tensor: gs.Constant) -> tuple:
     if const_nbytes(tensor) > SMALL_CONSTANT_BYTES:
         return ("tensor", id(tensor))
-    array = np.ascontiguousarray(tensor.values)
+    # np.asarray keeps a scalar 0-d (ascontiguousarray would make it [1], so a scalar index and
+    # a 1-element one would key alike); tobytes() is C order whatever the layout
+    array = np.asarray(tensor.values)
     return ("const", onnx_dtype(tensor), tuple(array.shape), array.tobytes())
 
 

@@ -188,7 +188,7 @@ def fresh_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constan
     while name in names:
         k += 1
         name = f"{base}_{k}"
-    return gs.Constant(name, np.ascontiguousarray(values))
+    return gs.Constant(name, np.asarray(values, order="C"))  # ascontiguousarray would make a scalar [1]
 
 
 def need_ms_domain(ctx: PassContext) -> None:

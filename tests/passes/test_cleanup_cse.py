@@ -48,6 +48,32 @@ def test_different_attributes_constants_and_random_ops_do_not_merge():
     assert not result.changed
 
 
+
+def test_scalar_and_one_element_constants_do_not_merge():
+    # the dim read of the GQA chunk rewrite (Gather by [2], 1-D, a Slice's ends) beside the exporter's
+    # own (Gather by scalar 2): merged, the Slice read a scalar ends ("Ends must be a 1-D array")
+    model = model_from_text(OPSET + """
+    g (float[N,3,M] x) => (int64 n, float[N,3,M] y) {
+      s = Shape(x)
+      i0 = Constant <value = int64 {2}> ()
+      i1 = Constant <value = int64[1] {2}> ()
+      i2 = Constant <value = int64 {2}> ()
+      a = Gather <axis = 0> (s, i0)
+      b = Gather <axis = 0> (s, i1)
+      c = Gather <axis = 0> (s, i2)
+      n = Add(a, c)
+      start = Constant <value = int64[1] {0}> ()
+      axes = Constant <value = int64[1] {2}> ()
+      y = Slice(x, start, b, axes)
+    }""")
+    run_pass("constant-to-initializer", model)
+    before = model.to_proto()
+    result, _ = run_pass("eliminate-common-subexpressions", model)
+    assert result.stats == {"merged_node": 1}  # the two scalar reads only
+    assert histogram(model)["Gather"] == 2
+    for m in (2, 5):
+        assert_parity(before, model, {"x": np.arange(2 * 3 * m, dtype=np.float32).reshape(2, 3, m)})
+
 def test_duplicate_that_is_a_graph_output_stays():
     model = model_from_text(OPSET + """
     g (float[1,3] x) => (float[1,3] y, float[1,3] z) {
