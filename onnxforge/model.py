@@ -182,13 +182,15 @@ class Model:
         return Model(self.graph.copy(), meta, self.source, list(self.notes),
                      list(self.overridable_inputs), list(self.input_order), dict(self.value_types))
 
-    def to_proto(self) -> onnx.ModelProto:
+    def to_proto(self, toposort: bool = True) -> onnx.ModelProto:
         """Export to a ModelProto; external tensors stay references, nothing is loaded.
 
         The exported graph is kept and the model fields are merged into it from
-        ``meta`` (copying the graph instead would hold in-memory weights twice)."""
+        ``meta`` (copying the graph instead would hold in-memory weights twice).
+        ``toposort=False``: the nodes in their present order (the caller knows it is one)."""
         graph = self.graph
-        graph.toposort(recurse_subgraphs=True)
+        if toposort:
+            graph.toposort(recurse_subgraphs=True)
         _strings_as_tensor_protos(graph)
         proto = gs.export_onnx(graph, do_type_check=False)
         added = [imp for imp in proto.opset_import if self.opset(imp.domain) is None]

@@ -22,6 +22,9 @@ PASS_MODULES = (
     "onnxforge.passes.quant.equalize_rules",  # quantize's cross-layer equalization / smoothing runs it
     "onnxforge.passes.quant.bias_rules",  # quantize's bias correction runs it
     "onnxforge.passes.quant.ort_qdq",  # quantize's static QDQ placement (onnxruntime's, wrapped) runs it
+    "onnxforge.passes.quant.subgraph_pairs",  # the static placement runs it (pairs onnxruntime would abort on)
+    "onnxforge.passes.quant.accuracy_level",  # quantize --bits auto's int4-acc4 candidate runs it
+    "onnxforge.passes.quant.ort_dynamic",  # quantize's dynamic MatMul format (onnxruntime's, wrapped) runs it
 )
 
 CLEANUP_PIPELINE = (

@@ -4,8 +4,8 @@ Candidates, smallest first (the order of preference): INT4 (``quantize_int4``, M
 accuracy_level 0: fp32 activations), the same codes with accuracy_level 4 (activations quantized to
 int8 per block inside the kernel: faster on CPUs, slightly less accurate), INT8 dynamic (MatMul/Gemm
 weights per column in the CPU class's format, ``formats.spec_for``: u8 without int8 dot products, s8
-with them; u8 activations quantized per call: ``formats.dynamic_matmul``) with the MatMul/Gemm whose
-input has outlier channels kept float (``outliers.py``: more than ``max_input_error`` relative error
+with them; u8 activations quantized per call: the pass onnxruntime-dynamic, ort_dynamic.py) with the MatMul/Gemm whose
+input has outlier channels kept float (its rule refuses them, ``outliers.py``: more than ``max_input_error`` relative error
 from per-tensor u8 quantization on the first calibration feeds; the report lists them with reasons),
 and the fp32 input.
 
@@ -41,7 +41,8 @@ import numpy as np
 from onnxforge.errors import DataError
 from onnxforge.model import ExternalValues, Model, constants
 
-from .outliers import FEEDS as OUTLIER_FEEDS, MAX_ERROR as MAX_INPUT_ERROR, outlier_nodes
+from .outliers import FEEDS as OUTLIER_FEEDS, MAX_ERROR as MAX_INPUT_ERROR, input_stats, outlier_nodes, weighted_inputs
+from .registered import apply_to_model
 
 MARGIN = 0.10
 ROUNDS = 8
@@ -107,7 +108,7 @@ def quantize_auto(model_path: str, model: Model, calib: str, *, val: str | None 
     ``max_input_error``: the INT8 candidate's bound for outlier inputs (None: every MatMul/Gemm quantized)."""
     from onnxforge.io import load, save
 
-    from .formats import dynamic_matmul, spec_for
+    from .formats import spec_for
     from .int4 import judge, quantize_int4
     from .ortsession import return_freed_memory, with_external_data_loaded
 
@@ -119,12 +120,18 @@ def quantize_auto(model_path: str, model: Model, calib: str, *, val: str | None 
         paths = {"fp32": str(model_path)}
         log("bits auto: INT8 dynamic")
         proto = with_external_data_loaded(model.to_proto(), Path(model_path).resolve().parent)
+        settings: dict = {"spec": spec_for("cpu", proto, "dynamic")}
         outliers = {}
         if max_input_error is not None:
-            outliers = outlier_nodes(proto, _first_feeds(calib if calib not in (None, "random") else data, OUTLIER_FEEDS),
-                                     max_input_error)
+            feeds = _first_feeds(calib if calib not in (None, "random") else data, OUTLIER_FEEDS)
+            stats = input_stats(proto, feeds, sorted(set(weighted_inputs(proto).values())))
+            # the rule onnxruntime-dynamic-matmul refuses these from the same statistics
+            settings.update(input_stats=stats, max_input_error=max_input_error)
+            outliers = outlier_nodes(proto, (), max_input_error, stats=stats)
             log(f"bits auto: INT8 keeps {len(outliers)} MatMul/Gemm float (input outliers)")
-        int8 = Model.from_proto(dynamic_matmul(proto, spec_for("cpu", proto, "dynamic"), sorted(outliers)))
+        # the weights read once: the pass exports the graph (which reads ``proto``'s) for onnxruntime
+        int8 = Model.from_proto(proto)
+        apply_to_model(int8, ("onnxruntime-dynamic",), max_iterations=1, options={"onnxruntime-dynamic": settings})
         del proto
         return_freed_memory()
         paths["int8-dynamic"] = _write(save, int8, Path(tmp) / "int8.onnx")
@@ -134,7 +141,8 @@ def quantize_auto(model_path: str, model: Model, calib: str, *, val: str | None 
         options.pop("accuracy_level", None)
         int4, int4_report = quantize_int4(model, calib, check=False, log=log, **options)
         paths["int4"] = _write(save, int4, Path(tmp) / "int4.onnx")
-        _set_accuracy_level(int4, 4)
+        apply_to_model(int4, ("matmulnbits-accuracy-level",), max_iterations=1,
+                       options={"matmulnbits-accuracy-level": {"level": 4}})
         paths["int4-acc4"] = _write(save, int4, Path(tmp) / "int4_acc4.onnx")
         del int4
         order = ["int4", "int4-acc4", "int8-dynamic", "fp32"]
@@ -182,12 +190,6 @@ def _file_bytes(path: str) -> int:
              if t.external_data[i].key == "location"}
     folder = Path(path).parent
     return os.path.getsize(path) + sum(os.path.getsize(folder / f) for f in files if (folder / f).exists())
-
-
-def _set_accuracy_level(model: Model, level: int) -> None:
-    for node in model.graph.nodes:
-        if node.op == "MatMulNBits":
-            node.attrs["accuracy_level"] = level
 
 
 def _int4_summary(report) -> dict:

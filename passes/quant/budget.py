@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from onnxforge.errors import OptionError
-from onnxforge.verify import cosine as similarity
+from onnxforge.output_diff import cosine as similarity
 
 from .ortsession import return_freed_memory, session as ort_session
 

@@ -174,7 +174,7 @@ def static_qdq(
     if spec.provider == "cpu" and not spec.symmetric_activations:
         out, _ = integer_activations(out)  # HardSwish/HardSigmoid as QLinearAdd/QLinearMul
         out = _movement_in_nhwc(out)
-    from .ort_qdq import unpair_before_subgraph_reads
+    from .subgraph_pairs import unpair_before_subgraph_reads
 
     unpair_before_subgraph_reads(out)  # pairs the steps above placed, which onnxruntime would abort on
     return out
@@ -225,11 +225,18 @@ def _movement_in_nhwc(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def dynamic_matmul(model: onnx.ModelProto, spec: FormatSpec, exclude: list[str] = ()) -> onnx.ModelProto:
-    """MatMul/Gemm with constant weights quantized dynamically (u8 activations, s8 weights)."""
+    """MatMul/Gemm with constant weights quantized dynamically (u8 activations, s8 weights):
+    onnxruntime's dynamic quantizer on a copy of ``model``. ``quantize`` runs it as the
+    registered pass onnxruntime-dynamic (ort_dynamic.py), which says per node what it hands over."""
+    return dynamic_matmul_in_place(_copy(model), spec, exclude)
+
+
+def dynamic_matmul_in_place(working: onnx.ModelProto, spec: FormatSpec, exclude: list[str] = ()) -> onnx.ModelProto:
+    """``dynamic_matmul`` on ``working`` itself (the caller's own copy, the default domain listed
+    once): onnxruntime's quantizer changes it; the quantized model is returned."""
     from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
     from onnxruntime.quantization.quant_utils import QuantizationMode
 
-    working = _copy(model)
     marked = _mark_inferred(_with_inferred_types(working))
     with _shapes_inferred_in_place():
         quantizer = ONNXQuantizer(

@@ -41,6 +41,8 @@ from onnxforge.model import Model, iter_graphs
 from onnxforge.passes.base import Match, Pass, PassResult, Rule, rewrite_key, unique_node_names
 from onnxforge.passes.matching import DEFAULT_DOMAINS
 
+from .subgraph_pairs import unpair_before_subgraph_reads
+
 PASS_NAME = "onnxruntime-qdq"
 
 
@@ -68,7 +70,32 @@ class OrtQdqPlacement(Rule):
         return None
 
 
-class OrtStaticQdq(Pass):
+class OnnxruntimeCall(Pass):
+    """A pass wrapping one call of an onnxruntime quantizer (module docstring): its one rule says
+    per node what the call is given (``verdicts``); ``call`` makes the quantized model from the
+    refused names; the model becomes it."""
+
+    def call(self, ctx: PassContext, excluded: list[str]) -> onnx.ModelProto:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def tidy(self, graph: gs.Graph) -> None:
+        """What the adopted graph needs (nothing by default)."""
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if ctx.model is None or ctx.model.graph is not graph:
+            raise ValueError(f"{self.name} runs on a whole model (its graph is handed to onnxruntime)")
+        rule = self.rules[0]()
+        accepted, excluded = verdicts(rule, graph, ctx)
+        if not accepted:
+            return PassResult(False)
+        adopt(ctx.model, self.call(ctx, excluded))
+        ctx.rewrites.extend((self.name, rule.name, names) for names in accepted)
+        unique_node_names(graph)
+        self.tidy(graph)
+        return PassResult.from_counts({rule.name: len(accepted)})
+
+
+class OrtStaticQdq(OnnxruntimeCall):
     name = PASS_NAME
     description = "onnxruntime's static QDQ placement with calibrated ranges (the quantizer runs it)"
     tolerance = (float("inf"), float("inf"))  # INT8 rounding: judged by the quantizer's accuracy budget
@@ -80,35 +107,38 @@ class OrtStaticQdq(Pass):
         "exclude": (dict, "node name -> why the caller keeps it float"),
     })
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if ctx.model is None or ctx.model.graph is not graph:
-            raise ValueError(f"{PASS_NAME} runs on a whole model (its graph is handed to onnxruntime)")
-        rule = self.rules[0]()
-        accepted: list[tuple[str, ...]] = []
-        excluded: list[str] = []
-        for g in iter_graphs(graph):
-            for node in list(g.nodes):
-                match = rule.match(g, node)
-                if match is None:
-                    continue
-                verdict = rule.check(g, match, ctx)
-                key = rewrite_key(rule.name, match)
-                if verdict is None and key in ctx.denied_rewrites:
-                    verdict = Refusal(rule.name, "rolled back: this rewrite broke verification", key[1])
-                if isinstance(verdict, Refusal):
-                    ctx.refuse(verdict)
-                    excluded.extend(n for n in match.names)
-                else:
-                    accepted.append(key[1])
-        if not accepted:
-            return PassResult(False)
-        quantized = place_qdq(ctx.model.to_proto(), ctx.option(PASS_NAME, "ranges") or {},
-                              ctx.option(PASS_NAME, "spec"), excluded, ctx.option(PASS_NAME, "op_types"))
-        _adopt(ctx.model, quantized)
-        ctx.rewrites.extend((self.name, rule.name, names) for names in accepted)
-        unique_node_names(graph)
+    def call(self, ctx: PassContext, excluded: list[str]) -> onnx.ModelProto:
+        return place_qdq(ctx.model.to_proto(), ctx.option(PASS_NAME, "ranges") or {},
+                         ctx.option(PASS_NAME, "spec"), excluded, ctx.option(PASS_NAME, "op_types"))
+
+    def tidy(self, graph: gs.Graph) -> None:
+        # onnxruntime appends Q/DQ after their readers; the float weights it replaced stay unread
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult.from_counts({rule.name: len(accepted)})
+
+
+def verdicts(rule: Rule, graph: gs.Graph, ctx: PassContext) -> tuple[list[tuple[str, ...]], list[str]]:
+    """The nodes (keys) ``rule`` accepts in ``graph`` and its subgraphs, and the names of those it refuses
+    (each refusal, with its reason, handed to ``ctx``; a rewrite the pass manager rolled back is refused):
+    what a pass wrapping one call of onnxruntime's quantizer hands it as quantized and as excluded."""
+    accepted: list[tuple[str, ...]] = []
+    excluded: list[str] = []
+    for g in iter_graphs(graph):
+        for node in list(g.nodes):
+            if rule.anchor_ops and node.op not in rule.anchor_ops:
+                continue
+            match = rule.match(g, node)
+            if match is None:
+                continue
+            verdict = rule.check(g, match, ctx)
+            key = rewrite_key(rule.name, match)
+            if verdict is None and key in ctx.denied_rewrites:
+                verdict = Refusal(rule.name, "rolled back: this rewrite broke verification", key[1])
+            if isinstance(verdict, Refusal):
+                ctx.refuse(verdict)
+                excluded.extend(match.names)
+            else:
+                accepted.append(key[1])
+    return accepted, excluded
 
 
 def place_qdq(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], spec, exclude: list[str],
@@ -117,8 +147,8 @@ def place_qdq(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]],
     A tensor the quantizer wants a range for that calibration did not see (made in an If
     branch, or a constant it did not record) keeps the nodes reading and writing it float:
     they join ``exclude`` and the quantizer reruns, at most MAX_UNRANGED_RETRIES times.
-    Pairs onnxruntime cannot load before a subgraph read are then dropped
-    (``unpair_before_subgraph_reads``)."""
+    Pairs onnxruntime cannot load before a subgraph read are then dropped (the registered
+    pass unpair-before-subgraph-reads, subgraph_pairs.py)."""
     exclude = list(exclude)
     for _ in range(MAX_UNRANGED_RETRIES):
         try:
@@ -140,80 +170,6 @@ def place_qdq(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]],
 
 
 MAX_UNRANGED_RETRIES = 16
-
-
-def subgraph_reads(model: onnx.ModelProto) -> set[str]:
-    """Names read inside If/Loop/Scan bodies of main-graph nodes (at any depth)."""
-    names: set[str] = set()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            names.update(node.input)
-            for attr in node.attribute:
-                for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    visit(body)
-
-    for node in model.graph.node:
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                visit(body)
-    return names
-
-
-# Ops onnxruntime moves Q/DQ across (its QDQ propagation) at session creation.
-PROPAGATED_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Expand",
-                            "Tile", "MaxPool", "Resize", "Split", "Concat", "DepthToSpace", "SpaceToDepth", "Identity"})
-
-
-def _reaches_subgraph(name: str, readers: dict, inner: set[str], depth: int = 0) -> bool:
-    """Whether a subgraph reads the output of a reader of ``name`` reached through
-    PROPAGATED_OPS only (a bounded walk)."""
-    if depth > 16:
-        return False
-    for r in readers.get(name, []):
-        if any(out in inner for out in r.output):
-            return True
-        if r.op_type in PROPAGATED_OPS and any(_reaches_subgraph(out, readers, inner, depth + 1) for out in r.output):
-            return True
-    return False
-
-
-def unpair_before_subgraph_reads(model: onnx.ModelProto) -> int:
-    """Drop each activation Q -> DQ pair from which a subgraph read is reached through
-    ops onnxruntime moves Q/DQ across: onnxruntime 1.31 aborts the process (an index
-    assertion) building any optimized session of DQ -> Transpose -> Reshape -> a tensor an
-    If branch reads (onnx's expanded AffineGrid). Those readers read the float tensor the
-    pair quantized instead; returns how many nodes were dropped."""
-    graph = model.graph
-    inner = subgraph_reads(model)
-    if not inner:
-        return 0
-    producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    dropped: set[int] = set()
-    for dq in graph.node:
-        if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
-            continue
-        q = producer.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear":
-            continue  # a weight's DQ: no float copy to read instead
-        if not _reaches_subgraph(dq.output[0], readers, inner):
-            continue
-        for r in readers.get(dq.output[0], []):
-            for i, name in enumerate(r.input):
-                if name == dq.output[0]:
-                    r.input[i] = q.input[0]
-        dropped.add(id(dq))
-        if all(id(r) in dropped or r.op_type == "DequantizeLinear" and id(r) == id(dq) for r in readers.get(q.output[0], [])):
-            dropped.add(id(q))
-    if dropped:
-        kept = [n for n in graph.node if id(n) not in dropped]
-        del graph.node[:]
-        graph.node.extend(kept)
-    return sum(1 for _ in dropped)
 
 
 def _place_qdq(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], spec, exclude: list[str],
@@ -257,7 +213,7 @@ def _place_qdq(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]]
     return quantizer.model.model
 
 
-def _adopt(model: Model, proto: onnx.ModelProto) -> None:
+def adopt(model: Model, proto: onnx.ModelProto) -> None:
     """``model`` becomes ``proto`` (graph and model fields), in place: the pass manager and
     the caller hold ``model`` and its graph."""
     new = Model.from_proto(proto)

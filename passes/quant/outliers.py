@@ -12,7 +12,8 @@ from names: on each calibration feed (one call) the input x is quantized as the 
     error = median over tokens t (all axes but the last) of ||x'_t - x_t|| / ||x_t||,
 
 and a node whose largest error over the feeds exceeds ``max_error`` is kept float, its reason naming the error
-and the outlier ratio (max over channels of max |x| / the median channel's) beside it. The default bound was set
+and the outlier ratio (max over channels of max |x| / the median channel's) beside it (``outlier_reason``: the
+rule onnxruntime-dynamic-matmul, ort_dynamic.py, refuses such a node with it; ``outlier_nodes`` lists them). The default bound was set
 on SmolLM2-135M (benchmarks/results/int8_outliers_smollm2_135m_kv.md): its 30 down projections measure 0.061-1.0,
 the q/k/v, o and gate/up inputs 0.01-0.056 but for three (last layers' gate/up 0.070 and 0.100, one o_proj 0.070).
 """
@@ -82,13 +83,23 @@ def input_stats(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]
     return out
 
 
+def outlier_reason(tensor: str, stats: InputStats | None, max_error: float) -> str | None:
+    """Why a weighted node reading ``tensor`` stays float (its input's error above ``max_error``), or None: the
+    decision, made here once; the rule onnxruntime-dynamic-matmul (ort_dynamic.py) refuses with it."""
+    if stats is None or not stats.error > max_error:
+        return None
+    return (f"input outliers: {tensor} loses {100 * stats.error:.1f}% (median per-token relative L2) to per-tensor "
+            f"dynamic u8 quantization on the calibration data, above {100 * max_error:g}%; its largest channel "
+            f"peaks at {stats.channel_ratio:.0f}x the median channel's")
+
+
 def outlier_nodes(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], max_error: float = MAX_ERROR,
-                  ops: tuple[str, ...] = ("MatMul", "Gemm")) -> dict[str, str]:
+                  ops: tuple[str, ...] = ("MatMul", "Gemm"), stats: Mapping[str, InputStats] | None = None) -> dict[str, str]:
     """Node name -> why it stays float, for the weighted ``ops`` whose input's dynamic quantization error on
-    ``feeds`` exceeds ``max_error`` (module docstring); the input's name and figures are in the reason."""
+    ``feeds`` exceeds ``max_error`` (module docstring); the input's name and figures are in the reason.
+    ``stats``: the inputs' statistics measured already (``input_stats``; then ``feeds`` are not read)."""
     readers = weighted_inputs(model, ops)
-    stats = input_stats(model, feeds, sorted(set(readers.values())))
-    return {node: (f"input outliers: {tensor} loses {100 * stats[tensor].error:.1f}% (median per-token relative L2) to per-tensor "
-                   f"dynamic u8 quantization on the calibration data, above {100 * max_error:g}%; its largest channel "
-                   f"peaks at {stats[tensor].channel_ratio:.0f}x the median channel's")
-            for node, tensor in readers.items() if tensor in stats and stats[tensor].error > max_error}
+    if stats is None:
+        stats = input_stats(model, feeds, sorted(set(readers.values())))
+    reasons = {node: outlier_reason(tensor, stats.get(tensor), max_error) for node, tensor in readers.items()}
+    return {node: why for node, why in reasons.items() if why is not None}

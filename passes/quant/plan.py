@@ -14,10 +14,10 @@ from .bias_correct import apply_deltas
 from .calibrate import calibrate, compute_range, saturated_by_readers
 from .detect import detect, int8_weights_to_dynamic_matmul
 from .equalize import equalize as equalize_model
-from .formats import CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, dynamic_matmul, provider_exclusions, static_qdq
+from .formats import CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, provider_exclusions, static_qdq
 from .inputs import MAX_VALIDATION_FEEDS, _take, _Tee
 from .layout import convtranspose_as_conv_shuffle
-from .outliers import FEEDS as OUTLIER_FEEDS, outlier_nodes
+from .outliers import FEEDS as OUTLIER_FEEDS, input_stats, outlier_nodes, weighted_inputs
 from .prepare import constant_nodes_to_initializers
 from .registered import apply_passes
 from .report import QuantReport
@@ -56,8 +56,12 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
         kept = _take(tee, MAX_VALIDATION_FEEDS)
         report.calibration_feeds = 0
         report.notes.append("transformer on CPU: MatMul/Gemm weights quantized dynamically (no activation ranges needed)")
+        settings = {"spec": spec, "exclude": dict(fixed)}
         if max_input_error is not None and kept:
-            outliers = outlier_nodes(baseline, kept[:OUTLIER_FEEDS], max_input_error)
+            stats = input_stats(baseline, kept[:OUTLIER_FEEDS], sorted(set(weighted_inputs(baseline).values())))
+            # the rule onnxruntime-dynamic-matmul refuses these from the same statistics
+            settings.update(input_stats=stats, max_input_error=max_input_error)
+            outliers = outlier_nodes(baseline, (), max_input_error, stats=stats)
             report.calibration_feeds = len(kept[:OUTLIER_FEEDS])
             report.notes.append(f"{len(outliers)} MatMul/Gemm kept float: their input loses more than "
                                 f"{100 * max_input_error:g}% to per-tensor dynamic quantization (outlier channels) "
@@ -65,7 +69,12 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
             log(report.notes[-1])
             fixed = {**fixed, **outliers}
         candidates = _weighted(baseline, ("MatMul", "Gemm"))
-        build = lambda excluded: dynamic_matmul(baseline, spec, list(fixed) + list(excluded))  # noqa: E731
+
+        def build(excluded: list[str]) -> onnx.ModelProto:
+            exclude = {**settings["exclude"], **dict.fromkeys(excluded, "the accuracy search returns it to float")}
+            return apply_passes(baseline, ("onnxruntime-dynamic",), max_iterations=1, toposort=False,
+                                options={"onnxruntime-dynamic": {**settings, "exclude": exclude}})[0]
+
         return _Plan(build, {k: v for k, v in candidates.items() if k not in fixed}, fixed, {}, kept)
     baseline, tee = _equalized(baseline, tee, equalize, report, log)
     if spec.provider == "cpu" and not spec.symmetric_activations:

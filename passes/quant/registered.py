@@ -1,5 +1,13 @@
 """Registered passes run on a ModelProto: how quant's graph rewrites go through the rule
-machinery (match / check with a reason / rewrite, listed by ``onnxforge passes``)."""
+machinery (match / check with a reason / rewrite, listed by ``onnxforge passes``).
+
+Every change to the model quant returns is such a pass, onnxruntime's quantizers included
+(ort_qdq.py, ort_dynamic.py wrap one call each behind a rule that says per node what the call
+is given). What quant edits on ModelProtos directly are copies made only to measure, which
+never reach the output: extra graph outputs for a session (calibrate, budget, equalize),
+weights as graph inputs (bias_correct, hessians), the model cut above some tensors
+(proto_graph.upstream_of), the per-node int8 switches of contribution.py; and inside the
+wrapped onnxruntime call, the float weights it left unread (formats._without_unused_initializers)."""
 from __future__ import annotations
 
 import onnx
@@ -10,14 +18,22 @@ from onnxforge.opsets import one_default_domain
 
 
 def apply_passes(proto: onnx.ModelProto, names: tuple[str, ...], max_iterations: int = 8,
-                 options: dict | None = None) -> tuple[onnx.ModelProto, int]:
+                 options: dict | None = None, toposort: bool = True) -> tuple[onnx.ModelProto, int]:
     """``proto`` with the registered passes ``names`` run to a fixpoint (their rules fire on
     one node at a time: Conv -> Mul -> Add takes two rounds), and how often a rule fired;
     ``proto`` itself when none did. Not verified here: the quantizer compares the result
-    with the float model. ``options``: pass name -> its settings."""
+    with the float model. ``options``: pass name -> its settings. ``toposort=False``: the
+    passes leave the nodes in an order that is topological already, kept as it is (onnxruntime's
+    quantizer's: sorting it by depth would change the order the weights are saved in)."""
+    model = Model.from_proto(proto)
+    fired = apply_to_model(model, names, max_iterations, options)
+    return (one_default_domain(model.to_proto(toposort=toposort)), fired) if fired else (proto, 0)
+
+
+def apply_to_model(model: Model, names: tuple[str, ...], max_iterations: int = 8, options: dict | None = None) -> int:
+    """``apply_passes`` on ``model`` itself (changed in place): how often a rule fired."""
     from onnxforge.passes.registry import resolve
 
-    model = Model.from_proto(proto)
     ctx = PassContext(model=model, options=dict(options or {}))
     passes = [resolve(name) for name in names]
     fired = 0
@@ -26,4 +42,4 @@ def apply_passes(proto: onnx.ModelProto, names: tuple[str, ...], max_iterations:
         fired += round_fired
         if not round_fired:
             break
-    return (one_default_domain(model.to_proto()), fired) if fired else (proto, 0)
+    return fired
