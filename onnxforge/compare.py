@@ -4,7 +4,8 @@ from __future__ import annotations
 from .errors import DataError
 from .inputs import load_feeds
 from .io import load
-from .verify import compare_arrays, merge_diffs, run_outputs
+from .output_diff import compare_arrays, merge_diffs
+from .verify import run_outputs
 from .verify_feeds import runnable_feeds
 
 

@@ -38,92 +38,20 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from .debug_render import plot_errors
 from .errors import DataError
 from .inputs import load_feeds
+from .output_diff import RunningDiff
 from .verify_feeds import runnable_feeds
 
 CHUNK = 256
 DEFAULT_THRESHOLD = 1e-3
-
-
-@dataclass
-class _Stats:
-    """Running figures of one tensor over several feeds."""
-
-    name: str
-    max_abs: float = 0.0
-    ref_max: float = 0.0
-    dot: float = 0.0
-    ref_sq: float = 0.0
-    out_sq: float = 0.0
-    err_sq: float = 0.0
-    nan: int = 0
-    inf: int = 0
-    ref_nonfinite: int = 0
-    mismatch: str | None = None
-    shape: list = field(default_factory=list)
-    dtype: str = ""
-
-    def add(self, ref, out) -> None:
-        if ref is None or out is None or isinstance(ref, (list, tuple, dict)) or isinstance(out, (list, tuple, dict)):
-            self.mismatch = self.mismatch or "not a tensor"
-            return
-        ref, out = np.asarray(ref), np.asarray(out)
-        if ref.shape != out.shape:
-            self.mismatch = f"shape {list(ref.shape)} vs {list(out.shape)}"
-            return
-        if ref.dtype != out.dtype and not (ref.dtype.kind == out.dtype.kind == "f"):
-            # float32 vs float16 is the precision change being measured; int vs float is not comparable
-            self.mismatch = f"type {ref.dtype} vs {out.dtype}"
-            return
-        self.shape = list(ref.shape)
-        self.dtype = str(out.dtype)
-        if ref.dtype.kind not in "biufc" or ref.size == 0:
-            return
-        r = ref.astype(np.float64) if ref.dtype.kind != "c" else np.abs(ref).astype(np.float64)
-        o = out.astype(np.float64) if out.dtype.kind != "c" else np.abs(out).astype(np.float64)
-        self.nan += int(np.isnan(o).sum())
-        self.inf += int(np.isinf(o).sum())
-        ok_r, ok_o = np.isfinite(r), np.isfinite(o)
-        self.ref_nonfinite += int((~ok_r).sum())
-        both = ok_r & ok_o
-        r, o = np.where(both, r, 0.0), np.where(both, o, 0.0)
-        d = r - o
-        self.max_abs = max(self.max_abs, float(np.abs(d).max()))
-        self.ref_max = max(self.ref_max, float(np.abs(r).max()))
-        self.dot += float(np.dot(r.ravel(), o.ravel()))
-        self.ref_sq += float(np.dot(r.ravel(), r.ravel()))
-        self.out_sq += float(np.dot(o.ravel(), o.ravel()))
-        self.err_sq += float(np.dot(d.ravel(), d.ravel()))
-
-    def as_dict(self, threshold: float) -> dict:
-        if self.mismatch:
-            return {"name": self.name, "mismatch": self.mismatch, "jump": True}
-        max_rel = self.max_abs / self.ref_max if self.ref_max > 0 else (0.0 if self.max_abs == 0 else math.inf)
-        if self.ref_sq == 0 and self.out_sq == 0:
-            cosine = 1.0
-        elif self.ref_sq == 0 or self.out_sq == 0:
-            cosine = 0.0
-        else:
-            cosine = self.dot / math.sqrt(self.ref_sq * self.out_sq)
-        if self.err_sq == 0:
-            sqnr = math.inf
-        elif self.ref_sq == 0:
-            sqnr = -math.inf
-        else:
-            sqnr = 10 * math.log10(self.ref_sq / self.err_sq)
-        jump = (max_rel > threshold or cosine < 1 - threshold or self.nan + self.inf > self.ref_nonfinite)
-        return {"name": self.name, "shape": self.shape, "dtype": self.dtype, "max_abs": self.max_abs, "max_rel": max_rel,
-                "cosine": cosine, "sqnr_db": sqnr, "nan": self.nan, "inf": self.inf, "jump": bool(jump)}
 
 
 def _node_outputs(graph: gs.Graph, skip_types: set[str]) -> list[gs.Variable]:
@@ -308,8 +236,8 @@ def _compare(plan: _Plan, path_a: Path, path_b: Path, feeds: list[dict], *, thre
     of its values is folded into running sums and dropped. Only one session (one
     model's weights) exists at a time; at most ``chunk`` tensors x feeds are held."""
     pairs = plan.pairs
-    stats = {a: _Stats(a) for a, _b in pairs}
-    final = [_Stats(a if a == b else f"{a} / {b}") for a, b in zip(plan.outs_a, plan.outs_b)]
+    stats = {a: RunningDiff(a) for a, _b in pairs}
+    final = [RunningDiff(a if a == b else f"{a} / {b}") for a, b in zip(plan.outs_a, plan.outs_b)]
     runs = 0
     for start in range(0, max(len(pairs), 1), chunk):
         part = pairs[start:start + chunk]

@@ -43,11 +43,11 @@ from .model_prep import apply_input_shapes, apply_pinned_inputs, forget_negative
 from .name_map import NAME_MAP_KEY, read_name_map, record_name_map  # noqa: F401  (the first two re-exported)
 from .report import OptimizeReport, PassRecord, model_stats
 from .shared_weights import share_weights
+from .output_diff import compare_arrays
 from .verify import (
     MODES,
     Verification,
     Verifier,
-    compare_arrays,
     random_outputs,
     reference_outputs,
     run_outputs,

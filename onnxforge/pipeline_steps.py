@@ -58,7 +58,8 @@ def _pass_name(name: str, base_dir: Path) -> str:
 
 
 def _check(run: _Run, step: Step) -> dict:
-    from .verify import compare_arrays, merge_diffs, run_outputs
+    from .output_diff import compare_arrays, merge_diffs
+    from .verify import run_outputs
 
     p = step.params
     feeds = run.feeds(p["data"], p["samples"])

@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from .debug import CHUNK, _exposing, _node_outputs, _runnable
 from .errors import DataError
 from .inputs import load_feeds
-from .verify import compare_arrays
+from .output_diff import compare_arrays
 from .verify_feeds import runnable_feeds
 
 DEFAULT_MAX_STEPS = 200

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -25,20 +25,9 @@ import onnx_graphsurgeon as gs
 
 from .errors import DataError, VerificationError, first_line
 from .model import Model, iter_graphs
+from .output_diff import OutputDiff, compare_arrays, merge_diffs, same_kind
 
 MODES = ("none", "structural", "numeric")
-
-
-@dataclasses.dataclass
-class OutputDiff:
-    name: str
-    max_abs: float
-    max_rel: float
-    cosine: float
-    ok: bool
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
@@ -95,83 +84,6 @@ def run_outputs(model: Model | onnx.ModelProto | Path, feeds: Sequence[dict], *,
         return [sess.run(None, {n: f[n] for n in names if n in f}) for f in feeds]
 
 
-# ------------------------------------------------------------------ comparison
-
-
-def compare_arrays(name: str, ref, out, rtol: float, atol: float) -> OutputDiff:
-    """Worst error between two output values: tensors, or the sequences (lists), maps
-    (dicts) and empty optionals (None) onnxruntime returns for non-tensor types."""
-    if isinstance(ref, (list, tuple, dict)) or ref is None or isinstance(out, (list, tuple, dict)) or out is None:
-        return _compare_nested(name, ref, out, rtol, atol)
-    ref, out = np.asarray(ref), np.asarray(out)
-    if ref.shape != out.shape or ref.dtype != out.dtype:
-        return OutputDiff(name, float("inf"), float("inf"), 0.0, False)
-    if ref.dtype.kind not in "fc":
-        equal = bool(np.array_equal(ref, out))
-        return OutputDiff(name, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"), 1.0 if equal else 0.0, equal)
-    r, o = ref.astype(np.float64), out.astype(np.float64)
-    both_nan = np.isnan(r) & np.isnan(o)
-    diff = np.where(both_nan, 0.0, np.abs(r - o))
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    scale = float(np.nanmax(np.abs(r))) if r.size and not np.all(np.isnan(r)) else 0.0
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    similarity = cosine(r, o)
-    ok = max_abs <= atol + rtol * scale
-    return OutputDiff(name, max_abs, max_rel, similarity, bool(ok))
-
-
-def _compare_nested(name: str, ref, out, rtol: float, atol: float) -> OutputDiff:
-    mismatch = OutputDiff(name, float("inf"), float("inf"), 0.0, False)
-    if ref is None or out is None:
-        return OutputDiff(name, 0.0, 0.0, 1.0, True) if ref is None and out is None else mismatch
-    if isinstance(ref, dict) or isinstance(out, dict):
-        if not (isinstance(ref, dict) and isinstance(out, dict)) or ref.keys() != out.keys():
-            return mismatch
-        keys = list(ref)
-        parts = [compare_arrays(name, ref[k], out[k], rtol, atol) for k in keys]
-    else:
-        if not isinstance(out, (list, tuple)) or not isinstance(ref, (list, tuple)) or len(ref) != len(out):
-            return mismatch
-        parts = [compare_arrays(name, r, o, rtol, atol) for r, o in zip(ref, out)]
-    if not parts:
-        return OutputDiff(name, 0.0, 0.0, 1.0, True)
-    return OutputDiff(name, max(p.max_abs for p in parts), max(p.max_rel for p in parts),
-                      min(p.cosine for p in parts), all(p.ok for p in parts))
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two arrays, flattened, in float64 with NaN/Inf made finite;
-    1 when both are all zero, 0 when only one is."""
-    a = np.nan_to_num(np.asarray(a, dtype=np.float64).ravel())
-    b = np.nan_to_num(np.asarray(b, dtype=np.float64).ravel())
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
-
-
-def _same_kind(name: str, ref, out) -> OutputDiff:
-    a, b = np.asarray(ref) if not isinstance(ref, (list, dict)) and ref is not None else ref, out
-    same = type(ref) is type(out) if not isinstance(a, np.ndarray) else (
-        isinstance(out, np.ndarray) and a.shape == out.shape and a.dtype == out.dtype)
-    return OutputDiff(name, 0.0, 0.0, 1.0, True) if same else OutputDiff(name, float("inf"), float("inf"), 0.0, False)
-
-
-def merge_diffs(per_feed: Iterable[list[OutputDiff]]) -> list[OutputDiff]:
-    """Worst case over feeds, per output."""
-    merged: dict[str, OutputDiff] = {}
-    for diffs in per_feed:
-        for d in diffs:
-            m = merged.get(d.name)
-            merged[d.name] = d if m is None else OutputDiff(
-                d.name, max(m.max_abs, d.max_abs), max(m.max_rel, d.max_rel), min(m.cosine, d.cosine), m.ok and d.ok
-            )
-    return list(merged.values())
-
-
 # ------------------------------------------------------------------ checks
 
 
@@ -211,7 +123,7 @@ def numeric_check(
         return Verification("numeric", False, f"onnxruntime cannot run the optimized model: {first_line(exc, limit=300)}",
                             tolerance=tolerance)
     per_feed = [
-        [compare_arrays(n, r, o, rtol, atol) if n not in unstable else _same_kind(n, r, o)
+        [compare_arrays(n, r, o, rtol, atol) if n not in unstable else same_kind(n, r, o)
          for n, r, o in zip(output_names, refs, outs)]
         for refs, outs in zip(reference, outputs)
     ]
@@ -373,7 +285,7 @@ def runs_at_default_level(path: Path, feeds: Sequence[dict], reference: list[lis
         return Verification("numeric", False, f"onnxruntime cannot run it {where}: {first_line(exc, limit=300)}")
     for refs, outs in zip(reference, outputs):
         for name, r, o in zip(names, refs, outs):
-            if not _same_kind(name, r, o).ok:
+            if not same_kind(name, r, o).ok:
                 return Verification("numeric", False, f"{where}: output {name} changes type or shape")
             if isinstance(r, np.ndarray) and r.dtype.kind in "fc" and np.any(np.isfinite(r) & ~np.isfinite(o)):
                 return Verification("numeric", False, f"{where}: output {name} has NaN or Inf where it had none")

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxforge.verify import cosine
+from onnxforge.output_diff import cosine
 
 from .flops import to_proto
 
