@@ -455,6 +455,10 @@ def test_collect_moments_pairs_the_quantized_and_float_inputs():
     assert tokens == 10
     np.testing.assert_allclose(hs["h1"], xq.T @ xq / 10, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(cs["h1"], xq.T @ xf / 10, rtol=1e-4, atol=1e-6)
+    # without the cross moment (the quantized target) the float model is not run: the same H, no C
+    hs2, cs2, _ = collect_moments(model, lambda: ({"x": x} for x in xs), ["h1"], weights, changed, cross=False)
+    assert cs2 == {}
+    np.testing.assert_allclose(hs2["h1"], hs["h1"], rtol=1e-6)
 
 
 def test_sequential_stages_lower_the_end_error_on_a_chain(tmp_path):

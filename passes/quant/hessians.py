@@ -92,10 +92,13 @@ def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> tuple[onnx.Mod
 
 def collect_moments(model: onnx.ModelProto, feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]],
                     names: list[str], float_weights: Mapping[str, np.ndarray],
-                    quantized_weights: Mapping[str, np.ndarray] | None) -> tuple[dict, dict, int]:
+                    quantized_weights: Mapping[str, np.ndarray] | None, *, cross: bool = True
+                    ) -> tuple[dict, dict, int]:
     """For the quantized model (``weights_as_inputs`` ``model`` fed ``quantized_weights``), H = Xq^T Xq / n of
     each tensor in ``names`` and the cross moment C = Xq^T Xf / n with the float model's Xf at the same
-    tokens: ({name: H}, {name: C}, tokens). ``quantized_weights`` None: nothing quantized yet, C = H."""
+    tokens: ({name: H}, {name: C}, tokens). ``quantized_weights`` None: nothing quantized yet, C = H.
+    ``cross`` False: C is not wanted ({} in its place), so the float model is not run (one session run per
+    feed instead of two)."""
     session = session_with_outputs(prefix(model, names), names)
     wanted = {i.name for i in session.get_inputs()}
     float_weights = {k: v for k, v in float_weights.items() if k in wanted}
@@ -108,16 +111,17 @@ def collect_moments(model: onnx.ModelProto, feeds: Callable[[], Iterable[Mapping
         if missing:
             raise DataError(f"a calibration feed lacks input(s) {', '.join(sorted(missing))}")
         mask = feed.get("attention_mask")
-        xf = session.run(names, {**data, **float_weights})
         quantized = {k: v for k, v in (quantized_weights or {}).items() if k in wanted}
-        xq = xf if not quantized else session.run(names, {**data, **float_weights, **quantized})
+        xq = session.run(names, {**data, **float_weights, **quantized})
+        xf = session.run(names, {**data, **float_weights}) if cross and quantized else xq
         for name, f, q in zip(names, xf, xq):
-            f = _rows(np.asarray(f), mask).astype(np.float32)
             q = _rows(np.asarray(q), mask).astype(np.float32)
             h = hs.setdefault(name, np.zeros((q.shape[1], q.shape[1])))
             h += q.T @ q
-            c = cs.setdefault(name, np.zeros((q.shape[1], q.shape[1])))
-            c += q.T @ f
+            if cross:
+                f = _rows(np.asarray(f), mask).astype(np.float32)
+                c = cs.setdefault(name, np.zeros((q.shape[1], q.shape[1])))
+                c += q.T @ f
             counts[name] = counts.get(name, 0) + q.shape[0]
         del xf, xq
     del session

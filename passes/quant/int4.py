@@ -249,11 +249,11 @@ def _sequential(plan, report, groups, sites, proto, feeds, stages, solve, log, a
         chunk = [str(t) for t in chunk]
         log(f"int4: stage {index + 1}/{min(stages, len(order))}: calibrating {len(chunk)} inputs on the model "
             f"quantized so far")
-        hs, cs, tokens = collect_moments(model, feeds, chunk, float_weights, quantized or None)
+        # the float model's inputs are only wanted for the cross moment of the float target
+        hs, cs, tokens = collect_moments(model, feeds, chunk, float_weights, quantized or None, cross=aim_float)
         report.calibration_tokens = tokens
         for tensor in chunk:
-            cross = cs.pop(tensor)
-            solve(tensor, hs.pop(tensor), cross if aim_float else None)
+            solve(tensor, hs.pop(tensor), cs.pop(tensor, None))
             for key in groups[tensor]:
                 entry = plan["weights"][key]
                 constant, transposed, _node = sites[key]
