@@ -1,5 +1,6 @@
 """The optimizers the peer benchmarks compare, each as one long-lived process fed (src, dst)
-pairs on stdin: onnxforge (its CLI, ``optimize -O3``) and onnxsim / onnxslim (in the peers'
+pairs on stdin: onnxforge (its CLI, ``optimize -O3``, its report beside the output as
+``DST.report.json``) and onnxsim / onnxslim (in the peers'
 own virtualenv), so many models do not pay an interpreter start each."""
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ for line in sys.stdin:
     err = io.StringIO()
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            rc = main(["optimize", src, "-o", dst, "-O3"])
+            rc = main(["optimize", src, "-o", dst, "-O3", "--report", dst + ".report.json"])
     except SystemExit as exc:
         rc = exc.code
     except BaseException as exc:

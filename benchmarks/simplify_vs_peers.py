@@ -213,6 +213,10 @@ def bench_model(spec: dict, workers: dict[str, Worker], tmp: Path) -> dict:
             row["notes"].append(f"{label}: {why}")
         else:
             paths[label] = str(out)
+        report = Path(f"{out}.report.json")
+        if report.exists():  # a pass the verifier rolled back is part of the row's story
+            row["notes"] += [f"{label}: pass {r['pass']} rolled back: {r['reason'][:200]}"
+                             for r in json.loads(report.read_text()).get("rolled_back", [])]
     for label, path in paths.items():
         row["nodes"][label] = sum(op_histogram(path).values())
     try:
