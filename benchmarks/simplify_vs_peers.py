@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/simplify_vs_peers.py --peer-python ~/.cache/onnxforge/peers-venv/bin/python \
         [--set shared,corpus,backend,dir:FOLDER] [--only NAME ...] [--out benchmarks/results/simplify_vs_peers]
     .venv/bin/python benchmarks/simplify_vs_peers.py --latency benchmarks/results/simplify_vs_peers.json \
-        --peer-python PY [--rounds 15] [--out benchmarks/results/simplify_vs_peers_latency]
+        --peer-python PY [--rounds 15] [--set dir:FOLDER --only NAME ...] [--out benchmarks/results/simplify_vs_peers_latency]
     .venv/bin/python benchmarks/simplify_vs_peers.py --merge A.json B.json ... --out OUT   (later rows win)
 
 Models: every ``../shared/models/*.onnx``, the corpus in ``~/.cache/onnxforge/corpus`` (the 2 GB
@@ -21,7 +21,7 @@ their own test inputs, which have fixed shapes): ``rel`` is max |variant - origi
 Where onnxforge has more nodes than the smaller peer, the per-op-type difference is listed.
 
 ``--latency`` reads a results JSON and, for each model where a peer had fewer nodes than onnxforge
-in it, times onnxforge against the peers interleaved (``onnxforge.bench.harness.compare_latency``,
+in it (and each model named by ``--only``), times onnxforge against the peers interleaved (``onnxforge.bench.harness.compare_latency``,
 2 intra-op threads, ORT_ENABLE_ALL, shuffled rounds, 95% t-interval on the geometric-mean ratio).
 """
 from __future__ import annotations
@@ -295,8 +295,10 @@ def latency_main(args, command: str) -> None:
 
     before = json.loads(Path(args.latency).read_text())["rows"]
     wanted = [r["model"] for r in before if r.get("best_peer") is not None and "onnxforge" in r["nodes"]
-              and r["nodes"]["onnxforge"] > r["best_peer"] and (not args.only or r["model"] in args.only)]
-    specs = {m["name"]: m for m in models(["shared", "corpus", "backend"], wanted)}
+              and r["nodes"]["onnxforge"] > r["best_peer"]]
+    # --only adds models the JSON did not measure (e.g. --set dir:FOLDER's stand-ins for the issue's models)
+    wanted += [name for name in args.only if name not in wanted]
+    specs = {m["name"]: m for m in models(sorted(set(args.set.split(",")) | {"shared", "corpus", "backend"}), wanted)}
     workers = {"onnxforge": Worker([sys.executable, "-c", FORGE_WORKER])}
     workers.update({p: Worker([args.peer_python, "-c", PEER_WORKER, p]) for p in PEERS})
     rows = []
@@ -330,9 +332,10 @@ def latency_main(args, command: str) -> None:
             worker.close()
     cpu = environment().get("cpu", {})
     isa = "+".join(cpu.get("isa", [])) or "unknown"
+    vnni = "VNNI" if any("vnni" in flag for flag in cpu.get("isa", [])) else "no VNNI"
     lines = ["# CPU latency: onnxforge -O3 vs the peers, on models where a peer had fewer nodes", "",
              f"Command: `{command}`", "",
-             f"CPU: {cpu.get('model', platform.machine())}, {cpu.get('logical_cores', '?')} cores, ISA {isa} (no VNNI).  Interleaved "
+             f"CPU: {cpu.get('model', platform.machine())}, {cpu.get('logical_cores', '?')} cores, ISA {isa} ({vnni}).  Interleaved "
              f"(`onnxforge.bench.harness.compare_latency`), 2 intra-op threads, ORT_ENABLE_ALL, {args.rounds} shuffled "
              "rounds; ratio = onnxforge / peer (geometric mean of per-round median ratios, 95% t-interval; "
              "'slower'/'faster' only where the interval excludes 1). The machine is shared with other jobs.", "",
