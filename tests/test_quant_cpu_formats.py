@@ -97,3 +97,37 @@ def test_uint8_weights_for_dynamic_matmul_without_dot_products():
     assert stored and all(a.dtype == np.uint8 for a in stored)
     vnni = formats.dynamic_matmul(model, formats.spec_for("cpu", model, "dynamic", cpu="avx512-vnni"))
     assert all(numpy_helper.to_array(t).dtype == np.int8 for t in vnni.graph.initializer if t.name.endswith("_quantized"))
+
+
+def _fused_attention_block(attention: bool) -> onnx.ModelProto:
+    """q/k/v projections -> com.microsoft MultiHeadAttention (as `optimize -O3` writes it: no
+    Softmax left in the graph) -> output projection; ``attention=False``: q + k + v instead."""
+    d = 32
+    inits = [numpy_helper.from_array(RNG.standard_normal((d, d)).astype(np.float32) * 0.1, n) for n in ("wq", "wk", "wv", "wo")]
+    nodes = [helper.make_node("MatMul", ["x", w], [w[1]], name=f"mm_{w[1]}") for w in ("wq", "wk", "wv")]
+    if attention:
+        nodes.append(helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["a"], name="mha", domain="com.microsoft",
+                                      num_heads=4))
+    else:
+        nodes += [helper.make_node("Add", ["q", "k"], ["qk"], name="add_qk"), helper.make_node("Add", ["qk", "v"], ["a"], name="add_v")]
+    nodes.append(helper.make_node("MatMul", ["a", "wo"], ["y"], name="mm_out"))
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, d])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=8)
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_fused_attention_counts_as_a_transformer(attention):
+    """An -O3 transformer (Softmax inside MultiHeadAttention) gets the dynamic MatMul format;
+    the same MatMuls without attention do not."""
+    model = _fused_attention_block(attention)
+    assert formats.is_transformer(model) is attention
+    assert formats.spec_for("cpu", model, "auto", cpu="avx2").dynamic_matmul is attention
+    if attention:  # the dynamic model runs and stays close to the float one
+        x = {"x": RNG.standard_normal((1, 8, 32)).astype(np.float32)}
+        q = formats.dynamic_matmul(model, formats.spec_for("cpu", model, cpu="avx2"))
+        run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]  # noqa: E731
+        ref, got = run(model), run(q)
+        assert sum(n.op_type == "MatMulInteger" for n in q.graph.node) == 4
+        assert float(np.dot(ref.ravel(), got.ravel()) / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.99

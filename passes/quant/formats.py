@@ -117,14 +117,23 @@ def spec_for(provider: str, model: onnx.ModelProto, mode: str = "auto", vnni: bo
     return FormatSpec("cpu", "u8", reduce_range=True, cpu_class=cls)
 
 
+# onnxruntime's fused attention kernels (what `optimize -O3` writes): their Softmax is inside
+ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedMultiHeadAttention")
+
+
 def is_transformer(model: onnx.ModelProto) -> bool:
-    """Attention-shaped models: Softmax present and weighted MatMuls outnumber Convs."""
+    """Attention-shaped models: a Softmax or a fused attention op present and weighted MatMuls
+    outnumber Convs (an `-O3` model's Softmax lies inside MultiHeadAttention: without the
+    fused ops it was taken for a CNN and quantized statically, 25 nodes back to float on
+    distilbert_base where the dynamic format needs none)."""
     ops = [n.op_type for n in model.graph.node]
     initializers = {t.name for t in model.graph.initializer}
     weighted_matmuls = sum(
         1 for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in initializers
     )
-    return "Softmax" in ops and weighted_matmuls > ops.count("Conv")
+    attention = "Softmax" in ops or any(
+        n.op_type in ATTENTION_OPS and n.domain == "com.microsoft" for n in model.graph.node)
+    return attention and weighted_matmuls > ops.count("Conv")
 
 
 # ------------------------------------------------------------------ exclusions
