@@ -6,8 +6,12 @@ Every change to the model quant returns is such a pass, onnxruntime's quantizers
 is given). What quant edits on ModelProtos directly are copies made only to measure, which
 never reach the output: extra graph outputs for a session (calibrate, budget, equalize),
 weights as graph inputs (bias_correct, hessians), the model cut above some tensors
-(proto_graph.upstream_of), the per-node int8 switches of contribution.py; and inside the
-wrapped onnxruntime call, the float weights it left unread (formats._without_unused_initializers)."""
+(proto_graph.upstream_of), the per-node int8 switches of contribution.py; inside the
+wrapped onnxruntime call, the float weights it left unread (formats._without_unused_initializers);
+and names for unnamed nodes (prepare.name_unnamed_nodes: the exclusions are keyed by name).
+Not yet behind a rule: the float baseline's black-box steps in prepare.py (onnxruntime's basic
+offline optimizer, graphsurgeon's constant folding in ``lower_constants``, onnx's version
+converter in ``raise_opset``), each one call on the whole model as the wrapped quantizers were."""
 from __future__ import annotations
 
 import onnx
