@@ -37,6 +37,19 @@ def test_quantize_a_model_with_external_data_from_another_directory(tmp_path, mo
     assert report.score > 0.99
 
 
+def test_random_calibration_of_a_model_with_external_data_from_another_directory(tmp_path, monkeypatch):
+    """Made-up feeds are tried on the loaded model: onnxruntime refuses external data paths in a
+    model given as bytes (it resolved them against the cwd: exit 2, 'escapes working directory')."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = folder / "conv.onnx"
+    onnx.save_model(_conv_model(8), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="conv.onnx.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    out, report = quantize(str(path), "random", measure_latency=False, max_evaluations=1, log=lambda _m: None)
+    assert report.calibration.startswith("random") and _int8_weights(out.to_proto()) == 2
+
+
 def test_large_models_take_the_file_path(monkeypatch):
     """Past the size limit every session (calibration, budget, onnxruntime's offline
     rewrites) loads from a temporary file with external data: forced here for a small model."""

@@ -265,7 +265,7 @@ def convert_fp16(
     blocked = {**nodes_without_fp16_types(baseline), **overflowing_initializer_nodes(baseline)}
     feeds: list[dict] = []
     if calib is not None:
-        stream, report.calibration = _feeds(calib, original, "calibration")
+        stream, report.calibration = _feeds(calib, original, "calibration", source)
         feeds = _take(stream, 64)
         if report.calibration.startswith("random"):
             report.warnings.append(RANDOM_WARNING)

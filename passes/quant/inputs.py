@@ -42,13 +42,18 @@ def _with_weights(original: onnx.ModelProto, source: Model | None) -> onnx.Model
     return with_external_data_loaded(original, source.source.parent if source is not None and source.source else None)
 
 
-def _feeds(data, proto: onnx.ModelProto, what: str) -> tuple[Iterable[dict], str]:
-    """(feeds, description) from a folder/file path, an iterable of feed dicts, or "random"."""
+def _feeds(data, proto: onnx.ModelProto, what: str, source: Model | None = None) -> tuple[Iterable[dict], str]:
+    """(feeds, description) from a folder/file path, an iterable of feed dicts, or "random".
+    ``source``: the loaded model ``proto`` was exported from; random feeds are tried on it when
+    ``proto`` refers to external files (onnxruntime refuses those in a model given as bytes)."""
     from onnxforge.inputs import iter_feed_files, load_feeds
     from onnxforge.verify_feeds import runnable_feeds
 
+    from .ortsession import has_external_data
+
     if isinstance(data, str) and data == "random":
-        return runnable_feeds(proto, {}, RANDOM_FEEDS), "random (seeded)"
+        runs = source if source is not None and has_external_data(proto) else proto
+        return runnable_feeds(runs, {}, RANDOM_FEEDS), "random (seeded)"
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.exists():
@@ -63,9 +68,10 @@ def _feeds(data, proto: onnx.ModelProto, what: str) -> tuple[Iterable[dict], str
     raise DataError(f"{what} data: expected a folder, a file, an iterable of feed dicts or 'random', got {type(data).__name__}")
 
 
-def _validation_feeds(val, calib_list: list[dict] | None, proto, calib_desc: str) -> tuple[list[dict], str]:
+def _validation_feeds(val, calib_list: list[dict] | None, proto, calib_desc: str,
+                      source: Model | None = None) -> tuple[list[dict], str]:
     if val is not None:
-        feeds, desc = _feeds(val, proto, "validation")
+        feeds, desc = _feeds(val, proto, "validation", source)
         return _take(feeds, MAX_VALIDATION_FEEDS), desc
     if calib_list:
         return calib_list[:MAX_VALIDATION_FEEDS], f"calibration data ({calib_desc}; no separate --val given)"

@@ -162,7 +162,7 @@ def quantize(
     baseline = float_baseline(source if source is not None else original)
     return_freed_memory()
     spec = spec_for(provider, baseline, mode)
-    calib_feeds, calib_desc = _feeds(calib, original, "calibration")
+    calib_feeds, calib_desc = _feeds(calib, original, "calibration", source)
     report = QuantReport(provider, spec.as_dict(), method, calib_desc, 0, "", metric if isinstance(metric, str) else "user", max_drop)
     if calib_desc.startswith("random"):
         report.warnings.append(RANDOM_WARNING)
@@ -173,7 +173,7 @@ def quantize(
     report.where = {"calibration": f"split across {workers.where}" if sharded else here, "accuracy": here}
     plan = _plan(original, baseline, spec, detection, calib_feeds, method, report, log, equalize, sharded,
                  max_input_error)
-    val_feeds, report.validation = _validation_feeds(val, plan.kept_feeds, original, calib_desc)
+    val_feeds, report.validation = _validation_feeds(val, plan.kept_feeds, original, calib_desc, source)
     if not val_feeds:
         raise DataError("no validation feeds", hint="pass --val DIR or calibration data with at least one feed")
 
