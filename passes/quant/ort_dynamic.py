@@ -116,8 +116,10 @@ class OrtDynamicQuant(OnnxruntimeCall):
         gemms = {n.name for g in iter_graphs(ctx.model.graph) for n in g.nodes if n.op == "Gemm" and n.name}
         excluded = excluded + [f"{name}_MatMul" for name in excluded if name in gemms]
         source = ctx.model.source
-        # this export is the quantizer's to change: weights read once, no further copy
-        working = with_external_data_loaded(one_default_domain(ctx.model.to_proto()),
+        # this export is the quantizer's to change: weights read once, no further copy. The
+        # nodes keep their order (a model's order is topological): onnxruntime's output
+        # follows it, and sorting by depth first would reorder what it writes
+        working = with_external_data_loaded(one_default_domain(ctx.model.to_proto(toposort=False)),
                                             source.resolve().parent if source is not None else None)
         spec = ctx.option(PASS_NAME, "spec") or spec_for("cpu", working, "dynamic")
         return dynamic_matmul_in_place(working, spec, excluded)
