@@ -12,9 +12,11 @@ provider fuses DQ -> op -> Q into an integer kernel when it has one.
     depend on the CPU class (runtime/cpuclass.py), recorded in the model: without
     int8 dot products (AVX2, AVX-512 without VNNI) the u8 x s8 GEMM kernels add
     pairs of products in 16 bits and saturate (255 * 127 * 2 > 32767), so static
-    weights use 7 bits (reduce_range) and dynamic MatMul weights uint8 (u8 x u8
-    widens first: 8 bits, no saturation, as fast there). Measured on this
-    project's AVX2 CPU (benchmarks/results/quant_formats_avx2.md): u8 x u8
+    weights use 7 bits (reduce_range); dynamic MatMul weights are tried as 7-bit
+    s8 (faster there) and then as uint8 (u8 x u8 widens first: 8 bits, no
+    saturation), the first meeting the accuracy budget kept (dynamic_formats).
+    Measured on this project's AVX2 CPU (benchmarks/results/quant_formats_avx2.md,
+    quant_avx2.md): u8 x u8
     QLinearConv runs slower than float, so a static layer that needs more than 7
     bits goes back to float instead; depthwise weights in 8 bits (that kernel
     does not saturate: ``depthwise_full_range``) scored no better than 7 bits.
@@ -96,7 +98,7 @@ def spec_for(provider: str, model: onnx.ModelProto, mode: str = "auto", vnni: bo
     benchmarks/results/quant_formats_avx2.md: static Conv/Gemm weights are s8 with 7 bits
     (u8 x u8 QLinearConv, exact at 8 bits, ran 2.1x the float latency: slower than leaving
     the layer float), dynamic MatMul weights are u8 (u8 x u8 MatMulInteger: 8 bits, no
-    saturation, as fast as 7-bit s8)."""
+    saturation); ``dynamic_formats`` adds the faster 7-bit s8 form that quantize tries first."""
     from onnxforge.runtime.cpuclass import cpu_class, has_int8_dot
 
     if provider not in PROVIDERS:
@@ -119,6 +121,21 @@ def spec_for(provider: str, model: onnx.ModelProto, mode: str = "auto", vnni: bo
 
 # onnxruntime's fused attention kernels (what `optimize -O3` writes): their Softmax is inside
 ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedMultiHeadAttention")
+
+
+def dynamic_formats(spec: FormatSpec) -> dict[str, FormatSpec]:
+    """The dynamic MatMul weight formats to try for ``spec``, fastest first on its CPU class.
+
+    Without int8 dot products the u8 x s8 kernel with 7-bit weights (no saturation) ran
+    faster than the exact u8 x u8 one in the same interleaved runs on this project's AVX2
+    CPU (benchmarks/results/quant_avx2.md: distilbert_base 0.628x vs 0.720x of the -O3
+    float latency, minilm_l6_real 0.669x vs 0.748x) but lost more accuracy (minilm_l6_real
+    cosine 0.914 vs 0.990): ``quantize`` keeps the first whose score meets the budget, so the
+    choice depends on accuracy only, never on a timing. With int8 dot products: ``spec`` alone."""
+    if spec.provider == "cpu" and spec.dynamic_matmul and spec.weight_type == "u8":
+        return {"s8 7-bit weights": dataclasses.replace(spec, weight_type="s8", reduce_range=True),
+                "u8 8-bit weights": spec}
+    return {f"{spec.weight_type} weights": spec}
 
 
 def is_transformer(model: onnx.ModelProto) -> bool:

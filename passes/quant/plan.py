@@ -14,7 +14,7 @@ from .bias_correct import apply_deltas
 from .calibrate import calibrate, compute_range, saturated_by_readers
 from .detect import detect, int8_weights_to_dynamic_matmul
 from .equalize import equalize as equalize_model
-from .formats import CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, provider_exclusions, static_qdq
+from .formats import CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, dynamic_formats, provider_exclusions, static_qdq
 from .inputs import MAX_VALIDATION_FEEDS, _take, _Tee
 from .layout import convtranspose_as_conv_shuffle
 from .outliers import FEEDS as OUTLIER_FEEDS, input_stats, outlier_nodes, weighted_inputs
@@ -42,6 +42,8 @@ class _Plan:
     # correction for rounding is an error in a float layer)
     bias_deltas: dict = dataclasses.field(default_factory=dict)
     rounding: "RoundingResult | None" = None  # learned weight codes and bias refits (rounding.py)
+    # dynamic formats: label -> (spec, build), fastest first on the CPU class (formats.dynamic_formats)
+    format_options: dict = dataclasses.field(default_factory=dict)
 
 
 def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log, equalize: str = "none",
@@ -70,12 +72,16 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
             fixed = {**fixed, **outliers}
         candidates = _weighted(baseline, ("MatMul", "Gemm"))
 
-        def build(excluded: list[str]) -> onnx.ModelProto:
-            exclude = {**settings["exclude"], **dict.fromkeys(excluded, "the accuracy search returns it to float")}
-            return apply_passes(baseline, ("onnxruntime-dynamic",), max_iterations=1, toposort=False,
-                                options={"onnxruntime-dynamic": {**settings, "exclude": exclude}})[0]
+        def builder(format_spec: FormatSpec) -> Callable[[list[str]], onnx.ModelProto]:
+            def build(excluded: list[str]) -> onnx.ModelProto:
+                exclude = {**settings["exclude"], **dict.fromkeys(excluded, "the accuracy search returns it to float")}
+                return apply_passes(baseline, ("onnxruntime-dynamic",), max_iterations=1, toposort=False,
+                                    options={"onnxruntime-dynamic": {**settings, "spec": format_spec, "exclude": exclude}})[0]
+            return build
 
-        return _Plan(build, {k: v for k, v in candidates.items() if k not in fixed}, fixed, {}, kept)
+        options = {label: (s, builder(s)) for label, s in dynamic_formats(spec).items()}
+        return _Plan(next(iter(options.values()))[1], {k: v for k, v in candidates.items() if k not in fixed}, fixed, {},
+                     kept, format_options=options)
     baseline, tee = _equalized(baseline, tee, equalize, report, log)
     if spec.provider == "cpu" and not spec.symmetric_activations:
         baseline = _shuffled_convtransposes(baseline, report)

@@ -11,7 +11,9 @@ Order of work:
      streaming calibration (calibrate.py) of the equalized model; method
      "auto" derives minmax and percentile ranges from the same histograms;
      u8 ranges of tensors only HardSwish reads start just below -3 (exact);
-  4. provider placement (formats.py; dynamic MatMul formats keep float the
+  4. provider placement (formats.py; dynamic MatMul weight formats are tried
+     fastest first on the CPU class and the first meeting the budget is kept,
+     formats.dynamic_formats; dynamic MatMul formats keep float the
      MatMul/Gemm whose input has outlier channels, outliers.py; on CPU HardSwish/HardSigmoid and
      constant shifts become integer ops, integer_act.py, and nearest Resize,
      pixel shuffles and squeeze-excitation scales move integers in
@@ -194,9 +196,7 @@ def quantize(
         if rounding == "learned":
             report.notes.append("learned rounding applies to static QDQ weights; this model's are quantized "
                                 "dynamically or reused: nearest rounding kept")
-        search.take(force=True)
-        first = plan.build([])
-        first_score = evaluate(first)
+        first, first_score = _first_format(plan, evaluate, threshold, report, log, search)
     if first_score < threshold and plan.lean is not None and search.take():
         first, first_score = _leaner(plan, first, first_score, evaluate, report, log)
     report.score_before_fallback = first_score
@@ -245,6 +245,31 @@ def quantize(
     report.seconds = round(time.monotonic() - started, 2)
     out = Model.from_proto(final)
     return out, report
+
+
+def _first_format(plan: _Plan, evaluate, threshold: float, report: QuantReport, log, search: budget_mod.SearchBudget):
+    """Dynamic formats, fastest first on the CPU class (formats.dynamic_formats): the first whose score
+    meets the budget is kept, else the best scored; the fallback then builds with it. One evaluation each
+    (the first is always made); the choice depends on scores only."""
+    options = plan.format_options or {"": (None, plan.build)}
+    best = None
+    for label, (spec, build) in options.items():
+        if not search.take(force=best is None):
+            break
+        model = build([])
+        score = evaluate(model)
+        if len(options) > 1:
+            log(f"{label}: {report.metric} {score:.5f}")
+        if best is None or score > best[1]:
+            best = (model, score, label, spec, build)
+        if score >= threshold:
+            break
+    model, score, label, spec, plan.build = best
+    if len(options) > 1:
+        report.format = spec.as_dict()
+        report.notes.append(f"dynamic MatMul weights: {label} (tried fastest first on this CPU class: "
+                            f"{', '.join(options)}; kept the first meeting the budget, else the best scored)")
+    return model, score
 
 
 def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, search: budget_mod.SearchBudget, learn=None):
