@@ -41,7 +41,8 @@ measured for the report only: the model returned depends on it only with
 ``keep_float_if_slower`` (opt-in; the report marks that result not reproducible).
 
 The parts: inputs.py (model and feeds), plan.py (how each candidate model is
-built), report.py (QuantReport); the search over them is here.
+built), report.py (QuantReport), sensitivity.py (which nodes return to float
+first); the search over them is here.
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ from .plan import _Plan, _plan, _with_deltas, without_tensors_of  # noqa: F401  
 from .prepare import float_baseline
 from .report import QuantReport
 from .rounding import FEEDS as ROUNDING_FEEDS, learn_rounding
+from .sensitivity import MAX_MEASURED, WEIGHTED, ranked_by_sensitivity  # noqa: F401  (WEIGHTED: benchmarks read it here)
 
 RANDOM_WARNING = (
     "calibrating on RANDOM data (--calib random): the ranges fit noise, not your inputs, "
@@ -85,7 +87,6 @@ BIAS_CORRECTION_FEEDS = 16
 MAX_RECORRECTED = 8  # layers the bias-corrected fallback returns to float before the generic search
 # weighted nodes whose end-to-end sensitivity the ranking measures (the top of the
 # prior); the rest keep the prior's order. Each is a model built and scored.
-MAX_MEASURED = 8
 EQUALIZE_MODES = ("cle", "smooth", "none")
 ROUNDINGS = ("nearest", "learned")
 
@@ -207,7 +208,7 @@ def quantize(
         log(f"{report.metric} {first_score:.5f} misses the budget {threshold:.5f}: ranking node sensitivity")
         scorers = workers if isinstance(metric, str) and workers is not None and workers.count > 1 else None
         report.where["sensitivity"] = f"scored on {scorers.where}" if scorers is not None else here
-        ranked = _ranked(baseline, first, plan, val_feeds[:2], metric_fn, search, scorers, metric)
+        ranked = ranked_by_sensitivity(baseline, first, plan, val_feeds[:2], metric_fn, search, scorers, metric)
         searched = budget_mod.fallback_search(plan.build, evaluate, ranked, threshold, initial=(first, first_score), search=search)
         if searched.score > result.score:
             result = dataclasses.replace(searched, steps=result.steps + searched.steps)
@@ -385,41 +386,3 @@ def _sharding(calib, workers, equalize: str):
     path = Path(calib)
     files = data_files(path, (".npz",)) if path.is_dir() else []
     return (files, workers) if len(files) > 1 else None
-
-
-def _ranked(baseline, quantized, plan: _Plan, feeds, metric_fn, search: budget_mod.SearchBudget,
-            workers=None, metric: str | None = None) -> list[str]:
-    """Candidates, most sensitive first.
-
-    The cheap prior is each node's own int8 contribution (contribution.py: that node
-    alone reading int8 activations, N + 1 runs of one model; the ranking `onnxforge
-    debug` prints). Then
-    the first MAX_MEASURED weighted nodes (in prior order) are returned to float
-    one at a time and the gain
-    in the metric on ``feeds`` measured: the end-to-end effect, which the local
-    noise misjudges when early layers' error grows downstream. Each measurement
-    is one of ``search``'s evaluations; the fallback's groups stay reserved."""
-    nodes = {n.name: n for n in baseline.graph.node if n.name in plan.candidates}
-    local = ranked_by_contribution(quantized, nodes, feeds)
-    prior = local + [n for n in nodes if n not in set(local)]
-    reference = budget_mod.run_outputs(baseline, feeds)
-    base_score = metric_fn(reference, budget_mod.run_outputs(quantized, feeds))
-    gains: dict[str, float] = {}
-    reserve = min(budget_mod.FALLBACK_GROUPS, len(prior))
-    chosen = []
-    for name in [n for n in prior if nodes[n].op_type in WEIGHTED][:MAX_MEASURED]:
-        if search.left <= reserve or not search.take():
-            break
-        chosen.append(name)
-    if workers is not None:  # independent per candidate: scored on the workers
-        from .shards import score_models
-
-        scores = score_models([plan.build([n]) for n in chosen], feeds, reference, metric, workers)
-        gains = {n: s - base_score for n, s in zip(chosen, scores)}
-    for name in chosen if workers is None else ():
-        gains[name] = metric_fn(reference, budget_mod.run_outputs(plan.build([name]), feeds)) - base_score
-    measured = sorted(gains, key=lambda k: -gains[k])
-    return measured + [n for n in prior if n not in gains]
-
-
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
