@@ -36,7 +36,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_onnxruntime()
+    from .runtime.capture import quiet_onnxruntime
+
+    # onnxruntime's C++ logger writes coloured lines to stderr; failures reach the user as one ``error:`` line
+    quiet_onnxruntime()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -74,14 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         print("hint: rerun with --debug for the traceback and report it", file=sys.stderr)
         return 1
-
-
-def _quiet_onnxruntime() -> None:
-    """onnxruntime's C++ logger writes coloured lines to stderr; failures reach the
-    user as one ``error:`` line instead."""
-    from onnxforge.runtime.capture import quiet_onnxruntime
-
-    quiet_onnxruntime(4)
 
 
 # Arguments naming files a command reads: no output of the run may replace them.

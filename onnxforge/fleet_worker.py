@@ -104,9 +104,9 @@ def _failure(exc: BaseException) -> dict:
 
 
 def main() -> int:
-    from .cli import _quiet_onnxruntime
+    from .runtime.capture import quiet_onnxruntime
 
-    _quiet_onnxruntime()
+    quiet_onnxruntime()
     job = json.loads(sys.stdin.read())
     result = run_job(job)
     Path(job["result"]).write_text(json.dumps(result, default=str), encoding="utf-8")
