@@ -136,16 +136,12 @@ class RulePass(Pass):
             match = rule.match(graph, node)
             if match is None or any(id(n) in consumed for n in match.nodes):
                 continue
-            verdict = rule.check(graph, match, ctx)
+            verdict, key = verdict_of(rule, graph, match, ctx)
             if isinstance(verdict, Refusal):
                 ctx.refuse(verdict)
                 continue
             if verdict is not None:
                 match = dataclasses.replace(match, plan=verdict)
-            key = rewrite_key(rule.name, match)
-            if key in ctx.denied_rewrites:
-                ctx.refuse(Refusal(rule.name, "rolled back: this rewrite broke verification", key[1]))
-                continue
             if ctx.rewrite_budget is not None:
                 if ctx.rewrite_budget <= 0:
                     continue
@@ -157,6 +153,16 @@ class RulePass(Pass):
             consumed.update(id(n) for n in match.nodes)
             fired += 1
         return fired
+
+
+def verdict_of(rule: Rule, graph: gs.Graph, match: Match, ctx: PassContext) -> tuple[Any, tuple[str, tuple[str, ...]]]:
+    """(verdict, rewrite key) of ``match``: the rule's check (a Refusal, None or a plan), and a
+    rewrite the pass manager rolled back (``ctx.denied_rewrites``) refused as such."""
+    verdict = rule.check(graph, match, ctx)
+    key = rewrite_key(rule.name, match)
+    if not isinstance(verdict, Refusal) and key in ctx.denied_rewrites:
+        verdict = Refusal(rule.name, "rolled back: this rewrite broke verification", key[1])
+    return verdict, key
 
 
 def rewrite_key(rule: str, match: Match) -> tuple[str, tuple[str, ...]]:

@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.context import PassContext, Refusal
 from onnxforge.model import Model, iter_graphs
-from onnxforge.passes.base import Match, Pass, PassResult, Rule, rewrite_key, unique_node_names
+from onnxforge.passes.base import Match, Pass, PassResult, Rule, unique_node_names, verdict_of
 from onnxforge.passes.matching import DEFAULT_DOMAINS
 
 from .subgraph_pairs import unpair_before_subgraph_reads
@@ -129,10 +129,7 @@ def verdicts(rule: Rule, graph: gs.Graph, ctx: PassContext) -> tuple[list[tuple[
             match = rule.match(g, node)
             if match is None:
                 continue
-            verdict = rule.check(g, match, ctx)
-            key = rewrite_key(rule.name, match)
-            if verdict is None and key in ctx.denied_rewrites:
-                verdict = Refusal(rule.name, "rolled back: this rewrite broke verification", key[1])
+            verdict, key = verdict_of(rule, g, match, ctx)
             if isinstance(verdict, Refusal):
                 ctx.refuse(verdict)
                 excluded.extend(match.names)
@@ -150,21 +147,17 @@ def place_qdq(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]],
     Pairs onnxruntime cannot load before a subgraph read are then dropped (the registered
     pass unpair-before-subgraph-reads, subgraph_pairs.py)."""
     exclude = list(exclude)
-    for _ in range(MAX_UNRANGED_RETRIES):
+    for retry in range(MAX_UNRANGED_RETRIES + 1):
         try:
             placed = _place_qdq(model, ranges, spec, exclude, op_types)
-            unpair_before_subgraph_reads(placed)
-            return placed
+            break
         except ValueError as exc:
             found = re.search(r"Quantization parameters are not specified for param (\S+?)\.? In static mode", str(exc))
-            if not found:
-                raise
             touching = [n.name for n in model.graph.node if n.name and n.name not in exclude
-                        and (found.group(1) in n.input or found.group(1) in n.output)]
-            if not touching:
+                        and (found.group(1) in n.input or found.group(1) in n.output)] if found else []
+            if not touching or retry == MAX_UNRANGED_RETRIES:
                 raise
             exclude += touching
-    placed = _place_qdq(model, ranges, spec, exclude, op_types)
     unpair_before_subgraph_reads(placed)
     return placed
 
