@@ -41,7 +41,7 @@ import numpy as np
 from onnxforge.errors import DataError
 from onnxforge.model import ExternalValues, Model, constants
 
-from .outliers import FEEDS as OUTLIER_FEEDS, MAX_ERROR as MAX_INPUT_ERROR, input_stats, outlier_nodes, weighted_inputs
+from .outliers import FEEDS as OUTLIER_FEEDS, MAX_ERROR as MAX_INPUT_ERROR, measured_outliers
 from .registered import apply_to_model
 
 MARGIN = 0.10
@@ -124,10 +124,9 @@ def quantize_auto(model_path: str, model: Model, calib: str, *, val: str | None 
         outliers = {}
         if max_input_error is not None:
             feeds = _first_feeds(calib if calib not in (None, "random") else data, OUTLIER_FEEDS)
-            stats = input_stats(proto, feeds, sorted(set(weighted_inputs(proto).values())))
+            stats, outliers = measured_outliers(proto, feeds, max_input_error)
             # the rule onnxruntime-dynamic-matmul refuses these from the same statistics
             settings.update(input_stats=stats, max_input_error=max_input_error)
-            outliers = outlier_nodes(proto, (), max_input_error, stats=stats)
             log(f"bits auto: INT8 keeps {len(outliers)} MatMul/Gemm float (input outliers)")
         # the weights read once: the pass exports the graph (which reads ``proto``'s) for onnxruntime
         int8 = Model.from_proto(proto)

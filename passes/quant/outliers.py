@@ -93,6 +93,14 @@ def outlier_reason(tensor: str, stats: InputStats | None, max_error: float) -> s
             f"peaks at {stats.channel_ratio:.0f}x the median channel's")
 
 
+def measured_outliers(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]],
+                      max_error: float = MAX_ERROR) -> tuple[dict[str, InputStats], dict[str, str]]:
+    """(statistics of every weighted MatMul/Gemm input on ``feeds``, node name -> why it stays float):
+    measured once, for the rule onnxruntime-dynamic-matmul to refuse from and for the report."""
+    stats = input_stats(model, feeds, sorted(set(weighted_inputs(model).values())))
+    return stats, outlier_nodes(model, (), max_error, stats=stats)
+
+
 def outlier_nodes(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], max_error: float = MAX_ERROR,
                   ops: tuple[str, ...] = ("MatMul", "Gemm"), stats: Mapping[str, InputStats] | None = None) -> dict[str, str]:
     """Node name -> why it stays float, for the weighted ``ops`` whose input's dynamic quantization error on

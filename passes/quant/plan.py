@@ -17,7 +17,7 @@ from .equalize import equalize as equalize_model
 from .formats import CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, dynamic_formats, provider_exclusions, static_qdq
 from .inputs import MAX_VALIDATION_FEEDS, _take, _Tee
 from .layout import convtranspose_as_conv_shuffle
-from .outliers import FEEDS as OUTLIER_FEEDS, input_stats, outlier_nodes, weighted_inputs
+from .outliers import FEEDS as OUTLIER_FEEDS, measured_outliers
 from .prepare import constant_nodes_to_initializers
 from .registered import apply_passes
 from .report import QuantReport
@@ -60,10 +60,9 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
         report.notes.append("transformer on CPU: MatMul/Gemm weights quantized dynamically (no activation ranges needed)")
         settings = {"spec": spec, "exclude": dict(fixed)}
         if max_input_error is not None and kept:
-            stats = input_stats(baseline, kept[:OUTLIER_FEEDS], sorted(set(weighted_inputs(baseline).values())))
+            stats, outliers = measured_outliers(baseline, kept[:OUTLIER_FEEDS], max_input_error)
             # the rule onnxruntime-dynamic-matmul refuses these from the same statistics
             settings.update(input_stats=stats, max_input_error=max_input_error)
-            outliers = outlier_nodes(baseline, (), max_input_error, stats=stats)
             report.calibration_feeds = len(kept[:OUTLIER_FEEDS])
             report.notes.append(f"{len(outliers)} MatMul/Gemm kept float: their input loses more than "
                                 f"{100 * max_input_error:g}% to per-tensor dynamic quantization (outlier channels) "
