@@ -57,8 +57,9 @@ def correct_biases(
         outputs = [sites[i].output for i in group]
         upstream = upstream_of(qdq_model, outputs)
         read = {t.name for t in upstream.graph.initializer}
-        session = _session(upstream, outputs, {k: v for k, v in biases.items() if k in read})
-        measured = _channel_means(session, outputs, feeds, {k: v for k, v in biases.items() if k in read})
+        current = {k: v for k, v in biases.items() if k in read}  # the cut's biases, corrected so far
+        session = _session(upstream, outputs, current)
+        measured = _channel_means(session, outputs, feeds, current)
         for i, got in zip(group, measured):
             site, want = sites[i], reference[i]
             if got.shape != want.shape or got.shape != site.scale.shape:  # e.g. a Gemm with a 3-D output

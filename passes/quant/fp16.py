@@ -243,8 +243,6 @@ def function_op_nodes(model: onnx.ModelProto) -> dict[str, str]:
 # ------------------------------------------------------------------ entry
 
 
-
-
 def convert_fp16(
     model: Model | onnx.ModelProto | str,
     *,
