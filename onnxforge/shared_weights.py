@@ -8,7 +8,11 @@ so a 650 MB model peaked near 10x its weights. Here:
 
 * ``lifted_proto``: the model exported with each *liftable* weight (a main-graph
   initializer of at least ``LIFT_BYTES`` in a type numpy holds exactly, not an
-  overridable input) as a typed graph input of the same name, dims and type. Only its
+  overridable input) as a typed graph input of the same name, dims and type, unless
+  the model rounds activations at run time (``ROUNDS_ACTIVATIONS``): onnxruntime's float
+  kernels add in another order for a weight fed at run time than for a constant one,
+  and a rounding downstream turns that last-bit noise into a whole quantization step
+  (MiniLM with dynamic INT8: 0.0088 apart), so such a model is embedded whole. Only its
   header is exported. The checker and shape inference judge the same graph (a large
   weight's values never decide a shape), and nothing of the weight is copied.
 * ``model_session``: an onnxruntime session of that proto, fed the model's own
@@ -61,6 +65,15 @@ def value_type(const: gs.Constant) -> int | None:
     return elem if elem in _PLAIN_TYPES and elem not in _COMPLEX else None
 
 
+# Ops that round a tensor computed at run time (MatMulNBits only at accuracy_level 4).
+ROUNDS_ACTIVATIONS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul",
+                                "DynamicQuantizeLSTM", "MatMulNBits"})
+
+
+def rounds_activations(node: gs.Node) -> bool:
+    return node.op in ROUNDS_ACTIVATIONS and (node.op != "MatMulNBits" or node.attrs.get("accuracy_level", 0) == 4)
+
+
 def nbytes(const: gs.Constant) -> int:
     values = const._values
     if isinstance(values, ExternalValues):
@@ -73,6 +86,8 @@ def nbytes(const: gs.Constant) -> int:
 def liftable(graph: gs.Graph, keep: set[str] = frozenset()) -> list[gs.Constant]:
     """Main-graph initializers exported as typed inputs instead (see the module docstring).
     A constant a subgraph also reads is exported there too, so it stays."""
+    if any(rounds_activations(n) for g in iter_graphs(graph) for n in g.nodes):
+        return []
     in_subgraphs = {id(t) for g in list(iter_graphs(graph))[1:] for t in g.tensors().values()
                     if isinstance(t, gs.Constant)}
     return [t for t in graph.tensors().values()

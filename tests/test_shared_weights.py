@@ -198,3 +198,23 @@ def test_an_optimized_session_sees_weights_as_initializers(tmp_path):
     share_weights(model)
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
     assert run_outputs(model, feeds, optimize=True)[0][0].tobytes() == expected.tobytes()
+
+
+def test_a_model_that_rounds_activations_is_embedded_whole():
+    """A weight fed at run time changes float sums in their last bits; a rounding downstream
+    (dynamic INT8: DynamicQuantizeLinear) makes that a whole step (MiniLM: 0.0088), so
+    nothing is lifted from such a model; a float model's weights are."""
+    rng = np.random.default_rng(0)
+    wf = rng.standard_normal((64, 64)).astype(np.float32)  # 16 KiB: over LIFT_BYTES
+    nodes = [oh.make_node("MatMul", ["x", "wf"], ["h"]),
+             oh.make_node("DynamicQuantizeLinear", ["h"], ["q", "s", "z"]),
+             oh.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 64])],
+                          [onnx.numpy_helper.from_array(wf, "wf")])
+    rounded = onnxforge.Model.from_proto(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)]))
+    assert lifted_proto(rounded)[1] == []
+    del graph.node[1:]
+    graph.output[0].name = "h"
+    plain = onnxforge.Model.from_proto(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)]))
+    assert [c.name for c in lifted_proto(plain)[1]] == ["wf"]
