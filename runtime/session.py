@@ -94,20 +94,23 @@ def make_runner(sess: ort.InferenceSession, feeds: Sequence[dict], profile: Prof
         raise DataError(f"the feeds lack model input(s) {', '.join(missing)}; they hold {', '.join(feeds[0]) if feeds else 'nothing'}")
     feeds = [{k: v for k, v in feed.items() if k in names} for feed in feeds]
     if profile is not None and uses_io_binding(profile, sess):
-        return _io_binding_runner(sess, feeds, profile.providers[0].options.get("device_id", 0))
+        return io_binding_runner(sess, feeds, "cuda", profile.providers[0].options.get("device_id", 0))
     count = len(feeds)
     return lambda i: sess.run(None, feeds[i % count])
 
 
-def _io_binding_runner(sess, feeds, device_id: int):
+def io_binding_runner(sess, feeds, device: str, device_id: int = 0):
+    """``run(i)`` with every feed copied once to ``device`` and outputs kept there."""
     bindings = []
     for feed in feeds:
         binding = sess.io_binding()
         for name, array in feed.items():
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", device_id)
+            # np.asarray(order="C") keeps a scalar 0-d: ascontiguousarray makes it [1],
+            # which a model input declared as a scalar refuses.
+            value = ort.OrtValue.ortvalue_from_numpy(np.asarray(array, order="C"), device, device_id)
             binding.bind_ortvalue_input(name, value)
         for out in sess.get_outputs():
-            binding.bind_output(out.name, "cuda", device_id)
+            binding.bind_output(out.name, device, device_id)
         sess.run_with_iobinding(binding)
         # Rebind the outputs to the buffers just allocated: fixed addresses are
         # what CUDA graph replay needs, and it saves an allocation per run.

@@ -156,3 +156,25 @@ def test_cuda_io_binding_runner_matches_cpu(tmp_path):
     run = make_runner(sess, [{"x": x}], prof)
     for i in range(3):
         np.testing.assert_allclose(outputs_as_numpy(run(i))[0], np.maximum(x, 0))
+
+
+def test_io_binding_runner_feeds_a_scalar_as_a_scalar():
+    # A scalar input bound through IO binding must stay 0-d; np.ascontiguousarray made it [1],
+    # which onnxruntime refuses for an input declared as a scalar. Runs on the CPU device, the
+    # same binding path the CUDA profiles take.
+    import numpy as np
+    import onnx
+    import onnx.parser
+    import onnxruntime as ort
+
+    from onnxforge.runtime.session import io_binding_runner, outputs_as_numpy
+
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x, float s) => (float[2, 4] y, float t) { y = Mul(x, s)  t = Identity(s) }""")
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    run = io_binding_runner(sess, [{"x": x, "s": np.array(2.5, np.float32)}], "cpu")
+    for i in range(2):
+        y, t = outputs_as_numpy(run(i))
+        np.testing.assert_allclose(y, x * 2.5)
+        assert t.shape == () and t == 2.5
