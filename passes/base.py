@@ -205,14 +205,25 @@ def _record_names(readers: list[tuple[Any, int, str]], name_map: dict[str, str])
 def unique_node_names(graph: gs.Graph) -> None:
     """Rewrites name a new node after the node it replaces (``Conv_fused_Conv``), which
     repeats a name where the model's nodes have empty or shared names; onnxruntime refuses
-    two nodes of one name in a graph. The first node keeps a name, later ones (the new ones:
-    rewrites append) get the first free ``_k`` suffix."""
+    two nodes of one name in a graph. Unnamed nodes stay unnamed (``name_nodes``)."""
+    name_nodes(graph.nodes, unnamed=False)
+
+
+def name_nodes(nodes, *, unnamed: bool = True, duplicates: bool = True) -> None:
+    """Node names made unique and present, in place, for graph-surgeon nodes or NodeProtos.
+
+    ``duplicates``: of nodes sharing a name the first keeps it, later ones (the new ones:
+    rewrites append) get the first free ``_k`` suffix. ``unnamed``: an unnamed node becomes
+    ``<op>_<position>`` (``_k`` added on a clash): what stays float in int8 and fp16 is keyed
+    by node name, onnxruntime names a node it rejects by its name, and pruning finds its edit
+    sites in graph copies by name."""
+    nodes = list(nodes)
     taken: set[str] = set()
     clashes = []
-    for node in graph.nodes:
+    for node in nodes:
         if not node.name:
             continue
-        if node.name in taken:
+        if node.name in taken and duplicates:
             clashes.append(node)
         else:
             taken.add(node.name)
@@ -222,3 +233,15 @@ def unique_node_names(graph: gs.Graph) -> None:
             k += 1
         node.name = f"{base}_{k}"
         taken.add(node.name)
+    if not unnamed:
+        return
+    for i, node in enumerate(nodes):
+        if node.name:
+            continue
+        op = node.op if isinstance(node, gs.Node) else node.op_type
+        name, k = f"{op}_{i}", 0
+        while name in taken:
+            k += 1
+            name = f"{op}_{i}_{k}"
+        node.name = name
+        taken.add(name)

@@ -25,6 +25,7 @@ PASS_MODULES = (
     "onnxforge.passes.quant.subgraph_pairs",  # the static placement runs it (pairs onnxruntime would abort on)
     "onnxforge.passes.quant.accuracy_level",  # quantize --bits auto's int4-acc4 candidate runs it
     "onnxforge.passes.quant.ort_dynamic",  # quantize's dynamic MatMul format (onnxruntime's, wrapped) runs it
+    "onnxforge.passes.quant.baseline_rules",  # quantize's and convert-fp16's float baseline runs them
 )
 
 CLEANUP_PIPELINE = (

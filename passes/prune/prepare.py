@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.context import PassContext
 from onnxforge.model import Model
+from onnxforge.passes.base import name_nodes
 
 from .flops import infer_shapes
 
@@ -28,20 +29,8 @@ def prepare(model: Model, ctx: PassContext | None = None) -> Model:
     except Exception as exc:  # folding is an aid, not a requirement
         ctx.warn(f"prune: constant folding skipped ({exc})")
     model.graph.cleanup().toposort()
-    _name_nodes(model.graph)
+    name_nodes(model.graph.nodes)  # pruning finds its edit sites in graph copies by name
     return model
-
-
-def _name_nodes(graph: gs.Graph) -> None:
-    """Unique node names: pruning finds its edit sites in graph copies by name."""
-    seen: set[str] = set()
-    for i, node in enumerate(graph.nodes):
-        base = node.name or node.op
-        name, k = base, i
-        while not node.name and name == base or name in seen:
-            name, k = f"{base}_{k}", k + 1
-        node.name = name
-        seen.add(name)
 
 
 def _run_pipeline(model: Model, ctx: PassContext) -> None:

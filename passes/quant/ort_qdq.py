@@ -116,13 +116,14 @@ class OrtStaticQdq(OnnxruntimeCall):
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
 
-def verdicts(rule: Rule, graph: gs.Graph, ctx: PassContext) -> tuple[list[tuple[str, ...]], list[str]]:
-    """The nodes (keys) ``rule`` accepts in ``graph`` and its subgraphs, and the names of those it refuses
-    (each refusal, with its reason, handed to ``ctx``; a rewrite the pass manager rolled back is refused):
-    what a pass wrapping one call of onnxruntime's quantizer hands it as quantized and as excluded."""
+def verdicts(rule: Rule, graph: gs.Graph, ctx: PassContext, graphs=None) -> tuple[list[tuple[str, ...]], list[str]]:
+    """The nodes (keys) ``rule`` accepts in ``graphs`` (default: ``graph`` and its subgraphs), and the names of
+    those it refuses (an unnamed one as ``op:first output``; each refusal, with its reason, handed to ``ctx``;
+    a rewrite the pass manager rolled back is refused): what a pass wrapping one call (of onnxruntime's
+    quantizer, baseline_rules.py's) hands it as accepted and as excluded."""
     accepted: list[tuple[str, ...]] = []
     excluded: list[str] = []
-    for g in iter_graphs(graph):
+    for g in (iter_graphs(graph) if graphs is None else graphs):
         for node in list(g.nodes):
             if rule.anchor_ops and node.op not in rule.anchor_ops:
                 continue
@@ -132,7 +133,7 @@ def verdicts(rule: Rule, graph: gs.Graph, ctx: PassContext) -> tuple[list[tuple[
             verdict, key = verdict_of(rule, g, match, ctx)
             if isinstance(verdict, Refusal):
                 ctx.refuse(verdict)
-                excluded.extend(match.names)
+                excluded.extend(key[1])
             else:
                 accepted.append(key[1])
     return accepted, excluded

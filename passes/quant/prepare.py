@@ -10,14 +10,14 @@ Quantizers need three things the raw exports often lack:
     after an activation into the next Conv (equalize.fold_affine).
 
 The baseline is onnxforge's own -O2 pipeline (when its passes are registered)
-followed by constant lowering/folding and onnxruntime's *basic* offline
-rewrites (constant folding, Conv+BN/Add/Mul, Pad+Conv), which emit standard
-ONNX ops only and so stay portable across providers. The same baseline is the
+followed by constant lowering/folding, the opset raise and onnxruntime's *basic*
+offline rewrites (constant folding, Conv+BN/Add/Mul, Pad+Conv), which emit standard
+ONNX ops only and so stay portable across providers: the registered passes of
+baseline_rules.py, each one library call behind its rule. The same baseline is the
 "optimized float model" the int8 result is compared with.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -27,9 +27,11 @@ import onnx_graphsurgeon as gs
 
 from onnxforge.io import iter_tensor_protos
 from onnxforge.model import Model, copy_fields
+from onnxforge.passes.base import name_nodes
 
+from .baseline_rules import MIN_QDQ_OPSET
 from .equalize import fold_affine
-from .registered import apply_passes
+from .registered import apply_call, apply_passes
 from onnxforge.opsets import DEFAULT_DOMAINS, default_opset, one_default_domain
 from .ortsession import (
     loads_from_file, return_freed_memory, with_external_data_loaded,
@@ -38,10 +40,8 @@ from .ortsession import (
 
 log = logging.getLogger("onnxforge.quant")
 
-MIN_QDQ_OPSET = 13
 
-
-def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, affine_into_next: bool = True) -> onnx.ModelProto:
+def float_baseline(model: Model | onnx.ModelProto, *, affine_into_next: bool = True) -> onnx.ModelProto:
     """The cleaned, opset>=13, BN-folded float model as a ModelProto.
 
     onnxforge's -O2 passes run unverified (verifying a large model costs its size again);
@@ -52,12 +52,12 @@ def float_baseline(model: Model | onnx.ModelProto, *, ort_basic: bool = True, af
     skip = () if affine_into_next else ("fuse-affine-into-conv",)
     proto = _onnxforge_pipeline(model, skip=skip)
     try:
-        return _prepared(model, proto, ort_basic, affine_into_next)
+        return _prepared(model, proto, affine_into_next)
     except OnnxRuntimeRejects as exc:
         log.warning("onnxruntime rejects the -O2 output at its basic level (%s); rerunning -O2 verified", exc)
     proto = _onnxforge_pipeline(model, skip=skip, verify="structural")
     try:
-        return _prepared(model, proto, ort_basic, affine_into_next)
+        return _prepared(model, proto, affine_into_next)
     except OnnxRuntimeRejects as exc:
         from onnxforge.errors import DataError
 
@@ -70,11 +70,10 @@ class OnnxRuntimeRejects(Exception):
     """onnxruntime failed to build a session of the float baseline (its first line)."""
 
 
-def _prepared(model: Model | onnx.ModelProto, proto: onnx.ModelProto, ort_basic: bool,
-              affine_into_next: bool) -> onnx.ModelProto:
+def _prepared(model: Model | onnx.ModelProto, proto: onnx.ModelProto, affine_into_next: bool) -> onnx.ModelProto:
     """``float_baseline`` after onnxforge's passes: onnxruntime's basic level, QDQ prep."""
     base_dir = model.source.parent if isinstance(model, Model) and model.source is not None else None
-    if ort_basic and base_dir is not None and _external_only_in_initializers(proto) and default_opset(proto) >= MIN_QDQ_OPSET:
+    if base_dir is not None and _external_only_in_initializers(proto) and default_opset(proto) >= MIN_QDQ_OPSET:
         # onnxruntime reads the weights from their files and folds constants and lifts
         # Constant nodes itself: they are loaded once, from its output (2.2 GB Llama:
         # 6 GB less at the peak than loading them, folding with graphsurgeon, and copying)
@@ -82,8 +81,7 @@ def _prepared(model: Model | onnx.ModelProto, proto: onnx.ModelProto, ort_basic:
     else:
         proto = lower_constants(with_external_data_loaded(proto, base_dir))
         proto = raise_opset(proto, MIN_QDQ_OPSET)
-        if ort_basic:
-            proto = _checked_offline(proto)
+        proto = _checked_offline(proto)
     proto, _ = apply_passes(proto, QUANT_PREP_PASSES)
     proto, _ = fuse_hardswish(proto)
     if affine_into_next:
@@ -92,34 +90,28 @@ def _prepared(model: Model | onnx.ModelProto, proto: onnx.ModelProto, ort_basic:
 
 
 def name_unnamed_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every main-graph node named (``Op_i``, unique): what stays float (int8's exclusions,
-    fp16's float32 nodes) is keyed by node name, and onnxruntime names a node it rejects by
-    its name, empty for an unnamed one."""
-    taken = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):
-        if node.name:
-            continue
-        name, k = f"{node.op_type}_{i}", 0
-        while name in taken:
-            k += 1
-            name = f"{node.op_type}_{i}_{k}"
-        node.name = name
-        taken.add(name)
+    """Every main-graph node named (``base.name_nodes``; names already there, shared ones
+    included, kept as they are)."""
+    name_nodes(model.graph.node, duplicates=False)
     return model
 
 
 def _checked_offline(proto: onnx.ModelProto, base_dir: Path | None = None) -> onnx.ModelProto:
-    """``ort_offline`` at the basic level; onnxruntime's refusal as ``OnnxRuntimeRejects``."""
+    """onnxruntime's basic level (the registered pass onnxruntime-basic); its rule's refusal, or
+    onnxruntime's, as ``OnnxRuntimeRejects``."""
     from onnxforge.errors import first_line
 
     try:
-        return ort_offline(proto, level="basic", base_dir=base_dir)
+        out, ctx = apply_call(proto, "onnxruntime-basic", {"base_dir": base_dir})
     except MemoryError:
         raise
     except Exception as exc:  # onnxruntime's Fail / InvalidGraph / ... at session creation
         if type(exc).__module__.startswith("onnxruntime"):
             raise OnnxRuntimeRejects(first_line(exc, limit=300)) from exc
         raise
+    if ctx.refusals:
+        raise OnnxRuntimeRejects(ctx.refusals[0].reason)
+    return out
 
 
 def _onnxforge_pipeline(model: Model | onnx.ModelProto, skip: tuple[str, ...] = (),
@@ -143,28 +135,9 @@ def _onnxforge_pipeline(model: Model | onnx.ModelProto, skip: tuple[str, ...] = 
 
 
 def lower_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant nodes become initializers and constant subexpressions are folded."""
-    graph = gs.import_onnx(proto)
-    try:
-        with _graphsurgeon_quiet():  # its failed partial folds print onnxruntime errors
-            graph.fold_constants(error_ok=True)
-    except Exception as exc:  # noqa: BLE001 - folding is an improvement, not a precondition
-        log.warning("constant folding failed (%s)", exc)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return _with_graph(proto, graph)
-
-
-@contextlib.contextmanager
-def _graphsurgeon_quiet():
-    """graphsurgeon's warnings off (onnxruntime's basic level folds what it leaves)."""
-    from onnx_graphsurgeon.logger import G_LOGGER
-
-    previous = G_LOGGER.severity
-    G_LOGGER.severity = G_LOGGER.ERROR + 1
-    try:
-        yield
-    finally:
-        G_LOGGER.severity = previous
+    """Constant nodes become initializers and constant subexpressions are folded (the
+    registered pass graphsurgeon-fold-constants)."""
+    return apply_call(proto, "graphsurgeon-fold-constants")[0]
 
 
 def constant_nodes_to_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -184,19 +157,15 @@ def _external_only_in_initializers(proto: onnx.ModelProto) -> bool:
 
 
 def raise_opset(proto: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
-    if default_opset(proto, missing=minimum) >= minimum:
-        return proto
-    if proto.ir_version < 4:
-        # IR 3 reads an initializer only when it is also a graph input; the passes before
-        # this leave weights as initializers only, which the converter would not see.
-        lifted = onnx.ModelProto()
-        lifted.CopyFrom(proto)
-        lifted.ir_version = 4
-        proto = lifted
-    converted = onnx.version_converter.convert_version(proto, minimum)
-    if converted.ir_version < 7:
-        converted.ir_version = 7
-    return converted
+    """The default domain at ``minimum`` or above (the registered pass raise-opset); its
+    refusal is bad input here (quantization needs the opset)."""
+    out, ctx = apply_call(proto, "raise-opset", {"minimum": minimum})
+    if ctx.refusals:
+        from onnxforge.errors import DataError
+
+        raise DataError(f"cannot raise the model to opset {minimum}: {ctx.refusals[0].reason}",
+                        hint="quantization needs opset 13 (per-channel DequantizeLinear); convert the model first")
+    return out
 
 
 def ort_offline(proto: onnx.ModelProto, level: str = "basic", providers=("CPUExecutionProvider",),
@@ -239,7 +208,7 @@ def _ort_offline_source(source: bytes | str, header: onnx.ModelProto, level: str
         optimized = onnx.load(str(target), load_external_data=weights)
     # the graph is moved, not copied (a copy is the model's size again at the peak)
     ort_opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in optimized.opset_import]
-    out = _with_model_fields(optimized, header)
+    out = with_model_fields(optimized, header)
     have = {o.domain for o in out.opset_import}
     for imp in ort_opsets:
         if imp.domain not in have and not (imp.domain in DEFAULT_DOMAINS and have & set(DEFAULT_DOMAINS)):
@@ -261,7 +230,8 @@ def fuse_hardswish(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     (fuse-hardswish): one float op between Q/DQ instead of four elementwise ones. HardSwish
     exists from opset 14: the model is raised to it only when a HardSwish would be made."""
     if default_opset(proto) < 14 and _makes_hardswish(proto):
-        proto = raise_opset(proto, 14)
+        # refused (local functions): the model stays below 14, where fuse-hardswish writes x * HardSigmoid(x)
+        proto = apply_call(proto, "raise-opset", {"minimum": 14})[0]
     return apply_passes(proto, ("fuse-hardswish",))
 
 
@@ -282,13 +252,7 @@ def _makes_hardswish(proto: onnx.ModelProto) -> bool:
     return False
 
 
-def _with_graph(proto: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
-    """``proto``'s model-level fields around ``graph`` exported. The exported graph
-    is kept, not copied: each copy is the model's size again at the peak."""
-    return _with_model_fields(gs.export_onnx(graph, do_type_check=False), proto)
-
-
-def _with_model_fields(out: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+def with_model_fields(out: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
     """``out`` (its graph kept in place) with ``source``'s model-level fields instead of its
     own, the default domain listed once."""
     for field, _ in list(out.ListFields()):

@@ -9,9 +9,8 @@ weights as graph inputs (bias_correct, hessians), the model cut above some tenso
 (proto_graph.upstream_of), the per-node int8 switches of contribution.py; inside the
 wrapped onnxruntime call, the float weights it left unread (formats._without_unused_initializers);
 and names for unnamed nodes (prepare.name_unnamed_nodes: the exclusions are keyed by name).
-Not yet behind a rule: the float baseline's black-box steps in prepare.py (onnxruntime's basic
-offline optimizer, graphsurgeon's constant folding in ``lower_constants``, onnx's version
-converter in ``raise_opset``), each one call on the whole model as the wrapped quantizers were."""
+The float baseline's library calls (graphsurgeon's constant folding, onnx's version converter,
+onnxruntime's basic offline rewrites) are passes of baseline_rules.py, run by ``apply_call``."""
 from __future__ import annotations
 
 import onnx
@@ -47,3 +46,16 @@ def apply_to_model(model: Model, names: tuple[str, ...], max_iterations: int = 8
         if not round_fired:
             break
     return fired
+
+
+def apply_call(proto: onnx.ModelProto, name: str, options: dict | None = None) -> tuple[onnx.ModelProto, PassContext]:
+    """The registered whole-model call ``name`` (baseline_rules.WholeModelCall) on ``proto`` itself, and its
+    context (refusals, rewrites): its rule judges an imported graph (weights referenced, not copied),
+    the call acts on ``proto``, so the result is the call's, with no export in between; ``proto`` itself
+    when the rule accepts nothing. ``options``: that pass's settings."""
+    from onnxforge.passes.registry import resolve
+
+    model = Model.from_proto(proto)
+    ctx = PassContext(model=model, options={name: dict(options or {})})
+    out = resolve(name).apply(proto, model.graph, ctx)
+    return (proto if out is None else out), ctx
