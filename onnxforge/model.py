@@ -292,12 +292,17 @@ def _graphsurgeon_holds(t: onnx.TypeProto) -> bool:
 _TYPE_ATTR = "\x00onnxforge-type-proto:"
 
 
-def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph in it (If/Loop/Scan bodies, nested), parents first."""
+    yield graph
     for node in graph.node:
-        yield node
         for attr in node.attribute:
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _iter_nodes(sub)
+                yield from iter_graph_protos(sub)
+
+
+def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    return (node for g in iter_graph_protos(graph) for node in g.node)
 
 
 def _type_attributes_as_strings(proto: onnx.ModelProto) -> onnx.ModelProto:

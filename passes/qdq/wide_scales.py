@@ -22,7 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, Rule, RulePass
-from onnxforge.passes.fusion._match import infer_shapes
+from onnxforge.passes.fusion._match import either_order, infer_shapes
 from onnxforge.passes.matching import DEFAULT_DOMAINS
 
 from .common import activation_dq, fresh_name, i64
@@ -52,15 +52,16 @@ class WideChannelScale(Rule):
         if self._shapes is None:
             self._shapes = infer_shapes(graph, ctx)
         node = match.nodes[0]
-        dims = [self._shapes.of(t) for t in node.inputs]
-        if any(d is None or len(d) != 4 for d in dims):
+        dims = {id(t): self._shapes.of(t) for t in node.inputs}
+        if any(d is None or len(d) != 4 for d in dims.values()):
             return self.refusal("operand shapes are not known to be 4-D", match)
-        dims = [[d if isinstance(d, int) else None for d in ds] for ds in dims]
+        dims = {key: [d if isinstance(d, int) else None for d in ds] for key, ds in dims.items()}
         reason = "no operand is a per-channel [N, C, 1, 1] scale with C > 1"
-        for small, big in ((0, 1), (1, 0)):
-            if dims[small][2:] == [1, 1] and dims[small][1] != 1:
-                if dims[big][2] != 1 and dims[big][3] != 1:
-                    return small, dims[big][3]  # the plan: which input is the scale, and W when known
+        for small, (scale, other) in enumerate(either_order(node)):  # small: the scale's input index
+            scale_dims, other_dims = dims[id(scale)], dims[id(other)]
+            if scale_dims[2:] == [1, 1] and scale_dims[1] != 1:
+                if other_dims[2] != 1 and other_dims[3] != 1:
+                    return small, other_dims[3]  # the plan: which input is the scale, and W when known
                 reason = "the other operand is one row high or one column wide"
         return self.refusal(reason, match)
 

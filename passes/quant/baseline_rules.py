@@ -45,7 +45,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxforge.context import PassContext, Refusal
-from onnxforge.model import iter_graphs
+from onnxforge.model import iter_graph_protos, iter_graphs
 from onnxforge.opsets import default_opset
 from onnxforge.passes.base import Match, Pass, PassResult, Rule, rewrite_key
 from onnxforge.passes.cleanup.common import NONDETERMINISTIC_OPS, has_subgraph
@@ -191,23 +191,13 @@ class GraphsurgeonFold(WholeModelCall):
 
     def fired(self, accepted, out):
         # a folded node is gone: a named one by its name, an unnamed one (``op:output``) by its output
-        left = {x for g in _proto_graphs(out.graph) for n in g.node for x in (n.name, f"{n.op_type}:{n.output[0] if n.output else ''}")}
+        left = {x for g in iter_graph_protos(out.graph) for n in g.node for x in (n.name, f"{n.op_type}:{n.output[0] if n.output else ''}")}
         return [key for key in accepted if key[0] not in left]
 
 
 def _key(node: gs.Node) -> str:
     """The name ``verdicts`` hands a refused node by (an unnamed one: op and first output)."""
     return rewrite_key("", Match([node]))[1][0]
-
-
-def _proto_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _proto_graphs(attr.g)
-            for g in attr.graphs:
-                yield from _proto_graphs(g)
 
 
 @contextlib.contextmanager

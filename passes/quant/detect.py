@@ -26,6 +26,7 @@ import dataclasses
 
 import onnx
 
+from onnxforge.model import iter_graph_protos
 from onnxforge.opsets import one_default_domain
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -77,19 +78,9 @@ class Detection:
 
 def detect(model: onnx.ModelProto) -> Detection:
     found = Detection()
-    for graph in _graphs(model.graph):
+    for graph in iter_graph_protos(model.graph):
         _scan_graph(graph, found)
     return found
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)
 
 
 def _scan_graph(graph: onnx.GraphProto, found: Detection) -> None:

@@ -1,16 +1,19 @@
 """Registered passes run on a ModelProto: how quant's graph rewrites go through the rule
 machinery (match / check with a reason / rewrite, listed by ``onnxforge passes``).
 
-Every change to the model quant returns is such a pass, onnxruntime's quantizers included
+Every change to the graph quant returns is such a pass, onnxruntime's quantizers included
 (ort_qdq.py, ort_dynamic.py wrap one call each behind a rule that says per node what the call
-is given). What quant edits on ModelProtos directly are copies made only to measure, which
-never reach the output: extra graph outputs for a session (calibrate, budget, equalize),
-weights as graph inputs (bias_correct, hessians), the model cut above some tensors
-(proto_graph.upstream_of), the per-node int8 switches of contribution.py; inside the
-wrapped onnxruntime call, the float weights it left unread (formats._without_unused_initializers);
-and names for unnamed nodes (prepare.name_unnamed_nodes: the exclusions are keyed by name).
-The float baseline's library calls (graphsurgeon's constant folding, onnx's version converter,
-onnxruntime's basic offline rewrites) are passes of baseline_rules.py, run by ``apply_call``."""
+is given), and so are the float baseline's library calls (graphsurgeon's constant folding, onnx's
+version converter, onnxruntime's basic offline rewrites: baseline_rules.py, run by ``apply_call``).
+What quant still edits on ModelProtos directly:
+  * copies made only to measure, never written: extra graph outputs for a session (calibrate,
+    budget, equalize), weights as graph inputs (bias_correct, hessians), the model cut above some
+    tensors (proto_graph.upstream_of), the per-node int8 switches of contribution.py;
+  * inside the wrapped onnxruntime calls, the float weights the call left unread
+    (formats._without_unused_initializers) and the types it is given (formats._with_inferred_types:
+    value_info, no node changed);
+  * on the output, what changes no computation: names for unnamed nodes (prepare.name_unnamed_nodes:
+    the exclusions are keyed by name) and the CPU class in the metadata (finish.marked_for)."""
 from __future__ import annotations
 
 import onnx
