@@ -18,6 +18,7 @@ PASS_MODULES = (
     "onnxforge.passes.fusion",
     "onnxforge.passes.qdq",
     "onnxforge.passes.quant.int4_rules",  # quantize --bits 4 runs it; listed and explained like every rule
+    "onnxforge.passes.quant.rotate_residual",  # quantize --bits 4 --rotate runs it before the INT4 solve
     "onnxforge.passes.quant.fp16_rules",  # convert-fp16 runs it
     "onnxforge.passes.quant.equalize_rules",  # quantize's cross-layer equalization / smoothing runs it
     "onnxforge.passes.quant.bias_rules",  # quantize's bias correction runs it

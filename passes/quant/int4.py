@@ -5,6 +5,10 @@ Order of work:
      equal to a weight's transpose (a tied embedding / LM head, stored once afterwards);
   2. what stays float, with why: the LM head when asked (``lm_head=False``), weights with fewer than
      16 inputs (a single padded block would be mostly zeros);
+  2b. with ``rotate``: the residual stream rotated by an orthogonal matrix first (``rotate_residual.py``:
+     exact in float, the RMSNorm weights folded into their readers; its d x d basis change before a tied LM
+     head stays float); everything below then sees the rotated weights, the check compares with the model
+     as given;
   3. calibration (GPTQ / AWQ): H = X^T X / n of each distinct MatMul input over the calibration feeds,
      streamed a group of tensors at a time (``hessians.py``); with ``stages`` > 1, sequentially: the
      inputs cut into stages in graph order, each stage's H (and cross moment C = Xq^T Xf / n) taken on the
@@ -51,12 +55,14 @@ from .awq import awq_scale
 from .gptq import DAMP, gptq, output_error, refine_codes, refit_rows, refit_scales
 from .int4_rules import PASS_NAME, Int4Weights, PlannedWeight, matmul_weight, weight_key, weight_rows
 from .nbits import BLOCK_SIZES, dequantize, k_blocks, quantize_rtn, quantize_searched
+from .rotate_residual import HEAD_BASIS
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 CALIBRATED = ("gptq", "awq", "awq+gptq")
 MIN_INPUTS = 16
 MAX_PPL_INCREASE = 0.10
 MAX_VALIDATION_FEEDS = 16
+ROTATE = False  # SmolLM2: the rotation loses (RTN 58.9 -> 117.9; benchmarks/int4_smollm2.md)
 REFINE_PASSES = 0  # SmolLM2: 3 passes cut the mean layer error 9% but val perplexity went 45.82 -> 46.00
 
 
@@ -81,6 +87,7 @@ class Int4Report:
     accuracy_level: int = 0
     refine_passes: int = 0
     stages: int = 1  # sequential calibration stages (1: every input from the float model)
+    rotation: str = ""  # the residual stream's rotation (rotate_residual.py), or why there was none
     budget_metric: str = ""  # what the budget judged: perplexity (increase) or cosine
     budget_met: bool | None = None
     score: float | None = None
@@ -100,6 +107,8 @@ class Int4Report:
         if self.tied_embeddings:
             lines.append(f"tied embedding stored once (GatherBlockQuantized on the LM head's codes): "
                          f"{', '.join(self.tied_embeddings)}")
+        if self.rotation:
+            lines.append(f"residual stream rotation: {self.rotation}")
         lines.append("activations stay float" + (f" (MatMulNBits accuracy_level {self.accuracy_level}: "
                                                   "int8 inside the kernel)" if self.accuracy_level else "")
                      + "; other weights (norms, biases) float")
@@ -126,7 +135,7 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
                   refine: int = REFINE_PASSES, stages: int = 1, stage_target: str = "quantized",
                   accuracy_level: int = 0, val: str | None = None, max_ppl_increase: float = MAX_PPL_INCREASE,
                   max_drop: float = 0.05, calib_limit: int | None = None, check: bool = True,
-                  budget_metric: str = "auto",
+                  budget_metric: str = "auto", rotate: bool | None = None,
                   log: Callable[[str], None] | None = None) -> tuple[Model, Int4Report]:
     """Quantize ``model`` (changed in place and returned) to INT4 weights; see the module docstring."""
     start = time.monotonic()
@@ -142,14 +151,19 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
                         validation=val or calib or "", max_ppl_increase=max_ppl_increase, max_drop=max_drop,
                         accuracy_level=accuracy_level, refine_passes=refine if method in ("gptq", "awq+gptq") else 0)
     reference = model.to_proto() if check and calib not in (None, "random") else None
+    rotated = (ROTATE if rotate is None else rotate) and _rotate(model, report, log)
+    # calibration reads the model as it will be quantized; the check compares with the model as given
+    calibrated = (lambda: reference if reference is not None and not rotated else model.to_proto())
     sites = _sites(model.graph)
     heads = _lm_heads(model.graph, sites)
     tables = _tied_tables(model.graph, sites)
     report.tied_embeddings = sorted(tables.values())
     report.weight_bytes_float = weight_bytes(model.graph)
-    for key, (constant, transposed, _node) in sites.items():
+    for key, (constant, transposed, node) in sites.items():
         inputs = constant.shape[1 if transposed else 0]
-        if np.dtype(constant.dtype) != np.float32:
+        if HEAD_BASIS in node.name:
+            report.kept_float[key] = "the residual rotation's basis change before the tied LM head (d x d, kept exact)"
+        elif np.dtype(constant.dtype) != np.float32:
             report.kept_float[key] = f"{np.dtype(constant.dtype)} weight"
         elif inputs < MIN_INPUTS:
             report.kept_float[key] = f"{inputs} inputs (< {MIN_INPUTS}: one mostly padded block)"
@@ -164,8 +178,7 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
         inputs = sorted({node.inputs[0].name for _c, _t, node in todo.values()})
         feeds = (lambda: _limited(iter_feed_files(calib), calib_limit))
         if stages <= 1:
-            hessians, report.calibration_tokens = collect_hessians(
-                reference if reference is not None else model.to_proto(), feeds, inputs, log=log)
+            hessians, report.calibration_tokens = collect_hessians(calibrated(), feeds, inputs, log=log)
     plan = {"weights": {}, "float": dict(report.kept_float)}
     groups: dict[str, list[str]] = {}
     for key, (_c, _t, node) in todo.items():
@@ -175,7 +188,7 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
     if method in CALIBRATED and stages > 1:
         if stage_target not in ("quantized", "float"):
             raise OptionError(f"unknown stage target {stage_target!r}", hint="choose quantized or float")
-        _sequential(plan, report, groups, sites, reference if reference is not None else model.to_proto(), feeds,
+        _sequential(plan, report, groups, sites, calibrated(), feeds,
                     stages, solve, log, stage_target == "float")
     else:
         for index, (tensor, keys) in enumerate(sorted(groups.items())):
@@ -184,12 +197,25 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
     ctx = PassContext(model=model, options={PASS_NAME: {"plan": plan, "accuracy_level": accuracy_level}})
     stats = Int4Weights().run(model.graph, ctx)
     report.quantized = stats.stats.get("matmul-to-nbits", 0)
-    report.refusals = [str(r) for r in ctx.refusals]
+    report.refusals += [str(r) for r in ctx.refusals]
     report.weight_bytes_int4 = weight_bytes(model.graph)
     if reference is not None:
         _judge(report, reference, model, val or calib, log, budget_metric != "cosine")
     report.seconds = time.monotonic() - start
     return model, report
+
+
+def _rotate(model: Model, report: Int4Report, log) -> bool:
+    """The residual stream rotated in place (``rotate_residual.py``); whether it was."""
+    from .rotate_residual import KINDS, PASS_NAME as ROTATE_PASS, RotateResidual
+
+    log("int4: rotating the residual stream")
+    ctx = PassContext(model=model, options={ROTATE_PASS: {"kind": KINDS[0], "seed": 0}})
+    fired = RotateResidual().run(model.graph, ctx).stats.get(ROTATE_PASS, 0)
+    report.refusals += [str(r) for r in ctx.refusals]
+    report.rotation = (f"{KINDS[0]}, seed 0 (RMSNorm weights folded into the readers)" if fired else
+                       "none: " + ("; ".join(str(r) for r in ctx.refusals) or "no embedding feeding RMSNorms"))
+    return bool(fired)
 
 
 def _limited(it, limit):
