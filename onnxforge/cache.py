@@ -68,6 +68,11 @@ def saved_model_files(path: str | os.PathLike) -> list[Path]:
     return [path, data] if data.exists() else [path]
 
 
+def saved_model_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model written by ``onnxforge.io.save`` (``saved_model_files``)."""
+    return sum(f.stat().st_size for f in saved_model_files(path))
+
+
 def files_digest(files, base: str | os.PathLike) -> dict[str, str]:
     """SHA-256 of each file, by its path relative to ``base``, sorted by that path."""
     base = Path(os.path.abspath(base))

@@ -237,8 +237,10 @@ def cmd_optimize(args) -> int:
             status.stop()
     save(result, output, external_data=True if args.external_data else None, check=report.check_written)
     report.output = str(output)
-    report.before["file_bytes"] = _file_bytes(Path(args.input))
-    report.after["file_bytes"] = _file_bytes(output)
+    from .cache import saved_model_bytes
+
+    report.before["file_bytes"] = saved_model_bytes(args.input)
+    report.after["file_bytes"] = saved_model_bytes(output)
     if args.tune:
         _tune_after_optimize(output, args)
     if args.report:
@@ -269,14 +271,6 @@ def _tune_after_optimize(output: Path, args) -> None:
                        shape_ranges=parse_shape_ranges(args.input_shape))
     if not args.json:
         tune.render_tune(result)
-
-
-def _file_bytes(path: Path) -> int:
-    total = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        total += data.stat().st_size
-    return total
 
 
 # ------------------------------------------------------------------ passes, demo

@@ -46,10 +46,10 @@ def _cached(result: dict, steps: list[dict]) -> str | None:
 
 
 def _input_bytes(path: str) -> int | None:
-    from .cache import saved_model_files
+    from .cache import saved_model_bytes
 
     try:
-        return sum(f.stat().st_size for f in saved_model_files(path))
+        return saved_model_bytes(path)
     except OSError:
         return None
 

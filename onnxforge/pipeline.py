@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import onnx
 
-from .cache import StepCache, data_digest, environment_key, files_digest, saved_model_files, sha256_file
+from .cache import StepCache, data_digest, environment_key, files_digest, saved_model_bytes, saved_model_files, sha256_file
 from .errors import OnnxForgeError, OptionError, VerificationError
 from .io import check_output_path, check_output_paths, guarding_inputs, load, load_input, protect, save, write_file
 from .verify import written_equals
@@ -277,7 +277,7 @@ class _Run:
         files = files_digest(saved_model_files(target), target.parent)
         self.report["output"] = {
             "path": str(output) if output else None, "sha256": files[target.name], "files": files,
-            "stats": model_stats(self.model, file_bytes=sum(f.stat().st_size for f in saved_model_files(target))),
+            "stats": model_stats(self.model, file_bytes=saved_model_bytes(target)),
         }
         profile_path = None
         if self.profile is not None and output is not None:

@@ -26,6 +26,7 @@ axis; it is left as is.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -148,7 +149,15 @@ class NormPlan:
 
 
 class _NormBase(FusionRule):
-    """Shared checks of eps, axes, Cast and the affine parameters."""
+    """Shared checks of eps, axes, Cast and the affine parameters, and the rewrite to ``fused_op``
+    (with a bias input when ``with_beta``)."""
+
+    fused_op: ClassVar[str] = ""
+    with_beta: ClassVar[bool] = True
+
+    def rewrite(self, graph, match, ctx):
+        replace(graph, match, self.fused_op, [match.info.x, *self._params(graph, match, self.with_beta)],
+                {"axis": -match.plan.k, "epsilon": match.plan.epsilon})
 
     def _common(self, match: Match) -> str | NormPlan:
         """The reason to refuse, or the plan."""
@@ -236,6 +245,7 @@ class LayerNorm(_NormBase):
 
     name = "layernorm"
     anchor_ops = ("ReduceMean",)
+    fused_op = "LayerNormalization"
     below_17 = False  # emit onnxruntime's pre-17 registration instead of refusing
 
     def match(self, graph, node):
@@ -268,10 +278,6 @@ class LayerNorm(_NormBase):
             return "opset < 17 has no LayerNormalization"
         return self._common(match)
 
-    def rewrite(self, graph, match, ctx):
-        info = match.info
-        replace(graph, match, "LayerNormalization", [info.x, *self._params(graph, match, True)],
-                {"axis": -match.plan.k, "epsilon": match.plan.epsilon})
 
 
 class LayerNormOrt(LayerNorm):
@@ -284,6 +290,8 @@ class RmsNorm(_NormBase):
 
     name = "rmsnorm"
     anchor_ops = ("ReduceMean",)
+    fused_op = "SimplifiedLayerNormalization"
+    with_beta = False  # RMSNorm has no bias
 
     def match(self, graph, node):
         square = producer_op(node.inputs[0], "Pow", "Mul")
@@ -314,10 +322,6 @@ class RmsNorm(_NormBase):
             return f"SimplifiedLayerNormalization is an onnxruntime op (provider {ctx.provider})"
         return self._common(match)
 
-    def rewrite(self, graph, match, ctx):
-        info = match.info
-        replace(graph, match, "SimplifiedLayerNormalization", [info.x, *self._params(graph, match, False)],
-                {"axis": -match.plan.k, "epsilon": match.plan.epsilon})
 
 
 class FuseLayerNorm(RulePass):
