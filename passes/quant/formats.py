@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 
 from onnxforge.errors import OptionError
+from onnxforge.passes.fusion._match import MS_DOMAIN
 
 from .integer_act import integer_activations
 from .layout import nhwc_data_movement, ort_transposes, wide_channel_scales
@@ -149,7 +150,7 @@ def is_transformer(model: onnx.ModelProto) -> bool:
         1 for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in initializers
     )
     attention = "Softmax" in ops or any(
-        n.op_type in ATTENTION_OPS and n.domain == "com.microsoft" for n in model.graph.node)
+        n.op_type in ATTENTION_OPS and n.domain == MS_DOMAIN for n in model.graph.node)
     return attention and weighted_matmuls > ops.count("Conv")
 
 

@@ -21,6 +21,7 @@ import onnx.helper
 from onnxforge.errors import UnsafeModelError
 from onnxforge.io import iter_tensor_protos
 from onnxforge.model import copy_fields, tensor_header
+from onnxforge.passes.fusion._match import MS_DOMAIN
 
 # Below protobuf's 2 GiB limit with room for the graph itself.
 LARGE_MODEL_BYTES = 1_800_000_000
@@ -168,7 +169,7 @@ def _contrib_output_types(inferred: onnx.ModelProto) -> list[onnx.ValueInfoProto
             types[info.name] = info.type.tensor_type.elem_type
     added = []
     for node in graph.node:
-        if node.domain not in ("com.microsoft",) and not (node.domain in ("", "ai.onnx") and node.op_type == "LayerNormalization"):
+        if node.domain != MS_DOMAIN and not (node.domain in ("", "ai.onnx") and node.op_type == "LayerNormalization"):
             continue
         if node.op_type not in _SAME_TYPE_CONTRIB or not node.input or not node.output or not node.output[0]:
             continue
