@@ -50,7 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .termination import raising_on_sigterm
+
+    with raising_on_sigterm():  # `timeout` and schedulers stop a run with SIGTERM: it cleans up as for Ctrl-C
+        return _run(args)
+
+
+def _run(args) -> int:
     from .io import guarding_inputs
+    from .termination import EXIT_CODE as TERMINATED_EXIT, Terminated
 
     try:
         with guarding_inputs():
@@ -68,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return TERMINATED_EXIT
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

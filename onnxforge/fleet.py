@@ -171,14 +171,13 @@ def run_model(common: Mapping[str, Any], task: Mapping[str, Any]) -> dict:
         job = {**common, "model": task["model"], "output": str(output), "result": str(Path(tmp) / "result.json")}
         limit = common.get("model_timeout") or DEFAULT_MODEL_TIMEOUT
         proc = None
-        try:  # on timeout subprocess.run kills the worker (it starts no processes of its own) and waits for it
-            proc = subprocess.run([sys.executable, "-m", "onnxforge.fleet_worker"], input=json.dumps(job),
-                                  capture_output=True, text=True, env=_child_env(), timeout=limit)
+        try:
+            proc = _run_worker(job, limit, Path(tmp) / "tmp")
             result = json.loads(Path(job["result"]).read_text(encoding="utf-8"))
         except subprocess.TimeoutExpired:
             result = {"exit_code": 1, "report": None, "run_cached": False,
                       "error": f"timed out after {limit:g} s (the fleet's per-model limit, model_timeout / "
-                               "--model-timeout): its worker process was killed"}
+                               "--model-timeout): its worker process was stopped"}
         except (OSError, json.JSONDecodeError) as exc:
             error = _died(proc) if proc is not None else f"cannot start the worker process: {first_line(exc)}"
             result = {"exit_code": 1, "error": error, "report": None, "run_cached": False}
@@ -188,6 +187,25 @@ def run_model(common: Mapping[str, Any], task: Mapping[str, Any]) -> dict:
 
             result["files"] = {f.name: f.read_bytes() for f in saved_model_files(output)}
     return result
+
+
+def _run_worker(job: dict, limit: float, tmp: Path) -> subprocess.CompletedProcess:
+    """The worker process on ``job``; past ``limit`` seconds (TimeoutExpired) or when this
+    process is interrupted it is stopped with SIGTERM, so it removes its temporary files and
+    half-written output, and killed after a grace period. Its temporary files go to ``tmp``,
+    inside this model's temporary folder: what a killed worker leaves goes with that folder."""
+    from .termination import stop_process
+
+    tmp.mkdir(exist_ok=True)
+    args = [sys.executable, "-m", "onnxforge.fleet_worker"]
+    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**_child_env(), "TMPDIR": str(tmp)}) as proc:
+        try:
+            stdout, stderr = proc.communicate(json.dumps(job), timeout=limit)
+        except BaseException:
+            stop_process(proc)
+            raise
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
 def _child_env() -> dict:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import OnnxForgeError, first_line
+from .termination import EXIT_CODE as TERMINATED_EXIT, Terminated, raising_on_sigterm
 
 RUN_KIND = "fleet-run"
 REPORT_FILE = "report.json"
@@ -96,6 +97,8 @@ def run_job(job: dict) -> dict:
 def _failure(exc: BaseException) -> dict:
     if isinstance(exc, OnnxForgeError):
         code, message = exc.exit_code, exc.message.splitlines()[0] if exc.message else type(exc).__name__
+    elif isinstance(exc, Terminated):
+        code, message = TERMINATED_EXIT, "terminated (SIGTERM)"
     elif isinstance(exc, KeyboardInterrupt):
         code, message = 130, "interrupted"
     else:
@@ -108,7 +111,8 @@ def main() -> int:
 
     quiet_onnxruntime()
     job = json.loads(sys.stdin.read())
-    result = run_job(job)
+    with raising_on_sigterm():  # the fleet's per-model limit stops a worker with SIGTERM: clean up first
+        result = run_job(job)
     Path(job["result"]).write_text(json.dumps(result, default=str), encoding="utf-8")
     return 0
 
