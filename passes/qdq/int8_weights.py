@@ -15,6 +15,14 @@ Preconditions: an int8/uint8 constant 2-D weight read through one Cast by one Mu
 constant per-tensor or per-column scale; the weight is one the caller lets go (option
 ``weights``: the int8 initializers whose readers may all be rewritten). The quantizer runs
 this pass (quant/plan.py); it is not in an -O level.
+
+Rule dynamic-matmul-bias: a constant bias added to the product goes into the kernel's bias
+input, Add(DynamicQuantizeMatMul(X, W, s, z), b) == DynamicQuantizeMatMul(X, W, s, z, b)
+(the kernel adds b to each output row after scaling: the same float sum, up to FMA
+rounding). onnxruntime does not fold that Add itself: on minilm_l6_w8 its 36 Adds took
+15 ms of a 230 ms run (AVX2 profile, benchmarks/results/quant_avx2.md). Preconditions:
+b is a constant with one value per weight column (1-D, or leading dims of 1), the product
+is read by that Add alone and is no graph output.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxforge.passes.base import Match, Rule, RulePass
-from onnxforge.passes.fusion._match import MS_DOMAIN, either_order, need_ms_domain
+from onnxforge.passes.fusion._match import MS_DOMAIN, const_value, either_order, need_ms_domain
 from onnxforge.passes.matching import DEFAULT_DOMAINS, producer
 
 PASS_NAME = "int8-weights-to-dynamic-matmul"
@@ -92,11 +100,53 @@ class Int8WeightMatMul(Rule):
         need_ms_domain(ctx)
 
 
+class DynamicMatMulBias(Rule):
+    name = "dynamic-matmul-bias"
+    anchor_ops = ("DynamicQuantizeMatMul",)
+
+    def match(self, graph, node):
+        if node.domain != MS_DOMAIN or (len(node.inputs) > 4 and node.inputs[4].name):
+            return None
+        readers = node.outputs[0].outputs
+        add = readers[0] if readers else None
+        if add is None or add.op != "Add" or add.domain not in DEFAULT_DOMAINS or len(add.inputs) != 2:
+            return None
+        bias = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+        return Match([node, add], bias)
+
+    def check(self, graph, match, ctx):
+        node, add = match.nodes
+        bias = const_value(match.info)
+        if len(node.outputs[0].outputs) != 1 or node.outputs[0] in graph.outputs:
+            return self.refusal("the product is read outside the Add", match)
+        if bias is None:
+            return self.refusal("the added tensor is not a constant", match)
+        columns = node.inputs[1].shape[-1] if isinstance(node.inputs[1], gs.Constant) else None
+        if bias.dtype != np.float32 or columns is None or bias.size != columns or bias.shape[-1:] != (columns,):
+            return self.refusal(f"the added constant (shape {list(bias.shape)}) is not one float per weight column "
+                                f"({columns})", match)
+        return bias.reshape(-1)
+
+    def rewrite(self, graph, match, ctx):
+        node, add = match.nodes
+        inputs = list(node.inputs)
+        if len(inputs) < 4:  # the zero point is optional before the bias
+            inputs.append(gs.Variable.empty())
+        node.inputs.clear()
+        node.inputs.extend(inputs[:4] + [gs.Constant(f"{node.name}_bias", np.ascontiguousarray(match.plan, np.float32))])
+        out = add.outputs[0]
+        add.outputs.clear()
+        add.inputs.clear()
+        node.outputs.clear()
+        node.outputs.append(out)
+
+
 class Int8WeightsToDynamicMatMul(RulePass):
     name = PASS_NAME
-    description = "MatMul reading an int8 weight dequantized by Cast+Mul -> DynamicQuantizeMatMul on the same int8 values"
+    description = ("MatMul reading an int8 weight dequantized by Cast+Mul -> DynamicQuantizeMatMul on the same int8 "
+                   "values, a constant bias added to it folded into the kernel")
     tolerance = (float("inf"), float("inf"))  # X quantized per call: judged by the quantizer's budget
-    rules = (Int8WeightMatMul,)
+    rules = (Int8WeightMatMul, DynamicMatMulBias)
     options = MappingProxyType({
         "weights": (list, "the int8 initializers whose MatMul readers may be rewritten (quantize passes the ones not kept float)"),
         "saturating": (bool, "the CPU's u8 x s8 products saturate (no VNNI): store weights past 7 bits as uint8 + 128"),

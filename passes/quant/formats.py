@@ -12,7 +12,9 @@ provider fuses DQ -> op -> Q into an integer kernel when it has one.
     depend on the CPU class (runtime/cpuclass.py), recorded in the model: without
     int8 dot products (AVX2, AVX-512 without VNNI) the u8 x s8 GEMM kernels add
     pairs of products in 16 bits and saturate (255 * 127 * 2 > 32767), so static
-    weights use 7 bits (reduce_range); dynamic MatMul weights are tried as 7-bit
+    weights use 7 bits (reduce_range), or 8 bits with the inputs of GEMM-based
+    kernels on a 7-bit grid, whichever scores better (static_formats: the same
+    kernels, so the same time); dynamic MatMul weights are tried as 7-bit
     s8 (faster there) and then as uint8 (u8 x u8 widens first: 8 bits, no
     saturation), the first meeting the accuracy budget kept (dynamic_formats).
     Measured on this project's AVX2 CPU (benchmarks/results/quant_formats_avx2.md,
@@ -82,6 +84,9 @@ class FormatSpec:
     # kernel widens before it adds, so it cannot saturate; cpuclass.saturation probes it)
     depthwise_full_range: bool = False
     op_types: tuple[str, ...] = CPU_STATIC_OPS
+    # u8 inputs of GEMM-based integer kernels on a 7-bit grid ([0, 128]), so that 8-bit
+    # s8 weights cannot saturate either (128 * 128 * 2 = 32768): see static_formats
+    narrow_gemm_inputs: bool = False
     dynamic_matmul: bool = False  # quantize MatMul/Gemm weights dynamically (CPU transformers)
     cpu_class: str = ""  # the CPU class the CPU formats are chosen for (runtime/cpuclass.py)
 
@@ -118,6 +123,33 @@ def spec_for(provider: str, model: onnx.ModelProto, mode: str = "auto", vnni: bo
     if dynamic:
         return FormatSpec("cpu", "u8", weight_type="u8", dynamic_matmul=True, cpu_class=cls)
     return FormatSpec("cpu", "u8", reduce_range=True, cpu_class=cls)
+
+
+def static_formats(spec: FormatSpec) -> dict[str, FormatSpec]:
+    """The static formats ``quantize`` scores for ``spec`` (it keeps the best scored).
+
+    Without int8 dot products a u8 x s8 pair sum must stay within int16: 7-bit weights
+    with 8-bit inputs (``spec``: 255 * 64 * 2 = 32640), or 8-bit weights with the inputs of
+    GEMM-based kernels on a 7-bit grid (128 * 128 * 2 = 32768; rule seven-bit-gemm-input,
+    ort_qdq.py). Both run on the same MLAS kernels (u8 x s8, symmetric weights), so they
+    cost the same time and only the accuracy decides, deterministically; which bit matters
+    more depends on the model (benchmarks/results/quant_avx2.md: PP-OCRv4 det, percentile
+    ranges, cosine 0.906 with 7-bit weights vs 0.943 with 7-bit GEMM inputs; minmax ranges
+    0.846 vs 0.816). Any other spec: itself alone."""
+    if (spec.provider == "cpu" and spec.reduce_range and spec.weight_type == "s8" and spec.activation_type == "u8"
+            and not spec.symmetric_activations and not spec.dynamic_matmul):
+        return {"s8 7-bit weights": spec,
+                "s8 8-bit weights, 7-bit GEMM inputs": dataclasses.replace(spec, reduce_range=False,
+                                                                          narrow_gemm_inputs=True)}
+    return {f"{spec.weight_type} weights": spec}
+
+
+def narrowed_range(low: float, high: float) -> tuple[float, float]:
+    """The range whose u8 grid puts [low, high] (0 included) on the codes [0, 128]: the scale
+    doubles (x 255/127) and the zero point stays within [0, 127]; values above ``high``
+    (outside the calibration) may still reach 255 and saturate."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    return low, low + (high - low) * 255.0 / 127.0
 
 
 # onnxruntime's fused attention kernels (what `optimize -O3` writes): their Softmax is inside

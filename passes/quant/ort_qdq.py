@@ -70,6 +70,52 @@ class OrtQdqPlacement(Rule):
         return None
 
 
+class SevenBitGemmInput(Rule):
+    """The u8 input of a GEMM-based integer kernel put on a 7-bit grid (formats.static_formats,
+    formats.narrowed_range): run only for formats with ``narrow_gemm_inputs`` (8-bit s8 weights
+    on a CPU without int8 dot products, where VPMADDUBSW adds two u8 x s8 products in int16)."""
+
+    name = "seven-bit-gemm-input"
+    anchor_ops = ("Conv", "Gemm", "MatMul")
+
+    def match(self, graph, node):
+        if node.domain not in DEFAULT_DOMAINS or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            return None
+        return None if isinstance(node.inputs[0], gs.Constant) else Match([node], node.inputs[0].name)
+
+    def check(self, graph, match, ctx):
+        node = match.nodes[0]
+        placed = OrtQdqPlacement().check(graph, match, ctx)
+        if placed is not None:
+            return self.refusal(f"the node stays float ({placed.reason})", match)
+        weight = node.inputs[1]
+        if node.op == "Conv" and node.attrs.get("group", 1) > 1 and len(weight.shape) > 1 and weight.shape[1] == 1:
+            return self.refusal("depthwise Conv: MLAS's depthwise kernel widens u8 x s8 before it adds (no "
+                                "saturation), its input keeps 8 bits", match)
+        if match.info not in (ctx.option(PASS_NAME, "ranges") or {}):
+            return self.refusal(f"its input {match.info} has no calibrated range", match)
+        return None
+
+
+def narrowed_ranges(graph: gs.Graph, ctx: PassContext) -> tuple[dict, list[tuple[str, ...]]]:
+    """The ``ranges`` option with the inputs rule seven-bit-gemm-input accepts in ``graph``
+    (the main graph: onnxruntime places Q/DQ there only) narrowed, and the accepted keys."""
+    rule, ranges, accepted = SevenBitGemmInput(), dict(ctx.option(PASS_NAME, "ranges") or {}), []
+    from .formats import narrowed_range
+
+    for node in list(graph.nodes):
+        match = rule.match(graph, node) if node.op in rule.anchor_ops else None
+        if match is None:
+            continue
+        verdict, key = verdict_of(rule, graph, match, ctx)
+        if isinstance(verdict, Refusal):
+            ctx.refuse(verdict)
+            continue
+        ranges[match.info] = narrowed_range(*ranges[match.info])
+        accepted.append(key[1])
+    return ranges, accepted
+
+
 class OnnxruntimeCall(Pass):
     """A pass wrapping one call of an onnxruntime quantizer (module docstring): its one rule says
     per node what the call is given (``verdicts``); ``call`` makes the quantized model from the
@@ -99,7 +145,9 @@ class OrtStaticQdq(OnnxruntimeCall):
     name = PASS_NAME
     description = "onnxruntime's static QDQ placement with calibrated ranges (the quantizer runs it)"
     tolerance = (float("inf"), float("inf"))  # INT8 rounding: judged by the quantizer's accuracy budget
-    rules = (OrtQdqPlacement,)  # listed by ``onnxforge passes``; one call places Q/DQ for all it accepts
+    # listed by ``onnxforge passes``; one call places Q/DQ for all the first accepts, with the
+    # inputs the second accepts narrowed (formats that ask for it)
+    rules = (OrtQdqPlacement, SevenBitGemmInput)
     options: Mapping = MappingProxyType({
         "ranges": (dict, "tensor -> (low, high) calibrated activation range"),
         "spec": (object, "the format (formats.FormatSpec): types, symmetry, per channel, reduced range"),
@@ -108,8 +156,16 @@ class OrtStaticQdq(OnnxruntimeCall):
     })
 
     def call(self, ctx: PassContext, excluded: list[str]) -> onnx.ModelProto:
-        return place_qdq(ctx.model.to_proto(), ctx.option(PASS_NAME, "ranges") or {},
-                         ctx.option(PASS_NAME, "spec"), excluded, ctx.option(PASS_NAME, "op_types"))
+        spec, ranges = ctx.option(PASS_NAME, "spec"), ctx.option(PASS_NAME, "ranges") or {}
+        if getattr(spec, "narrow_gemm_inputs", False):
+            ranges, accepted = narrowed_ranges(ctx.model.graph, ctx)
+            ctx.rewrites.extend((self.name, SevenBitGemmInput.name, names) for names in accepted)
+        return place_qdq(ctx.model.to_proto(), ranges, spec, excluded, ctx.option(PASS_NAME, "op_types"))
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = super().run(graph, ctx)
+        narrowed = sum(1 for r in ctx.rewrites if r[:2] == (self.name, SevenBitGemmInput.name))
+        return PassResult.from_counts({**result.stats, SevenBitGemmInput.name: narrowed}) if narrowed else result
 
     def tidy(self, graph: gs.Graph) -> None:
         # onnxruntime appends Q/DQ after their readers; the float weights it replaced stay unread

@@ -14,7 +14,9 @@ from .bias_correct import apply_deltas
 from .calibrate import calibrate, compute_range, saturated_by_readers
 from .detect import detect, int8_weights_to_dynamic_matmul
 from .equalize import equalize as equalize_model
-from .formats import CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, dynamic_formats, provider_exclusions, static_qdq
+from .formats import (
+    CPU_STATIC_LEAN_OPS, FormatSpec, cpu_has_vnni, dynamic_formats, provider_exclusions, static_formats, static_qdq,
+)
 from .inputs import MAX_VALIDATION_FEEDS, _take, _Tee
 from .layout import convtranspose_as_conv_shuffle
 from .outliers import FEEDS as OUTLIER_FEEDS, measured_outliers
@@ -44,6 +46,9 @@ class _Plan:
     rounding: "RoundingResult | None" = None  # learned weight codes and bias refits (rounding.py)
     # dynamic formats: label -> (spec, build), fastest first on the CPU class (formats.dynamic_formats)
     format_options: dict = dataclasses.field(default_factory=dict)
+    spec: FormatSpec | None = None  # static: the format ``build`` writes (quantize may switch it)
+    # static: label -> format scored by quantize, the best kept (formats.static_formats)
+    static_formats: dict = dataclasses.field(default_factory=dict)
 
 
 def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, report, log, equalize: str = "none",
@@ -103,6 +108,7 @@ def _plan(original, baseline, spec: FormatSpec, detection, calib_feeds, method, 
         options = {m: saturated_by_readers(baseline, r) for m, r in options.items()}
     plan = _static_plan(baseline, spec, fixed, options[methods[0]], tee.kept)
     plan.range_options = options
+    plan.static_formats = static_formats(spec)
     if spec.provider == "cpu" and spec.op_types != CPU_STATIC_LEAN_OPS:
         lean = dataclasses.replace(spec, op_types=CPU_STATIC_LEAN_OPS)
         elementwise = {n.name: "elementwise op kept float (scored better than requantizing it)"
@@ -133,10 +139,10 @@ def _static_plan(baseline, spec: FormatSpec, fixed: dict, ranges, kept_feeds) ->
         deltas = _summed(plan.rounding.bias_deltas if plan.rounding else {}, plan.bias_deltas)
         if deltas:
             source = _with_deltas(plan.float_model, deltas, set(floats) | set(fixed))
-        model = static_qdq(source, kept, spec, list(fixed) + floats)
+        model = static_qdq(source, kept, plan.spec, list(fixed) + floats)
         return with_codes(model, plan.rounding.codes) if plan.rounding and plan.rounding.codes else model
 
-    plan = _Plan(build, candidates, dict(fixed), ranges, kept_feeds, baseline)
+    plan = _Plan(build, candidates, dict(fixed), ranges, kept_feeds, baseline, spec=spec)
     return plan
 
 

@@ -11,7 +11,10 @@ Order of work:
      streaming calibration (calibrate.py) of the equalized model; method
      "auto" derives minmax and percentile ranges from the same histograms;
      u8 ranges of tensors only HardSwish reads start just below -3 (exact);
-  4. provider placement (formats.py; dynamic MatMul weight formats are tried
+  4. provider placement (formats.py; on CPUs without int8 dot products static
+     models are built with 7-bit weights and with 8-bit weights on 7-bit GEMM
+     inputs, each range option, and the best scored is kept, formats.static_formats;
+     dynamic MatMul weight formats are tried
      fastest first on the CPU class and the first meeting the budget is kept,
      formats.dynamic_formats; dynamic MatMul formats keep float the
      MatMul/Gemm whose input has outlier channels, outliers.py; on CPU HardSwish/HardSigmoid and
@@ -47,6 +50,7 @@ first); the search over them is here.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import platform
 import sys
@@ -185,13 +189,14 @@ def quantize(
     threshold = 1.0 - max_drop
     weighted = sum(1 for op in plan.candidates.values() if op in WEIGHTED)
     search = budget_mod.SearchBudget.start(
-        max_evaluations or budget_mod.default_max_evaluations(len(plan.range_options), min(weighted, MAX_MEASURED), MAX_RECORRECTED),
+        max_evaluations or budget_mod.default_max_evaluations(
+            len(plan.range_options) * max(1, len(plan.static_formats)), min(weighted, MAX_MEASURED), MAX_RECORRECTED),
         budget_seconds)
     if plan.range_options:
         learn = None
         if rounding == "learned":
             learn = lambda m: learn_rounding(plan.float_model, m, plan.kept_feeds[:ROUNDING_FEEDS],  # noqa: E731
-                                             reduce_range=spec.reduce_range, log=log)
+                                             reduce_range=plan.spec.reduce_range, log=log)
         first, first_score = _tune_static(plan, evaluate, report, log, search, learn)
     else:
         if rounding == "learned":
@@ -274,14 +279,17 @@ def _first_format(plan: _Plan, evaluate, threshold: float, report: QuantReport, 
 
 
 def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, search: budget_mod.SearchBudget, learn=None):
-    """Per range option: build (``learn(model)``: learned rounding of the built model,
+    """Per static format (formats.static_formats: on CPUs without int8 dot products 7-bit
+    weights, or 8-bit weights with 7-bit GEMM inputs: the same kernels, so the score alone
+    decides) and range option: build (``learn(model)``: learned rounding of the built model,
     rebuilt with it), score, bias-correct layer by layer, score again; keep the best.
     Each score is one of ``search``'s evaluations (the first is always made)."""
     best = None
-    for method, ranges in plan.range_options.items():
+    formats = plan.static_formats or {"": plan.spec}
+    for (label, spec), (method, ranges) in itertools.product(formats.items(), plan.range_options.items()):
         if not search.take(force=best is None):
             break
-        plan.ranges, plan.bias_deltas, plan.rounding = ranges, {}, None
+        plan.spec, plan.ranges, plan.bias_deltas, plan.rounding = spec, ranges, {}, None
         model = plan.build([])
         if learn is not None:
             plan.rounding = learn(model)
@@ -289,7 +297,7 @@ def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, search: budget
             log(f"ranges {method}: {plan.rounding.describe()}")
         score = evaluate(model)
         deltas = _bias_deltas(plan, model, search)
-        line = f"ranges {method}: {report.metric} {score:.5f}"
+        line = f"ranges {method}{', ' + label if len(formats) > 1 else ''}: {report.metric} {score:.5f}"
         if plan.rounding is not None:
             line += " (learned rounding)"
         if deltas and search.take():
@@ -304,11 +312,16 @@ def _tune_static(plan: _Plan, evaluate, report: QuantReport, log, search: budget
         log(line)
         report.notes.append(line)
         if best is None or score > best[0]:
-            best = (score, method, model, deltas, ranges, plan.rounding)
-    score, method, model, deltas, ranges, rounding = best
-    plan.ranges, plan.bias_deltas, plan.rounding = ranges, deltas, rounding
+            best = (score, method, model, deltas, ranges, plan.rounding, label, spec)
+    score, method, model, deltas, ranges, rounding, label, spec = best
+    plan.spec, plan.ranges, plan.bias_deltas, plan.rounding = spec, ranges, deltas, rounding
     if plan.lean is not None:
         plan.lean.ranges, plan.lean.bias_deltas, plan.lean.rounding = ranges, deltas, rounding
+        plan.lean.spec = dataclasses.replace(spec, op_types=plan.lean.spec.op_types)
+    if len(formats) > 1:
+        report.format = spec.as_dict()
+        report.notes.append(f"static format: {label} (scored {', '.join(formats)} on this CPU class: the same "
+                            "integer kernels, the best score kept)")
     if rounding is not None:
         report.rounding = rounding.as_dict()
         report.notes.append(rounding.describe())
