@@ -8,8 +8,11 @@ onnxruntime session of the original:
 
 1. the seeded sizes with other values for integer inputs: zeros (always a valid
    index), then ones with -1 last where the input is a Reshape target;
-2. for a decoder (a dim named ``past*``), an empty cache: those dims 0, so a mask of
-   the total length (past + new) is as long as the new sequence;
+2. for a decoder, an empty cache, so a mask of the total length (past + new) is as long
+   as the new sequence: 0 for each dim named ``past*`` and each dynamic dim (but the
+   batch) of a cache input, one named so (``past_key_values.*``, ``*cache*``) or
+   concatenated straight into a graph output (``present = Concat(past, new)``), whatever
+   its dims are called (dynamo exports name them ``s0``, ``s1``...);
 3. a ladder of sizes for the dynamic dims (every dim but the first, then all of them),
    larger than the defaults first, then smaller from large to small, with the seeded
    values, then with zeros for integers.
@@ -86,16 +89,17 @@ def _parse_type(text: str) -> tuple[str, str | None]:
     return ("map" if text.startswith("map") else "other"), None
 
 
-def candidate_plans(specs: list[InputSpec], pinned: Mapping[str, tuple]) -> list[tuple[str, dict, str]]:
-    """(label, {name: shape}, value strategy) in the order they are tried."""
+def candidate_plans(specs: list[InputSpec], pinned: Mapping[str, tuple],
+                    caches: frozenset[str] = frozenset()) -> list[tuple[str, dict, str]]:
+    """(label, {name: shape}, value strategy) in the order they are tried; ``caches``: the
+    inputs that hold a decoder's cache (``cache_inputs``)."""
     default = {s.name: _shape(s, pinned, None, True) for s in specs}
     plans = [("seeded", default, "seeded"), ("zeros for integers", default, "zeros"),
              ("ones for integers", default, "ones")]
     dynamic = any(d is None or isinstance(d, str) for s in specs if s.name not in pinned for d in s.shape)
-    if any(_is_past(d) for s in specs if s.name not in pinned for d in s.shape):
+    if any(_is_past(s, i, caches) for s in specs if s.name not in pinned for i in range(len(s.shape))):
         # a decoder's first step: an empty cache, so the mask's total length is the sequence's
-        plans.append(("an empty past", {s.name: _shape(s, pinned, None, True, empty_past=True) for s in specs},
-                      "seeded"))
+        plans.append(("an empty past", {s.name: _shape(s, pinned, None, True, caches) for s in specs}, "seeded"))
     if dynamic:
         for size in SIZE_LADDER:
             plans.append((f"dynamic dims {size}", {s.name: _shape(s, pinned, size, True) for s in specs}, "seeded"))
@@ -112,19 +116,35 @@ def candidate_plans(specs: list[InputSpec], pinned: Mapping[str, tuple]) -> list
     return unique
 
 
-def _is_past(dim) -> bool:
-    return isinstance(dim, str) and "past" in dim.lower()
+_CACHE_NAME = re.compile(r"past|cache", re.IGNORECASE)
+
+
+def cache_inputs(graph) -> frozenset[str]:
+    """Graph inputs that hold a decoder's cache: named so, or concatenated straight into a
+    graph output (a present = Concat(past, new))."""
+    outputs = {t.name for t in graph.outputs}
+    return frozenset(t.name for t in graph.inputs if _CACHE_NAME.search(t.name) or any(
+        node.op == "Concat" and any(o.name in outputs for o in node.outputs) for node in t.outputs))
+
+
+def _is_past(spec: InputSpec, index: int, caches: frozenset[str]) -> bool:
+    """A dim an empty cache makes 0: named ``past*``, or dynamic (but the batch) in a cache input."""
+    dim = spec.shape[index]
+    if isinstance(dim, int) and dim >= 0:
+        return False
+    return (isinstance(dim, str) and "past" in dim.lower()) or (spec.name in caches and index > 0)
 
 
 def _shape(spec: InputSpec, pinned: Mapping[str, tuple], size: int | None, keep_first: bool,
-           empty_past: bool = False) -> tuple[int, ...]:
+           caches: frozenset[str] | None = None) -> tuple[int, ...]:
+    """``caches`` given: the empty-past shapes (see ``_is_past``)."""
     if spec.name in pinned:
         return tuple(pinned[spec.name])
     dims = []
     for i, d in enumerate(spec.shape):
         if isinstance(d, int) and d >= 0:
             dims.append(d)
-        elif empty_past and _is_past(d):
+        elif caches is not None and _is_past(spec, i, caches):
             dims.append(0)
         elif size is None or (keep_first and i == 0 and len(spec.shape) > 1):
             dims.append(default_dim(i, d, spec.shape))
@@ -280,7 +300,7 @@ def find_inputs(model, session_factory, pinned: Mapping[str, tuple], seed: int =
         targets = reshape_target_inputs(graph)
         names = [s.name for s in specs]
         tries, last_error, light, sizes, budget = 0, "", None, {}, intermediate_budget()
-        for label, shapes, values in candidate_plans(specs, pinned):
+        for label, shapes, values in candidate_plans(specs, pinned, cache_inputs(graph)):
             if tries >= MAX_TRIES:
                 break
             feed = make_feed(specs, shapes, values, bounds, targets, seed)

@@ -87,6 +87,37 @@ def test_a_decoder_runs_on_an_empty_past_before_any_size_is_guessed(monkeypatch)
     assert logits.shape == (*feed["input_ids"].shape, 64) and np.isfinite(logits).all()
 
 
+def _dynamo_dims(proto, rename_inputs=False):
+    """The decoder with dims named as torch.export names them (s0, s1...), and optionally cache
+    inputs named without 'past' or 'cache' (found by their Concat into a present output)."""
+    names = {"batch_size": "s0", "sequence_length": "s1", "total_sequence_length": "s1 + s2",
+             "past_sequence_length": "s2"}
+    for info in list(proto.graph.input) + list(proto.graph.output):
+        for d in info.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = names[d.dim_param]
+    if rename_inputs:
+        for old in [i.name for i in proto.graph.input if i.name.startswith("past_key_values")]:
+            new = old.replace("past_key_values", "kv_in")
+            for node in proto.graph.node:
+                node.input[:] = [new if n == old else n for n in node.input]
+            next(i for i in proto.graph.input if i.name == old).name = new
+    return proto
+
+
+@pytest.mark.parametrize("rename_inputs", [False, True])
+def test_a_decoder_whose_cache_dims_are_not_named_past_runs_on_an_empty_past(rename_inputs):
+    """Dynamo exports name dims s0, s1...: the cache inputs (by name, or by their Concat into an
+    output) get an empty past; equal made-up sizes would not run (mask P+S against S)."""
+    proto = _dynamo_dims(dg.decoder(layers=1, heads=HEADS, kv_heads=2, head_size=8, vocab=64), rename_inputs)
+    model = Model.from_proto(proto)
+    found = vf.find_inputs(model, lambda: session_for(model), {})
+    assert found.label == "an empty past" and found.tries <= 4, found.error
+    caches = [n for n in found.feeds[0] if n.startswith(("kv_in", "past_key_values"))]
+    assert len(caches) == 2 and all(found.feeds[0][n].shape[2] == 0 for n in caches)
+    assert found.feeds[0]["attention_mask"].shape == found.feeds[0]["input_ids"].shape
+
+
 def test_the_check_of_a_written_model_keeps_the_pinned_shapes(monkeypatch, tmp_path):
     from onnxforge.verify import written_equals
 
