@@ -34,6 +34,17 @@ DEFAULT_MODELS = (
     "distilbert_base", "bert_base", "minilm_l6_w8", "silero_vad_v6",
 )
 SEQUENCE_SHAPES = {"input_ids": (1, 128), "attention_mask": (1, 128), "token_type_ids": (1, 128)}
+# corpus models without data of their own that take another model's real inputs unchanged:
+# model -> (data folder, {its input name: the folder's input name}). The BERT exports read
+# bert-uncased WordPiece ids as all-MiniLM-L6-v2 does (same vocabulary, int64 [batch, sequence];
+# distilbert has no token_type_ids); resnet50_hf reads 224x224 RGB normalized with the ImageNet
+# mean/std, as the pplcnet_orientation pages are (make_inputs.py: imagenet(page, 224)).
+BORROWED_DATA = {
+    "bert_base": ("minilm_l6_real", {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                                     "token_type_ids": "token_type_ids"}),
+    "distilbert_base": ("minilm_l6_real", {"input_ids": "input_ids", "attention_mask": "attention_mask"}),
+    "resnet50_hf": ("pplcnet_orientation", {"pixel_values": "x"}),
+}
 
 
 def model_path(name: str) -> Path:
@@ -50,6 +61,11 @@ def feeds_for(name: str, proto: onnx.ModelProto):
     folder = DATA_DIR / name
     if folder.exists():
         return load_feeds(folder / "calib"), load_feeds(folder / "val")[:16], "real"
+    if name in BORROWED_DATA and (DATA_DIR / BORROWED_DATA[name][0]).exists():
+        source, names = BORROWED_DATA[name]
+        pick = lambda feeds: [{mine: feed[theirs] for mine, theirs in names.items()} for feed in feeds]  # noqa: E731
+        return (pick(load_feeds(DATA_DIR / source / "calib")), pick(load_feeds(DATA_DIR / source / "val"))[:16],
+                f"real inputs of {source}")
     shapes = {k: v for k, v in SEQUENCE_SHAPES.items() if k in {i.name for i in proto.graph.input}}
     calib = [seeded_feeds(proto, shapes, seed=i) for i in range(16)]
     val = [seeded_feeds(proto, shapes, seed=100 + i) for i in range(8)]

@@ -19,6 +19,9 @@ run (2 threads), ratio to float with a 95% interval. The formats:
   u8u8               uint8 weights, 8 bits (u8 x u8 kernels: no saturation)
   s8-8bit            full-range s8 weights: exact only with int8 dot products (VNNI);
                      on other CPUs the u8 x s8 kernels saturate (the cosine shows how much)
+  s8-8bit a7-gemm    full-range s8 weights with the u8 inputs of GEMM-based kernels on a
+                     7-bit grid (formats.static_formats, rule seven-bit-gemm-input): no
+                     saturation without VNNI either; quantize scores it beside s8-7bit there
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ def variants(spec, model: onnx.ModelProto) -> dict[str, tuple]:
         "s8-7bit per-tensor": (dataclasses.replace(s8, per_channel=False), []),
         "u8u8": (dataclasses.replace(s8, weight_type="u8", reduce_range=False), []),
         "s8-8bit": (dataclasses.replace(s8, reduce_range=False), []),
+        "s8-8bit a7-gemm": (dataclasses.replace(s8, reduce_range=False, narrow_gemm_inputs=True), []),
     }
 
 
