@@ -36,6 +36,7 @@ from .errors import OnnxForgeError, OptionError, VerificationError
 from .io import check_output_path, check_output_paths, guarding_inputs, load, load_input, protect, save, write_file
 from .verify import written_equals
 from .model import Model, constants
+from .model_prep import apply_input_shapes
 from .pass_files import user_code
 from .recipe import STEPS, Recipe, Step, load_recipe, parse_recipe, validate
 from .pipeline_report import (  # noqa: F401  (REPORT_SCHEMA* re-exported: the report's format is read here)
@@ -171,6 +172,8 @@ class _Run:
             self.report["input"] = {"path": None, "sha256": files[MODEL_FILE], "files": files}
         self.report["input"]["stats"] = model_stats(self.original)
         self.model = _independent_copy(self.original)
+        # every step (a quantize or fp16 step's random calibration too) and every check runs at the pinned sizes
+        apply_input_shapes(self.model, dict(self.settings["input_shapes"]))
 
     def save_work(self, model: Model, label: str) -> Path:
         """Save ``model`` as ``<work>/<n>-<label>/model.onnx`` (a folder of its own,

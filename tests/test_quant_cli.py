@@ -298,3 +298,52 @@ def test_static_quantize_after_a_contrib_op_quantizes_its_reader(tmp_path, capsy
     quantized = onnx.load(out)
     readers_of_g = [n for n in quantized.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "g"]
     assert readers_of_g, [n.op_type for n in quantized.graph.node]
+
+
+def _seven_wide_model() -> onnx.ModelProto:
+    """x [n, k] @ W [7, 16]: k must be 7, a size no made-up try uses (1..4, 8, 16, ... 16000)."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((7, 16)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "k"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("command", [["quantize", "--calib", "random", "--no-latency"],
+                                     ["convert-fp16", "--calib", "random"]])
+def test_input_shape_reaches_random_calibration_and_every_check(tmp_path, capsys, command):
+    """The model runs at k = 7 only: with --input-shape x:2x7 made-up calibration, the verification and the
+    written-file check all run there and the output keeps the pinned shape; without it the command says
+    in one line that no made-up inputs run the model (exit 2)."""
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(_seven_wide_model(), src)
+    code, _, err = _run([command[0], str(src), "-o", str(out), *command[1:]], capsys)
+    assert code == 2 and "no made-up inputs run the model" in err and not out.exists()
+    code, _, err = _run([command[0], str(src), "-o", str(out), *command[1:], "--input-shape", "x:2x7"], capsys)
+    assert code == 0, err
+    dims = [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 7]
+    code, _, err = _run([command[0], str(src), "-o", str(out), *command[1:], "--input-shape", "y:2x7"], capsys)
+    assert code == 2 and err.startswith("error: --input-shape names y, which the model does not have")
+
+
+def test_input_shape_with_bits_auto_is_refused_in_one_line(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(_seven_wide_model(), src)
+    code, _, err = _run(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--bits", "auto", "--calib", "random",
+                         "--input-shape", "x:2x7"], capsys)
+    assert code == 2 and err.splitlines()[0] == "error: --input-shape cannot be combined with --bits auto"
+
+
+@pytest.mark.parametrize("step", ['step = "quantize"\ncalibration = "random"\nmeasure_latency = false',
+                                  'step = "fp16"\ncalibration = "random"'])
+def test_recipe_input_shapes_reach_a_random_calibration(tmp_path, capsys, step):
+    """A recipe's input_shapes pin the model before its first step, as --input-shape does."""
+    src, out, recipe = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "r.toml"
+    onnx.save(_seven_wide_model(), src)
+    recipe.write_text(f'version = 1\nprovider = "cpu"\ninput_shapes = {{ x = [2, 7] }}\n[[steps]]\n{step}\n')
+    code, _, err = _run(["run", str(recipe), str(src), "-o", str(out), "--no-cache"], capsys)
+    assert code == 0, err
+    assert [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim] == [2, 7]

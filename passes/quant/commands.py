@@ -22,6 +22,7 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model", help="input .onnx (float)")
     p.add_argument("-o", "--output", required=True, help="output .onnx")
     p.add_argument("--calib", required=True, help="folder of .npz/.npy feeds, or 'random' (accuracy then means nothing)")
+    add_input_shape_argument(p)
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
     p.add_argument("--method", default="auto", choices=("auto", "minmax", "entropy", "percentile", "mse"),
                    help="activation ranges; auto (default): minmax and percentile from one histogram pass, the better scored kept")
@@ -127,6 +128,7 @@ def add_fp16_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib", help="feeds whose activation ranges decide which nodes overflow fp16 "
                                    "('random' allowed, with a warning)")
     p.add_argument("--fp16-io", action="store_true", help="also convert graph inputs/outputs to float16")
+    add_input_shape_argument(p)
     p.add_argument("--max-drop", type=float, default=0.01)
     p.add_argument("--metric", default="cosine", choices=("cosine", "sqnr", "top1"))
     p.add_argument("--val", help="validation feeds (default: the calibration feeds)")
@@ -135,14 +137,35 @@ def add_fp16_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def add_input_shape_argument(p) -> None:
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                   help="pin a dynamic input, e.g. x:1x3x224x224: the output keeps it pinned; made-up (random) "
+                        "inputs and every check use it")
+
+
+def _pinned_shapes(args) -> dict:
+    from onnxforge.errors import OptionError
+    from onnxforge.inputs import parse_shape_specs
+
+    shapes = parse_shape_specs(args.input_shape)
+    if shapes and getattr(args, "bits", None) == "auto":  # its fp32 candidate is the input file as it is
+        raise OptionError("--input-shape cannot be combined with --bits auto",
+                          hint="pin the shapes first: onnxforge optimize IN -o PINNED --input-shape ..., "
+                               "then quantize PINNED")
+    return shapes
+
+
 def _prepare(args, *extra_outputs):
-    """Load the model (a protected input), refuse outputs that would replace an input,
-    and check the data against the model's inputs, all before any work."""
+    """Load the model (a protected input) with the shapes the user pinned, refuse outputs that
+    would replace an input, and check the data against the model's inputs, all before any work."""
     from onnxforge.inputs import check_data
     from onnxforge.io import check_output_paths, load_input
+    from onnxforge.model_prep import apply_input_shapes
 
+    shapes = _pinned_shapes(args)
     check_output_paths(args.output, args.report, *extra_outputs)
     model = load_input(args.model)
+    apply_input_shapes(model, shapes)  # so calibration, made-up inputs and every check run at those sizes
     check_output_paths(args.output, Path(args.output).with_name(Path(args.output).name + ".data"), args.report,
                        *extra_outputs)
     for option, path in (("--calib", args.calib), ("--val", args.val)):
@@ -165,7 +188,8 @@ def _write_outputs(args, result, report, verify: bool = True) -> None:
     from onnxforge.io import save, write_file
     from onnxforge.verify import written_equals
 
-    save(result, args.output, check=written_equals(result) if verify else None)
+    pinned = _pinned_shapes(args)
+    save(result, args.output, check=written_equals(result, pinned=pinned) if verify else None)
     print(report.summary())
     if args.report:
         write_file(args.report, report.save)
