@@ -12,7 +12,9 @@ model computes, up to float rounding), which is then scored as benchmarks/int4_a
 
 usage: python benchmarks/int4_rotate_sim.py CACHE.npz METHOD ROTATION [GROUP]
   METHOD: rtn | gptq;  ROTATION: none (no fold) | fold (gamma folded, Q = I) | orth (seeded QR) | had
-  (random signs x kron(Hadamard 64, seeded orthogonal 9x9));  GROUP as int4_group_variants.py (default all).
+  (random signs x kron(Hadamard 64, seeded orthogonal 9x9)) | mixed (had for the writers, the embedding and
+  the tied head; q/k/v and gate/up as given, gamma not folded: what an online Q^T after each RMSNorm would
+  allow);  GROUP as int4_group_variants.py (default all).
 Prints one JSON line. Deterministic (seed 0).
 """
 from __future__ import annotations
@@ -43,6 +45,8 @@ def rotation(kind: str, d: int) -> np.ndarray:
     """Q: the product's own (``rotate_residual.rotation``, seed 0), or the identity for none / fold."""
     if kind in ("none", "fold"):
         return np.eye(d)
+    if kind == "mixed":
+        kind = "had"
     if kind not in ("orth", "had"):
         raise SystemExit(f"unknown rotation {kind!r}")
     return product_rotation(d, {"orth": "orthogonal", "had": "hadamard"}[kind], 0)
@@ -92,6 +96,8 @@ def solve(cache, method: str, kind: str, group: str) -> tuple[dict[str, np.ndarr
         writer = k_in != d  # o_proj / down_proj: 576 outputs into the residual stream
         if writer:
             left, right, hr = q.T, np.eye(k_in), h
+        elif kind == "mixed" and not any(r in heads for r in readers):  # read through an online Q^T: as given
+            left, right, hr = np.eye(1), np.eye(d), h
         else:
             g = np.ones(d) if (gamma is None or kind == "none" or any(r in heads for r in readers)) else gamma
             left, right = np.eye(1), (g[:, None] * q)

@@ -213,3 +213,14 @@ def test_rotation_refuses_a_reader_weight_it_cannot_rotate():
     _rotated, stats, refusals = _rotate(proto)  # (not a valid model: only the refusal is looked at)
     assert not stats and f"reader weight {name} is float16 (32, 32), not float32 with 32 inputs" in refusals[0]
     assert "l0/k" in refusals[0]
+
+
+def test_cli_quantize_bits4_rotate(tmp_path, capsys):
+    from onnxforge.cli import main
+
+    onnx.save(decoder(), tmp_path / "m.onnx")
+    code = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--bits", "4", "--weight-method",
+                 "rtn", "--block-size", "16", "--calib", "random", "--rotate"])
+    assert code == 0 and "residual stream rotation: hadamard, seed 0" in capsys.readouterr().out
+    ops = [n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node]
+    assert ops.count("MatMulNBits") == 15 and ops.count("MatMul") == 1  # the head basis stays float

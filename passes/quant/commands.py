@@ -182,14 +182,14 @@ def _progress_log():
     return logging.getLogger("onnxforge.quant").info
 
 
-def _write_outputs(args, result, report, verify: bool = True) -> None:
+def _write_outputs(args, result, report, verify: bool = True, tolerance: tuple[float, float] = (1e-5, 1e-6)) -> None:
     """``verify``: check the written file runs equal to ``result`` (off where ``result`` was itself read back
-    from a written candidate that ran: --bits auto)."""
+    from a written candidate that ran: --bits auto), within ``tolerance`` (rtol, atol)."""
     from onnxforge.io import save, write_file
     from onnxforge.verify import written_equals
 
     pinned = _pinned_shapes(args)
-    save(result, args.output, check=written_equals(result, pinned=pinned) if verify else None)
+    save(result, args.output, check=written_equals(result, tolerance, pinned=pinned) if verify else None)
     print(report.summary())
     if args.report:
         write_file(args.report, report.save)
@@ -220,6 +220,7 @@ def run_quantize(args) -> int:
 
 def run_int4(args) -> int:
     from .int4 import quantize_int4
+    from .rotate_residual import RotateResidual
 
     model = _prepare(args)
     result, report = quantize_int4(
@@ -228,7 +229,9 @@ def run_int4(args) -> int:
         max_ppl_increase=args.max_ppl_increase, max_drop=args.max_drop, calib_limit=args.calib_limit,
         budget_metric=args.budget_metric, log=_progress_log(),
     )
-    _write_outputs(args, result, report)
+    # a rotated model keeps a float d x d MatMul before the head: onnxruntime adds in another order for a
+    # weight fed at run time (the in-memory check) than for a prepacked one (the file), SmolLM2 1.1e-5 apart
+    _write_outputs(args, result, report, tolerance=RotateResidual.tolerance if report.rotated else (1e-5, 1e-6))
     if report.budget_met is False:
         m = report.metrics
         what = (f"perplexity +{100 * report.score:.1f}% > +{100 * args.max_ppl_increase:.0f}%" if report.budget_metric == "perplexity"

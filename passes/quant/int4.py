@@ -88,6 +88,7 @@ class Int4Report:
     refine_passes: int = 0
     stages: int = 1  # sequential calibration stages (1: every input from the float model)
     rotation: str = ""  # the residual stream's rotation (rotate_residual.py), or why there was none
+    rotated: bool = False
     budget_metric: str = ""  # what the budget judged: perplexity (increase) or cosine
     budget_met: bool | None = None
     score: float | None = None
@@ -213,6 +214,7 @@ def _rotate(model: Model, report: Int4Report, log) -> bool:
     ctx = PassContext(model=model, options={ROTATE_PASS: {"kind": KINDS[0], "seed": 0}})
     fired = RotateResidual().run(model.graph, ctx).stats.get(ROTATE_PASS, 0)
     report.refusals += [str(r) for r in ctx.refusals]
+    report.rotated = bool(fired)
     report.rotation = (f"{KINDS[0]}, seed 0 (RMSNorm weights folded into the readers)" if fired else
                        "none: " + ("; ".join(str(r) for r in ctx.refusals) or "no embedding feeding RMSNorms"))
     return bool(fired)
