@@ -161,9 +161,9 @@ def _exposing(path: Path, extra: list[str], what: str):
     import onnx
     import onnxruntime as ort
 
-    proto = onnx.load(str(path), load_external_data=False)
-    have = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(extra) if n not in have)
+    from .passes.quant.proto_graph import with_outputs
+
+    proto = with_outputs(onnx.load(str(path), load_external_data=False), extra, copy=False)
     exposed = path.with_name("exposed.onnx")
     onnx.save(proto, str(exposed))
     del proto

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from onnxforge.output_diff import cosine
@@ -18,14 +17,10 @@ from .flops import to_proto
 
 
 def session(model, extra_outputs: Iterable[str] = (), threads: int = 2) -> ort.InferenceSession:
-    proto = onnx.ModelProto()
-    proto.CopyFrom(to_proto(model))
+    from onnxforge.passes.quant.proto_graph import with_outputs
+
+    proto = with_outputs(to_proto(model), list(extra_outputs))
     del proto.graph.value_info[:]
-    have = {o.name for o in proto.graph.output}
-    for name in extra_outputs:
-        if name not in have:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-            have.add(name)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.intra_op_num_threads = threads

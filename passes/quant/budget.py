@@ -168,10 +168,9 @@ def _value_names(model: onnx.ModelProto) -> set[str]:
 
 
 def _collect(model: onnx.ModelProto, feeds, names: list[str]) -> dict[str, list[np.ndarray]]:
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    have = {o.name for o in exposed.graph.output}
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    from .proto_graph import with_outputs
+
+    exposed = with_outputs(model, names)
     results: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for outputs in run_outputs(exposed, feeds, names, optimize=False):
         for name, value in zip(names, outputs):

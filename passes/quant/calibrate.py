@@ -114,12 +114,9 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str], providers=("C
     """A session on ``model`` with ``names`` also as outputs, onnxruntime rewrites off."""
     import onnxruntime as ort
 
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    existing = {o.name for o in exposed.graph.output}
-    for name in names:
-        if name not in existing:
-            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+    from .proto_graph import with_outputs
+
+    exposed = with_outputs(model, names)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Basic-level rewrites would fuse calibrated tensors away; keep every one.

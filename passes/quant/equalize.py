@@ -39,11 +39,11 @@ def output_channel_range(end: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
 
 def channel_amax(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[Mapping[str, np.ndarray]], axes: Mapping[str, int]) -> dict[str, np.ndarray]:
     """Per-channel max |x| of ``tensors`` over ``feeds``, reduced feed by feed."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    have = {o.name for o in exposed.graph.output}
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
     import onnxruntime as ort
+
+    from .proto_graph import with_outputs
+
+    exposed = with_outputs(model, tensors)
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -76,6 +76,18 @@ def upstream_of(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     return out
 
 
+def with_outputs(model: onnx.ModelProto, names: Sequence[str], copy: bool = True) -> onnx.ModelProto:
+    """``model`` (a copy unless ``copy=False``) with ``names`` also as graph outputs (each once, after
+    its own): what a session that measures inner tensors runs. A measurement view, never written."""
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in have)
+    return out
+
+
 def outer_names(node: onnx.NodeProto) -> list[str]:
     """Names a node's subgraphs read (a superset of the outer-scope ones)."""
     names = []
