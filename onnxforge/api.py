@@ -75,7 +75,6 @@ def optimize(
     verify: str = "numeric",
     strict: bool = False,
     feeds: Sequence[dict] | None = None,
-    explain: bool = False,
     max_iterations: int = 10,
     debug_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
@@ -89,7 +88,7 @@ def optimize(
     pipeline = build_pipeline(level, passes, disable, provider, extra_passes)
     check_options(pipeline, options or {})
     ctx = PassContext(
-        model=m, provider=provider, input_shapes=dict(input_shapes or {}), options=dict(options or {}), explain=explain,
+        model=m, provider=provider, input_shapes=dict(input_shapes or {}), options=dict(options or {}),
         verify_shapes=dict(verify_shapes or {}), pinned_inputs=dict(pinned_inputs or {}),
     )
     manager = PassManager(

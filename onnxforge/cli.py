@@ -241,7 +241,7 @@ def cmd_optimize(args) -> int:
             provider=args.provider, input_shapes=shapes, verify_shapes=parse_shape_specs(args.verify_shape),
             pinned_inputs=pins,
             verify=args.verify, strict=args.strict, feeds=feeds,
-            explain=args.explain, max_iterations=args.max_iterations, debug_dir=args.debug_dir, progress=progress,
+            max_iterations=args.max_iterations, debug_dir=args.debug_dir, progress=progress,
         )
     finally:
         if status:

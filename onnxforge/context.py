@@ -38,7 +38,6 @@ class PassContext:
     options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # Constant folding refuses to materialise tensors larger than this (bytes).
     fold_size_limit: int = 16 << 20
-    explain: bool = False
     seed: int = 0
     refusals: list[Refusal] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)

@@ -45,7 +45,7 @@ def xs():
 
 
 def test_unpinned_default_is_not_assumed():
-    out, report = optimize(sr_model(), level=2, explain=True)
+    out, report = optimize(sr_model(), level=2)
     proto = out.to_proto()
     assert [n.op_type for n in proto.graph.node] == ["Equal", "If"]
     assert [i.name for i in proto.graph.input] == ["x", "sr"]

@@ -205,7 +205,7 @@ def test_size_limit_option_reaches_the_pass_and_bad_options_are_refused(tmp_path
         initializer=[big]), opset_imports=[helper.make_opsetid("", 17)])
     folded, _ = optimize(model, passes=["fold-constants"])
     assert "Neg" not in [n.op for n in folded.graph.nodes]
-    kept, report = optimize(model, passes=["fold-constants"], options={"fold-constants": {"size_limit": 1024}}, explain=True)
+    kept, report = optimize(model, passes=["fold-constants"], options={"fold-constants": {"size_limit": 1024}})
     assert "Neg" in [n.op for n in kept.graph.nodes]
     assert any("fold_size_limit" in r["reason"] or "exceed" in r["reason"] for r in report.refusals)
     for options, needle in (({"fold-constants": {"size": 1}}, "has no option 'size'"),
