@@ -347,3 +347,14 @@ def test_recipe_input_shapes_reach_a_random_calibration(tmp_path, capsys, step):
     code, _, err = _run(["run", str(recipe), str(src), "-o", str(out), "--no-cache"], capsys)
     assert code == 0, err
     assert [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim] == [2, 7]
+
+
+def test_keep_float_and_keep_int8_if_slower_together_are_refused(tmp_path, capsys):
+    """Contradicting options: one line, exit 2, before any work (one used to win silently)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_seven_wide_model(), src)
+    code, _, err = _run(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", "random",
+                         "--keep-float-if-slower", "--keep-int8-if-slower"], capsys)
+    assert code == 2 and err.startswith("error: argument --keep-int8-if-slower: not allowed with argument "
+                                        "--keep-float-if-slower")
+    assert not (tmp_path / "q.onnx").exists()

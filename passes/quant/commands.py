@@ -50,10 +50,11 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
                         "float layer's output on calibration data (AdaRound-style, biases refit, each layer on the inputs the "
                         "quantized model gives it; slower; PP-OCRv4 det/rec at 0 float nodes: cosine 0.985/0.988 vs "
                         "0.981/0.970 with nearest: benchmarks/results/learned_rounding.md)")
-    p.add_argument("--keep-float-if-slower", action="store_true",
+    slower = p.add_mutually_exclusive_group()  # both at once: one would silently lose
+    slower.add_argument("--keep-float-if-slower", action="store_true",
                    help="return the float model when the INT8 one measures slower (a timing then decides the "
                         "bytes: not reproducible)")
-    p.add_argument("--keep-int8-if-slower", action="store_true",
+    slower.add_argument("--keep-int8-if-slower", action="store_true",
                    help="return the INT8 model even when it measures slower (the default; kept for scripts)")
     p.add_argument("--trt-cache", help="also write a TensorRT calibration cache here")
     p.add_argument("--no-latency", action="store_true", help="skip the interleaved latency comparison")
