@@ -13,7 +13,10 @@ only by MatMuls W [n, d] added into it (o_proj, down_proj). For Q orthogonal (d 
     for the table to stay stored once, so logits = (RMSNorm(x) * g) E^T = RMSNorm(x~) M E'^T with
     M = Q^T diag(g) Q, one float MatMul (d x d, named ``..._rotate_residual_head_basis``) before the head.
 The float model is unchanged up to float rounding. What it buys: INT4 blocks of W' see the weights' outlier
-input channels spread over all d channels (and the gamma of each norm folded in), so their grids are finer.
+input channels spread over all d channels, so their grids can be finer. What it costs: each gamma is folded into
+its readers, and where gamma has a wide range diag(g) W is spikier than W; on SmolLM2 that costs the readers more
+than the rotation wins on the writers and the head (benchmarks/int4_smollm2.md), so quantize runs it only when
+asked (``--rotate``).
 
 Q is deterministic (``seed``): ``hadamard`` (default) = diag(random signs) kron(H_2^a / sqrt(2^a), O_m) for
 d = 2^a m, H Sylvester's Hadamard matrix, O_m the QR of a seeded Gaussian m x m (m = 1 for a power of two);
