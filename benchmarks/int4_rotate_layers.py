@@ -6,7 +6,11 @@ cache), with the weights as given (none), the RMSNorm gamma folded into the read
 (orth, had; the same rotation as benchmarks/int4_rotate_sim.py). The error is basis-independent, so the
 columns compare directly.
 
-usage: python benchmarks/int4_rotate_layers.py CACHE.npz PATTERN[,PATTERN...] [rtn|gptq]
+With ``input`` instead: each weight as given against its input side rotated (W' = Q^T W, Q the Hadamard-based
+rotation of its K inputs, seed 0), what an online rotation of the activation before it (QuaRot's Hadamard on
+down_proj's input, a run-time op) would allow; both RTN and GPTQ.
+
+usage: python benchmarks/int4_rotate_layers.py CACHE.npz PATTERN[,PATTERN...] [rtn|gptq|input]
   PATTERN: part of a MatMul's node name (e.g. layers.15/mlp/down_proj, lm_head)
 """
 from __future__ import annotations
@@ -34,6 +38,8 @@ def main() -> None:
     sites = int4._sites(model.graph)
     heads = int4._lm_heads(model.graph, sites)
     d = 576
+    if method == "input":
+        return input_side(cache, want, sites)
     print("rotation", method, want)
     for kind in ("none", "fold", "orth", "had"):
         q = rotation(kind, d)
@@ -58,6 +64,29 @@ def main() -> None:
             errors.append(round(output_error(rotated, dequantize(codes, scales, zeros, 128, d if rows.shape[1] == d
                                                                  else rows.shape[1]), hr), 5))
         print(kind, errors, flush=True)
+
+
+def _errors(wt: np.ndarray, h: np.ndarray) -> tuple[float, float]:
+    """(RTN, GPTQ act-order + scale refit) relative output errors of Wt [N, K] on H."""
+    k = wt.shape[1]
+    codes, scales, zeros = quantize_rtn(wt, 128, True)
+    rtn = output_error(wt, dequantize(codes, scales, zeros, 128, k), h)
+    codes, scales, zeros = gptq(wt, h, 128, True, act_order=True)
+    scales = refit_scales(wt, codes, scales, zeros, h, 128)
+    return round(rtn, 5), round(output_error(wt, dequantize(codes, scales, zeros, 128, k), h), 5)
+
+
+def input_side(cache, want, sites) -> None:
+    from onnxforge.passes.quant.rotate_residual import rotation as product_rotation
+
+    print("pattern: (RTN, GPTQ) as given, (RTN, GPTQ) input rotated")
+    for pattern in want:
+        key = next(k for k, v in sites.items() if pattern in v[2].name)
+        h = cache[sites[key][2].inputs[0].name.replace("/", "|")].astype(np.float64)
+        wt = weight_rows(*sites[key][:2]).astype(np.float64)
+        q = product_rotation(wt.shape[1], "hadamard", 0)
+        print(pattern, _errors(wt.astype(np.float32), h.astype(np.float32)),
+              _errors((wt @ q).astype(np.float32), (q.T @ h @ q).astype(np.float32)), flush=True)
 
 
 if __name__ == "__main__":
