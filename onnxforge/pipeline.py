@@ -276,7 +276,8 @@ class _Run:
     def finish(self, output: Path | None) -> PipelineResult:
         target = output or (self.work / "output" / MODEL_FILE)
         target.parent.mkdir(exist_ok=True)
-        save(self.model, target, external_data=self.settings["external_data"], check=written_equals(self.model, pinned=self.settings["input_shapes"]))
+        save(self.model, target, external_data=self.settings["external_data"], check=written_equals(self.model, pinned=self.settings["input_shapes"],
+                                           provider=self.recipe.provider))
         files = files_digest(saved_model_files(target), target.parent)
         self.report["output"] = {
             "path": str(output) if output else None, "sha256": files[target.name], "files": files,

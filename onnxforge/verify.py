@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -52,9 +53,11 @@ class Verification:
 
 
 @contextlib.contextmanager
-def session_for(model: Model | onnx.ModelProto | Path, *, optimize: bool = False, threads: int = 0) -> Iterator:
-    """An onnxruntime CPU session for an in-memory model or a model file; an in-memory
-    ``Model`` shares its weights with the session (``shared_weights.model_session``)."""
+def session_for(model: Model | onnx.ModelProto | Path, *, optimize: bool = False, threads: int = 0,
+                providers: list | None = None) -> Iterator:
+    """An onnxruntime session (CPU unless ``providers`` says otherwise: ``deployment_providers``)
+    for an in-memory model or a model file; an in-memory ``Model`` shares its weights with the
+    session (``shared_weights.model_session``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -63,7 +66,7 @@ def session_for(model: Model | onnx.ModelProto | Path, *, optimize: bool = False
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    providers = ["CPUExecutionProvider"]
+    providers = providers or ["CPUExecutionProvider"]
     if isinstance(model, (str, Path)):
         yield ort.InferenceSession(str(model), options, providers=providers)
         return
@@ -76,10 +79,31 @@ def session_for(model: Model | onnx.ModelProto | Path, *, optimize: bool = False
     yield ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
+def deployment_providers(provider: str = "cpu") -> tuple[list, str | None]:
+    """The onnxruntime providers, with their default options, a deployment on ``provider``
+    (cpu, cuda, tensorrt) runs a model with, as far as they work on this machine (CPU last,
+    as its fallback), and a note when the target's own provider does not work here."""
+    from .runtime.env import probe_provider
+    from .runtime.profile import default_profile, provider_name
+    from .runtime.session import ort_providers
+
+    if provider_name(provider) == "cpu":  # what every other check runs on: nothing to probe
+        return ["CPUExecutionProvider"], None
+    profile = default_profile(provider)
+    wanted = ort_providers(profile)
+    usable = [(name, options) for (name, options), entry in zip(wanted, profile.providers)
+              if name == "CPUExecutionProvider" or probe_provider(entry.name, name).works]
+    if usable[0][0] == wanted[0][0]:
+        return usable, None
+    return usable, (f"{wanted[0][0]} does not work on this machine: the written file was run at onnxruntime's "
+                    f"default optimization level on {', '.join(name for name, _ in usable)} instead")
+
+
 def run_outputs(model: Model | onnx.ModelProto | Path, feeds: Sequence[dict], *,
-                optimize: bool = False) -> list[list[np.ndarray]]:
-    """Outputs per feed; ``optimize``: at onnxruntime's default optimization level."""
-    with session_for(model, optimize=optimize) as sess:
+                optimize: bool = False, providers: list | None = None) -> list[list[np.ndarray]]:
+    """Outputs per feed; ``optimize``: at onnxruntime's default optimization level;
+    ``providers``: onnxruntime's (default: CPU)."""
+    with session_for(model, optimize=optimize, providers=providers) as sess:
         names = [i.name for i in sess.get_inputs()]
         return [sess.run(None, {n: f[n] for n in names if n in f}) for f in feeds]
 
@@ -243,14 +267,16 @@ class Verifier:
 
 
 def written_equals(model: Model, tolerance: tuple[float, float] = (1e-5, 1e-6),
-                   pinned: Mapping[str, tuple] | None = None):
+                   pinned: Mapping[str, tuple] | None = None, provider: str = "cpu"):
     """A ``check`` for ``io.save``: the file written, reloaded from disk, gives what the
     in-memory ``model`` (the one a command judged) gives, on inputs it runs on. Outputs
     of random ops are compared by type and shape only. The file must also load and run
     at onnxruntime's default optimization level (one more session), giving outputs of
     the same types and shapes, finite where those are: its fusions (QDQ into integer
     kernels) change values by design, so the command's own measure judges them.
-    ``pinned``: input shapes the user gave, kept as they are (the other dims are made up)."""
+    ``pinned``: input shapes the user gave, kept as they are (the other dims are made up).
+    ``provider``: the deployment target; the default-level session is built with its
+    providers where they work here (``deployment_providers``; else CPU, with a warning)."""
 
     def check(path: Path) -> None:
         from .verify_feeds import find_inputs
@@ -267,7 +293,10 @@ def written_equals(model: Model, tolerance: tuple[float, float] = (1e-5, 1e-6),
             result = numeric_check(path, found.feeds, found.reference, names, tolerance,
                                    frozenset(random_outputs(model)))
             if result.ok:
-                result = runs_at_default_level(path, found.feeds, found.reference, names)
+                providers, note = deployment_providers(provider)
+                if note:
+                    logging.getLogger("onnxforge").warning("warning: %s", note)
+                result = runs_at_default_level(path, found.feeds, found.reference, names, providers)
         if not result.ok:
             raise VerificationError(f"the written model is not the one verified, so it was not written: {result.detail}",
                                     hint="report this model")
@@ -275,12 +304,14 @@ def written_equals(model: Model, tolerance: tuple[float, float] = (1e-5, 1e-6),
     return check
 
 
-def runs_at_default_level(path: Path, feeds: Sequence[dict], reference: list[list], names: list[str]) -> Verification:
-    """The file at onnxruntime's default optimization level: it runs, and each output has
-    the reference's type and shape and is finite wherever the reference is."""
+def runs_at_default_level(path: Path, feeds: Sequence[dict], reference: list[list], names: list[str],
+                          providers: list | None = None) -> Verification:
+    """The file at onnxruntime's default optimization level (on ``providers``, default CPU):
+    it runs, and each output has the reference's type and shape and is finite wherever the
+    reference is."""
     where = "at onnxruntime's default optimization level"
     try:
-        outputs = run_outputs(path, feeds, optimize=True)
+        outputs = run_outputs(path, feeds, optimize=True, providers=providers)
     except Exception as exc:
         return Verification("numeric", False, f"onnxruntime cannot run it {where}: {first_line(exc, limit=300)}")
     for refs, outs in zip(reference, outputs):

@@ -83,10 +83,10 @@ def test_the_default_level_costs_one_session_per_model_when_nothing_fails(monkey
     at_default = []
     real = verify.session_for
 
-    def counting(model, *, optimize=False, threads=0):
+    def counting(model, *, optimize=False, threads=0, providers=None):
         if optimize:
             at_default.append(type(model).__name__)
-        return real(model, optimize=optimize, threads=threads)
+        return real(model, optimize=optimize, threads=threads, providers=providers)
 
     monkeypatch.setattr(verify, "session_for", counting)
     proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
@@ -123,3 +123,50 @@ def test_made_up_samples_keep_the_integer_inputs_the_model_ran_on():
     assert len(feeds) == 4
     assert all(f["size"].tolist() == feeds[0]["size"].tolist() for f in feeds)
     assert len({f["x"].tobytes() for f in feeds}) == 4
+
+
+def _recorded_sessions(monkeypatch, works: set[str]):
+    """Sessions onnxruntime is asked for: (providers, optimization level); GPU providers
+    report `works` as given, and every session is really built on CPU."""
+    from onnxforge.runtime import env
+
+    made = []
+    real = ort.InferenceSession
+
+    def session(model, options=None, providers=None, **kw):
+        made.append(([p if isinstance(p, str) else p[0] for p in providers or []], options.graph_optimization_level))
+        return real(model, options, providers=["CPUExecutionProvider"], **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(env, "probe_provider", lambda name, ort_name: env.ProviderStatus(
+        name, ort_name, True, ort_name in works, "" if ort_name in works else "no GPU"))
+    return made
+
+
+def test_the_written_file_runs_at_the_default_level_on_the_deployment_providers(tmp_path, monkeypatch, caplog):
+    """quantize/convert-fp16/prune/run check the written file at onnxruntime's default level: with the
+    target's providers (their default options, CPU as the fallback) where they work here, else on CPU
+    with a warning saying so."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    default = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for provider, works, want, warned in [
+        ("cuda", {"CUDAExecutionProvider"}, ["CUDAExecutionProvider", "CPUExecutionProvider"], False),
+        ("tensorrt", {"TensorrtExecutionProvider", "CUDAExecutionProvider"},
+         ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], False),
+        ("cuda", set(), ["CPUExecutionProvider"], True),
+        ("cpu", set(), ["CPUExecutionProvider"], False),
+    ]:
+        made = _recorded_sessions(monkeypatch, works)
+        caplog.clear()
+        verify.written_equals(Model.from_proto(proto), provider=provider)(path)
+        assert [p for p, level in made if level == default] == [want], (provider, made)
+        assert all(p == ["CPUExecutionProvider"] for p, level in made if level != default)
+        assert ("does not work on this machine" in caplog.text) == warned, caplog.text

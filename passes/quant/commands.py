@@ -190,7 +190,9 @@ def _write_outputs(args, result, report, verify: bool = True, tolerance: tuple[f
     from onnxforge.verify import written_equals
 
     pinned = _pinned_shapes(args)
-    save(result, args.output, check=written_equals(result, tolerance, pinned=pinned) if verify else None)
+    check = written_equals(result, tolerance, pinned=pinned, provider=getattr(args, "provider", "cpu")) if verify \
+        else None
+    save(result, args.output, check=check)
     print(report.summary())
     if args.report:
         write_file(args.report, report.save)
