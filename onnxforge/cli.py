@@ -222,7 +222,7 @@ def _progress():
 
 def cmd_optimize(args) -> int:
     from .api import optimize
-    from .inputs import load_feeds, parse_pin_specs, parse_shape_specs
+    from .inputs import checked_feeds, parse_pin_specs, parse_shape_specs
     from .io import check_output_paths, load_input, save
     from .report import render, write_json
 
@@ -233,7 +233,7 @@ def cmd_optimize(args) -> int:
     model = load_input(args.input)
     check_output_paths(output, output.with_name(output.name + ".data") if args.external_data else None,
                        args.report, _profile_beside(output) if args.tune else None)
-    feeds = load_feeds(args.data, [t.name for t in model.graph.inputs], limit=8) if args.data else None
+    feeds = checked_feeds(model, args.data, "--data", limit=8) if args.data else None
     status, progress = _progress()
     try:
         result, report = optimize(

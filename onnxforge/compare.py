@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .errors import DataError
-from .inputs import load_feeds
+from .inputs import checked_feeds
 from .io import load
 from .output_diff import compare_arrays, merge_diffs
 from .verify import run_outputs
@@ -17,7 +17,7 @@ def compare_models(a, b, *, data=None, input_shapes=None, samples: int = 4, rtol
         raise DataError(f"the models have different inputs: {sorted(names_a)} vs {sorted(names_b)}",
                         hint="compare models of the same interface")
     if data:
-        feeds = load_feeds(data, names_a, limit=samples)
+        feeds = checked_feeds(model_a, data, "--data", limit=samples)
     else:
         feeds = runnable_feeds(model_a, input_shapes, samples)
     try:

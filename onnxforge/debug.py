@@ -46,7 +46,7 @@ import onnx_graphsurgeon as gs
 
 from .debug_render import plot_errors
 from .errors import DataError
-from .inputs import load_feeds
+from .inputs import checked_feeds
 from .output_diff import RunningDiff
 from .verify_feeds import runnable_feeds
 
@@ -303,7 +303,7 @@ def debug_files(original_path, changed_path, *, data=None, samples: int = 1,
     original = load_input(original_path, "the original model")
     names_a = [t.name for t in original.graph.inputs]
     if data:
-        feeds = load_feeds(data, names_a, limit=samples)
+        feeds = checked_feeds(original, data, "--data", limit=samples)
     else:  # before the changed model is loaded: the original's session is not held beside it
         feeds = runnable_feeds(original, {}, samples)
     if not feeds:

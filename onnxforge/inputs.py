@@ -263,6 +263,14 @@ def check_data(model, path: str | os.PathLike, option: str, limit: int | None = 
             _check_array(f"{option} {f}", name, feed[name], tensor)
 
 
+def checked_feeds(model, path: str | os.PathLike, option: str = "--data", limit: int | None = None) -> list[dict]:
+    """``load_feeds`` after ``check_data``: data that does not fit ``model``'s inputs (names,
+    dtypes, ranks, fixed dims) is refused in one line naming the file and the input, before
+    onnxruntime's own message could."""
+    check_data(model, path, option, limit)
+    return load_feeds(path, [t.name for t in graph_of(model).inputs], limit=limit)
+
+
 def _check_array(where: str, name: str, value: np.ndarray, tensor) -> None:
     try:
         want = np.dtype(tensor.dtype) if tensor.dtype is not None else None

@@ -300,8 +300,10 @@ def _bad_calib(folder: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["shape", "dtype", "corrupt", "missing-input"])
-@pytest.mark.parametrize("command", ["quantize", "convert-fp16", "prune", "bench"])
+@pytest.mark.parametrize("command", ["quantize", "convert-fp16", "prune", "bench", "optimize", "compare", "debug"])
 def test_calibration_data_that_does_not_fit_is_exit_2(work, capsys, kind, command):
+    """Every command reading data refuses data that does not fit in one line naming the file (optimize,
+    compare and debug passed onnxruntime's message on, with a hint to give the --data already given)."""
     bad = _bad_calib(work / "bad", kind)
     model, out = work / "m" / "model.onnx", work / "out.onnx"
     args = {
@@ -309,6 +311,9 @@ def test_calibration_data_that_does_not_fit_is_exit_2(work, capsys, kind, comman
         "convert-fp16": ["convert-fp16", model, "-o", out, "--calib", bad],
         "prune": ["prune", model, "-o", out, "--ratio", "0.5", "--calib", bad],
         "bench": ["bench", model, "--rounds", "1", "--data", bad],
+        "optimize": ["optimize", model, "-o", out, "--data", bad],
+        "compare": ["compare", model, model, "--data", bad],
+        "debug": ["debug", model, model, "--data", bad],
     }[command]
     code, _, err = _run(args, capsys)
     _assert_one_line_error(code, err, "0.npz")
