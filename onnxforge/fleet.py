@@ -338,14 +338,13 @@ def _measure_latency(recipe_path, tasks: list[dict], report: dict, outdir: Path,
 
 def _bench_one(recipe, step, task: dict) -> dict:
     from .bench.harness import compare_latency
-    from .inputs import load_feeds
+    from .inputs import checked_feeds
     from .io import load
 
     p = step.params
     feeds = None
     if p["data"]:
-        names = [t.name for t in load(task["model"]).graph.inputs]
-        feeds = load_feeds(p["data"], names, limit=8)
+        feeds = checked_feeds(load(task["model"]), p["data"], "data", limit=8)
     result = compare_latency([task["model"], task["output"]], feeds, threads=p["threads"], rounds=p["rounds"],
                              warmup=p["warmup"], iterations=p["iterations"], provider=recipe.provider,
                              seed=recipe.settings["seed"], input_shapes=recipe.settings["input_shapes"])

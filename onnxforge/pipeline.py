@@ -195,12 +195,11 @@ class _Run:
         self.model, self._current_file = load(path), path
 
     def feeds(self, data: str | None, samples: int) -> list[dict]:
-        from .inputs import load_feeds
+        from .inputs import checked_feeds
         from .verify_feeds import runnable_feeds
 
-        names = [t.name for t in self.original.graph.inputs]
         if data:
-            return load_feeds(data, names, limit=samples)
+            return checked_feeds(self.original, data, "data", limit=samples)
         shapes, seed = self.settings["input_shapes"], self.settings["seed"]
         return runnable_feeds(self.original, shapes, samples, seed)
 

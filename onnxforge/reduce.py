@@ -39,7 +39,7 @@ import onnx_graphsurgeon as gs
 
 from .debug import CHUNK, _exposing, _node_outputs, _runnable
 from .errors import DataError
-from .inputs import load_feeds
+from .inputs import checked_feeds
 from .output_diff import compare_arrays
 from .verify_feeds import runnable_feeds
 
@@ -278,8 +278,7 @@ def reduce_file(model_path, output, *, data=None, until: str | None = None, refe
     feed_path = output.with_name(output.name.removesuffix(".onnx") + ".inputs.npz")
     check_output_paths(output, feed_path)
     model = load_input(model_path, "the model")
-    names_in = [t.name for t in model.graph.inputs]
-    feeds = load_feeds(data, names_in, limit=1) if data else runnable_feeds(model, {}, 1)
+    feeds = checked_feeds(model, data, "--data", limit=1) if data else runnable_feeds(model, {}, 1)
     if not feeds:
         raise DataError(f"{data}: no feeds")
     feed = feeds[0]

@@ -300,7 +300,8 @@ def _bad_calib(folder: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["shape", "dtype", "corrupt", "missing-input"])
-@pytest.mark.parametrize("command", ["quantize", "convert-fp16", "prune", "bench", "optimize", "compare", "debug"])
+@pytest.mark.parametrize("command", ["quantize", "convert-fp16", "prune", "bench", "optimize", "compare", "debug",
+                                     "reduce", "run"])
 def test_calibration_data_that_does_not_fit_is_exit_2(work, capsys, kind, command):
     """Every command reading data refuses data that does not fit in one line naming the file (optimize,
     compare and debug passed onnxruntime's message on, with a hint to give the --data already given)."""
@@ -314,7 +315,10 @@ def test_calibration_data_that_does_not_fit_is_exit_2(work, capsys, kind, comman
         "optimize": ["optimize", model, "-o", out, "--data", bad],
         "compare": ["compare", model, model, "--data", bad],
         "debug": ["debug", model, model, "--data", bad],
+        "reduce": ["reduce", model, "-o", out, "--data", bad],
+        "run": ["run", work / "data.toml", model, "-o", out],
     }[command]
+    (work / "data.toml").write_text(f'version = 1\n[[steps]]\nstep = "optimize"\ndata = "{bad}"\n')
     code, _, err = _run(args, capsys)
     _assert_one_line_error(code, err, "0.npz")
 
