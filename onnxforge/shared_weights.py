@@ -100,13 +100,14 @@ def _header(const: gs.Constant, elem: int) -> onnx.TensorProto:
 
 
 @contextlib.contextmanager
-def staged_headers(lifted: list[gs.Constant]) -> Iterator[None]:
-    """While exporting, each constant of ``lifted`` exports as its header alone (no bytes)."""
+def staged_headers(lifted: list[gs.Constant], elem: int | None = None) -> Iterator[None]:
+    """While exporting, each constant of ``lifted`` exports as its header alone (no bytes);
+    ``elem``: their element type, when the caller knows it (else read from each)."""
     from .io_export import _stage, _swapped
 
     with _swapped() as swaps:
         for const in lifted:
-            _stage(swaps, const, _header(const, value_type(const)), None)
+            _stage(swaps, const, _header(const, elem or value_type(const)), None)
         yield
 
 

@@ -37,13 +37,14 @@ import onnx
 from onnx import numpy_helper
 
 from onnxforge.context import PassContext
-from onnxforge.model import Model
+from onnxforge.model import Model, constants
+from onnxforge.shared_weights import staged_headers
 
 from . import budget as budget_mod
 from .calibrate import collect_histograms, float_activation_names
 from .formats import holds_subgraph
-from .fp16_rules import (CONTAINER_OPS, CONTAINER_REASON, FP16_MAX, PASS_NAME, initializer_fp16_problem,
-                         schema_fp16_problem)
+from .fp16_rules import (CONTAINER_OPS, CONTAINER_REASON, FP16_MAX, PASS_NAME, HalfValues, fill_half_values,
+                         initializer_fp16_problem, schema_fp16_problem)
 from .ortsession import infer_shapes, return_freed_memory, session as ort_session
 from .prepare import float_baseline
 
@@ -154,7 +155,10 @@ def to_fp16(model: onnx.ModelProto, blocked: Mapping[str, str] | set[str], keep_
     ctx.options[PASS_NAME] = {"keep": keep, "float_tensors": sorted(_float_tensors(model)),
                               "io": not keep_io_types, "check_initializers": False}
     resolve(PASS_NAME).run(converted.graph, ctx)
-    out = converted.to_proto()
+    halves = [c for c in constants(converted.graph) if isinstance(c._values, HalfValues)]
+    with staged_headers(halves, onnx.TensorProto.FLOAT16):  # filled below, one weight at a time
+        out = converted.to_proto()
+    fill_half_values(out, halves)
     del out.graph.value_info[:]
     return out
 
@@ -199,6 +203,7 @@ def _runnable(model_fn: Callable[[dict[str, str]], onnx.ModelProto], blocked: di
 
     unnamed = dict(unnamed or {})
     for _ in range(MAX_KERNEL_RETRIES):
+        candidate = None  # a rejected one is dropped before the next is built (two float16 models at once)
         candidate = model_fn(dict(blocked))
         try:
             options = ort.SessionOptions()
