@@ -183,12 +183,29 @@ def _progress_log():
     return logging.getLogger("onnxforge.quant").info
 
 
-def _write_outputs(args, result, report, verify: bool = True, tolerance: tuple[float, float] = (1e-5, 1e-6)) -> None:
+def _write_outputs(args, result, report, verify: bool = True, tolerance: tuple[float, float] = (1e-5, 1e-6),
+                   arrays: bool = False) -> None:
     """``verify``: check the written file runs equal to ``result`` (off where ``result`` was itself read back
-    from a written candidate that ran: --bits auto), within ``tolerance`` (rtol, atol)."""
+    from a written candidate that ran: --bits auto), within ``tolerance`` (rtol, atol). ``arrays``: the
+    result's weights become arrays held once (``share_weights``) before the check; only where they are raw
+    bytes already (fp16), as an array is written as raw bytes (a tensor of float_data would be written in
+    another encoding)."""
+    import gc
+
     from onnxforge.io import save, write_file
+    from onnxforge.shared_weights import share_weights
     from onnxforge.verify import written_equals
 
+    from .ortsession import return_freed_memory
+
+    # The graphs a command built over its float baseline hold reference cycles: collected
+    # now, the baseline is freed before the written file is checked (Llama 570M fp16: 2.2 GB).
+    # Weights as arrays: the proto they were built in is freed, and the check's sessions are
+    # fed them without loading a copy (fp16: 1.1 GB).
+    gc.collect()
+    if arrays:
+        share_weights(result)
+    return_freed_memory()
     pinned = _pinned_shapes(args)
     check = written_equals(result, tolerance, pinned=pinned, provider=getattr(args, "provider", "cpu")) if verify \
         else None
@@ -262,12 +279,7 @@ def run_auto(args) -> int:
 
 
 def run_fp16(args) -> int:
-    import gc
-
-    from onnxforge.shared_weights import share_weights
-
     from .fp16 import convert_fp16
-    from .ortsession import return_freed_memory
 
     model = _prepare(args)
     result, report = convert_fp16(
@@ -275,14 +287,7 @@ def run_fp16(args) -> int:
         metric=args.metric, val=args.val, log=_progress_log(),
     )
     del model  # the float weights it read are not needed to check the written file (Llama 570M: 2.2 GB)
-    # the graphs convert_fp16 built over its float baseline are cycles: collected now, they
-    # free the baseline before the written file is checked (Llama 570M: 2.2 GB); the float16
-    # weights become arrays, once: the proto they were built in is freed, and the check
-    # feeds them to onnxruntime without loading a copy (1.1 GB)
-    gc.collect()
-    share_weights(result)
-    return_freed_memory()
-    _write_outputs(args, result, report)
+    _write_outputs(args, result, report, arrays=True)
     return _budget_exit(report.budget_met, report.score, args.max_drop)
 
 
