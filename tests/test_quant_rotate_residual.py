@@ -224,3 +224,19 @@ def test_cli_quantize_bits4_rotate(tmp_path, capsys):
     assert code == 0 and "residual stream rotation: hadamard, seed 0" in capsys.readouterr().out
     ops = [n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node]
     assert ops.count("MatMulNBits") == 15 and ops.count("MatMul") == 1  # the head basis stays float
+
+
+def test_quantize_int4_gptq_rotates_by_default_and_calibrates_the_rotated_model(tmp_path):
+    from onnxforge.passes.quant.int4 import quantize_int4
+
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        np.savez(tmp_path / f"{i}.npz", input_ids=rng.integers(0, V, (1, 12)))
+    proto = decoder()
+    model, report = quantize_int4(Model.from_proto(proto), str(tmp_path), method="gptq", block_size=16)
+    assert report.rotated and report.calibration_tokens == 48 and report.quantized == 15
+    assert report.metrics["cosine_mean"] > 0.85  # judged against the model as given (not rotated)
+    _m, off = quantize_int4(Model.from_proto(proto), str(tmp_path), method="gptq", block_size=16, rotate=False,
+                            check=False)
+    _m, rtn = quantize_int4(Model.from_proto(proto), None, method="rtn", block_size=16, check=False)
+    assert not off.rotated and not off.rotation and not rtn.rotated  # RTN loses with it: off unless asked

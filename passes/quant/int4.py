@@ -5,7 +5,7 @@ Order of work:
      equal to a weight's transpose (a tied embedding / LM head, stored once afterwards);
   2. what stays float, with why: the LM head when asked (``lm_head=False``), weights with fewer than
      16 inputs (a single padded block would be mostly zeros);
-  2b. with ``rotate``: the residual stream rotated by an orthogonal matrix first (``rotate_residual.py``:
+  2b. with ``rotate`` (default: for GPTQ only, where it wins on SmolLM2): the residual stream rotated by an orthogonal matrix first (``rotate_residual.py``:
      exact in float, the RMSNorm weights folded into their readers; its d x d basis change before a tied LM
      head stays float); everything below then sees the rotated weights, the check compares with the model
      as given;
@@ -62,7 +62,9 @@ CALIBRATED = ("gptq", "awq", "awq+gptq")
 MIN_INPUTS = 16
 MAX_PPL_INCREASE = 0.10
 MAX_VALIDATION_FEEDS = 16
-ROTATE = False  # SmolLM2: the rotation loses (RTN 58.9 -> 117.9; benchmarks/int4_smollm2.md)
+# methods that rotate the residual stream unless told otherwise: SmolLM2 val perplexity, GPTQ 45.82 -> 43.20
+# rotated (fake quantization, cached Hessians); RTN loses (58.94 -> 157.91): benchmarks/int4_smollm2.md
+ROTATE_METHODS = ("gptq",)
 REFINE_PASSES = 0  # SmolLM2: 3 passes cut the mean layer error 9% but val perplexity went 45.82 -> 46.00
 
 
@@ -152,7 +154,7 @@ def quantize_int4(model: Model, calib: str | None, *, method: str = "gptq", bloc
                         validation=val or calib or "", max_ppl_increase=max_ppl_increase, max_drop=max_drop,
                         accuracy_level=accuracy_level, refine_passes=refine if method in ("gptq", "awq+gptq") else 0)
     reference = model.to_proto() if check and calib not in (None, "random") else None
-    rotated = (ROTATE if rotate is None else rotate) and _rotate(model, report, log)
+    rotated = (method in ROTATE_METHODS if rotate is None else rotate) and _rotate(model, report, log)
     # calibration reads the model as it will be quantized; the check compares with the model as given
     calibrated = (lambda: reference if reference is not None and not rotated else model.to_proto())
     sites = _sites(model.graph)
