@@ -7,6 +7,7 @@ stay below the table's size, so token ids never fall outside the vocabulary;
 """
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import zlib
@@ -255,12 +256,22 @@ def check_data(model, path: str | os.PathLike, option: str, limit: int | None = 
     npz = [f for f in files if f.suffix == ".npz"]
     if not npz:
         return  # .npy folders are checked by load_feeds' name check
+    known = list(dict.fromkeys([*expected, *getattr(model, "overridable_inputs", ())]))  # in the model's order
+    ignored: dict[str, Path] = {}
     for f in npz[:limit] if limit else npz:
         feed = _read_npz(f)
         for name, tensor in expected.items():
             if name not in feed:
                 raise DataError(f"{option} {f}: lacks input {name!r}; it has {', '.join(feed) or 'nothing'}")
             _check_array(f"{option} {f}", name, feed[name], tensor)
+        for name in feed:
+            if name not in known:
+                ignored.setdefault(name, f)
+    if ignored:  # a misspelt input with a default would otherwise go unnoticed
+        first = next(iter(ignored.values()))
+        logging.getLogger("onnxforge").warning(
+            "warning: %s %s: ignoring %s, not input(s) of the model (its inputs: %s)", option, first,
+            ", ".join(repr(n) for n in ignored), ", ".join(known))
 
 
 def checked_feeds(model, path: str | os.PathLike, option: str = "--data", limit: int | None = None) -> list[dict]:

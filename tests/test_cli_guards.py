@@ -323,6 +323,16 @@ def test_calibration_data_that_does_not_fit_is_exit_2(work, capsys, kind, comman
     _assert_one_line_error(code, err, "0.npz")
 
 
+def test_data_keys_that_are_not_inputs_are_named_in_a_warning(work, capsys, caplog):
+    """An extra key in a feed file is ignored, and said so (a misspelt input would go unnoticed)."""
+    extra = work / "extra"
+    extra.mkdir()
+    np.savez(extra / "0.npz", x=np.ones((1, 8), np.float32), x_mask=np.ones((1, 8), np.float32))
+    code, _, err = _run(["convert-fp16", work / "m" / "model.onnx", "-o", work / "out.onnx", "--calib", extra], capsys)
+    assert code == 0, err
+    assert "--calib" in caplog.text and "ignoring 'x_mask', not input(s) of the model (its inputs: x)" in caplog.text
+
+
 @pytest.mark.parametrize("args", [
     ["prune", "{model}", "-o", "{out}", "--ratio", "0.5", "--round-to", "0"],
     ["prune", "{model}", "-o", "{out}", "--ratio", "0.5", "--calib-limit", "-1"],
