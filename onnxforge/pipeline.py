@@ -215,6 +215,7 @@ class _Run:
         self.report["steps"].append(record)
         t0 = time.perf_counter()
         try:
+            self.check_step_data(step)
             details = EXECUTORS[step.kind](self, step)
         finally:
             record["seconds"] = round(time.perf_counter() - t0, 4)
@@ -251,6 +252,16 @@ class _Run:
         if use:
             self.cache.put(step.kind, key, material, payload, files)
         return {**payload, "cached": False, "cache_key": key}
+
+    def check_step_data(self, step: Step) -> None:
+        """The step's feeds against the model it runs on (pinned by input_shapes, changed by earlier
+        steps): a wrong name, dtype, rank or dim is refused in one line naming the file, before any work."""
+        from .inputs import check_data
+
+        for key, field in step.spec.fields.items():
+            value = step.params.get(key)
+            if field.kind in ("path", "data") and isinstance(value, str) and value != "random":
+                check_data(self.model, value, f"steps[{step.index + 1}].{key}")
 
     def _key_material(self, step: Step) -> dict:
         current = self.current_file()

@@ -108,6 +108,12 @@ def validate(data: Mapping[str, Any], *, source: str = "<dict>", base_dir: str |
     if not isinstance(raw_steps, list) or not raw_steps or not all(isinstance(s, Mapping) for s in raw_steps):
         raise checker.error(("steps",), "must be a non-empty array of tables ([[steps]])")
     steps = tuple(checker.step(s, i) for i, s in enumerate(raw_steps))
+    for step in steps:
+        if settings["input_shapes"] and step.kind == "quantize" and step.params.get("bits") == "auto":
+            # input_shapes pin the model before the first step; bits = "auto" times greedy generation,
+            # which needs the dynamic sequence and cache dims (as --input-shape with --bits auto)
+            raise checker.error(("steps", step.index, "bits"), 'bits = "auto" cannot run on a model pinned by '
+                                "input_shapes", hint="drop input_shapes, or pin the shapes in a recipe run after this one")
     return Recipe(steps, MappingProxyType(settings), source, Path(base_dir), text)
 
 
