@@ -29,8 +29,8 @@ Memory: a float32 weight the model reads from a proto or a file (lazy values) is
 loaded into the graph: its float16 copy is ``HalfValues``, converted from it whenever
 read, so the rewrite holds no weight array at all, and ``to_fp16`` writes each weight's
 float16 bytes straight into the exported proto, one weight at a time (Llama 570M: the
-float baseline plus the float16 model, 1.5x its float weights, instead of the float32
-weights loaded again, their float16 arrays, and the export, 3.6x). A weight held as an
+float baseline plus the float16 model, 1.7x its float weights at the peak, instead of
+the float32 weights loaded again, their float16 arrays, and the export, 3.6x). A weight held as an
 array is converted at once (the float32 array is then dropped).
 """
 from __future__ import annotations
