@@ -237,6 +237,18 @@ def run_quantize(args) -> int:
     return _budget_exit(report.budget_met, report.score, args.max_drop, stopped)
 
 
+def _int4_hint(args) -> str:
+    """What to try after a missed INT4 budget: only what this run did not already use."""
+    tries = [f"--weight-method {m}" for m in ("gptq", "awq+gptq") if m != args.weight_method]
+    if args.block_size > 32:
+        tries.append(f"--block-size {args.block_size // 2}")
+    if args.lm_head == "int4":
+        tries.append("--lm-head float")
+    if args.weight_method in ("gptq", "awq+gptq") and args.stages == 1:
+        tries.append("--stages N (sequential calibration)")
+    return "try " + ", ".join(tries) if tries else "keep more of the model float, or use 8 bits (--bits 8)"
+
+
 def run_int4(args) -> int:
     from .int4 import quantize_int4
     from .rotate_residual import RotateResidual
@@ -256,7 +268,7 @@ def run_int4(args) -> int:
         what = (f"perplexity +{100 * report.score:.1f}% > +{100 * args.max_ppl_increase:.0f}%" if report.budget_metric == "perplexity"
                 else f"cosine {report.score:.5f} < {1 - args.max_drop:.5f}")
         error = VerificationError(f"accuracy budget missed: {what}; the INT4 model was written",
-                                  hint="try --weight-method gptq/awq+gptq, a smaller --block-size, or --lm-head float")
+                                  hint=_int4_hint(args))
         print(f"error: {error.message}\nhint: {error.hint}", file=sys.stderr)
         return error.exit_code
     return 0
