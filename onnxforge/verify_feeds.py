@@ -30,6 +30,9 @@ blows up on made-up inputs) is stopped and ends the search, reported as such; it
 cuts the search short. CPU time, not wall time, so a busy machine (where a run's wall
 time stretches with the load) does not change which inputs a model gets; a wall-clock
 cap of ``RUN_LIMIT_WALL_S`` keeps a run bounded anyway.
+
+Just over 400 lines on purpose: the candidate order above, the memory budget that bounds it and
+the bounded run that tries it are one search; splitting them would scatter its bounds.
 """
 from __future__ import annotations
 
