@@ -32,10 +32,8 @@ def run_key_material(recipe, model_path: Path, output_name: str) -> dict:
 
     data = {}
     for step in recipe.steps:
-        for key, field in step.spec.fields.items():
-            value = step.params.get(key)
-            if field.kind in ("path", "data") and isinstance(value, str) and value != "random":
-                data[f"{step.index + 1}.{key}"] = data_digest(value)
+        for key, value in step.data_paths().items():
+            data[f"{step.index + 1}.{key}"] = data_digest(value)
     model = load(model_path)
     return {
         "recipe": hashlib.sha256((recipe.text or "").encode()).hexdigest(),

@@ -258,10 +258,8 @@ class _Run:
         steps): a wrong name, dtype, rank or dim is refused in one line naming the file, before any work."""
         from .inputs import check_data
 
-        for key, field in step.spec.fields.items():
-            value = step.params.get(key)
-            if field.kind in ("path", "data") and isinstance(value, str) and value != "random":
-                check_data(self.model, value, f"steps[{step.index + 1}].{key}")
+        for key, value in step.data_paths().items():
+            check_data(self.model, value, f"steps[{step.index + 1}].{key}")
 
     def _key_material(self, step: Step) -> dict:
         current = self.current_file()
@@ -331,10 +329,8 @@ def _protect_recipe_files(recipe: Recipe) -> None:
     if recipe.text is not None and recipe.source != "<recipe>":
         protect(recipe.source, "the recipe")
     for step in recipe.steps:
-        for key, field in step.spec.fields.items():
-            value = step.params.get(key)
-            if field.kind in ("path", "data") and isinstance(value, str) and value != "random":
-                protect(value, f"the data of steps[{step.index + 1}].{key}")
+        for key, value in step.data_paths().items():
+            protect(value, f"the data of steps[{step.index + 1}].{key}")
     for entry in user_code(recipe):
         if entry.get("file"):
             protect(entry["file"], f"the pass file of {entry['pass']}")

@@ -57,6 +57,12 @@ class Step:
     def spec(self) -> StepSpec:
         return STEPS[self.kind]
 
+    def data_paths(self) -> dict[str, str]:
+        """The step's feed folders given as paths, by key ("random" and unset left out)."""
+        return {key: value for key, field in self.spec.fields.items()
+                if field.kind in ("path", "data") and isinstance(value := self.params.get(key), str)
+                and value != "random"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
