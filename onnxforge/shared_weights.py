@@ -149,7 +149,7 @@ def weight_array(const: gs.Constant) -> np.ndarray:
     one (no copy), else loaded for this use only (the model keeps its lazy values)."""
     values = const._values
     array = values.load() if isinstance(values, LazyValues) else np.asarray(values)
-    return np.ascontiguousarray(array)
+    return np.asarray(array, order="C")  # contiguous, and a scalar stays 0-d (ascontiguousarray makes it [1])
 
 
 # ------------------------------------------------------------------ sessions

@@ -218,3 +218,16 @@ def test_a_model_that_rounds_activations_is_embedded_whole():
     graph.output[0].name = "h"
     plain = onnxforge.Model.from_proto(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)]))
     assert [c.name for c in lifted_proto(plain)[1]] == ["wf"]
+
+
+def test_weight_array_keeps_a_scalar_0_d():
+    # fp16's copy of a scalar constant reads it through weight_array: np.ascontiguousarray made it [1]
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    from onnxforge.shared_weights import weight_array
+
+    assert weight_array(gs.Constant("c", np.array(2.5, np.float32))).shape == ()
+    matrix = np.arange(6, dtype=np.float32).reshape(2, 3).T  # not C-contiguous
+    got = weight_array(gs.Constant("w", matrix))
+    assert got.flags.c_contiguous and np.array_equal(got, matrix)

@@ -26,9 +26,9 @@ from typing import Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.passes.base import Match, Rule, RulePass
+from onnxforge.shared_weights import weight_array
 from onnxforge.passes.fusion._match import MS_DOMAIN
 from onnxforge.passes.matching import DEFAULT_DOMAINS, producer
 
@@ -80,8 +80,7 @@ def matmul_weight(node: gs.Node) -> tuple[gs.Constant, bool] | None:
 def weight_rows(constant: gs.Constant, transposed: bool) -> np.ndarray:
     """Wt [N, K] (a row per output) of the MatMul weight. A weight in external data is read for the
     caller and not kept on the constant, so a large model's float weights are never all in memory."""
-    lazy = constant._values  # graphsurgeon caches what ``.values`` loads
-    values = lazy.load() if isinstance(lazy, LazyValues) else np.asarray(lazy)
+    values = weight_array(constant)  # graphsurgeon caches what ``.values`` loads; this keeps nothing
     return values if transposed else values.T
 
 

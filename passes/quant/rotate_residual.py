@@ -39,10 +39,10 @@ from typing import Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxforge.context import Refusal
 from onnxforge.passes.base import Match, Rule, RulePass
+from onnxforge.shared_weights import weight_array
 from onnxforge.passes.fusion._match import const_ints, fresh_constant, other_input, scalar
 from onnxforge.passes.matching import DEFAULT_DOMAINS, producer
 
@@ -74,11 +74,6 @@ class Stream:
     norms: tuple[Norm, ...]
     writers: tuple[gs.Node, ...]
     odd: tuple[tuple[str, str], ...]
-
-
-def _load(constant: gs.Constant) -> np.ndarray:
-    lazy = constant._values  # graphsurgeon caches what ``.values`` loads: read it once, keep nothing
-    return lazy.load() if isinstance(lazy, LazyValues) else np.asarray(lazy)
 
 
 def _is_float_cast(node: gs.Node) -> bool:
@@ -235,7 +230,7 @@ class RotateResidualStream(Rule):
                     return Refusal(self.name, f"reader weight {constant.name} is {np.dtype(constant.dtype)} "
                                    f"{tuple(constant.shape)}, not float32 with {d} inputs", (reader.name,))
                 tied = constant is table or (not transposed and tuple(constant.shape) == (d, table.shape[0])
-                                             and np.array_equal(_load(constant).T, _load(table)))
+                                             and np.array_equal(weight_array(constant).T, weight_array(table)))
                 shared = uses[id(constant)] != 1 or transposed and len(reader.inputs[1].outputs) != 1
                 if not tied and shared or constant is table and not transposed:
                     return Refusal(self.name, f"reader weight {constant.name} is shared with other nodes", (reader.name,))
@@ -256,7 +251,7 @@ class RotateResidualStream(Rule):
         q = rotation(plan.d, ctx.option(PASS_NAME, "kind", KINDS[0]), ctx.option(PASS_NAME, "seed", 0))
         table = stream.table
         rotated = np.empty(table.shape, np.float32)
-        values = _load(table)
+        values = weight_array(table)
         for i in range(0, values.shape[0], 4096):  # E' = E Q, rows in chunks (float64 products)
             rotated[i:i + 4096] = values[i:i + 4096].astype(np.float64) @ q
         del values
@@ -276,14 +271,14 @@ class RotateResidualStream(Rule):
                     if constant is not table:
                         constant.values = np.ascontiguousarray(rotated.T)
                     continue
-                w = _load(constant).astype(np.float64)
+                w = weight_array(constant).astype(np.float64)
                 if transposed:  # stored [n, d] = W^T: W'^T = W^T diag(g) Q
                     constant.values = ((w * gamma[None, :]) @ q).astype(np.float32)
                 else:
                     constant.values = (q.T @ (gamma[:, None] * w)).astype(np.float32)
         for writer in stream.writers:
             constant, transposed = matmul_weight(writer)
-            w = _load(constant).astype(np.float64)
+            w = weight_array(constant).astype(np.float64)
             constant.values = ((q.T @ w) if transposed else (w @ q)).astype(np.float32)
 
 
